@@ -1,0 +1,52 @@
+# icam-med: the two commands are `make demo` and `make test`.
+# Each creates .venv on first use and installs what it needs.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The PyTorch build to install before the project (e.g. a CUDA build:
+#   make test TORCH_SPEC="torch==2.13.0" PIP_TORCH_ARGS="--index-url <your CUDA wheel index>")
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.icam-med-installed
+
+
+.PHONY: venv system-deps demo test lint bench napari evaluate clean sample-data
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[all,test]"
+	@touch $(STAMP)
+
+# Debian packages the tests need (Xvfb + xcb for napari/Qt, dciodvfy, chromium, pdftoppm).
+system-deps: $(STAMP)
+	@bash scripts/install_system_deps.sh
+
+demo: venv
+	$(BIN)/icam-med demo --out runs/demo
+
+test: venv system-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/icam-med bench
+
+evaluate: venv
+	$(BIN)/icam-med evaluate --config configs/demo.yaml --n-volumes 100 --out runs/evaluation
+
+napari: venv
+	$(BIN)/napari
+
+sample-data: venv
+	$(BIN)/python scripts/make_sample_data.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from icam_med.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""Building models from a config and loading their weights safely.
+
+* Architectures are named: a MONAI network (``"DenseNet121"``, any class in
+  :mod:`monai.networks.nets`) or an import path ``"package.module:ClassName"``.
+* Weights are ``.safetensors`` by default. A ``.pt``/``.pth`` state dict is read
+  only with ``torch.load(weights_only=True)``; there is never a fallback to full
+  unpickling.
+* The weights' SHA-256 is computed on every load and, where the config gives one,
+  checked before the file is parsed: a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from icam_med.config import ModelConfig
+
+__all__ = ["ModelInfo", "build_architecture", "check_input_contract", "load_model", "sha256_file"]
+
+log = logging.getLogger(__name__)
+
+_SAFE_SUFFIXES = {".safetensors"}
+_STATE_DICT_SUFFIXES = {".pt", ".pth"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model, as recorded in audit records."""
+
+    name: str
+    architecture: str
+    args: dict[str, Any]
+    weights_file: str | None
+    weights_sha256: str | None
+    weights_format: str | None
+    labels: tuple[str, ...]
+    in_channels: int
+    spatial_size: tuple[int, ...] | None
+    dtype: str
+    n_parameters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        d["spatial_size"] = list(self.spatial_size) if self.spatial_size else None
+        return d
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_architecture(architecture: str, args: dict[str, Any] | None = None) -> nn.Module:
+    """Instantiate a network by name.
+
+    Args:
+        architecture: a class of :mod:`monai.networks.nets` (e.g. ``"DenseNet121"``) or
+            an import path ``"package.module:ClassName"``.
+        args: keyword arguments for the constructor.
+
+    Raises:
+        ValueError: the name resolves to nothing, or to something that is not an ``nn.Module``.
+    """
+    args = dict(args or {})
+    if ":" in architecture:
+        module_name, _, attr = architecture.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(
+                f"architecture '{architecture}': cannot import module '{module_name}' ({exc}); "
+                "give 'package.module:ClassName' of an installed package."
+            ) from exc
+        cls = getattr(module, attr, None)
+    else:
+        from monai.networks import nets
+
+        cls = getattr(nets, architecture, None)
+        if cls is None:
+            import difflib
+
+            names = [n for n in dir(nets) if n[:1].isupper()]
+            close = difflib.get_close_matches(architecture, names, n=5)
+            raise ValueError(
+                f"architecture '{architecture}' is not a MONAI network"
+                + (f"; did you mean {close}?" if close else "")
+                + " Use a class name from monai.networks.nets or 'package.module:ClassName'."
+            )
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"architecture '{architecture}' does not name a torch.nn.Module class.")
+    try:
+        return cls(**args)
+    except TypeError as exc:
+        raise ValueError(f"architecture '{architecture}' rejected its args {args}: {exc}") from exc
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    suffix = path.suffix.lower()
+    if suffix in _SAFE_SUFFIXES:
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu"), "safetensors"
+    if suffix in _STATE_DICT_SUFFIXES:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # an unpickling error: never retry without weights_only
+            raise ValueError(
+                f"weights file {path} could not be read as a plain state dict with "
+                f"weights_only=True ({exc}). Convert it to .safetensors; full unpickling "
+                "of untrusted files is never done."
+            ) from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"weights file {path} does not hold a state dict of tensors.")
+        return state, "torch-state-dict"
+    raise ValueError(
+        f"weights file {path} has suffix '{suffix}'; expected .safetensors (preferred) or a "
+        ".pt/.pth state dict."
+    )
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """Build the configured architecture, load and verify its weights, and return it in eval mode.
+
+    Raises:
+        FileNotFoundError: the weights file is missing.
+        ValueError: the architecture is unknown, the hash does not match, or the weights
+            do not fit the architecture.
+    """
+    model = build_architecture(cfg.architecture, cfg.args)
+    sha = fmt = wfile = None
+    if cfg.weights is not None:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"weights file {path} for model '{cfg.name}' does not exist; check 'model.weights' "
+                "in the config (relative paths are resolved from the config's folder)."
+            )
+        sha = sha256_file(path)
+        if cfg.weights_sha256 is not None and sha != cfg.weights_sha256:
+            raise ValueError(
+                f"weights file {path} has SHA-256 {sha}, but the config expects "
+                f"{cfg.weights_sha256}: refusing to load weights that are not the audited ones."
+            )
+        state, fmt = _read_state_dict(path)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"weights file {path} does not fit architecture '{cfg.architecture}' "
+                f"with args {cfg.args}: {exc}"
+            ) from exc
+        wfile = path.name
+    else:
+        log.warning("model '%s' has no weights file: using the architecture's initial weights",
+                    cfg.name)
+    model.eval().to(device)
+    info = ModelInfo(
+        name=cfg.name,
+        architecture=cfg.architecture,
+        args=dict(cfg.args),
+        weights_file=wfile,
+        weights_sha256=sha,
+        weights_format=fmt,
+        labels=tuple(cfg.labels),
+        in_channels=cfg.in_channels,
+        spatial_size=cfg.spatial_size,
+        dtype=cfg.dtype,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return model, info
+
+
+def check_input_contract(info: ModelInfo, shape: tuple[int, ...], source: str = "input") -> None:
+    """Check a preprocessed image of shape ``(C, *spatial)`` against the model's input contract.
+
+    Raises:
+        ValueError: wrong channel count or spatial size, naming both and the fix.
+    """
+    if len(shape) < 3:
+        raise ValueError(f"{source}: expected a (C, *spatial) image, got shape {tuple(shape)}.")
+    if shape[0] != info.in_channels:
+        raise ValueError(
+            f"{source}: has {shape[0]} channel(s) after preprocessing, but model '{info.name}' "
+            f"expects {info.in_channels}. Select the right volume/channel or use a config "
+            "whose model matches this scan."
+        )
+    if info.spatial_size is not None and tuple(shape[1:]) != tuple(info.spatial_size):
+        raise ValueError(
+            f"{source}: spatial size after preprocessing is {tuple(shape[1:])}, but model "
+            f"'{info.name}' expects {tuple(info.spatial_size)}. Add a resize or crop/pad step "
+            "to the config's preprocessing."
+        )

@@ -1,0 +1,43 @@
+"""Integrative CAM and the classic CAM methods, on one engine (2D and 3D, CPU and GPU).
+
+Example:
+    >>> from icam_med.cam import IntegrativeCAM
+    >>> cam = IntegrativeCAM(model)                    # target_layers="stages"
+    >>> result = cam(volume_batch)                     # (N, C, D, H, W)
+    >>> result.fused.shape                             # (N, 1, D, H, W), in [0, 1]
+"""
+
+from __future__ import annotations
+
+from icam_med.cam.alpha import ALPHA_FUNCTIONS
+from icam_med.cam.base import BIAS_MODES, LAYER_WEIGHTINGS, BaseCAM, CAMResult, minmax_normalize
+from icam_med.cam.layers import LAYER_PRESETS
+from icam_med.cam.methods import (
+    METHODS,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    IntegrativeCAM,
+    LayerCAM,
+    make_cam,
+)
+from icam_med.cam.targets import ClassTarget, SegmentationTarget
+
+__all__ = [
+    "ALPHA_FUNCTIONS",
+    "BIAS_MODES",
+    "LAYER_PRESETS",
+    "LAYER_WEIGHTINGS",
+    "METHODS",
+    "BaseCAM",
+    "CAMResult",
+    "ClassTarget",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "IntegrativeCAM",
+    "LayerCAM",
+    "SegmentationTarget",
+    "make_cam",
+    "minmax_normalize",
+]

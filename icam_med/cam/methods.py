@@ -1,0 +1,168 @@
+"""CAM methods: each one a small subclass of the shared engine.
+
+| method            | activation term of a layer                           | defaults                  |
+|-------------------|------------------------------------------------------|---------------------------|
+| Grad-CAM          | ``relu(sum_k mean_pos(G_k) A_k)``                    | uniform fusion, no bias   |
+| Grad-CAM++        | ``relu(sum_k w_k A_k)``, ``w_k = sum(alpha relu(G))`` | generalised alpha         |
+| HiResCAM          | ``relu(sum_k G_k * A_k)``                            | element-wise              |
+| LayerCAM          | ``relu(sum_k relu(G_k) * A_k)``                      | element-wise, positive G  |
+| Integrative CAM   | Grad-CAM++ term + bias term, adaptive layer weights  | ``score`` weights, bias 1 |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icam_med.cam.alpha import ALPHA_FUNCTIONS, alpha_ratio, generalized_alpha
+from icam_med.cam.base import BaseCAM, _LayerContext
+from icam_med.cam.targets import ClassTarget
+
+__all__ = [
+    "METHODS",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "IntegrativeCAM",
+    "LayerCAM",
+    "make_cam",
+]
+
+
+def _weighted_sum(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """``relu(sum_k w_k A_k)`` for channel weights ``(N, K)``, any number of spatial axes."""
+    w = weights.view(*weights.shape, *(1,) * (acts.ndim - 2))
+    return F.relu((w * acts).sum(1, keepdim=True))
+
+
+class GradCAM(BaseCAM):
+    """Grad-CAM: channel weights are the spatial mean of the gradient."""
+
+    method_name = "gradcam"
+
+    def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
+                       ctx: _LayerContext) -> torch.Tensor:
+        return _weighted_sum(grads.flatten(2).mean(-1), acts)
+
+
+class HiResCAM(BaseCAM):
+    """HiResCAM: the element-wise product of gradient and activation, summed over channels."""
+
+    method_name = "hirescam"
+
+    def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
+                       ctx: _LayerContext) -> torch.Tensor:
+        return F.relu((grads * acts).sum(1, keepdim=True))
+
+
+class LayerCAM(BaseCAM):
+    """LayerCAM: activations weighted position by position by the positive gradient."""
+
+    method_name = "layercam"
+
+    def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
+                       ctx: _LayerContext) -> torch.Tensor:
+        return F.relu((F.relu(grads) * acts).sum(1, keepdim=True))
+
+
+class GradCAMPlusPlus(BaseCAM):
+    """Grad-CAM++ with its alpha generalised to any smooth output function (ICAM_SPEC 1).
+
+    Args:
+        alpha_fn: the output function ``f`` of the score: ``"exp"`` (Grad-CAM++ as
+            published), ``"sigmoid"``, ``"softmax"`` (probability of the target class),
+            or ``"identity"`` (alpha = 1/2).
+        alpha_beta: temperature of ``exp(beta * S)`` (``alpha_fn="exp"`` only).
+        **kwargs: engine options of :class:`~icam_med.cam.base.BaseCAM`.
+    """
+
+    method_name = "gradcam++"
+
+    def __init__(self, model: nn.Module, target_layers: Any = "stages", *,
+                 alpha_fn: str = "exp", alpha_beta: float = 1.0, **kwargs: Any) -> None:
+        if alpha_fn not in ALPHA_FUNCTIONS:
+            raise ValueError(
+                f"alpha_fn='{alpha_fn}' is not supported; use one of {sorted(ALPHA_FUNCTIONS)}."
+            )
+        if not (isinstance(alpha_beta, (int, float)) and alpha_beta > 0):
+            raise ValueError(f"alpha_beta={alpha_beta!r} must be a positive number.")
+        if alpha_beta != 1.0 and alpha_fn != "exp":
+            raise ValueError(f"alpha_beta applies to alpha_fn='exp' only (got alpha_fn='{alpha_fn}').")
+        self.alpha_fn = alpha_fn
+        self.alpha_beta = float(alpha_beta)
+        super().__init__(model, target_layers, **kwargs)
+
+    def method_options(self) -> dict[str, Any]:
+        return {"alpha_fn": self.alpha_fn, "alpha_beta": self.alpha_beta}
+
+    def _check_targets(self, target_fn: object, out_shape: tuple[int, ...]) -> None:
+        super()._check_targets(target_fn, out_shape)
+        if self.alpha_fn == "softmax" and not (target_fn is None or isinstance(target_fn, ClassTarget)):
+            raise ValueError(
+                "alpha_fn='softmax' needs a class target on a classification output (it uses the "
+                "softmax probability of the target class); use 'sigmoid' or 'exp' for callable "
+                "or segmentation targets."
+            )
+
+    def _prepare_context(self, ctx: _LayerContext, scores: torch.Tensor,
+                         logits: torch.Tensor, classes: torch.Tensor | None) -> None:
+        prob = None
+        if self.alpha_fn == "sigmoid":
+            prob = torch.sigmoid(scores)
+        elif self.alpha_fn == "softmax":
+            assert classes is not None
+            prob = torch.softmax(logits.float(), dim=1).gather(1, classes.view(-1, 1)).squeeze(1)
+        ctx.ratio = alpha_ratio(self.alpha_fn, scores, prob, self.alpha_beta)
+
+    def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
+                       ctx: _LayerContext) -> torch.Tensor:
+        assert ctx.ratio is not None
+        alpha = generalized_alpha(grads, acts.flatten(2).sum(-1), ctx.ratio)
+        weights = (alpha * F.relu(grads)).flatten(2).sum(-1)
+        return _weighted_sum(weights, acts)
+
+
+class IntegrativeCAM(GradCAMPlusPlus):
+    """Integrative CAM: generalised Grad-CAM++ maps with a bias term, fused over many layers
+    with adaptive weights from each layer's gradient-activation relevance (ICAM_SPEC 1-3).
+
+    Defaults: ``target_layers="stages"``, ``alpha_fn="exp"``, ``bias_mode="signed"``,
+    ``bias_weight=1.0``, ``layer_weighting="score"``.
+    """
+
+    method_name = "integrative"
+    default_layer_weighting = "score"
+    default_bias_weight = 1.0
+
+
+METHODS: dict[str, type[BaseCAM]] = {
+    "integrative": IntegrativeCAM,
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "layercam": LayerCAM,
+}
+
+_ALIASES = {
+    "integrativecam": "integrative", "icam": "integrative", "grad-cam": "gradcam",
+    "gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "grad-cam++": "gradcam++",
+}
+
+
+def make_cam(method: str, model: nn.Module, **options: Any) -> BaseCAM:
+    """Build a CAM method by name (see :data:`METHODS`) with its options.
+
+    Raises:
+        ValueError: unknown method or option (the message lists the valid ones).
+    """
+    key = _ALIASES.get(method.lower(), method.lower())
+    if key not in METHODS:
+        raise ValueError(f"unknown CAM method '{method}'; choose one of {sorted(METHODS)}.")
+    cls = METHODS[key]
+    try:
+        return cls(model, **options)
+    except TypeError as exc:
+        raise ValueError(f"method '{key}' got an invalid option: {exc}.") from exc

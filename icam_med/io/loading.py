@@ -1,0 +1,303 @@
+"""Loading a scan (DICOM series folder, DICOM file or NIfTI file) as a MONAI MetaTensor.
+
+:func:`load_volume` validates the scan's geometry from its headers first
+(:mod:`icam_med.io.validation`), then reads it with one MONAI ``LoadImaged`` whose readers
+are MONAI's ``NibabelReader`` (NIfTI) and this package's registered
+:class:`~icam_med.io.reader.SimpleITKDICOMReader` (DICOM), and returns
+
+* a :class:`monai.data.MetaTensor` of shape ``(1, X, Y, Z)`` (channel first; spatial axes in
+  the file's own index order: column, row, slice for DICOM), float32, whose ``affine`` maps
+  voxel indices to RAS world millimetres (MONAI's convention), and
+* a :class:`ScanInfo` with what the audit record, the writers and the viewer need.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icam_med.io.validation import (
+    GeometryCheck,
+    GeometryError,
+    GeometryOptions,
+    check_finite,
+    check_readable,
+    validate_dicom,
+    validate_nifti,
+)
+
+__all__ = ["ScanInfo", "detect_format", "load_volume", "make_loader"]
+
+log = logging.getLogger(__name__)
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True, eq=False)
+class ScanInfo:
+    """What is known about a loaded scan.
+
+    Raw DICOM UIDs and file paths are kept in memory only: :meth:`to_dict` leaves them out
+    unless asked, and the audit module hashes them.
+
+    Attributes:
+        path: the path the user gave (folder or file).
+        format: ``"dicom"`` or ``"nifti"``.
+        modality: DICOM Modality (``"CT"``, ``"MR"``...) or ``None`` for NIfTI.
+        shape: spatial shape ``(X, Y, Z)`` of the loaded array (without channel).
+        spacing: voxel size in mm along each array axis.
+        affine: 4x4 voxel-to-RAS-world affine (float64), as in the MetaTensor.
+        orientation: axis codes of the affine, e.g. ``"LPS"`` for an axial DICOM series.
+        source_files: the files read, in slice order.
+        checks: the geometry checks done, passed or warned.
+        volume_index: the volume chosen from a 4-D NIfTI, else ``None``.
+        n_volumes: number of volumes in the file (1 for 3-D).
+        source_dtype: the stored voxel type before conversion to float32.
+        series_description: DICOM Series Description (may be empty).
+        study_instance_uid, series_instance_uid, frame_of_reference_uid: DICOM UIDs.
+        sop_instance_uids: SOP Instance UID of each source file, in slice order.
+        sop_class_uid: the source images' SOP Class UID.
+        headers: pydicom datasets of the source files without pixel data (for highdicom's
+            references); see :meth:`source_datasets`.
+    """
+
+    path: Path
+    format: str
+    modality: str | None
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    orientation: str
+    source_files: tuple[Path, ...]
+    checks: tuple[GeometryCheck, ...]
+    volume_index: int | None = None
+    n_volumes: int = 1
+    source_dtype: str = ""
+    series_description: str = ""
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    sop_instance_uids: tuple[str, ...] = ()
+    sop_class_uid: str | None = None
+    headers: tuple[Any, ...] = field(default=(), repr=False)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Details of the checks that were accepted with a warning."""
+        return [f"{c.name}: {c.detail}" for c in self.checks if c.status == "warned"]
+
+    def source_datasets(self, *, with_pixels: bool = False) -> list[Any]:
+        """The source DICOM datasets (slice order), re-read from disk when needed.
+
+        Args:
+            with_pixels: also read the pixel data (default: headers only).
+        """
+        if self.format != "dicom":
+            return []
+        if self.headers and not with_pixels:
+            return list(self.headers)
+        import pydicom
+
+        return [pydicom.dcmread(f, stop_before_pixels=not with_pixels) for f in self.source_files]
+
+    def to_dict(self, *, include_identifiers: bool = False) -> dict[str, Any]:
+        """JSON-safe description. Identifiers (paths, UIDs) only with ``include_identifiers``."""
+        d: dict[str, Any] = {
+            "format": self.format,
+            "modality": self.modality,
+            "shape": list(self.shape),
+            "spacing": [float(s) for s in self.spacing],
+            "affine": np.asarray(self.affine, dtype=float).tolist(),
+            "orientation": self.orientation,
+            "n_source_files": len(self.source_files),
+            "volume_index": self.volume_index,
+            "n_volumes": self.n_volumes,
+            "source_dtype": self.source_dtype,
+            "checks": [c.to_dict() for c in self.checks],
+            "warnings": self.warnings,
+        }
+        if include_identifiers:
+            d.update(
+                path=str(self.path),
+                source_files=[str(f) for f in self.source_files],
+                series_description=self.series_description,
+                study_instance_uid=self.study_instance_uid,
+                series_instance_uid=self.series_instance_uid,
+                frame_of_reference_uid=self.frame_of_reference_uid,
+                sop_instance_uids=list(self.sop_instance_uids),
+                sop_class_uid=self.sop_class_uid,
+            )
+        return d
+
+
+def detect_format(path: str | Path) -> str:
+    """``"dicom"`` for a folder or DICOM file, ``"nifti"`` for ``.nii``/``.nii.gz``.
+
+    Raises:
+        FileNotFoundError / PermissionError: unreadable path.
+        GeometryError: any other file type (the message lists the supported ones).
+    """
+    from icam_med.io.reader import is_dicom_file
+
+    p = check_readable(path)
+    if p.is_dir():
+        return "dicom"
+    name = p.name.lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return "nifti"
+    if is_dicom_file(p):
+        return "dicom"
+    raise GeometryError(
+        f"{p}: is neither a DICOM file (no 'DICM' marker) nor a NIfTI file (.nii/.nii.gz). "
+        "Supported inputs: a DICOM series folder, a DICOM file, a NIfTI file."
+    )
+
+
+def make_loader(keys: str | list[str] = "image", *, series_uid: str | None = None,
+                file_names: list[str] | None = None) -> Any:
+    """A MONAI ``LoadImaged`` that reads NIfTI (nibabel) and DICOM (SimpleITK) alike.
+
+    The :class:`~icam_med.io.reader.SimpleITKDICOMReader` is registered on top of MONAI's
+    ``NibabelReader``, so folders and DICOM files go to it and NIfTI files to nibabel. The
+    result is channel-first. Use it as the first transform of a user's own pipeline.
+    """
+    from monai.transforms import LoadImaged
+
+    from icam_med.io.reader import SimpleITKDICOMReader
+
+    loader = LoadImaged(keys=keys, reader="NibabelReader", image_only=True,
+                        ensure_channel_first=True, dtype=np.float32)
+    loader.register(SimpleITKDICOMReader(series_uid=series_uid, file_names=file_names))
+    return loader
+
+
+def _spatial_affine(affine: Any) -> np.ndarray:
+    """The 4x4 spatial part of a 5x5 affine MONAI builds for a 4-D (X, Y, Z, T) NIfTI."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape == (4, 4):
+        return a
+    keep = [0, 1, 2, a.shape[0] - 1]
+    return a[np.ix_(keep, keep)]
+
+
+def _axcodes(affine: np.ndarray) -> str:
+    import nibabel as nib
+
+    return "".join(c or "?" for c in nib.aff2axcodes(np.asarray(affine)[:4, :4]))
+
+
+def load_volume(
+    path: str | Path,
+    *,
+    series_uid: str | None = None,
+    volume_index: int | None = None,
+    geometry: GeometryOptions | dict[str, Any] | None = None,
+) -> tuple[Any, ScanInfo]:
+    """Validate and load one scan.
+
+    Args:
+        path: a DICOM series folder, a DICOM file (single or multi-frame) or a NIfTI file.
+        series_uid: Series Instance UID to load when the folder holds several series.
+        volume_index: the volume to load from a 4-D NIfTI (required for 4-D).
+        geometry: validation options (:class:`~icam_med.io.validation.GeometryOptions` or the
+            config's ``geometry`` mapping).
+
+    Returns:
+        ``(image, info)``: a float32 :class:`~monai.data.MetaTensor` ``(1, X, Y, Z)`` with the
+        RAS affine, and its :class:`ScanInfo`.
+
+    Raises:
+        FileNotFoundError, PermissionError: the path cannot be read.
+        GeometryError (a ValueError): the scan fails validation; the message names the file
+            and the problem.
+    """
+    options = GeometryOptions.from_mapping(geometry)
+    fmt = detect_format(path)
+    p = Path(path).expanduser()
+    data_key = "image"
+    if fmt == "dicom":
+        if volume_index is not None:
+            raise ValueError(f"{p}: volume_index applies to 4-D NIfTI only, not to DICOM.")
+        sel = validate_dicom(p, series_uid=series_uid, options=options)
+        checks = list(sel.checks)
+        loader = make_loader(data_key, file_names=[str(f) for f in sel.files])
+        source_files = sel.files
+        n_volumes = 1
+    else:
+        if series_uid is not None:
+            raise ValueError(f"{p}: series_uid applies to DICOM only, not to NIfTI.")
+        nii, checks = validate_nifti(p, volume_index=volume_index, options=options)
+        n_volumes = int(nii.shape[3]) if len(nii.shape) >= 4 else 1
+        loader = make_loader(data_key)
+        source_files = (p,)
+        source_dtype = str(nii.get_data_dtype())
+    try:
+        image = loader({data_key: str(p)})[data_key]
+    except (GeometryError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:
+        raise GeometryError(
+            f"{p}: could not be decoded ({type(exc).__name__}: {exc}); the file is truncated, "
+            "corrupt or uses an unsupported encoding."
+        ) from exc
+    if fmt == "nifti":
+        if image.ndim == 5:  # (1, X, Y, Z, T): NibabelReader keeps time last
+            image = image[..., volume_index or 0]
+            image.affine = _spatial_affine(image.affine)
+            image.meta["original_affine"] = _spatial_affine(image.meta["original_affine"])
+            image.meta["spatial_shape"] = np.asarray(image.shape[1:])
+        elif image.shape[0] > 1:  # (T, X, Y, Z)
+            idx = volume_index or 0
+            image = image[idx: idx + 1]
+        if image.ndim == 3:  # a 2-D NIfTI: add a singleton slice axis so maps stay 3-D
+            image = image.unsqueeze(-1)
+    else:
+        h = sel.headers[0]
+        unsigned = int(getattr(h, "PixelRepresentation", 0)) == 0
+        source_dtype = f"{'u' if unsigned else ''}int{int(getattr(h, 'BitsAllocated', 16))}"
+    arr = image.array if hasattr(image, "array") else np.asarray(image)
+    fixed, finite_check = check_finite(np.asarray(arr), str(p), options)
+    if finite_check.status == "warned":
+        import torch
+
+        image = image.clone()
+        image.data = torch.as_tensor(fixed)
+    checks.append(finite_check)
+    image.meta["filename_or_obj"] = str(p)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+
+    h0 = sel.headers[0] if fmt == "dicom" else None
+
+    def tag(name: str) -> str | None:
+        v = getattr(h0, name, None) if h0 is not None else None
+        return str(v) if v not in (None, "") else None
+
+    info = ScanInfo(
+        path=p,
+        format=fmt,
+        modality=tag("Modality"),
+        shape=tuple(int(s) for s in image.shape[1:]),
+        spacing=spacing,
+        affine=affine,
+        orientation=_axcodes(affine),
+        source_files=tuple(Path(f) for f in source_files),
+        checks=tuple(checks),
+        volume_index=volume_index,
+        n_volumes=n_volumes,
+        source_dtype=source_dtype,
+        series_description=tag("SeriesDescription") or "",
+        study_instance_uid=tag("StudyInstanceUID"),
+        series_instance_uid=tag("SeriesInstanceUID"),
+        frame_of_reference_uid=tag("FrameOfReferenceUID"),
+        sop_instance_uids=tuple(str(h.SOPInstanceUID) for h in sel.headers) if h0 else (),
+        sop_class_uid=tag("SOPClassUID"),
+        headers=tuple(sel.headers) if h0 is not None else (),
+    )
+    log.info("loaded %s scan %s: shape %s, spacing %s, orientation %s", fmt, p.name,
+             info.shape, tuple(round(s, 4) for s in spacing), info.orientation)
+    return image, info

@@ -1,0 +1,570 @@
+"""Geometry validation of a scan, done from headers before any pixel is decoded.
+
+Every problem is a :class:`GeometryError` (a :class:`ValueError`) naming the file and the
+problem and saying what to do. A few problems may be downgraded to a *recorded warning*
+where the user opts in through the ``geometry`` section of the config
+(:class:`GeometryOptions`); the warning is then kept in :attr:`ScanInfo.checks
+<icam_med.io.loading.ScanInfo.checks>` and ends up in the JSON summary and audit record.
+
+Checks (DICOM series): unreadable path; non-DICOM or truncated file; no image series;
+several series in one folder (the error lists them); mixed image size, orientation or
+frame of reference; missing Image Position/Orientation; duplicate slice positions;
+gantry tilt (slices not stacked along the image-plane normal); non-uniform slice spacing
+or missing slices; a volume larger than ``max_voxels``.
+Checks (NIfTI): unreadable or non-NIfTI file; truncated file; 4-D without a chosen volume
+index; more than 4 dimensions; no qform/sform (position unknown, a warning); too large.
+Checks (both, after decoding): NaN/Inf voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "GeometryCheck",
+    "GeometryError",
+    "GeometryOptions",
+    "check_readable",
+]
+
+log = logging.getLogger(__name__)
+
+
+class GeometryError(ValueError):
+    """A scan whose geometry or content cannot be trusted; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class GeometryCheck:
+    """The outcome of one validation check.
+
+    Attributes:
+        name: short identifier, e.g. ``"slice_spacing"``.
+        status: ``"passed"``, ``"warned"`` (a problem the user chose to accept) or
+            ``"not_applicable"``.
+        detail: a human-readable sentence (never contains patient data).
+    """
+
+    name: str
+    status: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class GeometryOptions:
+    """Options of geometry validation (the ``geometry`` section of a config).
+
+    Attributes:
+        slice_tolerance: extra tolerance in mm on slice spacing (and on duplicate/tilt
+            detection) beyond decimal-string rounding (1e-3 mm plus 1e-4 of the spacing).
+            Default 0: strict.
+        allow_irregular_slices: accept non-uniform spacing or missing slices with a
+            recorded warning instead of an error (the volume is then resampled by the
+            reader on the mean spacing: positions are approximate).
+        allow_gantry_tilt: accept a tilted (sheared) stack with a recorded warning; the
+            map is then placed on the un-sheared grid the reader builds.
+        allow_nonfinite: replace NaN/Inf voxels by 0 with a recorded warning.
+        ignore_non_dicom: skip non-DICOM files in a series folder with a warning.
+        max_voxels: refuse volumes with more voxels than this (checked from headers).
+    """
+
+    slice_tolerance: float = 0.0
+    allow_irregular_slices: bool = False
+    allow_gantry_tilt: bool = False
+    allow_nonfinite: bool = False
+    ignore_non_dicom: bool = False
+    max_voxels: int = 512 * 512 * 2048
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | GeometryOptions | None) -> GeometryOptions:
+        """Build options from a config's ``geometry`` mapping; unknown keys are refused."""
+        if isinstance(data, GeometryOptions):
+            return data
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"geometry options: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}."
+            )
+        out = cls(**data)
+        if out.slice_tolerance < 0 or not math.isfinite(out.slice_tolerance):
+            raise ValueError(f"geometry.slice_tolerance must be >= 0 mm, got {out.slice_tolerance}.")
+        if int(out.max_voxels) < 1:
+            raise ValueError(f"geometry.max_voxels must be positive, got {out.max_voxels}.")
+        return out
+
+
+def check_readable(path: str | Path) -> Path:
+    """Resolve ``path`` and check it exists and can be read.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        PermissionError: it cannot be read.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"scan {p} does not exist; pass a DICOM series folder, a DICOM file or a "
+            "NIfTI file (.nii or .nii.gz)."
+        )
+    if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
+        raise PermissionError(f"scan {p} cannot be read (permission denied); check its permissions.")
+    return p
+
+
+def check_voxel_limit(n_voxels: int, source: str, options: GeometryOptions) -> GeometryCheck:
+    if n_voxels > options.max_voxels:
+        raise GeometryError(
+            f"{source}: the volume has {n_voxels:,} voxels, more than the limit of "
+            f"{options.max_voxels:,} (geometry.max_voxels); crop or downsample it first, or "
+            "raise the limit in the config."
+        )
+    return GeometryCheck("voxel_limit", "passed", f"{n_voxels} voxels <= {options.max_voxels}")
+
+
+def check_finite(array: np.ndarray, source: str, options: GeometryOptions
+                 ) -> tuple[np.ndarray, GeometryCheck]:
+    """Refuse NaN/Inf voxels, or (opt-in) replace them by 0 with a recorded warning."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return array, GeometryCheck("finite_values", "passed", "no NaN/Inf voxels")
+    n_bad = int(finite.size - finite.sum())
+    msg = f"{source}: {n_bad} voxel(s) are NaN or Inf"
+    if not options.allow_nonfinite:
+        raise GeometryError(
+            msg + "; the model and the map would be undefined there. Fix the scan, or set "
+            "geometry.allow_nonfinite: true to replace them by 0 (recorded as a warning)."
+        )
+    log.warning("%s; replaced by 0 (geometry.allow_nonfinite)", msg)
+    return np.where(finite, array, 0).astype(array.dtype), GeometryCheck(
+        "finite_values", "warned", f"{n_bad} NaN/Inf voxel(s) replaced by 0")
+
+
+# ---------------------------------------------------------------------------------------
+# DICOM
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One series found in a folder (no patient data)."""
+
+    series_uid: str
+    description: str
+    modality: str
+    n_files: int
+
+    def line(self) -> str:
+        desc = self.description or "(no description)"
+        return f"  {self.series_uid}  {self.modality or '?':<3} {self.n_files:>4} file(s)  {desc}"
+
+
+@dataclass(frozen=True)
+class DicomSelection:
+    """The validated, ordered files of one DICOM series and what was checked."""
+
+    folder: Path | None
+    files: tuple[Path, ...]          # ordered along the slice normal
+    headers: tuple[Any, ...]         # pydicom datasets without pixel data, same order
+    series_uid: str
+    checks: tuple[GeometryCheck, ...]
+    n_frames: int
+
+
+_SKIP_NAMES = {"DICOMDIR"}
+
+
+def _read_header(path: Path) -> Any:
+    """Read a DICOM header (pixel data deferred) and check the file is complete."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except InvalidDicomError as exc:
+        raise GeometryError(
+            f"{path}: is not a DICOM file ({exc}); remove it from the series folder, or set "
+            "geometry.ignore_non_dicom: true to skip it."
+        ) from exc
+    except Exception as exc:  # pydicom raises various errors on a cut-off header
+        raise GeometryError(
+            f"{path}: cannot be read as DICOM; the file is truncated or corrupt ({exc}). "
+            "Copy the series again from its source."
+        ) from exc
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise GeometryError(
+            f"{path}: is a DICOM object without pixel data (SOP class "
+            f"{getattr(ds, 'SOPClassUID', '?')}), not an image; remove it from the series folder."
+        )
+    elem = ds.get_item("PixelData")
+    length = getattr(elem, "length", None)
+    tell = getattr(elem, "value_tell", None)
+    size = path.stat().st_size
+    if length is not None and tell is not None and length != 0xFFFFFFFF and tell + length > size:
+        raise GeometryError(
+            f"{path}: is truncated: its pixel data should end at byte {tell + length} but the "
+            f"file has {size} bytes. Copy the series again from its source."
+        )
+    if length is not None and length != 0xFFFFFFFF and "Rows" in ds and "Columns" in ds:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1))
+                    * int(getattr(ds, "NumberOfFrames", 1) or 1)
+                    * int(getattr(ds, "BitsAllocated", 16)) // 8)
+        if length < expected:
+            raise GeometryError(
+                f"{path}: pixel data holds {length} bytes but Rows x Columns x frames needs "
+                f"{expected}; the file is truncated or inconsistent."
+            )
+    return ds
+
+
+def _candidate_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.upper() not in _SKIP_NAMES
+    )
+
+
+def list_series(folder: str | Path, *, options: GeometryOptions | None = None
+                ) -> list[SeriesSummary]:
+    """The image series in ``folder`` (GDCM discovery, pydicom for descriptions/counts)."""
+    folder = check_readable(folder)
+    series, _, _ = _scan_folder(folder, GeometryOptions.from_mapping(options))
+    return [s for s, _ in series.values()]
+
+
+def _scan_folder(folder: Path, options: GeometryOptions
+                 ) -> tuple[dict[str, tuple[SeriesSummary, list[tuple[Path, Any]]]], list[str],
+                            list[GeometryCheck]]:
+    import SimpleITK as sitk
+
+    checks: list[GeometryCheck] = []
+    by_uid: dict[str, list[tuple[Path, Any]]] = {}
+    skipped = []
+    files = _candidate_files(folder)
+    if not files:
+        raise GeometryError(f"{folder}: the folder holds no files; expected a DICOM series.")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise PermissionError(f"{f}: cannot be read (permission denied); check its permissions.")
+        try:
+            ds = _read_header(f)
+        except GeometryError as exc:
+            not_dicom = "is not a DICOM file" in str(exc) or "without pixel data" in str(exc)
+            if options.ignore_non_dicom and not_dicom:
+                skipped.append(f.name)
+                continue
+            raise
+        uid = str(getattr(ds, "SeriesInstanceUID", ""))
+        by_uid.setdefault(uid, []).append((f, ds))
+    if skipped:
+        log.warning("%s: skipped %d non-DICOM/non-image file(s)", folder, len(skipped))
+        checks.append(GeometryCheck("non_dicom_files", "warned",
+                                    f"skipped {len(skipped)} non-DICOM or non-image file(s)"))
+    else:
+        checks.append(GeometryCheck("non_dicom_files", "passed", "every file is a DICOM image"))
+    gdcm_ids = [str(u) for u in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    out = {}
+    for uid, items in by_uid.items():
+        ds0 = items[0][1]
+        out[uid] = (SeriesSummary(uid, str(getattr(ds0, "SeriesDescription", "") or ""),
+                                  str(getattr(ds0, "Modality", "") or ""), len(items)), items)
+    if not out:
+        raise GeometryError(f"{folder}: no DICOM image files found.")
+    return out, gdcm_ids, checks
+
+
+def _vec(ds: Any, keyword: str, n: int, path: Path) -> np.ndarray:
+    value = getattr(ds, keyword, None)
+    if value is None or len(value) != n:
+        raise GeometryError(
+            f"{path}: has no valid {keyword}; its position in space is unknown, so a map could "
+            "not be placed on it. Only images with Image Position/Orientation (Patient) are supported."
+        )
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def _check_stack(items: list[tuple[Path, Any]], options: GeometryOptions
+                 ) -> tuple[list[tuple[Path, Any]], list[GeometryCheck]]:
+    """Consistency, ordering, duplicates, tilt and spacing of a multi-file series."""
+    checks = []
+    p0, ds0 = items[0]
+    ref_size = (int(ds0.Rows), int(ds0.Columns))
+    ref_iop = _vec(ds0, "ImageOrientationPatient", 6, p0)
+    ref_ps = _vec(ds0, "PixelSpacing", 2, p0)
+    ref_for = getattr(ds0, "FrameOfReferenceUID", None)
+    positions = []
+    for p, ds in items:
+        if (int(ds.Rows), int(ds.Columns)) != ref_size:
+            raise GeometryError(
+                f"{p}: is {int(ds.Rows)}x{int(ds.Columns)} pixels but {p0.name} is "
+                f"{ref_size[0]}x{ref_size[1]}: the series mixes image sizes and is not one volume."
+            )
+        iop = _vec(ds, "ImageOrientationPatient", 6, p)
+        if np.max(np.abs(iop - ref_iop)) > 1e-4:
+            raise GeometryError(
+                f"{p}: Image Orientation (Patient) {iop.round(5).tolist()} differs from "
+                f"{p0.name} ({ref_iop.round(5).tolist()}): mixed orientations are not one volume. "
+                "Export the series again, or split it by orientation."
+            )
+        if np.max(np.abs(_vec(ds, "PixelSpacing", 2, p) - ref_ps)) > 1e-4:
+            raise GeometryError(f"{p}: Pixel Spacing differs from {p0.name}: mixed pixel spacing.")
+        if getattr(ds, "FrameOfReferenceUID", None) != ref_for:
+            raise GeometryError(
+                f"{p}: has a different Frame of Reference UID from {p0.name}: the files do not "
+                "share one patient coordinate system and cannot form one volume."
+            )
+        positions.append(_vec(ds, "ImagePositionPatient", 3, p))
+    checks.append(GeometryCheck("consistent_orientation", "passed",
+                                "one image size, orientation, pixel spacing and frame of reference"))
+    row, col = ref_iop[:3], ref_iop[3:]
+    normal = np.cross(row, col)
+    pos = np.asarray(positions)
+    dist = pos @ normal
+    order = np.argsort(dist, kind="stable")
+    items = [items[i] for i in order]
+    pos, dist = pos[order], dist[order]
+    if len(items) < 2:
+        checks.append(GeometryCheck("slice_spacing", "not_applicable", "single slice"))
+        return items, checks
+    gaps = np.diff(dist)
+    median = float(np.median(gaps))
+    tol = options.slice_tolerance + 1e-3 + 1e-4 * abs(median)
+    dup = np.flatnonzero(gaps <= 1e-3 + 1e-4 * abs(median))
+    if dup.size:
+        i = int(dup[0])
+        raise GeometryError(
+            f"{items[i + 1][0]}: has the same slice position ({dist[i + 1]:.3f} mm along the "
+            f"normal) as {items[i][0].name}; {dup.size} duplicate position(s) in the series. "
+            "Remove the duplicates (often a second acquisition or a localizer) and retry."
+        )
+    # Gantry tilt: consecutive slices displaced off the image-plane normal.
+    step = pos[-1] - pos[0]
+    along = float(step @ normal)
+    inplane = float(np.linalg.norm(step - along * normal))
+    tilt_deg = math.degrees(math.atan2(inplane, abs(along)))
+    tag_tilt = float(getattr(items[0][1], "GantryDetectorTilt", 0) or 0)
+    if inplane > tol or abs(tag_tilt) > 1e-3:
+        tilt = tilt_deg if inplane > tol else abs(tag_tilt)
+        msg = (f"{items[0][0].parent}: slices are stacked {tilt:.2f} degrees off the image-plane "
+               "normal (gantry tilt)")
+        if not options.allow_gantry_tilt:
+            raise GeometryError(
+                msg + "; the volume is sheared and a map could not be placed exactly. Resample "
+                "the series to an orthogonal grid first, or set geometry.allow_gantry_tilt: "
+                "true to accept an approximate placement (recorded as a warning)."
+            )
+        log.warning("%s; accepted (geometry.allow_gantry_tilt)", msg)
+        checks.append(GeometryCheck("gantry_tilt", "warned", f"tilt {tilt:.2f} degrees accepted"))
+    else:
+        checks.append(GeometryCheck("gantry_tilt", "passed", "slices stacked along the normal"))
+    bad = np.flatnonzero(np.abs(gaps - median) > tol)
+    if bad.size:
+        i = int(bad[0])
+        ratio = gaps[i] / median
+        if abs(ratio - round(ratio)) * median <= tol and round(ratio) >= 2:
+            what = (f"{round(ratio) - 1} missing slice(s) between {items[i][0].name} and "
+                    f"{items[i + 1][0].name} (gap {gaps[i]:.3f} mm, spacing {median:.3f} mm)")
+            name = "missing_slices"
+        else:
+            what = (f"non-uniform slice spacing: {gaps[i]:.3f} mm between {items[i][0].name} and "
+                    f"{items[i + 1][0].name}, {median:.3f} mm elsewhere "
+                    f"(tolerance {tol:.4f} mm)")
+            name = "slice_spacing"
+        msg = f"{items[0][0].parent}: {what}"
+        if not options.allow_irregular_slices:
+            raise GeometryError(
+                msg + ". Re-export the complete series, raise geometry.slice_tolerance, or set "
+                "geometry.allow_irregular_slices: true to accept approximate positions "
+                "(recorded as a warning)."
+            )
+        log.warning("%s; accepted (geometry.allow_irregular_slices)", msg)
+        checks.append(GeometryCheck(name, "warned", what))
+    else:
+        checks.append(GeometryCheck("slice_spacing", "passed",
+                                    f"{len(items)} slices, uniform spacing {median:.4f} mm"))
+    return items, checks
+
+
+def _check_multiframe(path: Path, ds: Any, options: GeometryOptions) -> list[GeometryCheck]:
+    """Per-frame positions of an enhanced multi-frame image: uniform, untilted, no duplicates."""
+    frames = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    shared = getattr(ds, "SharedFunctionalGroupsSequence", [None])[0]
+    if not frames:
+        log.warning("%s: multi-frame image without per-frame plane positions", path)
+        return [GeometryCheck("scanner_position", "warned",
+                              "multi-frame image without per-frame plane positions: "
+                              "voxel grid only, scanner position unknown")]
+    fake = []
+    for i, fg in enumerate(frames):
+        pos = getattr(fg, "PlanePositionSequence", None)
+        ori = getattr(fg, "PlaneOrientationSequence", None) or (
+            getattr(shared, "PlaneOrientationSequence", None) if shared is not None else None)
+        meas = getattr(fg, "PixelMeasuresSequence", None) or (
+            getattr(shared, "PixelMeasuresSequence", None) if shared is not None else None)
+        if not pos or not ori or not meas:
+            raise GeometryError(
+                f"{path}: frame {i + 1} has no plane position/orientation/pixel measures; the "
+                "frames cannot be placed in space."
+            )
+        import pydicom
+
+        d = pydicom.Dataset()
+        d.Rows, d.Columns = ds.Rows, ds.Columns
+        d.ImagePositionPatient = pos[0].ImagePositionPatient
+        d.ImageOrientationPatient = ori[0].ImageOrientationPatient
+        d.PixelSpacing = meas[0].PixelSpacing
+        d.FrameOfReferenceUID = getattr(ds, "FrameOfReferenceUID", None)
+        fake.append((Path(f"{path}#frame{i + 1}"), d))
+    _, checks = _check_stack(fake, options)
+    return checks
+
+
+def validate_dicom(path: str | Path, *, series_uid: str | None = None,
+                   options: GeometryOptions | None = None) -> DicomSelection:
+    """Validate a DICOM series folder (or single DICOM file) from its headers.
+
+    Args:
+        path: a folder holding one (or, with ``series_uid``, several) series, or one file.
+        series_uid: the Series Instance UID to use when the folder holds several.
+        options: validation options.
+
+    Returns:
+        The selected series' files in slice order, their headers and the checks done.
+
+    Raises:
+        GeometryError: any problem listed in the module docstring.
+    """
+    options = GeometryOptions.from_mapping(options)
+    p = check_readable(path)
+    if p.is_file():
+        ds = _read_header(p)
+        n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        checks = [check_voxel_limit(int(ds.Rows) * int(ds.Columns) * n_frames, str(p), options)]
+        if n_frames > 1:
+            checks += _check_multiframe(p, ds, options)
+        else:
+            checks.append(GeometryCheck("slice_spacing", "not_applicable", "single image"))
+        return DicomSelection(None, (p,), (ds,), str(getattr(ds, "SeriesInstanceUID", "")),
+                              tuple(checks), n_frames)
+
+    series, gdcm_ids, checks = _scan_folder(p, options)
+    if series_uid is not None:
+        if series_uid not in series:
+            listing = "\n".join(s.line() for s, _ in series.values())
+            raise GeometryError(
+                f"{p}: holds no series with UID {series_uid}. Series in this folder:\n{listing}"
+            )
+        uid = series_uid
+    elif len(series) > 1:
+        listing = "\n".join(s.line() for s, _ in series.values())
+        raise GeometryError(
+            f"{p}: holds {len(series)} DICOM series; choose one with --series-uid "
+            f"(series_uid=...). Series in this folder:\n{listing}"
+        )
+    else:
+        uid = next(iter(series))
+    if uid not in gdcm_ids:
+        log.debug("series %s not reported by GDCM discovery (%s)", uid, gdcm_ids)
+    summary, items = series[uid]
+    checks.append(GeometryCheck("single_series", "passed",
+                                f"{len(series)} series in folder; using 1 with {summary.n_files} file(s)"))
+    ds0 = items[0][1]
+    n_frames = int(getattr(ds0, "NumberOfFrames", 1) or 1)
+    if n_frames > 1 and len(items) > 1:
+        raise GeometryError(
+            f"{p}: the series holds {len(items)} multi-frame files; only a single multi-frame "
+            "file or a series of single-frame files is supported."
+        )
+    checks.append(check_voxel_limit(int(ds0.Rows) * int(ds0.Columns) * n_frames * len(items),
+                                    str(p), options))
+    if n_frames > 1:
+        checks += _check_multiframe(items[0][0], ds0, options)
+    else:
+        items, stack_checks = _check_stack(items, options)
+        checks += stack_checks
+    return DicomSelection(p, tuple(f for f, _ in items), tuple(d for _, d in items), uid,
+                          tuple(checks), n_frames)
+
+
+# ---------------------------------------------------------------------------------------
+# NIfTI
+# ---------------------------------------------------------------------------------------
+
+def validate_nifti(path: str | Path, *, volume_index: int | None = None,
+                   options: GeometryOptions | None = None) -> tuple[Any, list[GeometryCheck]]:
+    """Validate a NIfTI file from its header (no voxel data read).
+
+    Returns:
+        The nibabel image (lazy) and the checks done.
+
+    Raises:
+        GeometryError: not NIfTI, truncated, 4-D without ``volume_index`` (or out of range),
+            more than 4 dimensions, or too many voxels.
+    """
+    import nibabel as nib
+
+    options = GeometryOptions.from_mapping(options)
+    p = check_readable(path)
+    if p.is_dir():
+        raise GeometryError(f"{p}: is a folder but holds no DICOM series.")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:
+        raise GeometryError(
+            f"{p}: cannot be read as NIfTI ({exc}); expected a .nii or .nii.gz file."
+        ) from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise GeometryError(f"{p}: is a {type(img).__name__}, not NIfTI; convert it to .nii.gz.")
+    checks: list[GeometryCheck] = []
+    shape = tuple(int(s) for s in img.shape)
+    if not p.name.lower().endswith(".gz"):
+        offset = int(img.header.get_data_offset())
+        need = offset + int(np.prod(shape)) * img.header.get_data_dtype().itemsize
+        if p.stat().st_size < need:
+            raise GeometryError(
+                f"{p}: is truncated: its header describes {need} bytes but the file has "
+                f"{p.stat().st_size}. Copy it again from its source."
+            )
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 4:
+        raise GeometryError(
+            f"{p}: has {len(shape)} dimensions {shape}; only 3-D volumes and 4-D series of "
+            "volumes are supported."
+        )
+    checks.append(check_voxel_limit(int(np.prod(shape)), str(p), options))
+    n_vol = shape[3] if len(shape) == 4 else 1
+    if n_vol > 1 and volume_index is None:
+        raise GeometryError(
+            f"{p}: is 4-D with {n_vol} volumes (shape {shape}); choose one with --volume-index "
+            f"(volume_index=0..{n_vol - 1})."
+        )
+    if volume_index is not None and not 0 <= volume_index < n_vol:
+        raise GeometryError(
+            f"{p}: volume_index {volume_index} is out of range; the file holds {n_vol} volume(s) "
+            f"(0..{n_vol - 1})."
+        )
+    checks.append(GeometryCheck("volume_selection", "passed" if n_vol > 1 else "not_applicable",
+                                f"volume {volume_index} of {n_vol}" if n_vol > 1 else "3-D"))
+    sform = int(img.header["sform_code"]) if "sform_code" in img.header else 0
+    qform = int(img.header["qform_code"]) if "qform_code" in img.header else 0
+    if sform == 0 and qform == 0:
+        log.warning("%s: no qform/sform; the position in scanner space is unknown", p)
+        checks.append(GeometryCheck(
+            "scanner_position", "warned",
+            "no qform/sform in the header: voxel spacing only, scanner position unknown"))
+    else:
+        checks.append(GeometryCheck("scanner_position", "passed",
+                                    f"sform_code {sform}, qform_code {qform}"))
+    return img, checks

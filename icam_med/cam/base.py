@@ -309,8 +309,9 @@ class BaseCAM:
         training = {m: m.training for m in self.model.modules()}
         acts: dict[str, torch.Tensor] = {}
         handles = []
+        records = {r.name: r for r in self._probe_cache[tuple(x.shape[2:])][0]}
 
-        def fwd_hook(name: str):
+        def fwd_hook(name: str, clone: bool):
             def hook(_m, _inp, out):
                 if not isinstance(out, torch.Tensor):
                     raise ValueError(
@@ -318,6 +319,9 @@ class BaseCAM:
                         "choose a layer whose output is a feature map."
                     )
                 acts[name] = out
+                # the model changes this output in place later (e.g. ReLU(inplace=True)):
+                # hand the rest of the network a copy so A keeps the layer's own values.
+                return out.clone() if clone else None
 
             return hook
 
@@ -325,7 +329,9 @@ class BaseCAM:
             if self.eval_mode:
                 self.model.eval()
             for name in layers:
-                handles.append(modules[name].register_forward_hook(fwd_hook(name)))
+                rec = records.get(name)
+                clone = rec.mutated_inplace if rec is not None else False
+                handles.append(modules[name].register_forward_hook(fwd_hook(name, clone)))
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 if self.amp_dtype is not None:

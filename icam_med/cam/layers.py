@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ class LayerRecord:
     is_conv: bool
     is_norm: bool
     is_pointwise: bool
+    mutated_inplace: bool = False
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -78,11 +79,13 @@ def validate_layer_names(model: nn.Module, names: Sequence[str]) -> None:
 @torch.no_grad()
 def probe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerRecord]:
     """Run one gradient-free forward pass on a batch of one and record every leaf module
-    with a spatial tensor output, in execution order (a module run twice keeps its last run).
+    with a spatial tensor output, in execution order (a module run twice keeps its last run),
+    and whether a later in-place operation modified that output.
     """
     spatial_ndim = example.ndim - 2
     records: dict[str, LayerRecord] = {}
     order: list[str] = []
+    outputs: dict[str, tuple[torch.Tensor, int]] = {}
     handles = []
 
     def make_hook(name: str, mod: nn.Module):
@@ -103,6 +106,7 @@ def probe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerRecord]:
                 order.remove(name)
             records[name] = rec
             order.append(name)
+            outputs[name] = (out, out._version)
 
         return hook
 
@@ -114,6 +118,11 @@ def probe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerRecord]:
     finally:
         for h in handles:
             h.remove()
+    # An output changed later by an in-place op (e.g. ReLU(inplace=True) after a norm layer)
+    # must be cloned by the CAM's forward hook, or it would see the activation's values.
+    for name, (out, version) in outputs.items():
+        if out._version != version:
+            records[name] = replace(records[name], mutated_inplace=True)
     return [records[n] for n in order]
 
 

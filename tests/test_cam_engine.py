@@ -1,0 +1,276 @@
+"""Engine behaviour a CAM user relies on: batches, model state, devices, shapes, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from icam_med.cam import (
+    METHODS,
+    GradCAM,
+    IntegrativeCAM,
+    SegmentationTarget,
+    make_cam,
+)
+from icam_med.cam.layers import effective_bias
+
+
+def _all_hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dims,spatial", [(2, (24, 20)), (3, (16, 12, 20))])
+def test_batch_equals_single_runs(make_tiny, method, dims, spatial):
+    model = make_tiny(dims=dims)
+    x = torch.randn(3, 1, *spatial, generator=torch.Generator().manual_seed(7))
+    targets = [0, 2, 1]  # a different class for each sample
+    cam = make_cam(method, model)
+    batch = cam(x, targets=targets)
+    for i in range(3):
+        single = cam(x[i : i + 1], targets=[targets[i]])
+        torch.testing.assert_close(batch.fused[i : i + 1], single.fused, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batch.scores[i : i + 1], single.scores)
+        for name in batch.layer_maps:
+            torch.testing.assert_close(batch.layer_maps[name][i : i + 1], single.layer_maps[name],
+                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(batch.layer_weights[name][i : i + 1],
+                                       single.layer_weights[name], atol=1e-6, rtol=1e-4)
+    assert batch.fused.shape == (3, 1, *spatial)
+    assert batch.fused.min() >= 0 and batch.fused.max() <= 1
+    assert torch.equal(batch.target_classes, torch.tensor(targets))
+
+
+def test_model_state_restored_after_normal_and_failing_calls(make_tiny):
+    model = make_tiny(dims=3)
+    model.train()
+    model.features[1].eval()  # mixed flags must come back exactly
+    flags = {n: m.training for n, m in model.named_modules()}
+    model.fc.weight.requires_grad_(False)
+    rg = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = copy.deepcopy(model.state_dict())
+    cam = IntegrativeCAM(model)
+    x = torch.randn(2, 1, 16, 16, 16)
+    res = cam(x)
+    assert res.fused.shape == (2, 1, 16, 16, 16)
+
+    def boom(_out):
+        raise RuntimeError("target failed")
+
+    with pytest.raises(RuntimeError, match="target failed"):
+        cam(x, targets=boom)
+    assert _all_hooks(model) == 0
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == rg
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():  # BatchNorm statistics untouched (run in eval)
+        assert torch.equal(v, state[k]), k
+
+
+def test_inplace_relu_model_gives_same_maps(make_tiny):
+    plain = make_tiny(dims=3, inplace=False)
+    inplace = make_tiny(dims=3, inplace=True)
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    for method in ("integrative", "gradcam"):
+        a = make_cam(method, plain, target_layers="all")(x)
+        b = make_cam(method, inplace, target_layers="all")(x)
+        assert list(a.layer_maps) == list(b.layer_maps)
+        torch.testing.assert_close(a.fused, b.fused, atol=1e-5, rtol=1e-4)
+    assert all(m.inplace for m in inplace.modules() if isinstance(m, nn.ReLU))
+
+
+def test_engine_never_converts_to_numpy(make_tiny, monkeypatch):
+    model = make_tiny(dims=3)
+    x = torch.randn(2, 1, 16, 16, 16)
+    cam = IntegrativeCAM(model, target_layers="all")
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("the engine converted a tensor to numpy")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", forbidden)
+    monkeypatch.setattr(torch.Tensor, "__array__", forbidden)
+    res = cam(x)
+    assert res.fused.shape == (2, 1, 16, 16, 16)
+
+
+def test_anisotropic_volume_keeps_exact_shape_and_axis_order(make_tiny):
+    model = make_tiny(dims=3)
+    x = torch.zeros(1, 1, 40, 96, 80)
+    x[0, 0, 5:15, 60:90, 10:30] = 3.0  # bright block placed asymmetrically
+    res = IntegrativeCAM(model)(x)
+    assert res.fused.shape == (1, 1, 40, 96, 80)
+    for name, m in res.layer_maps.items():
+        assert m.ndim == 5 and m.shape[:2] == (1, 1), name
+    # maps at native resolution shrink with the pooling, axis by axis
+    shapes = [tuple(m.shape[2:]) for m in res.layer_maps.values()]
+    assert shapes[0] == (40, 96, 80) and shapes[-1] == (10, 24, 20)
+
+
+def test_stage_and_all_layer_presets(make_tiny):
+    model = make_tiny(dims=3)
+    cam = IntegrativeCAM(model)
+    # last non-activation layer before each change of size, plus the last spatial layer
+    assert cam.layer_names((16, 16, 16)) == ["features.1", "features.5", "features.8"]
+    all_cam = IntegrativeCAM(model, target_layers="all")
+    # each conv, replaced by the BatchNorm that follows it (it carries the effective bias)
+    # (the last conv has no norm layer after it, so it is hooked itself)
+    assert all_cam.layer_names((16, 16, 16)) == ["features.1", "features.5", "features.8"]
+    last = GradCAM(model, target_layers="last")
+    assert last.layer_names((16, 16, 16)) == ["features.8"]
+
+
+def test_effective_bias_of_batchnorm_and_conv(make_tiny):
+    model = make_tiny(dims=3)
+    bn = model.features[1]
+    expected = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(effective_bias(bn), expected.detach())
+    torch.testing.assert_close(effective_bias(model.features[0]), model.features[0].bias.detach())
+    assert effective_bias(model.features[2]) is None  # ReLU carries no bias
+
+
+def test_bias_term_vanishes_without_biases(make_tiny):
+    model = make_tiny(dims=3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv3d):
+                m.bias.zero_()
+            if isinstance(m, nn.BatchNorm3d):
+                m.bias.copy_(m.weight * m.running_mean / torch.sqrt(m.running_var + m.eps))
+    x = torch.randn(2, 1, 16, 16, 16)
+    with_bias = IntegrativeCAM(model, bias_weight=1.0)(x)
+    without = IntegrativeCAM(model, bias_weight=0.0)(x)
+    torch.testing.assert_close(with_bias.fused, without.fused, atol=1e-5, rtol=1e-4)
+    # ...while with real biases the term changes the map
+    other = make_tiny(dims=3)
+    a = IntegrativeCAM(other, bias_weight=1.0)(x).fused
+    b = IntegrativeCAM(other, bias_weight=0.0)(x).fused
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_layer_weighting_modes(make_tiny):
+    model = make_tiny(dims=3)
+    x = torch.randn(2, 1, 16, 16, 16)
+    uni = IntegrativeCAM(model, layer_weighting="uniform")(x)
+    for w in uni.layer_weights.values():
+        torch.testing.assert_close(w, torch.full((2,), 1 / 3))
+    sharp = IntegrativeCAM(model, layer_weighting="softmax", tau=0.05)(x)
+    score = IntegrativeCAM(model, layer_weighting="score")(x)
+    soft1 = IntegrativeCAM(model, layer_weighting="softmax", tau=1.0)(x)
+    for k in score.layer_weights:  # softmax(log s / 1) == s / sum(s)
+        torch.testing.assert_close(score.layer_weights[k], soft1.layer_weights[k])
+    top = max(score.layer_weights, key=lambda k: float(score.layer_weights[k][0]))
+    assert float(sharp.layer_weights[top][0]) > float(score.layer_weights[top][0])
+    total = torch.stack(list(sharp.layer_weights.values())).sum(0)
+    torch.testing.assert_close(total, torch.ones(2))
+
+
+def test_zero_gradient_gives_zero_map_not_nan(make_tiny):
+    model = make_tiny(dims=3)
+    with torch.no_grad():
+        model.fc.weight[1].zero_()  # class 1 no longer depends on the input ("dead" class)
+    res = IntegrativeCAM(model)(torch.randn(2, 1, 16, 16, 16), targets=1)
+    assert torch.isfinite(res.fused).all()
+    assert res.fused.abs().max() == 0
+    for name, m in res.layer_maps.items():
+        assert torch.isfinite(m).all() and m.abs().max() == 0, name
+    assert all(torch.isfinite(w).all() for w in res.layer_weights.values())
+
+
+def test_segmentation_target_on_a_segmentation_output():
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                        nn.Conv3d(4, 2, 1)).eval()
+    x = torch.randn(2, 1, 12, 12, 12)
+    mask = torch.zeros(2, 12, 12, 12)
+    mask[:, 2:6, 2:6, 2:6] = 1
+    res = IntegrativeCAM(seg)(x, targets=SegmentationTarget(1, mask))
+    out = seg(x)
+    torch.testing.assert_close(res.scores, (out[:, 1] * mask).flatten(1).sum(1).detach())
+    assert res.target_classes is None and res.fused.shape == (2, 1, 12, 12, 12)
+    with pytest.raises(ValueError, match="predicted class of a classifier"):
+        IntegrativeCAM(seg)(x)
+
+
+class _Counter:
+    def __init__(self, model: nn.Module) -> None:
+        self.batches: list[int] = []
+        model.register_forward_pre_hook(lambda _m, inp: self.batches.append(inp[0].shape[0]))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.zeros(1, 16, 16, 16), r"4 dims\).*expects 5 dims \(N, C, D, H, W\).*x\[None\]"),
+    (torch.zeros(2, 2, 16, 16, 16), r"2 channel\(s\).*expects 1"),
+    (torch.full((2, 1, 16, 16, 16), float("nan")), "NaN or Inf"),
+    ("not a tensor", "must be a torch.Tensor"),
+])
+def test_bad_input_is_refused_before_any_work(make_tiny, bad, match):
+    model = make_tiny(dims=3)
+    counter = _Counter(model)
+    with pytest.raises(ValueError, match=match):
+        IntegrativeCAM(model)(bad)
+    assert counter.batches == []
+
+
+def test_target_class_out_of_range_is_refused_before_the_explained_pass(make_tiny):
+    model = make_tiny(dims=3, n_classes=3)
+    counter = _Counter(model)
+    with pytest.raises(ValueError, match=r"target class 5 is out of range.*3 classes.*0\.\.2"):
+        IntegrativeCAM(model)(torch.zeros(4, 1, 16, 16, 16), targets=[0, 1, 5, 2])
+    assert 4 not in counter.batches  # at most the one-sample shape probe ran
+    with pytest.raises(ValueError, match="2 entries but the batch has 4"):
+        IntegrativeCAM(model)(torch.zeros(4, 1, 16, 16, 16), targets=[0, 1])
+
+
+def test_unknown_layer_lists_close_matches(make_tiny):
+    with pytest.raises(ValueError, match=r"'features.10'.*Close matches: \['features.1'"):
+        IntegrativeCAM(make_tiny(dims=3), target_layers=["features.10"])
+    with pytest.raises(ValueError, match="no spatial feature map"):
+        IntegrativeCAM(make_tiny(dims=3), target_layers="fc")(torch.zeros(1, 1, 16, 16, 16))
+
+
+def test_model_without_spatial_layers_is_refused():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with pytest.raises(ValueError, match="no convolution layer"):
+        IntegrativeCAM(mlp)
+
+
+def test_bad_options_are_refused(make_tiny):
+    model = make_tiny(dims=2)
+    with pytest.raises(ValueError, match="alpha_fn='cube'"):
+        IntegrativeCAM(model, alpha_fn="cube")
+    with pytest.raises(ValueError, match="layer_weighting='max'"):
+        IntegrativeCAM(model, layer_weighting="max")
+    with pytest.raises(ValueError, match="unknown CAM method 'scorecam'"):
+        make_cam("scorecam", model)
+    with pytest.raises(ValueError, match="invalid option"):
+        make_cam("gradcam", model, alpha_fn="exp")
+    with pytest.raises(ValueError, match="move the model first"):
+        IntegrativeCAM(model, device="meta")
+
+
+def test_options_are_recorded_and_json_serialisable(make_tiny):
+    import json
+
+    res = IntegrativeCAM(make_tiny(dims=3), alpha_fn="sigmoid", bias_mode="abs")(
+        torch.randn(1, 1, 16, 16, 16))
+    opts = json.loads(json.dumps(res.options))
+    assert opts["method"] == "integrative" and opts["alpha_fn"] == "sigmoid"
+    assert opts["bias_mode"] == "abs" and opts["bias_weight"] == 1.0
+    assert opts["layer_weighting"] == "score" and opts["target_layers_spec"] == "stages"
+    assert opts["target_layers"] == ["features.1", "features.5", "features.8"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_matches_cpu(make_tiny):  # pragma: no cover - runs where a GPU exists
+    model = make_tiny(dims=3)
+    x = torch.randn(2, 1, 16, 16, 16)
+    cpu = IntegrativeCAM(model)(x)
+    gpu = IntegrativeCAM(copy.deepcopy(model).cuda())(x.cuda())
+    assert gpu.fused.device.type == "cuda"
+    torch.testing.assert_close(gpu.fused.cpu(), cpu.fused, atol=1e-4, rtol=1e-3)

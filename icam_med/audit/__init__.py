@@ -1,0 +1,65 @@
+"""Audit records, the hash-chained run ledger and folder verification.
+
+Every explanation map gets a record ``<map-name>.icam.json`` (JSON Schema:
+``icam_med/schemas/audit-record-v1.schema.json``) and an entry in its output folder's
+``ledger.jsonl``; :func:`verify_folder` checks both. Records hold no patient identifiers:
+inputs are identified by voxel hashes and, with a site key, keyed hashes of DICOM UIDs.
+See docs/audit.md.
+"""
+
+from __future__ import annotations
+
+from icam_med.audit.hashing import canonical_json, sha256_file, sha256_json, voxel_sha256
+from icam_med.audit.ledger import LEDGER_NAME, FolderLock, Ledger, LedgerEntry
+from icam_med.audit.phi import SiteKey, check_no_phi, find_phi, hash_uid, load_site_key
+from icam_med.audit.record import (
+    RECORD_SUFFIX,
+    activity_section,
+    build_record,
+    file_ref,
+    geometry_summary,
+    input_section,
+    method_section,
+    model_section,
+    preprocessing_section,
+    record_sha256,
+    runtime_section,
+    seal_record,
+    utc_now,
+)
+from icam_med.audit.schema import load_record_schema, validate_record
+from icam_med.audit.verify import Problem, VerifyReport, verify_folder
+
+__all__ = [
+    "LEDGER_NAME",
+    "RECORD_SUFFIX",
+    "FolderLock",
+    "Ledger",
+    "LedgerEntry",
+    "Problem",
+    "SiteKey",
+    "VerifyReport",
+    "activity_section",
+    "build_record",
+    "canonical_json",
+    "check_no_phi",
+    "file_ref",
+    "find_phi",
+    "geometry_summary",
+    "hash_uid",
+    "input_section",
+    "load_record_schema",
+    "load_site_key",
+    "method_section",
+    "model_section",
+    "preprocessing_section",
+    "record_sha256",
+    "runtime_section",
+    "seal_record",
+    "sha256_file",
+    "sha256_json",
+    "utc_now",
+    "validate_record",
+    "verify_folder",
+    "voxel_sha256",
+]

@@ -1,0 +1,237 @@
+"""Keeping patient identifiers out of audit records.
+
+Two tools:
+
+* :class:`SiteKey` and :func:`hash_uid`: DICOM UIDs enter a record only as keyed hashes
+  (HMAC-SHA256 with a secret site key). The same scan gives the same hash at one site, so
+  records can be linked back to the archive by whoever holds the key, and by nobody else.
+  Without a key, no UID enters a record at all.
+* :func:`find_phi` / :func:`check_no_phi`: a deny-list check run on every record and ledger
+  entry before it is written: identifying DICOM attribute names as keys, raw DICOM UIDs,
+  absolute file paths, and any value the caller knows to be identifying (e.g. the patient
+  name read from the header) anywhere in the text.
+
+The site key comes from the config (``audit.site_key_file``: a file holding the key, or
+``audit.site_key_env``: the name of an environment variable) or from the environment
+variable ``ICAM_MED_SITE_KEY``. Putting the key itself in a config file is refused: configs
+are shared and versioned, keys are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DENY_KEYS",
+    "SITE_KEY_ENV",
+    "SiteKey",
+    "check_no_phi",
+    "find_phi",
+    "hash_uid",
+    "load_site_key",
+    "scrub_paths",
+]
+
+#: Environment variable read for the site key when the config names none.
+SITE_KEY_ENV = "ICAM_MED_SITE_KEY"
+
+_MIN_KEY_BYTES = 16
+
+#: DICOM attribute keywords (and plain-English aliases) that must never be record keys.
+DENY_KEYS = frozenset(k.lower() for k in (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+    "PatientBirthTime", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
+    "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "IssuerOfPatientID",
+    "AccessionNumber", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDate",
+    "AcquisitionTime", "AcquisitionDateTime", "ContentDate", "ContentTime", "InstanceCreationDate",
+    "InstanceCreationTime", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "ReferringPhysicianName", "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician", "StudyID",
+    "StationName", "DeviceSerialNumber", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "FrameOfReferenceUID", "MediaStorageSOPInstanceUID",
+    "patient_name", "patient_id", "birth_date", "date_of_birth", "patient_sex", "patient_age",
+    "accession_number", "study_date", "institution", "referring_physician",
+))
+
+# A DICOM UID: dotted decimal, at least four components, starting 0/1/2 (PS3.5 9.1).
+_UID_RE = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){3,}(?![\w.])")
+# An absolute POSIX path, a home path or a Windows drive path, inside any text.
+_ABS_PATH_RE = re.compile(r"""(?:(?<=^)|(?<=[\s'"(=\[,:]))(?:~|[A-Za-z]:[\\/]|/)[^\s'"),\]]*""")
+
+
+@dataclass(frozen=True, repr=False)
+class SiteKey:
+    """A secret key for keyed UID hashes. ``repr`` never shows the key."""
+
+    secret: bytes
+    source: str
+
+    @property
+    def key_id(self) -> str:
+        """A short public fingerprint, so a record says *which* key hashed its UIDs."""
+        return hmac.new(self.secret, b"icam-med site key id", hashlib.sha256).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"SiteKey(key_id={self.key_id!r}, source={self.source!r})"
+
+
+def _check_key(secret: bytes, source: str) -> SiteKey:
+    if len(secret) < _MIN_KEY_BYTES:
+        raise ValueError(
+            f"site key from {source} is {len(secret)} bytes; keyed UID hashes need at least "
+            f"{_MIN_KEY_BYTES} bytes of secret (e.g. `python -c \"import secrets; "
+            "print(secrets.token_hex(32))\"`)."
+        )
+    return SiteKey(secret, source)
+
+
+def load_site_key(audit_cfg: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  base_dir: str | Path | None = None) -> SiteKey | None:
+    """The site key for UID hashes, or ``None`` when none is configured.
+
+    Args:
+        audit_cfg: the config's ``audit`` section. ``site_key_file`` (a path, relative to
+            ``base_dir``) or ``site_key_env`` (an environment variable name) select the key.
+        environ: the environment (default ``os.environ``); ``ICAM_MED_SITE_KEY`` is read
+            when the config names no key.
+        base_dir: folder relative ``site_key_file`` paths are resolved against.
+
+    Raises:
+        ValueError: the config holds the key itself, names a variable that is unset, or the
+            key is too short.
+        FileNotFoundError: ``site_key_file`` does not exist.
+    """
+    cfg = dict(audit_cfg or {})
+    env = os.environ if environ is None else environ
+    if "site_key" in cfg:
+        raise ValueError(
+            "config 'audit.site_key' holds a secret in a config file; put the key in a file "
+            "('audit.site_key_file') or an environment variable ('audit.site_key_env', default "
+            f"{SITE_KEY_ENV}) instead."
+        )
+    if cfg.get("site_key_file"):
+        p = Path(cfg["site_key_file"]).expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = Path(base_dir) / p
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"site key file {p} (config 'audit.site_key_file') does not exist; create it "
+                "with a random secret of at least 16 bytes or remove the setting."
+            )
+        return _check_key(p.read_bytes().strip(), "config audit.site_key_file")
+    var = cfg.get("site_key_env")
+    if var:
+        if not env.get(var):
+            raise ValueError(
+                f"config 'audit.site_key_env' names environment variable {var}, which is unset "
+                "or empty; export it with the site key, or remove the setting to run without "
+                "UIDs in records."
+            )
+        return _check_key(env[var].encode("utf-8"), f"environment variable {var}")
+    if env.get(SITE_KEY_ENV):
+        return _check_key(env[SITE_KEY_ENV].encode("utf-8"), f"environment variable {SITE_KEY_ENV}")
+    return None
+
+
+def hash_uid(uid: str, key: SiteKey) -> str:
+    """HMAC-SHA256 (hex) of a DICOM UID under the site key."""
+    return hmac.new(key.secret, uid.strip().encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def scrub_paths(text: str, keep: Iterable[str | Path] = ()) -> str:
+    """Replace absolute paths inside free text (e.g. an error message) by ``<...>/name``.
+
+    Args:
+        text: the text.
+        keep: absolute folders whose paths are shortened to paths relative to them instead
+            (the output folder, whose relative paths are allowed in records).
+    """
+    roots = sorted((str(Path(k)) for k in keep), key=len, reverse=True)
+
+    def repl(m: re.Match[str]) -> str:
+        s = m.group(0)
+        for root in roots:
+            if s == root or s.startswith(root.rstrip("/") + "/"):
+                rel = s[len(root):].lstrip("/")
+                return rel or "."
+        name = re.split(r"[\\/]", s.rstrip("\\/"))[-1]
+        return f"<...>/{name}" if name else "<...>"
+
+    return _ABS_PATH_RE.sub(repl, text)
+
+
+def _walk(value: Any, where: str) -> Iterable[tuple[str, str | None, Any]]:
+    """Yield (location, key, value) for every key and leaf of a JSON-like value."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            loc = f"{where}.{k}" if where else str(k)
+            yield loc, str(k), None
+            yield from _walk(v, loc)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{where}[{i}]")
+    else:
+        yield where, None, value
+
+
+def find_phi(value: Any, identifiers: Iterable[str] = ()) -> list[str]:
+    """Every place in a JSON-like value that looks like a patient identifier.
+
+    Args:
+        value: a record, ledger entry or any nested dict/list of JSON values.
+        identifiers: values known to identify the patient (name, ID, birth date, accession
+            number, institution, raw UIDs...) that must not occur anywhere, as substrings,
+            case-insensitively. Values shorter than 3 characters are ignored (too common).
+
+    Returns:
+        One message per finding, naming the location (e.g. ``input.uids.StudyInstanceUID``).
+    """
+    needles = {str(s).strip().lower() for s in identifiers if s is not None}
+    needles = {n for n in needles if len(n) >= 3}
+    # DICOM person names: "DOE^JOHN" may also appear as "DOE JOHN" or "JOHN DOE".
+    for n in list(needles):
+        if "^" in n:
+            parts = [p for p in n.split("^") if p]
+            needles.add(" ".join(parts))
+            needles.update(p for p in parts if len(p) >= 3)
+    found = []
+    for loc, key, leaf in _walk(value, ""):
+        if key is not None:
+            if key.lower() in DENY_KEYS:
+                found.append(f"{loc}: identifying attribute name '{key}'")
+            text = key
+        elif isinstance(leaf, str):
+            text = leaf
+            if _UID_RE.search(leaf):
+                found.append(f"{loc}: looks like a raw DICOM UID")
+            m = _ABS_PATH_RE.search(leaf)
+            if m and m.group(0) not in ("/", "~"):
+                found.append(f"{loc}: an absolute file path")
+        else:
+            continue
+        low = text.lower()
+        if any(n in low for n in needles):
+            found.append(f"{loc}: contains a known patient identifier")
+    return found
+
+
+def check_no_phi(value: Any, identifiers: Iterable[str] = (), what: str = "audit record") -> None:
+    """Raise if :func:`find_phi` finds anything; nothing is written in that case.
+
+    Raises:
+        ValueError: naming every finding (locations only, never the identifying value).
+    """
+    found = find_phi(value, identifiers)
+    if found:
+        raise ValueError(
+            f"refusing to write the {what}: it would carry patient identifiers or paths outside "
+            "the output folder: " + "; ".join(found)
+        )

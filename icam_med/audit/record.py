@@ -1,0 +1,348 @@
+"""Building audit records from plain inputs.
+
+A record is a JSON object (see ``icam_med/schemas/audit-record-v1.schema.json`` and
+docs/audit.md) written as ``<map-name>.icam.json`` next to the map it describes. This module
+builds each section from plain values (arrays, dicts, :class:`~icam_med.models.ModelInfo`),
+so it needs neither the engine nor the I/O layer; :func:`seal_record` adds the integrity
+section once the record's place in the ledger is known.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icam_med.audit.hashing import sha256_file, sha256_json, voxel_sha256
+from icam_med.audit.phi import SiteKey, hash_uid, scrub_paths
+from icam_med.audit.schema import RECORD_SCHEMA_VERSION
+from icam_med.models import ModelInfo
+
+__all__ = [
+    "RECORD_SUFFIX",
+    "activity_section",
+    "build_record",
+    "file_ref",
+    "geometry_summary",
+    "input_section",
+    "method_section",
+    "model_section",
+    "preprocessing_section",
+    "record_sha256",
+    "runtime_section",
+    "safe_name",
+    "seal_record",
+    "utc_now",
+]
+
+#: A map ``x.nii.gz`` has its record at ``x.icam.json``.
+RECORD_SUFFIX = ".icam.json"
+
+#: Distributions whose versions every record carries (``python`` is added separately).
+VERSIONED_PACKAGES = ("torch", "monai", "numpy", "pydicom", "nibabel", "SimpleITK",
+                      "highdicom", "icam-med")
+
+_NAME_RE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 with a ``Z`` (millisecond precision)."""
+    now = _dt.datetime.now(_dt.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def safe_name(text: str, fallback: str = "scan") -> str:
+    """A file-system- and schema-safe name: letters, digits and ``._+-``, at most 128 chars."""
+    name = _NAME_RE.sub("_", str(text)).strip("._-") or fallback
+    if not name[0].isalnum():
+        name = f"{fallback}_{name}"
+    return name[:128]
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values from numpy/torch scalars, tuples, paths (file names only)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return value.name
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def geometry_summary(shape: Sequence[int], spacing: Sequence[float] | None = None,
+                     orientation: str | None = None, affine: Any = None) -> dict[str, Any]:
+    """The geometry part of the input section."""
+    aff = None
+    if affine is not None:
+        a = affine.detach().cpu().numpy() if hasattr(affine, "detach") else np.asarray(affine)
+        aff = [[float(v) for v in row] for row in np.asarray(a, dtype=float)]
+    return {
+        "shape": [int(s) for s in shape],
+        "spacing": [float(s) for s in spacing] if spacing is not None else None,
+        "orientation": str(orientation) if orientation else None,
+        "affine": aff,
+    }
+
+
+def input_section(voxels: Any, *, fmt: str, geometry: Mapping[str, Any],
+                  modality: str | None = None,
+                  checks: Iterable[Mapping[str, Any]] = (),
+                  uids: Mapping[str, Any] | None = None,
+                  site_key: SiteKey | None = None) -> dict[str, Any]:
+    """The ``input`` section.
+
+    Args:
+        voxels: the decoded volume as loaded, before preprocessing (array or tensor).
+        fmt: ``"dicom"``, ``"nifti"``, ...
+        geometry: from :func:`geometry_summary`.
+        modality: DICOM modality, if known.
+        checks: geometry checks, each ``{"name", "status": "passed"|"warned", "detail"}``.
+        uids: raw DICOM UIDs: any of ``study``, ``series``, ``frame_of_reference`` (strings)
+            and ``instances`` (a list of SOP Instance UIDs). They are kept only as HMACs
+            under ``site_key``, and dropped entirely without one.
+        site_key: the site key (see :func:`icam_med.audit.phi.load_site_key`).
+    """
+    arr = voxels.detach().cpu() if hasattr(voxels, "detach") else voxels
+    dtype = np.dtype(str(arr.dtype).replace("torch.", "")).str if hasattr(arr, "dtype") else "?"
+    hashed = None
+    if uids and site_key is not None:
+        hashed = {"algorithm": "HMAC-SHA256", "key_id": site_key.key_id}
+        for key in ("study", "series", "frame_of_reference"):
+            if uids.get(key):
+                hashed[key] = hash_uid(str(uids[key]), site_key)
+        instances = [str(u) for u in (uids.get("instances") or ()) if u]
+        if instances:
+            hashed["instances"] = hash_uid("\n".join(sorted(instances)), site_key)
+            hashed["n_instances"] = len(instances)
+    return {
+        "modality": str(modality) if modality else None,
+        "format": fmt,
+        "voxel_sha256": voxel_sha256(voxels),
+        "voxel_dtype": dtype,
+        "geometry": dict(geometry),
+        "checks": [
+            {"name": str(c["name"]), "status": str(c["status"]),
+             **({"detail": scrub_paths(str(c["detail"]))} if c.get("detail") else {})}
+            for c in checks
+        ],
+        "uid_hashes": hashed,
+    }
+
+
+def preprocessing_section(transforms: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``preprocessing`` section from the config's transform list (name + arguments)."""
+    out = []
+    for t in transforms:
+        params = {k: v for k, v in t.items() if k != "name"}
+        out.append({"name": str(t["name"]), "params": _scrub(_jsonable(params))})
+    return out
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return scrub_paths(value) if isinstance(value, str) else value
+
+
+def model_section(info: ModelInfo) -> dict[str, Any]:
+    """The ``model`` section from :class:`~icam_med.models.ModelInfo`."""
+    return {
+        "name": info.name,
+        "architecture": info.architecture,
+        "args": _scrub(_jsonable(info.args)),
+        "weights_file": Path(info.weights_file).name if info.weights_file else None,
+        "weights_sha256": info.weights_sha256,
+        "weights_format": info.weights_format,
+        "labels": list(info.labels),
+        "n_parameters": int(info.n_parameters),
+        "input_contract": {
+            "channels": int(info.in_channels),
+            "spatial_size": list(info.spatial_size) if info.spatial_size else None,
+            "dtype": info.dtype,
+        },
+    }
+
+
+def _label(labels: Sequence[str], index: int | None) -> str | None:
+    if index is None or not labels or not 0 <= index < len(labels):
+        return None
+    return str(labels[index])
+
+
+def method_section(name: str, options: Mapping[str, Any], *,
+                   layer_weights: Mapping[str, Any],
+                   target_class: int | None, score: float | None,
+                   predicted_class: int | None, map_range: Sequence[float],
+                   labels: Sequence[str] = (), logits: Sequence[float] | None = None,
+                   ) -> dict[str, Any]:
+    """The ``method`` section.
+
+    Args:
+        name: the CAM method (``res.method``).
+        options: every option as resolved by the engine (``res.options``).
+        layer_weights: per-layer weight for this sample (floats or 0-d/1-element tensors).
+        target_class: the explained class, or ``None`` for a custom target.
+        score: the target score.
+        predicted_class: the model's arg-max class.
+        map_range: ``(min, max)`` of the written map.
+        labels: the model's class labels, to name the classes.
+        logits: the model's output for this sample.
+    """
+    opts = _scrub(_jsonable(dict(options)))
+    weights = {str(k): float(np.asarray(_jsonable(v)).reshape(-1)[0])
+               for k, v in layer_weights.items()}
+    layers = opts.get("target_layers") if isinstance(opts.get("target_layers"), list) else None
+    section: dict[str, Any] = {
+        "name": str(name),
+        "options": opts,
+        "layers": [str(x) for x in (layers or list(weights))],
+        "layer_weights": weights,
+        "target": {"class_index": None if target_class is None else int(target_class),
+                   "label": _label(labels, target_class)},
+        "score": None if score is None else float(score),
+        "predicted": {"class_index": None if predicted_class is None else int(predicted_class),
+                      "label": _label(labels, predicted_class)},
+        "map_range": [float(map_range[0]), float(map_range[1])],
+    }
+    if logits is not None:
+        section["logits"] = [float(v) for v in np.asarray(_jsonable(logits), dtype=float).reshape(-1)]
+    return section
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def runtime_section(device: Any = "cpu", seed: int | None = None) -> dict[str, Any]:
+    """The ``runtime`` section: package versions, device and determinism settings."""
+    import torch
+
+    versions = {"python": platform.python_version()}
+    versions.update({d: _version(d) for d in VERSIONED_PACKAGES})
+    dev = torch.device(device)
+    device_name = None
+    if dev.type == "cuda" and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(dev)
+    return {
+        "versions": versions,
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "device": str(dev),
+        "device_name": device_name,
+        "determinism": {
+            "seed": seed,
+            "torch_initial_seed": int(torch.initial_seed()) % (2**63),
+            "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        },
+    }
+
+
+def activity_section(run_id: str, started_utc: str, ended_utc: str | None = None, *,
+                     operator: str | None = None, warnings: Iterable[str] = (),
+                     command: str | None = None) -> dict[str, Any]:
+    """The ``activity`` section (``ended_utc`` defaults to now)."""
+    if operator is not None and (len(operator) > 64 or not operator.strip()):
+        raise ValueError(
+            f"operator id {operator!r} must be a short pseudonymous id (1-64 characters), "
+            "not a person's name."
+        )
+    section = {
+        "run_id": safe_name(run_id, "run"),
+        "started_utc": started_utc,
+        "ended_utc": ended_utc or utc_now(),
+        "operator": operator,
+        "warnings": [scrub_paths(str(w)) for w in warnings],
+    }
+    if command:
+        section["command"] = command
+    return section
+
+
+def file_ref(root: str | Path, path: str | Path, role: str) -> dict[str, Any]:
+    """``{"path", "role", "sha256", "size"}`` of a file, its path relative to ``root``.
+
+    Raises:
+        ValueError: the file is not inside ``root`` (records never name outside paths).
+    """
+    root = Path(root).resolve()
+    p = Path(path)
+    p = (root / p) if not p.is_absolute() else p
+    p = p.resolve()
+    try:
+        rel = p.relative_to(root)
+    except ValueError:
+        raise ValueError(
+            f"output {p} is not inside the output folder {root}; audit records name only "
+            "files inside it."
+        ) from None
+    return {"path": rel.as_posix(), "role": role, "sha256": sha256_file(p),
+            "size": p.stat().st_size}
+
+
+def build_record(*, scan_id: str, input: Mapping[str, Any], preprocessing: list[dict[str, Any]],
+                 model: Mapping[str, Any], method: Mapping[str, Any],
+                 runtime: Mapping[str, Any], activity: Mapping[str, Any],
+                 outputs: list[dict[str, Any]],
+                 analysis: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble an (unsealed) record from its sections; see :func:`seal_record`."""
+    record = {
+        "schema_version": RECORD_SCHEMA_VERSION,
+        "record_type": "icam-med.audit-record",
+        "scan_id": safe_name(scan_id),
+        "input": dict(input),
+        "preprocessing": list(preprocessing),
+        "model": dict(model),
+        "method": dict(method),
+        "runtime": dict(runtime),
+        "activity": dict(activity),
+        "outputs": list(outputs),
+    }
+    if analysis is not None:
+        record["analysis"] = _jsonable(dict(analysis))
+    return record
+
+
+def record_sha256(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a record's canonical JSON without ``integrity.record_sha256``."""
+    body = dict(record)
+    integrity = dict(body.get("integrity") or {})
+    integrity.pop("record_sha256", None)
+    if "integrity" in body:
+        body["integrity"] = integrity
+    return sha256_json(body)
+
+
+def seal_record(record: Mapping[str, Any], sequence: int,
+                previous_entry_sha256: str) -> dict[str, Any]:
+    """A copy of ``record`` with its ``integrity`` section (ledger position and self-hash)."""
+    sealed = dict(record)
+    sealed["integrity"] = {
+        "algorithm": "SHA-256",
+        "sequence": int(sequence),
+        "previous_entry_sha256": previous_entry_sha256,
+    }
+    sealed["integrity"]["record_sha256"] = record_sha256(sealed)
+    return sealed

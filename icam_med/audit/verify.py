@@ -1,0 +1,202 @@
+"""Verifying an output folder: every output, every record and the ledger chain.
+
+:func:`verify_folder` re-hashes every file the ledger names, re-derives every record's
+self-hash and every entry's hash, and walks the chain. It reports the first broken entry
+(and everything else it found), so ``icam-med verify DIR`` can say exactly where the
+evidence stops holding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from icam_med.audit.hashing import ZERO_HASH, sha256_file
+from icam_med.audit.ledger import LEDGER_NAME, entry_sha256
+from icam_med.audit.record import RECORD_SUFFIX, record_sha256
+from icam_med.audit.schema import validate_record
+
+__all__ = ["Problem", "VerifyReport", "verify_folder"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken thing. ``line`` is the ledger line (1-based), ``None`` for folder-level."""
+
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"ledger line {self.line}: {self.message}" if self.line else self.message
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_folder` found."""
+
+    folder: Path
+    n_entries: int = 0
+    n_scans: int = 0
+    n_failures: int = 0
+    n_files: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    verified_scans: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_problem(self) -> Problem | None:
+        return self.problems[0] if self.problems else None
+
+    def summary(self) -> str:
+        """A one-line summary for the command line."""
+        if self.ok:
+            return (f"OK {self.folder}: {self.n_entries} ledger entries chained, "
+                    f"{self.n_scans} scan record(s), {self.n_failures} failure(s) logged, "
+                    f"{self.n_files} file(s) re-hashed")
+        more = f" (+{len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else ""
+        return f"BROKEN {self.folder}: {self.first_problem}{more}"
+
+
+def _safe_relpath(root: Path, rel: Any) -> Path | None:
+    if not isinstance(rel, str) or not rel:
+        return None
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel:
+        return None
+    return root / p
+
+
+def _check_file(root: Path, ref: Any, what: str) -> str | None:
+    """None if the file matches its reference, else what is wrong."""
+    if not isinstance(ref, dict):
+        return f"{what}: malformed file reference"
+    path = _safe_relpath(root, ref.get("path"))
+    if path is None:
+        return f"{what}: path {ref.get('path')!r} is not a relative path inside the folder"
+    if not path.is_file():
+        return f"{what} '{ref['path']}' is missing"
+    if path.stat().st_size != ref.get("size"):
+        return f"{what} '{ref['path']}' was changed (size {path.stat().st_size}, recorded {ref.get('size')})"
+    if sha256_file(path) != ref.get("sha256"):
+        return f"{what} '{ref['path']}' was changed (its SHA-256 differs from the ledger's)"
+    return None
+
+
+def _check_record(root: Path, entry: dict[str, Any]) -> list[str]:
+    """Problems with a scan entry's record and outputs."""
+    problems = []
+    ref = entry.get("record")
+    bad = _check_file(root, ref, "record")
+    if bad:
+        return [bad]
+    path = _safe_relpath(root, ref["path"])
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except ValueError as exc:
+        return [f"record '{ref['path']}' is not valid JSON ({exc})"]
+    integrity = record.get("integrity") or {}
+    if record_sha256(record) != integrity.get("record_sha256") or \
+            integrity.get("record_sha256") != entry.get("record_sha256"):
+        problems.append(f"record '{ref['path']}' does not match its own hash or the ledger's")
+    if integrity.get("sequence") != entry.get("seq") or \
+            integrity.get("previous_entry_sha256") != entry.get("previous_entry_sha256"):
+        problems.append(f"record '{ref['path']}' belongs to another ledger position")
+    try:
+        validate_record(record)
+    except ValueError as exc:
+        problems.append(f"record '{ref['path']}': {exc}")
+    if record.get("outputs") != entry.get("outputs"):
+        problems.append(f"record '{ref['path']}' lists other outputs than its ledger entry")
+    for out in entry.get("outputs") or []:
+        bad = _check_file(root, out, f"output ({out.get('role', '?')})"
+                          if isinstance(out, dict) else "output")
+        if bad:
+            problems.append(bad)
+    return problems
+
+
+def verify_folder(folder: str | Path, *, check_files: bool = True) -> VerifyReport:
+    """Verify an output folder.
+
+    Args:
+        folder: a folder holding ``ledger.jsonl``.
+        check_files: re-hash outputs and records (``False``: the chain only).
+
+    Returns:
+        A report; ``report.ok`` is true when everything holds. Problems come in ledger
+        order, so ``report.first_problem`` names the first broken entry. Records
+        (``*.icam.json``) in the folder that no entry names are problems too: an entry was
+        removed, or a run was interrupted before logging them.
+
+    Raises:
+        FileNotFoundError: the folder or its ledger does not exist.
+    """
+    root = Path(folder).resolve()
+    ledger = root / LEDGER_NAME
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; give an icam-med output folder.")
+    if not ledger.is_file():
+        raise FileNotFoundError(
+            f"{root} has no {LEDGER_NAME}; give a folder written by `icam-med explain` or "
+            "`icam-med audit`."
+        )
+    report = VerifyReport(folder=root)
+    data = ledger.read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif data:
+        report.problems.append(Problem(len(lines), "the last line is incomplete (torn write)"))
+        lines.pop()
+    prev = ZERO_HASH
+    referenced: set[str] = set()
+    for i, raw in enumerate(lines, start=1):
+        report.n_entries += 1
+        try:
+            entry = json.loads(raw)
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            report.problems.append(Problem(i, "not a valid ledger entry (changed bytes?)"))
+            prev = None  # the chain cannot be followed past this line
+            continue
+        seq = entry.get("seq")
+        if entry_sha256(entry) != entry.get("entry_sha256"):
+            report.problems.append(Problem(i, f"entry {seq} was changed: its hash does not match"))
+        if seq != i:
+            report.problems.append(Problem(
+                i, f"holds entry {seq}, expected {i}: entries were removed, inserted or reordered"))
+        elif prev is not None and entry.get("previous_entry_sha256") != prev:
+            report.problems.append(Problem(
+                i, f"entry {seq} does not chain to the entry before it (removed or reordered)"))
+        prev = entry.get("entry_sha256")
+        kind = entry.get("kind")
+        if kind == "scan":
+            report.n_scans += 1
+            ref = entry.get("record") or {}
+            if isinstance(ref, dict) and isinstance(ref.get("path"), str):
+                referenced.add(ref["path"])
+            for out in entry.get("outputs") or []:
+                if isinstance(out, dict) and isinstance(out.get("path"), str):
+                    referenced.add(out["path"])
+            if check_files:
+                found = _check_record(root, entry)
+                report.problems.extend(Problem(i, f"entry {seq}: {m}") for m in found)
+                n_out = len(entry.get("outputs") or [])
+                report.n_files += 1 + n_out
+                if not found and isinstance(entry.get("scan_id"), str):
+                    report.verified_scans[entry["scan_id"]] = seq
+        elif kind == "failure":
+            report.n_failures += 1
+    for rec in sorted(root.rglob(f"*{RECORD_SUFFIX}")):
+        rel = rec.relative_to(root).as_posix()
+        if rel not in referenced:
+            report.problems.append(Problem(
+                None, f"record '{rel}' is not in the ledger (an entry was removed, or a run "
+                      "was interrupted before logging it)"))
+    return report

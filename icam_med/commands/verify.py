@@ -1,0 +1,30 @@
+"""``icam-med verify DIR``: re-hash every output and record and walk the ledger chain."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "verify an output folder: every map, record and the hash-chained ledger"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="an output folder holding ledger.jsonl")
+    parser.add_argument("--chain-only", action="store_true",
+                        help="check the ledger chain only, without re-hashing files")
+    parser.add_argument("--all", action="store_true",
+                        help="list every problem found, not only the first")
+
+
+def run(args: argparse.Namespace) -> int:
+    from icam_med.audit import verify_folder
+
+    report = verify_folder(args.folder, check_files=not args.chain_only)
+    if report.ok:
+        print(report.summary())
+        return 0
+    print(report.summary(), file=sys.stderr)
+    if args.all:
+        for problem in report.problems[1:]:
+            print(f"  {problem}", file=sys.stderr)
+    return 1

@@ -1,0 +1,395 @@
+"""Where I/O, model, engine and audit meet: explain one scan.
+
+Three steps, so callers can reuse the expensive parts:
+
+* :func:`prepare` - load the model and build the preprocessing once (reuse over many scans);
+* :func:`explain_volume` - in memory: preprocess a loaded scan, run the CAM engine, carry
+  the map(s) back onto the scan's own grid; returns an :class:`Explanation` (used by the
+  batch runner and the napari widget);
+* :func:`write_explanation` - write the NIfTI map (+ DICOM Parametric Map for DICOM input,
+  + layer maps on request) and a JSON summary, atomically and without overwriting.
+
+:func:`explain_scan` does all three for one scan path (the ``icam-med explain`` command).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from icam_med._version import __version__
+from icam_med.config import ICAMConfig, load_config
+from icam_med.io.loading import ScanInfo, load_volume
+from icam_med.io.preprocessing import Preprocessor
+from icam_med.io.transforms import cam_summary
+from icam_med.models import ModelInfo, check_input_contract, load_model, sha256_file
+
+__all__ = [
+    "SUMMARY_SCHEMA_VERSION",
+    "Explanation",
+    "Prepared",
+    "WrittenFile",
+    "explain_scan",
+    "explain_volume",
+    "output_paths",
+    "prepare",
+    "write_explanation",
+]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_NAME = "summary.json"
+
+
+@dataclass
+class Prepared:
+    """A loaded model, its preprocessing and its default CAM, reusable over many scans."""
+
+    config: ICAMConfig
+    model: torch.nn.Module
+    model_info: ModelInfo
+    preprocessor: Preprocessor
+    device: torch.device
+    _cams: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def cam(self, method: str | None = None, options: Mapping[str, Any] | None = None) -> Any:
+        """The CAM object for ``method`` (default: the config's) with the config's options
+        overridden by ``options``; built once per distinct (method, options)."""
+        from icam_med.cam import make_cam
+
+        name = method or self.config.method.name
+        opts = dict(self.config.method.options) if name == self.config.method.name else {}
+        opts.update(options or {})
+        key = json.dumps([name, opts], sort_keys=True, default=str)
+        if key not in self._cams:
+            self._cams[key] = make_cam(name, self.model, **opts)
+        return self._cams[key]
+
+
+def prepare(config: ICAMConfig | str | Path, device: str | torch.device = "cpu") -> Prepared:
+    """Load the configured model (hash-checked) and build its preprocessing.
+
+    Args:
+        config: an :class:`~icam_med.config.ICAMConfig` or a path to a YAML config.
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+
+    Raises:
+        FileNotFoundError, ValueError: bad config, weights or preprocessing (named).
+    """
+    cfg = config if isinstance(config, ICAMConfig) else load_config(config)
+    dev = torch.device(device)
+    where = f"config {cfg.path}" if cfg.path else "config"
+    preprocessor = Preprocessor(cfg.preprocessing, source=where)
+    model, info = load_model(cfg.model, dev)
+    prepared = Prepared(cfg, model, info, preprocessor, dev)
+    prepared.cam()  # validate the method and its options now, before any scan is read
+    return prepared
+
+
+@dataclass
+class Explanation:
+    """An explanation of one scan, in memory.
+
+    Attributes:
+        fused: the fused map on the scan's grid, a float32 MetaTensor ``(1, X, Y, Z)`` in
+            [0, 1] with exactly the scan's affine.
+        layer_maps: layer name -> map on the scan's grid (only when requested).
+        scan_info: the scan's :class:`~icam_med.io.ScanInfo`.
+        result: the engine's summary (method, options, target/predicted class, scores,
+            logits, probabilities, per-layer weights and relevance).
+        preprocessing: each preprocessing transform with its parameters.
+        model_info: identity of the model (architecture, weights hash...).
+        timing: seconds spent in ``preprocess``, ``cam``, ``invert`` and ``total``.
+        labels: class labels from the config (may be empty).
+        config_path: the config file, if any.
+        cam_result: the engine's :class:`~icam_med.cam.CAMResult` on the CPU (maps at the
+            model's input / layer resolution), for viewers that want them.
+        preprocessed: the preprocessed image (model input grid), a MetaTensor.
+    """
+
+    fused: Any
+    layer_maps: dict[str, Any]
+    scan_info: ScanInfo
+    result: dict[str, Any]
+    preprocessing: list[dict[str, Any]]
+    model_info: ModelInfo
+    timing: dict[str, float]
+    labels: tuple[str, ...] = ()
+    config_path: Path | None = None
+    cam_result: Any = field(default=None, repr=False)
+    preprocessed: Any = field(default=None, repr=False)
+
+    @property
+    def target_label(self) -> str | None:
+        c = self.result.get("target_class")
+        return self.labels[c] if c is not None and 0 <= c < len(self.labels) else None
+
+    @property
+    def predicted_label(self) -> str | None:
+        c = self.result.get("predicted_class")
+        return self.labels[c] if c is not None and 0 <= c < len(self.labels) else None
+
+    def map_statistics(self) -> dict[str, Any]:
+        """Peak (voxel index and RAS world mm), mean and max of the fused map."""
+        a = self.fused[0].detach().cpu().numpy()
+        peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(a)), a.shape))
+        world = np.asarray(self.scan_info.affine) @ np.r_[np.asarray(peak, float), 1.0]
+        return {
+            "shape": list(a.shape),
+            "max": float(a.max()),
+            "mean": float(a.mean()),
+            "peak_voxel": list(peak),
+            "peak_world_ras_mm": [round(float(v), 4) for v in world[:3]],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary (no patient identifiers, no raw UIDs or paths)."""
+        result = dict(self.result)
+        result["target_label"] = self.target_label
+        result["predicted_label"] = self.predicted_label
+        return {
+            "schema_version": SUMMARY_SCHEMA_VERSION,
+            "tool": {"name": "icam-med", "version": __version__},
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "scan": self.scan_info.to_dict(),
+            "model": self.model_info.to_dict(),
+            "config_sha256": (sha256_file(self.config_path)
+                              if self.config_path and Path(self.config_path).is_file() else None),
+            "preprocessing": self.preprocessing,
+            "result": result,
+            "map": self.map_statistics(),
+            "layer_maps_on_scan_grid": sorted(self.layer_maps),
+            "timing_s": {k: round(v, 4) for k, v in self.timing.items()},
+        }
+
+
+def _resolve_targets(targets: Any, labels: Sequence[str]) -> Any:
+    """Let users name a class by its label (``"present"``) as well as by its index."""
+    if isinstance(targets, str):
+        if targets.lstrip("-").isdigit():
+            return int(targets)
+        if targets in labels:
+            return list(labels).index(targets)
+        raise ValueError(
+            f"target '{targets}' is not a class label of this model; labels are {list(labels)} "
+            "(or give a class index)."
+        )
+    return targets
+
+
+def explain_volume(
+    image: Any,
+    scan_info: ScanInfo,
+    prepared: Prepared,
+    *,
+    method: str | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    targets: Any = None,
+    layer_maps: bool = False,
+) -> Explanation:
+    """Explain one loaded scan, in memory.
+
+    Args:
+        image: the MetaTensor from :func:`icam_med.io.load_volume`.
+        scan_info: its :class:`~icam_med.io.ScanInfo`.
+        prepared: from :func:`prepare`.
+        method: CAM method (default: the config's); ``method_options`` override options.
+        targets: ``None`` (predicted class), a class index or label, or a callable.
+        layer_maps: also carry each layer's map back onto the scan's grid.
+
+    Returns:
+        The :class:`Explanation`; the fused map has the scan's shape and affine exactly.
+
+    Raises:
+        ValueError: the preprocessed image does not fit the model, or the preprocessing
+            cannot be inverted.
+    """
+    t0 = time.perf_counter()
+    pre = prepared.preprocessor
+    x = pre(image)
+    check_input_contract(prepared.model_info, tuple(x.shape), source=str(scan_info.path))
+    t1 = time.perf_counter()
+    cam = prepared.cam(method, method_options)
+    dtype = getattr(torch, prepared.model_info.dtype, torch.float32)
+    batch = x.as_tensor().unsqueeze(0).to(device=prepared.device, dtype=dtype)
+    result = cam(batch, targets=_resolve_targets(targets, prepared.model_info.labels)).cpu()
+    t2 = time.perf_counter()
+    fused = pre.invert(result.fused[0], x, source_shape=scan_info.shape,
+                       source_affine=scan_info.affine).clamp_(0.0, 1.0)
+    back_layers = {}
+    if layer_maps:
+        size = tuple(x.shape[1:])
+        for name, m in result.layer_maps.items():
+            mode = "trilinear" if m.ndim == 5 else "bilinear"
+            up = torch.nn.functional.interpolate(m.float(), size=size, mode=mode,
+                                                 align_corners=False)[0]
+            back_layers[name] = pre.invert(up, x, source_shape=scan_info.shape,
+                                           source_affine=scan_info.affine).clamp_(0.0, 1.0)
+    t3 = time.perf_counter()
+    return Explanation(
+        fused=fused,
+        layer_maps=back_layers,
+        scan_info=scan_info,
+        result=cam_summary(result),
+        preprocessing=pre.describe(),
+        model_info=prepared.model_info,
+        timing={"preprocess": t1 - t0, "cam": t2 - t1, "invert": t3 - t2, "total": t3 - t0},
+        labels=tuple(prepared.model_info.labels),
+        config_path=prepared.config.path,
+        cam_result=result,
+        preprocessed=x,
+    )
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """One output file: where, what it is, and its fingerprint."""
+
+    path: Path
+    role: str      # "cam_nifti", "parametric_map", "layer_map:<name>", "summary"
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.path.name, "role": self.role, "sha256": self.sha256,
+                "size": self.size}
+
+
+def _safe_layer_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name.replace(".", "-"))
+
+
+def output_paths(out_dir: str | Path, *, is_dicom: bool, layer_names: Sequence[str] = (),
+                 stem: str = "cam") -> dict[str, Path]:
+    """The files :func:`write_explanation` writes, by role (names never come from tags)."""
+    out = Path(out_dir)
+    paths = {"cam_nifti": out / f"{stem}.nii.gz"}
+    if is_dicom:
+        paths["parametric_map"] = out / f"{stem}_parametric_map.dcm"
+    for name in layer_names:
+        paths[f"layer_map:{name}"] = out / f"{stem}_layer_{_safe_layer_name(name)}.nii.gz"
+    paths["summary"] = out / f"{stem}_{SUMMARY_NAME}"
+    return paths
+
+
+def _refuse_existing(paths: Mapping[str, Path], overwrite: bool) -> None:
+    if overwrite:
+        return
+    existing = [p for p in paths.values() if p.exists()]
+    if existing:
+        raise FileExistsError(
+            f"output file {existing[0]} already exists ({len(existing)} of this run's outputs "
+            "do); choose another --out folder or pass --overwrite to replace them."
+        )
+
+
+def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrite: bool = False,
+                      stem: str = "cam") -> list[WrittenFile]:
+    """Write an explanation's maps and JSON summary into ``out_dir``.
+
+    Writes ``{stem}.nii.gz`` (fused map, source affine), ``{stem}_parametric_map.dcm`` for
+    DICOM input (when the source has plane positions), ``{stem}_layer_<layer>.nii.gz`` per
+    layer map present, and ``{stem}_summary.json`` listing every output with its SHA-256.
+    Each file is written atomically; if any write fails, the files this call already wrote
+    are removed again, so a failed run leaves nothing behind.
+
+    Raises:
+        FileExistsError: an output exists and ``overwrite`` is False (checked before writing).
+    """
+    from icam_med.io.writers import write_nifti, write_parametric_map
+
+    info = explanation.scan_info
+    paths = output_paths(out_dir, is_dicom=info.format == "dicom",
+                         layer_names=list(explanation.layer_maps), stem=stem)
+    _refuse_existing(paths, overwrite)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    written: list[WrittenFile] = []
+    notes: list[str] = []
+
+    def record(path: Path, role: str) -> None:
+        written.append(WrittenFile(path, role, sha256_file(path), path.stat().st_size))
+
+    method = explanation.result.get("method", "")
+    desc = f"icam-med {__version__} {method} CAM"
+    try:
+        write_nifti(explanation.fused, paths["cam_nifti"], reference=info, description=desc,
+                    overwrite=overwrite)
+        record(paths["cam_nifti"], "cam_nifti")
+        if "parametric_map" in paths:
+            try:
+                write_parametric_map(
+                    explanation.fused, info, paths["parametric_map"], method=method,
+                    parameters=explanation.result.get("options"),
+                    target_label=explanation.target_label, overwrite=overwrite)
+                record(paths["parametric_map"], "parametric_map")
+            except ValueError as exc:  # e.g. a multi-frame source without plane positions
+                log.warning("no Parametric Map written: %s", exc)
+                notes.append(f"no Parametric Map written: {exc}")
+        for name, layer_map in explanation.layer_maps.items():
+            role = f"layer_map:{name}"
+            write_nifti(layer_map, paths[role], reference=info,
+                        description=f"{desc} layer {name}", overwrite=overwrite)
+            record(paths[role], role)
+        summary = explanation.to_dict()
+        summary["outputs"] = [w.to_dict() for w in written]
+        summary["notes"] = notes
+        # ---- audit seam -------------------------------------------------------------------
+        # The audit record and the run-ledger entry are written here, from `explanation`,
+        # `written` and `summary`, before the summary itself (single call site).
+        # -----------------------------------------------------------------------------------
+        from icam_med.io.atomic import atomic_write_text
+
+        atomic_write_text(paths["summary"], json.dumps(summary, indent=2, sort_keys=False) + "\n",
+                          overwrite=overwrite)
+        record(paths["summary"], "summary")
+    except BaseException:
+        for w in written:
+            w.path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def explain_scan(
+    scan_path: str | Path,
+    config: ICAMConfig | str | Path | Prepared,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    series_uid: str | None = None,
+    volume_index: int | None = None,
+    method: str | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    targets: Any = None,
+    layer_maps: bool = False,
+    overwrite: bool = False,
+) -> tuple[Explanation, list[WrittenFile]]:
+    """Load, validate, explain and write one scan.
+
+    Everything that can be checked is checked before any output is written: the config,
+    the model weights, the scan's geometry, and that no output would be overwritten.
+
+    Returns:
+        The :class:`Explanation` and the files written.
+    """
+    prepared = config if isinstance(config, Prepared) else prepare(config, device)
+    is_dicom_guess = Path(scan_path).is_dir() or not str(scan_path).lower().endswith(
+        (".nii", ".nii.gz"))
+    _refuse_existing(output_paths(out_dir, is_dicom=is_dicom_guess), overwrite)
+    image, info = load_volume(scan_path, series_uid=series_uid, volume_index=volume_index,
+                              geometry=prepared.config.geometry)
+    explanation = explain_volume(image, info, prepared, method=method,
+                                 method_options=method_options, targets=targets,
+                                 layer_maps=layer_maps)
+    written = write_explanation(explanation, out_dir, overwrite=overwrite)
+    return explanation, written
+

@@ -1,0 +1,255 @@
+"""Writers for maps on the scan's own grid: NIfTI and DICOM Parametric Map.
+
+* :func:`write_nifti`: float32 NIfTI-1 with the map's (= the source's) RAS affine as both
+  sform and qform, the source's qform/sform codes (scanner-anatomical for DICOM input),
+  millimetre units and ``cal_min``/``cal_max`` 0..1; never an identity affine by accident.
+* :func:`write_parametric_map`: a DICOM Parametric Map (highdicom) with float pixel data,
+  one frame per source slice, referencing the source series, its quantity coded as a
+  class-activation map, and the algorithm (name, version, method and parameters) identified
+  in the Contributing Equipment and the frames' derivation description.
+
+Both write atomically (temporary file, fsync, rename) and refuse to overwrite unless asked.
+No output path is ever built from a DICOM tag value.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from icam_med._version import __version__
+from icam_med.io.atomic import atomic_write_bytes, check_writable
+
+__all__ = ["CAM_QUANTITY_CODE", "write_nifti", "write_parametric_map"]
+
+log = logging.getLogger(__name__)
+
+# No standard code exists for a class-activation map: a private (99-prefixed) coding scheme.
+CAM_CODING_SCHEME = "99ICAMMED"
+CAM_QUANTITY_CODE = ("ICAM-CAM", CAM_CODING_SCHEME, "Class activation map")
+
+
+def _map_array(cam_map: Any) -> np.ndarray:
+    a = cam_map.detach().cpu().numpy() if isinstance(cam_map, torch.Tensor) else np.asarray(cam_map)
+    if a.ndim == 4:
+        if a.shape[0] != 1:
+            raise ValueError(f"expected a single-channel map (1, X, Y, Z), got shape {a.shape}.")
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"expected a 3-D map (X, Y, Z) or (1, X, Y, Z), got shape {a.shape}.")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("the map holds NaN or Inf values; refusing to write it.")
+    return a.astype(np.float32)
+
+
+def _affine_of(cam_map: Any, affine: Any) -> np.ndarray:
+    if affine is None:
+        affine = getattr(cam_map, "affine", None)
+    if affine is None:
+        raise ValueError(
+            "no affine: pass the map as a MetaTensor from icam_med (it carries the source "
+            "affine) or give affine=...; a map is never written with an assumed identity affine."
+        )
+    a = np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ValueError(f"affine {a.tolist()} is not a valid 4x4 voxel-to-world matrix.")
+    return a
+
+
+def write_nifti(
+    cam_map: Any,
+    path: str | Path,
+    *,
+    affine: Any = None,
+    reference: Any = None,
+    description: str = "icam-med class-activation map",
+    overwrite: bool = False,
+) -> Path:
+    """Write a map as float32 NIfTI on the source grid.
+
+    Args:
+        cam_map: ``(1, X, Y, Z)`` or ``(X, Y, Z)`` map; a MetaTensor supplies its affine.
+        path: output ``.nii`` or ``.nii.gz`` file.
+        affine: RAS affine; default ``cam_map.affine``.
+        reference: the source's :class:`~icam_med.io.ScanInfo`: for NIfTI sources its
+            qform/sform codes are copied and the affine must equal the source's.
+        description: the header's ``descrip`` (truncated to 79 bytes).
+        overwrite: replace an existing file.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: bad shape, no/invalid affine, or an affine different from the reference.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    import nibabel as nib
+
+    p = check_writable(path, overwrite=overwrite)
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"NIfTI output {p} must end in .nii or .nii.gz.")
+    data = _map_array(cam_map)
+    aff = _affine_of(cam_map, affine)
+    sform_code = qform_code = 1  # NIFTI_XFORM_SCANNER_ANAT: DICOM patient coordinates
+    if reference is not None:
+        ref_aff = np.asarray(reference.affine, dtype=np.float64)
+        if tuple(reference.shape) != data.shape or not np.allclose(ref_aff, aff, atol=1e-4):
+            raise ValueError(
+                f"the map (shape {data.shape}) is not on the source grid (shape "
+                f"{tuple(reference.shape)}) or its affine differs from the source's; invert the "
+                "preprocessing first (icam_med.io.Preprocessor.invert)."
+            )
+        if reference.format == "nifti":
+            src = nib.load(str(reference.source_files[0]))
+            # Same codes as the source (0/0 stays 0/0: position unknown there too).
+            sform_code = int(src.header["sform_code"])
+            qform_code = int(src.header["qform_code"])
+    img = nib.Nifti1Image(data, aff)
+    hdr = img.header
+    hdr.set_data_dtype(np.float32)
+    hdr.set_sform(aff, code=sform_code)
+    hdr.set_qform(aff, code=qform_code)
+    hdr.set_xyzt_units(xyz="mm", t="sec")
+    hdr["descrip"] = description.encode("ascii", "replace")[:79]
+    hdr["intent_name"] = b"CAM"
+    hdr["cal_min"], hdr["cal_max"] = 0.0, max(1.0, float(data.max()))
+    payload = img.to_bytes()
+    if name.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+    atomic_write_bytes(p, payload, overwrite=overwrite)
+    log.info("wrote NIfTI map %s (shape %s)", p, data.shape)
+    return p
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_parametric_map(
+    cam_map: Any,
+    scan_info: Any,
+    path: str | Path,
+    *,
+    method: str,
+    parameters: Mapping[str, Any] | None = None,
+    target_label: str | None = None,
+    series_description: str = "icam-med CAM",
+    series_number: int = 9001,
+    overwrite: bool = False,
+) -> Path:
+    """Write a map on the grid of a DICOM source as a DICOM Parametric Map.
+
+    Args:
+        cam_map: ``(1, X, Y, Z)`` map on the source grid (as from
+            :meth:`~icam_med.io.Preprocessor.invert`), values in [0, 1].
+        scan_info: the source's :class:`~icam_med.io.ScanInfo` (DICOM format).
+        path: output file (e.g. ``out/cam.dcm``); its name is never taken from a tag.
+        method: CAM method name (e.g. ``"integrative"``).
+        parameters: the method's options, recorded as JSON in the derivation description.
+        target_label: class explained (e.g. ``"present"``), for the LUT explanation.
+        series_description, series_number: of the new series.
+        overwrite: replace an existing file.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: the source is not DICOM, lacks plane positions, or the map is not on
+            its grid.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    p = check_writable(path, overwrite=overwrite)
+    if scan_info.format != "dicom":
+        raise ValueError("a DICOM Parametric Map needs a DICOM source; write NIfTI for NIfTI input.")
+    data = _map_array(cam_map)
+    if tuple(scan_info.shape) != data.shape:
+        raise ValueError(
+            f"the map (shape {data.shape}) is not on the source grid {tuple(scan_info.shape)}; "
+            "invert the preprocessing first."
+        )
+    sources = scan_info.source_datasets()
+    if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
+        src = sources[0]
+        if "PerFrameFunctionalGroupsSequence" not in src or not any(
+                "PlanePositionSequence" in fg for fg in src.PerFrameFunctionalGroupsSequence):
+            raise ValueError(
+                f"{scan_info.path}: the multi-frame source has no per-frame plane positions, so "
+                "a Parametric Map cannot be placed on it; use the NIfTI output."
+            )
+    elif len(sources) != data.shape[2]:
+        raise ValueError(
+            f"{scan_info.path}: {len(sources)} source image(s) for {data.shape[2]} slice(s)."
+        )
+    # (X, Y, Z) = (column, row, slice) -> frames (slice, row, column), same slice order
+    # as the source images (sorted along the slice normal when loaded).
+    frames = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+
+    params_json = json.dumps(dict(parameters or {}), sort_keys=True, default=str,
+                             separators=(",", ":"))
+    description = _truncate(
+        f"icam-med {__version__} {method} class-activation map"
+        + (f" for class '{target_label}'" if target_label else "")
+        + f"; parameters {params_json}", 1024)
+    quantity = hd.sr.CodedConcept(*CAM_QUANTITY_CODE)
+    rwvm = hd.pm.RealWorldValueMapping(
+        lut_label="ICAM",
+        lut_explanation=_truncate(f"{method} CAM" + (f" {target_label}" if target_label else ""), 64),
+        unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+        value_range=(0.0, 1.0),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=quantity,
+    )
+    equipment = hd.ContributingEquipment(
+        manufacturer="icam-med",
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_truncate(f"icam-med {method}", 64),
+        software_versions=__version__,
+        contribution_description=description,
+    )
+    pm = hd.pm.ParametricMap(
+        source_images=sources,
+        pixel_array=frames,
+        series_instance_uid=hd.UID(),
+        series_number=int(series_number),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="icam-med",
+        manufacturer_model_name="icam-med",
+        software_versions=__version__,
+        device_serial_number="none",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[rwvm],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        content_description=_truncate(f"{method} class-activation map", 64),
+        content_creator_name=None,
+        content_label="ICAM",
+        contributing_equipment=[equipment],
+    )
+    pm.SeriesDescription = _truncate(series_description, 64)
+    # General Series Laterality is Type 2C; carry the source's, else send it empty (unknown).
+    pm.Laterality = str(getattr(sources[0], "Laterality", "") or "")
+    for fg in pm.PerFrameFunctionalGroupsSequence:
+        for item in getattr(fg, "DerivationImageSequence", []):
+            item.DerivationDescription = description
+    pm.preamble = b"\x00" * 128
+    import io
+
+    buf = io.BytesIO()
+    pm.save_as(buf, enforce_file_format=True)
+    atomic_write_bytes(p, buf.getvalue(), overwrite=overwrite)
+    log.info("wrote DICOM Parametric Map %s (%d frames)", p, frames.shape[0])
+    return p

@@ -17,6 +17,7 @@ from icam_med._version import __version__
 # name -> module under icam_med.commands
 COMMANDS: dict[str, str] = {
     "bench": "bench",
+    "explain": "explain",
     "verify": "verify",
 }
 

@@ -381,10 +381,10 @@ def explain_scan(
     Returns:
         The :class:`Explanation` and the files written.
     """
-    prepared = config if isinstance(config, Prepared) else prepare(config, device)
     is_dicom_guess = Path(scan_path).is_dir() or not str(scan_path).lower().endswith(
         (".nii", ".nii.gz"))
     _refuse_existing(output_paths(out_dir, is_dicom=is_dicom_guess), overwrite)
+    prepared = config if isinstance(config, Prepared) else prepare(config, device)
     image, info = load_volume(scan_path, series_uid=series_uid, volume_index=volume_index,
                               geometry=prepared.config.geometry)
     explanation = explain_volume(image, info, prepared, method=method,

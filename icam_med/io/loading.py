@@ -13,6 +13,7 @@ are MONAI's ``NibabelReader`` (NIfTI) and this package's registered
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from icam_med.io.reader import SimpleITKDICOMReader
 from icam_med.io.validation import (
     GeometryCheck,
     GeometryError,
@@ -35,6 +37,7 @@ __all__ = ["ScanInfo", "detect_format", "load_volume", "make_loader"]
 log = logging.getLogger(__name__)
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_KEY = "image"
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,14 +168,29 @@ def make_loader(keys: str | list[str] = "image", *, series_uid: str | None = Non
     ``NibabelReader``, so folders and DICOM files go to it and NIfTI files to nibabel. The
     result is channel-first. Use it as the first transform of a user's own pipeline.
     """
+    import warnings
+
     from monai.transforms import LoadImaged
 
-    from icam_med.io.reader import SimpleITKDICOMReader
-
-    loader = LoadImaged(keys=keys, reader="NibabelReader", image_only=True,
-                        ensure_channel_first=True, dtype=np.float32)
+    # LoadImage instantiates every reader MONAI knows; the GPU DICOM reader complains
+    # (logger warning + UserWarning) when nvImageCodec is absent. That is not news here.
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            loader = LoadImaged(keys=keys, reader="NibabelReader", image_only=True,
+                                ensure_channel_first=True, dtype=np.float32)
+    finally:
+        plugin_log.setLevel(level)
     loader.register(SimpleITKDICOMReader(series_uid=series_uid, file_names=file_names))
     return loader
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_loader() -> Any:
+    return make_loader(_KEY)
 
 
 def _spatial_affine(affine: Any) -> np.ndarray:
@@ -218,13 +236,13 @@ def load_volume(
     options = GeometryOptions.from_mapping(geometry)
     fmt = detect_format(path)
     p = Path(path).expanduser()
-    data_key = "image"
+    data_key = _KEY
     if fmt == "dicom":
         if volume_index is not None:
             raise ValueError(f"{p}: volume_index applies to 4-D NIfTI only, not to DICOM.")
         sel = validate_dicom(p, series_uid=series_uid, options=options)
         checks = list(sel.checks)
-        loader = make_loader(data_key, file_names=[str(f) for f in sel.files])
+        reader = SimpleITKDICOMReader(file_names=[str(f) for f in sel.files])
         source_files = sel.files
         n_volumes = 1
     else:
@@ -232,11 +250,11 @@ def load_volume(
             raise ValueError(f"{p}: series_uid applies to DICOM only, not to NIfTI.")
         nii, checks = validate_nifti(p, volume_index=volume_index, options=options)
         n_volumes = int(nii.shape[3]) if len(nii.shape) >= 4 else 1
-        loader = make_loader(data_key)
+        reader = None
         source_files = (p,)
         source_dtype = str(nii.get_data_dtype())
     try:
-        image = loader({data_key: str(p)})[data_key]
+        image = _shared_loader()({data_key: str(p)}, reader)[data_key]
     except (GeometryError, FileNotFoundError, PermissionError):
         raise
     except Exception as exc:

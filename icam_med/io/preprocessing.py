@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -89,7 +90,11 @@ def build_preprocessing(steps: Sequence[Mapping[str, Any]], *,
             )
         step.setdefault("keys", list(keys))
         try:
-            built.append(cls(**step))
+            with warnings.catch_warnings():
+                # MONAI announces a future change of Orientationd's default axis labels; our
+                # tensors carry their space (RAS), so both defaults give the same result.
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*labels.*")
+                built.append(cls(**step))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: the transform rejected its arguments {step}: {exc}") from exc
     return mt.Compose(built)

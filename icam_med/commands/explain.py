@@ -1,0 +1,68 @@
+"""``icam-med explain SCAN --config CONFIG --out DIR``: one scan in, map(s) and a summary out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "explain one scan (DICOM series folder, DICOM file or NIfTI): maps on the scan's grid"
+
+
+def _option(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scan", help="a DICOM series folder, a DICOM file or a .nii/.nii.gz file")
+    parser.add_argument("--config", required=True, help="YAML run config (model, preprocessing, method)")
+    parser.add_argument("--out", help="output folder (created if missing; required unless --list-series)")
+    parser.add_argument("--series-uid", help="Series Instance UID to use when the folder holds several")
+    parser.add_argument("--volume-index", type=int, help="volume of a 4-D NIfTI to explain (0-based)")
+    parser.add_argument("--method", help="CAM method, overriding the config's "
+                        "(integrative, gradcam, gradcam++, hirescam, layercam)")
+    parser.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                        help="a method option overriding the config's (repeatable), e.g. alpha_fn=sigmoid")
+    parser.add_argument("--target", help="class to explain, by index or label (default: predicted class)")
+    parser.add_argument("--layer-maps", action="store_true", help="also write each layer's map as NIfTI")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--list-series", action="store_true",
+                        help="list the DICOM series in the SCAN folder and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_series:
+        from icam_med.io import list_series
+
+        for s in list_series(args.scan):
+            print(s.line().strip())
+        return 0
+    if not args.out:
+        raise ValueError("--out DIR is required: the folder the maps and summary are written to.")
+    from icam_med.explain import explain_scan
+
+    explanation, written = explain_scan(
+        args.scan, args.config, args.out, device=args.device, series_uid=args.series_uid,
+        volume_index=args.volume_index, method=args.method,
+        method_options=dict(args.option) or None, targets=args.target,
+        layer_maps=args.layer_maps, overwrite=args.overwrite)
+    r = explanation.result
+    info = explanation.scan_info
+    print(f"scan: {info.format} {info.modality or ''} shape {list(info.shape)} "
+          f"spacing {[round(s, 3) for s in info.spacing]} mm, orientation {info.orientation}")
+    for warning in info.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    predicted = explanation.predicted_label or r.get("predicted_class")
+    target = explanation.target_label or r.get("target_class")
+    print(f"method: {r['method']}; predicted: {predicted}; explained: {target}; "
+          f"score {r['score']:.4g}")
+    stats = explanation.map_statistics()
+    print(f"map peak at voxel {stats['peak_voxel']}, RAS {stats['peak_world_ras_mm']} mm")
+    for w in written:
+        print(f"wrote {w.path}  ({w.role}, sha256 {w.sha256[:12]}...)")
+    return 0

@@ -1,0 +1,104 @@
+"""Helpers for the I/O tests: known volumes, real test-data paths, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def pydicom_file(name: str) -> Path:
+    """A file shipped with pydicom (or pydicom-data), found offline."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not installed")
+    return Path(path)
+
+
+def dicomdir_series(sub: str) -> Path:
+    """A folder under pydicom's dicomdirtests (real DICOM written by others)."""
+    return pydicom_file("CT_small.dcm").parent / "dicomdirtests" / sub
+
+
+def nibabel_file(name: str) -> Path:
+    import nibabel
+
+    path = Path(nibabel.__file__).parent / "tests" / "data" / name
+    if not path.is_file():
+        pytest.skip(f"nibabel test file {name} not installed")
+    return path
+
+
+def blob_volume(shape_zyx=(12, 14, 16), centre_zyx=(6, 5, 11), sigma=1.5, background=10.0,
+                peak=1000.0) -> np.ndarray:
+    """A smooth blob on a constant background: an integer-valued (z, y, x) volume."""
+    z, y, x = np.meshgrid(*[np.arange(s) for s in shape_zyx], indexing="ij")
+    d2 = (z - centre_zyx[0]) ** 2 + (y - centre_zyx[1]) ** 2 + (x - centre_zyx[2]) ** 2
+    return np.rint(background + peak * np.exp(-d2 / (2 * sigma**2))).astype(np.int16)
+
+
+def world_of(affine, index) -> np.ndarray:
+    return (np.asarray(affine, dtype=float) @ np.r_[np.asarray(index, dtype=float), 1.0])[:3]
+
+
+def peak_index(array) -> tuple[int, ...]:
+    a = np.asarray(array)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(a)), a.shape))
+
+
+TINY_MODEL = {
+    "name": "tiny-classifier",
+    "architecture": "Classifier",
+    "args": {"in_shape": [1, 16, 16, 16], "classes": 2, "channels": [4, 8], "strides": [2, 2]},
+    "labels": ["absent", "present"],
+    "input": {"channels": 1, "spatial_size": [16, 16, 16]},
+}
+
+TINY_PREPROCESSING = [
+    {"name": "Orientationd", "axcodes": "RAS"},
+    {"name": "Spacingd", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"},
+    {"name": "ResizeWithPadOrCropd", "spatial_size": [16, 16, 16]},
+    {"name": "NormalizeIntensityd"},
+]
+
+
+def write_tiny_config(folder: Path, *, weights: Path | None = None, geometry: dict | None = None,
+                      name: str = "tiny.yaml") -> Path:
+    """A config with a tiny MONAI Classifier (random weights unless ``weights``)."""
+    import yaml
+
+    model = dict(TINY_MODEL)
+    if weights is not None:
+        model["weights"] = str(weights)
+    data = {"model": model, "preprocessing": TINY_PREPROCESSING,
+            "method": {"name": "integrative"}}
+    if geometry:
+        data["geometry"] = geometry
+    path = Path(folder) / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """Run dicom3tools' dciodvfy; returns (errors, warnings). Skips if it is not installed."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) not installed; run "
+                    "scripts/install_system_deps.sh")
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LC_ALL": "C"})
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return ([ln for ln in lines if ln.startswith("Error")],
+            [ln for ln in lines if ln.startswith("Warning")])
+
+
+def listing(folder: Path) -> list[str]:
+    """Every entry under ``folder`` (hidden ones too), or [] when it does not exist."""
+    folder = Path(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

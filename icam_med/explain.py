@@ -27,6 +27,12 @@ import numpy as np
 import torch
 
 from icam_med._version import __version__
+from icam_med.audit.trail import (
+    AuditContext,
+    check_before_writing,
+    provenance,
+    record_explanation,
+)
 from icam_med.config import ICAMConfig, load_config
 from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
@@ -128,6 +134,7 @@ class Explanation:
     config_path: Path | None = None
     cam_result: Any = field(default=None, repr=False)
     preprocessed: Any = field(default=None, repr=False)
+    provenance: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def target_label(self) -> str | None:
@@ -214,6 +221,8 @@ def explain_volume(
         ValueError: the preprocessed image does not fit the model, or the preprocessing
             cannot be inverted.
     """
+    prov = provenance(image, device=prepared.device, audit_config=prepared.config.audit,
+                      config_path=prepared.config.path)  # for the audit record
     t0 = time.perf_counter()
     pre = prepared.preprocessor
     x = pre(image)
@@ -248,6 +257,7 @@ def explain_volume(
         config_path=prepared.config.path,
         cam_result=result,
         preprocessed=x,
+        provenance=prov,
     )
 
 
@@ -294,7 +304,7 @@ def _refuse_existing(paths: Mapping[str, Path], overwrite: bool) -> None:
 
 
 def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrite: bool = False,
-                      stem: str = "cam") -> list[WrittenFile]:
+                      stem: str = "cam", audit: AuditContext | None = None) -> list[WrittenFile]:
     """Write an explanation's maps and JSON summary into ``out_dir``.
 
     Writes ``{stem}.nii.gz`` (fused map, source affine), ``{stem}_parametric_map.dcm`` for
@@ -303,14 +313,20 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
     Each file is written atomically; if any write fails, the files this call already wrote
     are removed again, so a failed run leaves nothing behind.
 
+    Last, the audit record ``{stem}.icam.json`` is written and logged in the output
+    folder's ``ledger.jsonl`` (see :mod:`icam_med.audit.trail`; ``audit`` picks the ledger
+    folder, run and scan names).
+
     Raises:
-        FileExistsError: an output exists and ``overwrite`` is False (checked before writing).
+        FileExistsError: an output exists and ``overwrite`` is False (checked before writing),
+            or the map already has an audit record (never replaced).
     """
     from icam_med.io.writers import write_nifti, write_parametric_map
 
     info = explanation.scan_info
     paths = output_paths(out_dir, is_dicom=info.format == "dicom",
                          layer_names=list(explanation.layer_maps), stem=stem)
+    check_before_writing(paths["cam_nifti"], audit)
     _refuse_existing(paths, overwrite)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written: list[WrittenFile] = []
@@ -343,19 +359,18 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
         summary = explanation.to_dict()
         summary["outputs"] = [w.to_dict() for w in written]
         summary["notes"] = notes
-        # ---- audit seam -------------------------------------------------------------------
-        # The audit record and the run-ledger entry are written here, from `explanation`,
-        # `written` and `summary`, before the summary itself (single call site).
-        # -----------------------------------------------------------------------------------
         from icam_med.io.atomic import atomic_write_text
 
         atomic_write_text(paths["summary"], json.dumps(summary, indent=2, sort_keys=False) + "\n",
                           overwrite=overwrite)
         record(paths["summary"], "summary")
+        # Audit seam: the record (listing every file above) and its ledger entry, last.
+        _, _, record_path = record_explanation(explanation, written, paths["cam_nifti"], audit)
     except BaseException:
         for w in written:
             w.path.unlink(missing_ok=True)
         raise
+    record(record_path, "audit_record")
     return written
 
 

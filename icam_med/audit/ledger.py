@@ -222,7 +222,8 @@ class Ledger:
         Args:
             record: an unsealed record (see :func:`icam_med.audit.record.build_record`) whose
                 ``outputs`` were hashed after they were written.
-            record_path: where the record goes, usually ``<map-name>.icam.json``.
+            record_path: where the record goes, usually ``<map-name>.icam.json``; a relative
+                path is taken relative to the output folder.
             identifiers: known patient identifiers that must appear nowhere.
 
         Returns:
@@ -243,16 +244,20 @@ class Ledger:
             text = json.dumps(sealed, indent=2, sort_keys=True, ensure_ascii=False,
                               allow_nan=False) + "\n"
             atomic_write_text(target, text)
-            entry = self.append(
-                "scan",
-                run_id=sealed["activity"]["run_id"],
-                scan_id=sealed["scan_id"],
-                identifiers=identifiers,
-                record={"path": rel, "sha256": sha256_file(target),
-                        "size": target.stat().st_size},
-                record_sha256=record_sha256(sealed),
-                outputs=sealed["outputs"],
-            )
+            try:
+                entry = self.append(
+                    "scan",
+                    run_id=sealed["activity"]["run_id"],
+                    scan_id=sealed["scan_id"],
+                    identifiers=identifiers,
+                    record={"path": rel, "sha256": sha256_file(target),
+                            "size": target.stat().st_size},
+                    record_sha256=record_sha256(sealed),
+                    outputs=sealed["outputs"],
+                )
+            except BaseException:
+                target.unlink(missing_ok=True)  # no record without its ledger entry
+                raise
         return sealed, entry
 
     def log_failure(self, scan_id: str, reason: str, *, run_id: str,

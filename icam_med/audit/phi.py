@@ -35,6 +35,7 @@ __all__ = [
     "check_no_phi",
     "find_phi",
     "hash_uid",
+    "identifiers_from_scan",
     "load_site_key",
     "scrub_paths",
 ]
@@ -144,6 +145,41 @@ def load_site_key(audit_cfg: Mapping[str, Any] | None = None,
 def hash_uid(uid: str, key: SiteKey) -> str:
     """HMAC-SHA256 (hex) of a DICOM UID under the site key."""
     return hmac.new(key.secret, uid.strip().encode("ascii"), hashlib.sha256).hexdigest()
+
+
+#: Header attributes whose values are collected by :func:`identifiers_from_scan`.
+IDENTIFYING_ATTRIBUTES = (
+    "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
+    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
+    "PerformingPhysicianName", "OperatorsName", "StudyID", "StudyDate", "SeriesDate",
+    "AcquisitionDate", "ContentDate", "StationName", "DeviceSerialNumber",
+)
+
+
+def identifiers_from_scan(info: Any) -> tuple[str, ...]:
+    """The identifying values of a loaded scan, to forbid them in its record.
+
+    Args:
+        info: an :class:`icam_med.io.ScanInfo` (or anything with ``headers`` holding pydicom
+            datasets and the UID attributes); NIfTI scans carry none.
+
+    Returns:
+        Header values of :data:`IDENTIFYING_ATTRIBUTES` and the raw UIDs, deduplicated.
+    """
+    values: set[str] = set()
+    for ds in getattr(info, "headers", ()) or ():
+        for keyword in IDENTIFYING_ATTRIBUTES:
+            value = ds.get(keyword) if hasattr(ds, "get") else None
+            if value is None:
+                continue
+            items = value if isinstance(value, (list, tuple)) or type(value).__name__ == \
+                "MultiValue" else [value]
+            values.update(str(v).strip() for v in items if str(v).strip())
+    for attr in ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid"):
+        if getattr(info, attr, None):
+            values.add(str(getattr(info, attr)))
+    values.update(str(u) for u in getattr(info, "sop_instance_uids", ()) or () if u)
+    return tuple(sorted(values))
 
 
 def scrub_paths(text: str, keep: Iterable[str | Path] = ()) -> str:

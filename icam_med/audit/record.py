@@ -30,6 +30,7 @@ __all__ = [
     "build_record",
     "file_ref",
     "geometry_summary",
+    "input_from_scan",
     "input_section",
     "method_section",
     "model_section",
@@ -39,6 +40,7 @@ __all__ = [
     "safe_name",
     "seal_record",
     "utc_now",
+    "voxel_digest",
 ]
 
 #: A map ``x.nii.gz`` has its record at ``x.icam.json``.
@@ -101,15 +103,25 @@ def geometry_summary(shape: Sequence[int], spacing: Sequence[float] | None = Non
     }
 
 
-def input_section(voxels: Any, *, fmt: str, geometry: Mapping[str, Any],
+def voxel_digest(voxels: Any) -> tuple[str, str]:
+    """``(voxel_sha256, dtype string)`` of a decoded volume (array or tensor)."""
+    arr = voxels.detach().cpu() if hasattr(voxels, "detach") else np.asarray(voxels)
+    dtype = np.dtype(str(arr.dtype).replace("torch.", "")).str
+    return voxel_sha256(voxels), dtype
+
+
+def input_section(voxels: Any = None, *, fmt: str, geometry: Mapping[str, Any],
                   modality: str | None = None,
                   checks: Iterable[Mapping[str, Any]] = (),
                   uids: Mapping[str, Any] | None = None,
-                  site_key: SiteKey | None = None) -> dict[str, Any]:
+                  site_key: SiteKey | None = None,
+                  voxel_hash: str | None = None, voxel_dtype: str | None = None,
+                  ) -> dict[str, Any]:
     """The ``input`` section.
 
     Args:
-        voxels: the decoded volume as loaded, before preprocessing (array or tensor).
+        voxels: the decoded volume as loaded, before preprocessing (array or tensor); or
+            give ``voxel_hash`` and ``voxel_dtype`` computed earlier (see :func:`voxel_digest`).
         fmt: ``"dicom"``, ``"nifti"``, ...
         geometry: from :func:`geometry_summary`.
         modality: DICOM modality, if known.
@@ -119,8 +131,8 @@ def input_section(voxels: Any, *, fmt: str, geometry: Mapping[str, Any],
             under ``site_key``, and dropped entirely without one.
         site_key: the site key (see :func:`icam_med.audit.phi.load_site_key`).
     """
-    arr = voxels.detach().cpu() if hasattr(voxels, "detach") else voxels
-    dtype = np.dtype(str(arr.dtype).replace("torch.", "")).str if hasattr(arr, "dtype") else "?"
+    if voxel_hash is None:
+        voxel_hash, voxel_dtype = voxel_digest(voxels)
     hashed = None
     if uids and site_key is not None:
         hashed = {"algorithm": "HMAC-SHA256", "key_id": site_key.key_id}
@@ -134,8 +146,8 @@ def input_section(voxels: Any, *, fmt: str, geometry: Mapping[str, Any],
     return {
         "modality": str(modality) if modality else None,
         "format": fmt,
-        "voxel_sha256": voxel_sha256(voxels),
-        "voxel_dtype": dtype,
+        "voxel_sha256": voxel_hash,
+        "voxel_dtype": voxel_dtype or "",
         "geometry": dict(geometry),
         "checks": [
             {"name": str(c["name"]), "status": str(c["status"]),
@@ -146,12 +158,43 @@ def input_section(voxels: Any, *, fmt: str, geometry: Mapping[str, Any],
     }
 
 
+def input_from_scan(info: Any, *, voxel_hash: str, voxel_dtype: str,
+                    site_key: SiteKey | None = None) -> dict[str, Any]:
+    """The ``input`` section of a scan loaded by :func:`icam_med.io.load_volume`.
+
+    Args:
+        info: its :class:`icam_med.io.ScanInfo`.
+        voxel_hash, voxel_dtype: from :func:`voxel_digest` of the loaded volume.
+        site_key: the site key for UID hashes, or ``None`` (no UIDs recorded).
+    """
+    uids = {
+        "study": getattr(info, "study_instance_uid", None),
+        "series": getattr(info, "series_instance_uid", None),
+        "frame_of_reference": getattr(info, "frame_of_reference_uid", None),
+        "instances": list(getattr(info, "sop_instance_uids", ()) or ()),
+    }
+    checks = [c.to_dict() if hasattr(c, "to_dict") else dict(c) for c in info.checks]
+    return input_section(
+        fmt=info.format, modality=info.modality, voxel_hash=voxel_hash, voxel_dtype=voxel_dtype,
+        geometry=geometry_summary(info.shape, info.spacing, info.orientation, info.affine),
+        checks=checks, uids=uids, site_key=site_key,
+    )
+
+
 def preprocessing_section(transforms: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The ``preprocessing`` section from the config's transform list (name + arguments)."""
+    """The ``preprocessing`` section: each transform with its parameters.
+
+    Accepts the config's steps (``{"name", **args}``) or ``Preprocessor.describe()``.
+    """
     out = []
     for t in transforms:
-        params = {k: v for k, v in t.items() if k != "name"}
-        out.append({"name": str(t["name"]), "params": _scrub(_jsonable(params))})
+        if "args" in t and "monai_class" in t:  # icam_med.io.Preprocessor.describe()
+            item = {"name": str(t["name"]), "params": _scrub(_jsonable(t["args"])),
+                    "monai_class": str(t["monai_class"]), "invertible": bool(t["invertible"])}
+        else:  # a config step: {"name": ..., **arguments}
+            params = {k: v for k, v in t.items() if k != "name"}
+            item = {"name": str(t["name"]), "params": _scrub(_jsonable(params))}
+        out.append(item)
     return out
 
 

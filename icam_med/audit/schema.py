@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import functools
 import json
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
-__all__ = ["RECORD_SCHEMA_FILE", "RECORD_SCHEMA_VERSION", "load_record_schema", "validate_record"]
+__all__ = ["RECORD_SCHEMA_FILE", "RECORD_SCHEMA_VERSION", "load_record_schema", "schema_path",
+           "validate_record"]
 
 RECORD_SCHEMA_VERSION = "1.0"
 RECORD_SCHEMA_FILE = "audit-record-v1.schema.json"
 
 
+def schema_path() -> Path:
+    """Where the record schema file is (``icam_med/schemas/`` inside the package)."""
+    return Path(__file__).resolve().parent.parent / "schemas" / RECORD_SCHEMA_FILE
+
+
 @functools.cache
 def load_record_schema() -> dict[str, Any]:
     """The record schema (JSON Schema draft 2020-12) from ``icam_med/schemas``."""
-    text = resources.files("icam_med").joinpath("schemas", RECORD_SCHEMA_FILE).read_text("utf-8")
-    return json.loads(text)
+    return json.loads(schema_path().read_text("utf-8"))
 
 
 @functools.cache

@@ -1,0 +1,175 @@
+"""The audit seam of :mod:`icam_med.explain`: one record and one ledger entry per map.
+
+:func:`icam_med.explain.write_explanation` calls :func:`check_before_writing` before it
+writes anything and :func:`record_explanation` after the last output is written, so the
+``explain`` command, the batch runner and any other caller of ``write_explanation`` leave
+the same audit trail. Callers choose the ledger folder, run, scan name and extra analysis
+with an :class:`AuditContext`; the default logs into the map's own folder.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from icam_med.audit.ledger import Ledger, LedgerEntry
+from icam_med.audit.phi import SiteKey, identifiers_from_scan, load_site_key
+from icam_med.audit.record import (
+    RECORD_SUFFIX,
+    activity_section,
+    build_record,
+    input_from_scan,
+    method_section,
+    model_section,
+    preprocessing_section,
+    runtime_section,
+    safe_name,
+    utc_now,
+    voxel_digest,
+)
+
+__all__ = ["AuditContext", "check_before_writing", "provenance", "record_explanation",
+           "record_path_for"]
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class AuditContext:
+    """Who, where and why, for the records of one run.
+
+    Attributes:
+        root: the output folder holding ``ledger.jsonl``; record and output paths are
+            relative to it. Default: the folder the map is written to.
+        run_id: the run's id (default: a new random id per record).
+        scan_id: the scan's name in the folder (default: the map folder's name).
+        operator: a pseudonymous operator id, if the user gave one.
+        command: the command producing the record (``explain``, ``audit``...).
+        site_key: the key for UID hashes; by default it is read from the config's ``audit``
+            section or the environment (see :func:`icam_med.audit.phi.load_site_key`).
+        seed: the random seed in effect, if one was set.
+        analysis: the record's ``analysis`` section (batch audits).
+        warnings: warnings to record beside the scan's own.
+    """
+
+    root: Path | None = None
+    run_id: str | None = None
+    scan_id: str | None = None
+    operator: str | None = None
+    command: str = "explain"
+    site_key: SiteKey | None = _UNSET
+    seed: int | None = None
+    analysis: Mapping[str, Any] | None = None
+    warnings: Sequence[str] = field(default_factory=tuple)
+
+
+def provenance(image: Any, *, device: Any, audit_config: Mapping[str, Any] | None,
+               config_path: Path | None) -> dict[str, Any]:
+    """What the record needs from the moment a scan is explained: the voxel hash of the
+    loaded volume (before preprocessing), the start time, the device and audit settings."""
+    digest, dtype = voxel_digest(image)
+    return {
+        "voxel_sha256": digest,
+        "voxel_dtype": dtype,
+        "started_utc": utc_now(),
+        "device": str(device),
+        "audit_config": dict(audit_config or {}),
+        "config_dir": str(Path(config_path).parent) if config_path else None,
+    }
+
+
+def record_path_for(map_path: str | Path) -> Path:
+    """``<folder>/<map-name>.icam.json`` for a map ``<folder>/<map-name>.nii[.gz]``."""
+    p = Path(map_path)
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(name + RECORD_SUFFIX)
+
+
+def _root(ctx: AuditContext, map_path: Path) -> Path:
+    return Path(ctx.root) if ctx.root is not None else map_path.parent
+
+
+def check_before_writing(map_path: str | Path, ctx: AuditContext | None = None) -> None:
+    """Refuse, before any output is written, what would end in a broken audit trail.
+
+    Raises:
+        FileExistsError: the map already has a record: audited outputs are never replaced
+            (not even with ``overwrite``), since the ledger pins their hashes.
+        ValueError: the map would lie outside the ledger's folder.
+    """
+    ctx = ctx or AuditContext()
+    map_path = Path(map_path)
+    root = _root(ctx, map_path).resolve()
+    record = record_path_for(map_path)
+    if not map_path.resolve().is_relative_to(root):
+        raise ValueError(f"map {map_path} is outside the audit folder {root}.")
+    if record.exists():
+        raise FileExistsError(
+            f"{record} exists: these outputs are already recorded in {root / 'ledger.jsonl'}, "
+            "and replacing them would break the audit trail. Write to a new output folder."
+        )
+
+
+def record_explanation(explanation: Any, written: Sequence[Any], map_path: str | Path,
+                       ctx: AuditContext | None = None) -> tuple[dict[str, Any], LedgerEntry, Path]:
+    """Build, check and write the record of one explanation and log it in the ledger.
+
+    Args:
+        explanation: an :class:`icam_med.explain.Explanation` (with ``provenance``).
+        written: the files written for it (``WrittenFile``: path, role, sha256, size).
+        map_path: the fused map; the record goes beside it (:func:`record_path_for`).
+        ctx: the audit context.
+
+    Returns:
+        ``(record, ledger entry, record path)``.
+
+    Raises:
+        ValueError: the record would carry patient identifiers or break the schema
+            (nothing is written then).
+    """
+    ctx = ctx or AuditContext()
+    map_path = Path(map_path)
+    root = _root(ctx, map_path).resolve()
+    prov = explanation.provenance
+    site_key = ctx.site_key
+    if site_key is _UNSET:
+        site_key = load_site_key(prov.get("audit_config"), base_dir=prov.get("config_dir"))
+    info = explanation.scan_info
+    result = explanation.result
+    fused = explanation.fused
+    outputs = [
+        {"path": Path(w.path).resolve().relative_to(root).as_posix(), "role": w.role,
+         "sha256": w.sha256, "size": int(w.size)}
+        for w in written
+    ]
+    record = build_record(
+        scan_id=ctx.scan_id or safe_name(map_path.parent.name),
+        input=input_from_scan(info, voxel_hash=prov["voxel_sha256"],
+                              voxel_dtype=prov["voxel_dtype"], site_key=site_key),
+        preprocessing=preprocessing_section(explanation.preprocessing),
+        model=model_section(explanation.model_info),
+        method=method_section(
+            result["method"], result.get("options") or {},
+            layer_weights=result.get("layer_weights") or {},
+            target_class=result.get("target_class"), score=result.get("score"),
+            predicted_class=result.get("predicted_class"),
+            map_range=(float(fused.min()), float(fused.max())),
+            labels=explanation.labels, logits=result.get("logits")),
+        runtime=runtime_section(prov["device"], seed=ctx.seed),
+        activity=activity_section(
+            ctx.run_id or uuid.uuid4().hex, prov["started_utc"], operator=ctx.operator,
+            warnings=[*info.warnings, *ctx.warnings], command=ctx.command),
+        outputs=outputs,
+        analysis=ctx.analysis,
+    )
+    path = record_path_for(map_path.resolve())
+    sealed, entry = Ledger(root).commit_record(record, path,
+                                               identifiers=identifiers_from_scan(info))
+    return sealed, entry, path

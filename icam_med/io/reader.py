@@ -95,6 +95,10 @@ class SimpleITKDICOMReader(ImageReader):
         images = []
         names = ensure_tuple(data)
         for name in names:
+            # MONAI tries user-designated readers in turn without verify_suffix: refuse
+            # anything that is not DICOM so the next reader (e.g. nibabel) gets it.
+            if not self.verify_suffix(name):
+                raise ValueError(f"{name} is not a DICOM series folder or DICOM file.")
             if self.file_names is not None:
                 files = list(self.file_names)
             elif Path(name).is_dir():

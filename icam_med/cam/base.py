@@ -7,8 +7,9 @@ A call is one forward pass and one backward pass, whatever the number of hooked 
    ``torch.autograd.grad(score, outputs)`` that computes no parameter gradients and stops
    at the shallowest hooked layer;
 3. inside each tensor hook the layer is reduced at once to its native-resolution map and
-   its relevance score, its map is upsampled and accumulated into one input-sized buffer,
-   and its activation is dropped.
+   its relevance score, its weighted map is added to one accumulator per native
+   resolution, and its activation is dropped. Upsampling is linear, so each resolution is
+   upsampled once, at the end, into the input-sized fused map (never L full-size copies).
 
 Subclasses differ only in :meth:`BaseCAM.activation_map` (channel weights or per-position
 weighting); the bias term and the adaptive layer weights are options of the base.
@@ -124,12 +125,96 @@ class _LayerContext:
     input_size: tuple[int, ...]
     mode: str
     ratio: torch.Tensor | None = None  # generalised-alpha r per sample
-    buffer: torch.Tensor | None = None
+    # weighted sums of layer maps, one per native resolution (upsampling is linear, so
+    # each resolution is upsampled once at the end instead of once per layer)
+    buffers: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     log_max: torch.Tensor | None = None
     denom: torch.Tensor | None = None
     log_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     relevance: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _HookedLayer:
+    """One hooked layer during a call: how its activation is kept, and its gradient anchor."""
+
+    name: str
+    module: nn.Module
+    strategy: str  # "hold" | "recompute" | "clone"
+    bias: torch.Tensor | None
+    value: torch.Tensor | None = None
+    inputs: tuple[Any, ...] | None = None
+    input_version: int = 0
+    anchor: torch.Tensor | None = None
+    output_node: Any = None  # autograd node that produced the (pre-in-place) output
+    native_shape: tuple[int, ...] = ()
+    error: str | None = None
+
+    def activation(self, amp_dtype: torch.dtype | None) -> torch.Tensor:
+        """The layer's output values, then forget them."""
+        if self.value is not None:
+            value, self.value = self.value.detach(), None
+            return value
+        assert self.inputs is not None
+        first = self.inputs[0]
+        if first._version != self.input_version:
+            raise RuntimeError(
+                f"the input of target layer '{self.name}' was changed in place after the layer "
+                "ran; its activation cannot be recomputed. Choose another layer."
+            )
+        args = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in self.inputs)
+        self.inputs = None
+        if amp_dtype is not None:
+            with torch.autocast(device_type=first.device.type, dtype=amp_dtype):
+                return self.module(*args)
+        return self.module(*args)
+
+    def release(self) -> None:
+        self.value = self.inputs = self.anchor = None
+
+
+def _covering_anchors(scores: torch.Tensor, layers: list[_HookedLayer]) -> list[torch.Tensor]:
+    """The fewest gradient anchors whose backward pass runs through every hooked layer.
+
+    ``autograd.grad`` returns one gradient per input and holds them all until it returns;
+    asking only for anchors that are not already upstream of another one (usually just the
+    shallowest layer) keeps that memory to one layer's size. A layer is covered when the
+    backward to a chosen anchor has to run the node that produced its output, which fires
+    its tensor hook. One memoised walk of the graph finds, for every node, the anchors
+    reachable through it.
+    """
+    from torch.autograd.graph import get_gradient_edge
+
+    edges = {}
+    for i, layer in enumerate(layers):
+        edge = get_gradient_edge(layer.anchor)
+        edges.setdefault((edge.node, edge.output_nr), 0)
+        edges[(edge.node, edge.output_nr)] |= 1 << i
+    reach: dict[Any, int] = {}
+    root = scores.grad_fn
+    stack: list[tuple[Any, bool]] = [(root, False)] if root is not None else []
+    while stack:  # iterative post-order: graphs are deeper than Python's recursion limit
+        node, expanded = stack.pop()
+        if node in reach:
+            continue
+        children = [(c, nr) for c, nr in node.next_functions if c is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((c, False) for c, _ in children if c not in reach)
+            continue
+        bits = 0
+        for child, nr in children:
+            bits |= edges.get((child, nr), 0) | reach.get(child, 0)
+        reach[node] = bits
+    chosen = 0
+    anchors: list[torch.Tensor] = []
+    for i, layer in enumerate(layers):
+        covered = reach.get(layer.output_node, 0) & chosen
+        if not covered and not (chosen >> i) & 1:
+            chosen |= 1 << i
+            anchors.append(layer.anchor)
+    return anchors
 
 
 class BaseCAM:
@@ -307,31 +392,18 @@ class BaseCAM:
         self._check_targets(target_fn, out_shape)
         modules = dict(self.model.named_modules())
         training = {m: m.training for m in self.model.modules()}
-        acts: dict[str, torch.Tensor] = {}
-        handles = []
         records = {r.name: r for r in self._probe_cache[tuple(x.shape[2:])][0]}
-
-        def fwd_hook(name: str, clone: bool):
-            def hook(_m, _inp, out):
-                if not isinstance(out, torch.Tensor):
-                    raise ValueError(
-                        f"target layer '{name}' returns {type(out).__name__}, not a tensor; "
-                        "choose a layer whose output is a feature map."
-                    )
-                acts[name] = out
-                # the model changes this output in place later (e.g. ReLU(inplace=True)):
-                # hand the rest of the network a copy so A keeps the layer's own values.
-                return out.clone() if clone else None
-
-            return hook
-
+        ctx = _LayerContext(input_size=tuple(x.shape[2:]),
+                            mode="bilinear" if self.spatial_dims == 2 else "trilinear")
+        hooked = {name: _HookedLayer(name, modules[name], self._strategy(records.get(name), modules[name]),
+                                     effective_bias(modules[name]) if self.bias_weight > 0 else None)
+                  for name in layers}
+        handles = []
         try:
             if self.eval_mode:
                 self.model.eval()
-            for name in layers:
-                rec = records.get(name)
-                clone = rec.mutated_inplace if rec is not None else False
-                handles.append(modules[name].register_forward_hook(fwd_hook(name, clone)))
+            for layer in hooked.values():
+                handles.append(layer.module.register_forward_hook(self._forward_hook(layer, ctx)))
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 if self.amp_dtype is not None:
@@ -342,12 +414,14 @@ class BaseCAM:
                 for h in handles:
                     h.remove()
                 handles.clear()
-                return self._backward(x, output, target_fn, layers, acts, modules)
+                return self._backward(x, output, target_fn, hooked, ctx)
         finally:
             for h in handles:
                 h.remove()
             for m, flag in training.items():
                 m.training = flag
+            for layer in hooked.values():
+                layer.release()
 
     # ------------------------------------------------------------------ internals
     def _param_dtype(self) -> torch.dtype:
@@ -395,9 +469,7 @@ class BaseCAM:
             try:
                 if self.eval_mode:
                     self.model.eval()
-                records = probe_layers(self.model, x[:1])
-                with torch.no_grad():
-                    out = self.model(x[:1].detach())
+                records, out = probe_layers(self.model, x[:1].detach())
                 if not isinstance(out, torch.Tensor):
                     raise ValueError(
                         f"the model returns {type(out).__name__}; a CAM needs a tensor output "
@@ -456,8 +528,7 @@ class BaseCAM:
                 )
 
     def _backward(self, x: torch.Tensor, output: torch.Tensor, target_fn: object,
-                  layers: list[str], acts: dict[str, torch.Tensor],
-                  modules: dict[str, nn.Module]) -> CAMResult:
+                  hooked: dict[str, _HookedLayer], ctx: _LayerContext) -> CAMResult:
         n = x.shape[0]
         classes: torch.Tensor | None
         if target_fn is None:
@@ -474,49 +545,43 @@ class BaseCAM:
                 raise ValueError(
                     f"target callable returned {got}; it must return one score per sample, shape ({n},)."
                 )
-        missing = [name for name in layers if name not in acts]
-        if missing:
-            raise ValueError(f"target layer(s) {missing} did not run in the forward pass.")
+        for layer in hooked.values():
+            if layer.error:
+                raise ValueError(layer.error)
+            if layer.anchor is None:
+                raise ValueError(f"target layer '{layer.name}' did not run in the forward pass.")
 
-        ctx = _LayerContext(input_size=tuple(x.shape[2:]),
-                            mode="bilinear" if self.spatial_dims == 2 else "trilinear")
         self._prepare_context(ctx, scores.detach().float(), output.detach().float(), classes)
-        ctx.buffer = torch.zeros((n, 1, *ctx.input_size), device=x.device, dtype=torch.float32)
         ctx.log_max = torch.full((n,), -math.inf, device=x.device)
         ctx.denom = torch.zeros((n,), device=x.device)
 
-        tensors = []
-        for name in layers:
-            a = acts[name]
-            if not a.requires_grad:
-                raise ValueError(
-                    f"target layer '{name}' output does not depend on the input through autograd "
-                    "(it is detached inside the model); choose another layer."
-                )
-            bias = effective_bias(modules[name]) if self.bias_weight > 0 else None
-            a.register_hook(self._grad_hook(name, acts, bias, ctx))
-            tensors.append(a)
-        # One backward: gradients w.r.t. the hooked outputs only (no parameter gradients);
-        # the hooks reduce each layer as its gradient arrives.
-        grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
-        del grads, tensors
+        # One backward pass, to the hooked layers only: no parameter gradients, and the
+        # pass stops at the shallowest hooked layer. Each layer's tensor hook reduces it as
+        # soon as its gradient arrives; the returned gradients themselves are not used.
+        anchors = _covering_anchors(scores, list(hooked.values()))
+        grads = torch.autograd.grad(scores.sum(), anchors, allow_unused=True)
+        del grads, anchors
 
-        for name in layers:
-            if name not in ctx.maps:  # no gradient reached this layer
-                log.warning("no gradient reached target layer '%s'; its map is zero", name)
-                native = acts[name].shape[2:]
-                ctx.maps[name] = torch.zeros((n, 1, *native), device=x.device)
-                ctx.relevance[name] = torch.zeros((n,), device=x.device)
-                ctx.log_weights[name] = torch.full((n,), -math.inf, device=x.device)
-        acts.clear()
+        for layer in hooked.values():
+            if layer.name not in ctx.maps:  # no gradient reached this layer
+                log.warning("no gradient reached target layer '%s'; its map is zero", layer.name)
+                ctx.maps[layer.name] = torch.zeros((n, 1, *layer.native_shape), device=x.device)
+                ctx.relevance[layer.name] = torch.zeros((n,), device=x.device)
+                ctx.log_weights[layer.name] = torch.full((n,), -math.inf, device=x.device)
+            layer.release()
 
-        fused = minmax_normalize(ctx.buffer)
+        fused = torch.zeros((n, 1, *ctx.input_size), device=x.device, dtype=torch.float32)
+        for buf in ctx.buffers.values():
+            fused.add_(F.interpolate(buf, size=ctx.input_size, mode=ctx.mode, align_corners=False))
+        ctx.buffers.clear()
+        fused = minmax_normalize(fused)
         total = ctx.denom
         weights = {}
-        for name in layers:
+        for name in hooked:
             w = torch.exp(ctx.log_weights[name] - ctx.log_max)
             w = torch.where(total > 0, w / total.clamp_min(1e-30), torch.zeros_like(w))
             weights[name] = torch.nan_to_num(w, nan=0.0)
+        layers = list(hooked)
         return CAMResult(
             fused=fused,
             layer_maps={k: ctx.maps[k] for k in layers},
@@ -526,21 +591,67 @@ class BaseCAM:
             logits=output.detach(),
             target_classes=classes,
             method=self.method_name,
-            options={**self.options, "target_layers": list(layers),
+            options={**self.options, "target_layers": layers,
                      "target_layers_spec": self.options["target_layers"],
                      "device": str(x.device)},
         )
 
-    def _grad_hook(self, name: str, acts: dict[str, torch.Tensor], bias: torch.Tensor | None,
-                   ctx: _LayerContext):
+    def _strategy(self, record: LayerRecord | None, module: nn.Module) -> str:
+        """How a layer's activation is kept until its gradient arrives.
+
+        * ``hold``: keep a reference to the output (free: autograd keeps most of them anyway);
+        * ``recompute``: the model changes the output in place later (e.g.
+          ``ReLU(inplace=True)`` after a norm layer), so keep the module's input (which it
+          saves for its own backward anyway) and recompute the output in the gradient hook;
+        * ``clone``: the output is changed in place and cannot be recomputed (the input is
+          changed too, or the module is in training mode): give the network a copy.
+        """
+        if record is None or not record.mutated_inplace:
+            return "hold"
+        if record.input_mutated or module.training:
+            return "clone"
+        return "recompute"
+
+    def _forward_hook(self, layer: _HookedLayer, ctx: _LayerContext):
+        def hook(_m, inp, out):
+            if not isinstance(out, torch.Tensor):
+                layer.error = (f"target layer '{layer.name}' returns {type(out).__name__}, not a "
+                               "tensor; choose a layer whose output is a feature map.")
+                return None
+            if not out.requires_grad:
+                layer.error = (f"target layer '{layer.name}' output does not depend on the input "
+                               "through autograd (it is detached inside the model); choose another layer.")
+                return None
+            if layer.anchor is not None:
+                layer.error = (f"target layer '{layer.name}' runs more than once in a forward pass "
+                               "(a shared module); hook a module that runs once.")
+                return None
+            layer.native_shape = tuple(out.shape[2:])
+            layer.output_node = out.grad_fn
+            # Registered now, before any later in-place change, so the hook receives the
+            # gradient with respect to this layer's own output.
+            out.register_hook(self._grad_hook(layer, ctx))
+            if layer.strategy == "recompute" and inp and isinstance(inp[0], torch.Tensor) \
+                    and inp[0].requires_grad:
+                layer.inputs = tuple(inp)
+                layer.input_version = inp[0]._version
+                layer.anchor = inp[0]  # the backward must pass through this module
+                return None
+            layer.value = out
+            layer.anchor = out
+            return out.clone() if layer.strategy != "hold" else None
+
+        return hook
+
+    def _grad_hook(self, layer: _HookedLayer, ctx: _LayerContext):
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                a = acts.pop(name).detach().float()
+                a = layer.activation(self.amp_dtype).float()
                 g = grad.detach().float()
                 m = self.activation_map(a, g, ctx)
-                if bias is not None:
+                if layer.bias is not None:
                     extra = (1,) * (g.ndim - 2)
-                    gb = g * bias.to(g.device).view(1, -1, *extra)
+                    gb = g * layer.bias.to(g.device).view(1, -1, *extra)
                     if self.bias_mode == "signed":
                         m_bias = F.relu(gb.sum(1, keepdim=True))
                     else:
@@ -549,7 +660,7 @@ class BaseCAM:
                 m = minmax_normalize(m)
                 rel = F.relu(g * a).flatten(1).sum(1)
                 del a, g
-                self._accumulate(name, m, rel, ctx)
+                self._accumulate(layer.name, m, rel, ctx)
 
         return hook
 
@@ -563,14 +674,21 @@ class BaseCAM:
             tau = self.tau if self.layer_weighting == "softmax" else 1.0
             logw = torch.log(rel) / tau  # log(0) = -inf: weight 0
         ctx.log_weights[name] = logw
-        assert ctx.buffer is not None and ctx.log_max is not None and ctx.denom is not None
+        assert ctx.log_max is not None and ctx.denom is not None
+        # streaming log-sum-exp: every buffer is kept scaled by exp(-log_max) per sample
         new_max = torch.maximum(ctx.log_max, logw)
         finite = torch.isfinite(new_max)
         zero = torch.zeros_like(new_max)
         scale_old = torch.where(finite, torch.exp(ctx.log_max - new_max), zero)
         scale_new = torch.where(finite, torch.exp(logw - new_max), zero)
-        up = F.interpolate(m, size=ctx.input_size, mode=ctx.mode, align_corners=False)
         extra = (1,) * (m.ndim - 1)
-        ctx.buffer.mul_(scale_old.view(-1, *extra)).add_(up * scale_new.view(-1, *extra))
+        for buf in ctx.buffers.values():
+            buf.mul_(scale_old.view(-1, *extra))
+        key = tuple(m.shape[2:])
+        contribution = m * scale_new.view(-1, *extra)
+        if key in ctx.buffers:
+            ctx.buffers[key].add_(contribution)
+        else:
+            ctx.buffers[key] = contribution
         ctx.denom = ctx.denom * scale_old + scale_new
         ctx.log_max = new_max

@@ -51,6 +51,7 @@ class LayerRecord:
     is_norm: bool
     is_pointwise: bool
     mutated_inplace: bool = False
+    input_mutated: bool = False
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -77,15 +78,19 @@ def validate_layer_names(model: nn.Module, names: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def probe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerRecord]:
+def probe_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerRecord], object]:
     """Run one gradient-free forward pass on a batch of one and record every leaf module
     with a spatial tensor output, in execution order (a module run twice keeps its last run),
     and whether a later in-place operation modified that output.
+
+    Returns:
+        the records and the model's output for the example.
     """
     spatial_ndim = example.ndim - 2
     records: dict[str, LayerRecord] = {}
     order: list[str] = []
     outputs: dict[str, tuple[torch.Tensor, int]] = {}
+    inputs: dict[str, tuple[torch.Tensor, int]] = {}
     handles = []
 
     def make_hook(name: str, mod: nn.Module):
@@ -107,6 +112,8 @@ def probe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerRecord]:
             records[name] = rec
             order.append(name)
             outputs[name] = (out, out._version)
+            if _inp and isinstance(_inp[0], torch.Tensor):
+                inputs[name] = (_inp[0], _inp[0]._version)
 
         return hook
 
@@ -114,7 +121,7 @@ def probe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerRecord]:
         for name, mod in model.named_modules():
             if name and not any(True for _ in mod.children()):
                 handles.append(mod.register_forward_hook(make_hook(name, mod)))
-        model(example[:1])
+        output = model(example[:1])
     finally:
         for h in handles:
             h.remove()
@@ -122,8 +129,12 @@ def probe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerRecord]:
     # must be cloned by the CAM's forward hook, or it would see the activation's values.
     for name, (out, version) in outputs.items():
         if out._version != version:
-            records[name] = replace(records[name], mutated_inplace=True)
-    return [records[n] for n in order]
+            inp = inputs.get(name)
+            records[name] = replace(records[name], mutated_inplace=True,
+                                    input_mutated=inp is None or inp[0]._version != inp[1])
+    outputs.clear()
+    inputs.clear()
+    return [records[n] for n in order], output
 
 
 def select_layers(records: list[LayerRecord], preset: str) -> list[str]:

@@ -1,0 +1,46 @@
+"""``icam-med bench``: time and measure the CAM engine against its baselines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "benchmark the CAM methods against a plain forward+backward and MONAI's Grad-CAM"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--network", action="append", choices=["densenet121-3d", "densenet121-2d"],
+                        help="network(s) to run (default: both)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--case", action="append", help="only these cases (default: all)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from icam_med.bench import (
+        CASES,
+        format_table,
+        machine_description,
+        rows_to_json,
+        run_benchmark,
+    )
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats}: must be at least 1.")
+    unknown = [c for c in (args.case or []) if c not in CASES]
+    if unknown:
+        raise ValueError(f"unknown --case {unknown}; choose from {CASES}.")
+    networks = args.network or ["densenet121-3d", "densenet121-2d"]
+    print(f"machine: {machine_description(args.device)}", flush=True)
+    rows = run_benchmark(networks, device=args.device, repeats=args.repeats, batch=args.batch,
+                         memory=not args.no_memory, cases=args.case,
+                         progress=lambda s: print(f"  running {s}", file=sys.stderr, flush=True))
+    print(format_table(rows))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(rows_to_json(rows), encoding="utf-8")
+    return 0

@@ -274,3 +274,34 @@ def test_gpu_matches_cpu(make_tiny):  # pragma: no cover - runs where a GPU exis
     gpu = IntegrativeCAM(copy.deepcopy(model).cuda())(x.cuda())
     assert gpu.fused.device.type == "cuda"
     torch.testing.assert_close(gpu.fused.cpu(), cpu.fused, atol=1e-4, rtol=1e-3)
+
+
+def test_mixed_precision_forward_keeps_float32_reductions(make_tiny):
+    model = make_tiny(dims=3)
+    x = torch.randn(2, 1, 16, 16, 16)
+    ref = IntegrativeCAM(model)(x)
+    amp = IntegrativeCAM(model, amp_dtype="bfloat16")(x)
+    assert amp.fused.dtype == torch.float32 and amp.scores.dtype == torch.float32
+    assert all(w.dtype == torch.float32 for w in amp.layer_weights.values())
+    assert amp.options["amp_dtype"] == "bfloat16"
+    # bfloat16 activations: same map up to low-precision noise
+    corr = torch.corrcoef(torch.stack([ref.fused.flatten(), amp.fused.flatten()]))[0, 1]
+    assert corr > 0.95
+    with pytest.raises(ValueError, match="amp_dtype='int8'"):
+        IntegrativeCAM(model, amp_dtype="int8")
+
+
+def test_shared_module_called_twice_is_a_clear_error():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.fc = nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(self.conv(x)).mean((2, 3)))
+
+    model = Twice().eval()
+    with pytest.raises(ValueError, match="runs more than once"):
+        GradCAM(model, target_layers="conv")(torch.randn(1, 1, 8, 8))
+    assert _all_hooks(model) == 0

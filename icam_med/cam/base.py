@@ -257,7 +257,7 @@ class BaseCAM:
         bias_weight: float | None = None,
         bias_mode: str = "signed",
         device: str | torch.device | None = None,
-        amp_dtype: torch.dtype | None = None,
+        amp_dtype: torch.dtype | str | None = None,
         eval_mode: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -306,6 +306,12 @@ class BaseCAM:
         self.tau = float(tau)
         self.bias_weight = bw
         self.bias_mode = bias_mode
+        if isinstance(amp_dtype, str):  # from a YAML config
+            resolved = getattr(torch, amp_dtype.replace("torch.", ""), None)
+            if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+                raise ValueError(f"amp_dtype='{amp_dtype}' is not a floating torch dtype; use "
+                                 "'bfloat16' or 'float16'.")
+            amp_dtype = resolved
         self.amp_dtype = amp_dtype
         self.eval_mode = bool(eval_mode)
 

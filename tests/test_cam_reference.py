@@ -151,3 +151,17 @@ def test_integrative_layer_fusion_follows_the_spec(make_tiny):
             m, size=x.shape[2:], mode="trilinear", align_corners=False)
     torch.testing.assert_close(res.fused, _minmax(acc), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.stack(list(res.layer_weights.values()), 1), omega)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0, 3.5, -2.0])
+def test_fast_alpha_weights_equal_the_guarded_alpha(ratio):
+    from icam_med.cam.alpha import alpha_channel_weights, generalized_alpha
+
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randn(2, 5, 6, 7, 3, generator=gen)
+    g[0, 0] = 0  # a channel without gradient
+    a = torch.randn(2, 5, 6, 7, 3, generator=gen)  # signed: negative denominators occur
+    a_sum = a.flatten(2).sum(-1)
+    r = torch.full((2,), ratio)
+    slow = (generalized_alpha(g, a_sum, r) * F.relu(g)).flatten(2).sum(-1)
+    torch.testing.assert_close(alpha_channel_weights(g, a_sum, r), slow)

@@ -656,19 +656,23 @@ class BaseCAM:
                 g = grad.detach().float()
                 m = self.activation_map(a, g, ctx)
                 if layer.bias is not None:
-                    extra = (1,) * (g.ndim - 2)
-                    gb = g * layer.bias.to(g.device).view(1, -1, *extra)
-                    if self.bias_mode == "signed":
-                        m_bias = F.relu(gb.sum(1, keepdim=True))
-                    else:
-                        m_bias = gb.abs().sum(1, keepdim=True)
-                    m = minmax_normalize(m) + self.bias_weight * minmax_normalize(m_bias)
+                    m = minmax_normalize(m) + self.bias_weight * minmax_normalize(
+                        self._bias_map(g, layer.bias.to(g.device)))
                 m = minmax_normalize(m)
-                rel = F.relu(g * a).flatten(1).sum(1)
+                rel = torch.relu_(g * a).flatten(1).sum(1)
                 del a, g
                 self._accumulate(layer.name, m, rel, ctx)
 
         return hook
+
+    def _bias_map(self, g: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Bias term ``relu(sum_k G_k b_k)`` (signed) or ``sum_k |G_k b_k|`` (abs), ``(N, 1, *s)``."""
+        n, k, *spatial = g.shape
+        if self.bias_mode == "signed":
+            summed = torch.matmul(bias.view(1, 1, k), g.flatten(2))  # (N, 1, P)
+            return F.relu(summed.view(n, 1, *spatial))
+        extra = (1,) * len(spatial)
+        return (g * bias.view(1, k, *extra)).abs_().sum(1, keepdim=True)
 
     def _accumulate(self, name: str, m: torch.Tensor, rel: torch.Tensor,
                     ctx: _LayerContext) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icam_med.cam.alpha import ALPHA_FUNCTIONS, alpha_ratio, generalized_alpha
+from icam_med.cam.alpha import ALPHA_FUNCTIONS, alpha_channel_weights, alpha_ratio
 from icam_med.cam.base import BaseCAM, _LayerContext
 from icam_med.cam.targets import ClassTarget
 
@@ -34,8 +34,9 @@ __all__ = [
 
 def _weighted_sum(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
     """``relu(sum_k w_k A_k)`` for channel weights ``(N, K)``, any number of spatial axes."""
-    w = weights.view(*weights.shape, *(1,) * (acts.ndim - 2))
-    return F.relu((w * acts).sum(1, keepdim=True))
+    n, _k, *spatial = acts.shape
+    summed = torch.bmm(weights.unsqueeze(1), acts.flatten(2))  # (N, 1, P): one pass, no temp
+    return F.relu(summed.view(n, 1, *spatial))
 
 
 class GradCAM(BaseCAM):
@@ -120,8 +121,7 @@ class GradCAMPlusPlus(BaseCAM):
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
                        ctx: _LayerContext) -> torch.Tensor:
         assert ctx.ratio is not None
-        alpha = generalized_alpha(grads, acts.flatten(2).sum(-1), ctx.ratio)
-        weights = (alpha * F.relu(grads)).flatten(2).sum(-1)
+        weights = alpha_channel_weights(grads, acts.flatten(2).sum(-1), ctx.ratio)
         return _weighted_sum(weights, acts)
 
 

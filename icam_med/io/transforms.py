@@ -15,7 +15,8 @@ Example::
 The map is written under ``{key}{cam_postfix}`` as a MetaTensor that shares (a copy of) the
 image's metadata and applied operations, so MONAI's ``Invertd`` and ``SaveImaged`` place it
 exactly where the image is. The engine's summary (method, options, target class, score and
-per-layer weights) is stored in the map's ``meta["icam"]``.
+per-layer weights) is stored in the map's ``meta["icam"]``; MONAI's ``Invertd`` rebuilds
+the metadata from the image's, so read that summary before inverting.
 """
 
 from __future__ import annotations

@@ -398,7 +398,9 @@ def explain_scan(
     """
     is_dicom_guess = Path(scan_path).is_dir() or not str(scan_path).lower().endswith(
         (".nii", ".nii.gz"))
-    _refuse_existing(output_paths(out_dir, is_dicom=is_dicom_guess), overwrite)
+    planned = output_paths(out_dir, is_dicom=is_dicom_guess)
+    _refuse_existing(planned, overwrite)
+    check_before_writing(planned["cam_nifti"], None)  # audited outputs: refused even now
     prepared = config if isinstance(config, Prepared) else prepare(config, device)
     image, info = load_volume(scan_path, series_uid=series_uid, volume_index=volume_index,
                               geometry=prepared.config.geometry)

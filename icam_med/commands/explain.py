@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="class to explain, by index or label (default: predicted class)")
     parser.add_argument("--layer-maps", action="store_true", help="also write each layer's map as NIfTI")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files that have no audit record "
+                        "(audited outputs, pinned by the ledger, are never replaced)")
     parser.add_argument("--list-series", action="store_true",
                         help="list the DICOM series in the SCAN folder and exit")
 

@@ -116,3 +116,22 @@ def test_map_of_wrong_size_is_refused(tmp_path):
     back = pre.invert(torch.zeros(1, 16, 16, 16), x, source_shape=info.shape,
                       source_affine=info.affine)
     assert tuple(back.shape[1:]) == info.shape
+
+
+@pytest.mark.parametrize("name", ["example_ct.yaml", "example_mr.yaml"])
+def test_example_configs_build_and_invert(name, tmp_path):
+    from pathlib import Path
+
+    from icam_med.config import load_config
+    from icam_med.io.validation import GeometryOptions
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    GeometryOptions.from_mapping(cfg.geometry)
+    vol = blob_volume((20, 40, 36), centre_zyx=(10, 18, 20), sigma=3) - 500
+    write_dicom_series(vol, tmp_path / "s", spacing=(1.0, 1.0, 2.5), modality="CT")
+    image, info = load_volume(tmp_path / "s", geometry=cfg.geometry)
+    pre = Preprocessor(cfg.preprocessing)
+    x = pre(image)
+    assert tuple(x.shape[1:]) == cfg.model.spatial_size
+    back = pre.invert(torch.ones(x.shape), x, source_shape=info.shape, source_affine=info.affine)
+    assert tuple(back.shape[1:]) == info.shape

@@ -157,3 +157,14 @@ def test_parametric_map_refuses_nifti_and_wrong_grid(tmp_path):
     with pytest.raises(ValueError, match="not on the source grid"):
         write_parametric_map(torch.zeros(1, 2, 2, 2), info, tmp_path / "y.dcm", method="gradcam")
     assert listing(tmp_path / "pm") == []
+
+
+def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    with atomic_write(tmp_path / "x.bin") as fh:
+        fh.write(b"data")
+    assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == 0o666 & ~mask

@@ -170,3 +170,16 @@ def test_scan_info_dict_has_no_identifiers_by_default(tmp_path):
     assert info.series_instance_uid not in text and "Doe" not in text and str(tmp_path) not in text
     full = info.to_dict(include_identifiers=True)
     assert full["series_instance_uid"] == info.series_instance_uid
+
+
+def test_enhanced_multiframe_ct_with_per_frame_positions():
+    path = pydicom_file("eCT_Supplemental.dcm")
+    image, info = load_volume(path)
+    ds = pydicom.dcmread(path)
+    assert image.shape == (1, 512, 512, 2) and not info.warnings
+    # The functional groups' rescale (intercept -1024) is applied, frame by frame.
+    np.testing.assert_array_equal(image[0].numpy().transpose(2, 1, 0),
+                                  ds.pixel_array.astype(np.float32) - 1024)
+    for k, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        ipp = np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
+        np.testing.assert_allclose(world_of(image.affine, (0, 0, k)), ipp * [-1, -1, 1], atol=1e-3)

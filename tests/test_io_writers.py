@@ -168,3 +168,18 @@ def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
     with atomic_write(tmp_path / "x.bin") as fh:
         fh.write(b"data")
     assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == 0o666 & ~mask
+
+
+def test_parametric_map_on_real_enhanced_multiframe_ct(tmp_path):
+    path = pydicom_file("eCT_Supplemental.dcm")
+    image, info = load_volume(path)
+    cam = MetaTensor(ramp_map(info.shape), affine=image.affine)
+    out = write_parametric_map(cam, info, tmp_path / "pm.dcm", method="gradcam")
+    assert dciodvfy(out)[0] == []
+    pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(out))
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == info.series_instance_uid
+    frames = _frames_by_position(pm)
+    src = pydicom.dcmread(path, stop_before_pixels=True)
+    for k, fg in enumerate(src.PerFrameFunctionalGroupsSequence):
+        pos = tuple(round(float(v), 3) for v in fg.PlanePositionSequence[0].ImagePositionPatient)
+        np.testing.assert_array_equal(frames[pos], cam[0, :, :, k].numpy().T)

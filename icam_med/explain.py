@@ -37,6 +37,7 @@ from icam_med.config import ICAMConfig, load_config
 from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
 from icam_med.io.transforms import cam_summary
+from icam_med.io.validation import GeometryOptions
 from icam_med.models import ModelInfo, check_input_contract, load_model, sha256_file
 
 __all__ = [
@@ -95,6 +96,7 @@ def prepare(config: ICAMConfig | str | Path, device: str | torch.device = "cpu")
     cfg = config if isinstance(config, ICAMConfig) else load_config(config)
     dev = torch.device(device)
     where = f"config {cfg.path}" if cfg.path else "config"
+    GeometryOptions.from_mapping(cfg.geometry)  # refuse unknown geometry options up front
     preprocessor = Preprocessor(cfg.preprocessing, source=where)
     model, info = load_model(cfg.model, dev)
     prepared = Prepared(cfg, model, info, preprocessor, dev)

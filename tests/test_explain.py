@@ -199,3 +199,21 @@ def test_cli_lists_series(tmp_path, config, capsys):
                    "--list-series"])
     out = capsys.readouterr().out
     assert rc == 0 and "FAST LOCALIZER" in out and out.count("file(s)") == 3
+
+
+def test_multiframe_without_positions_gets_nifti_and_a_note(tmp_path, prepared):
+    from io_helpers import pydicom_file
+
+    explanation, written = explain_scan(pydicom_file("emri_small.dcm"), prepared, tmp_path / "out")
+    roles = {w.role for w in written}
+    assert "cam_nifti" in roles and "parametric_map" not in roles
+    summary = json.loads((tmp_path / "out" / "cam_summary.json").read_text())
+    assert any("no Parametric Map written" in n for n in summary["notes"])
+    assert any(c["status"] == "warned" for c in summary["scan"]["checks"])
+    assert tuple(explanation.fused.shape[1:]) == (64, 64, 10)
+
+
+def test_unknown_geometry_option_fails_before_any_work(tmp_path):
+    cfg = write_tiny_config(tmp_path, geometry={"allow_tilt": True})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['allow_tilt'\]"):
+        prepare(cfg)

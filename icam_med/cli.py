@@ -18,6 +18,7 @@ from icam_med._version import __version__
 COMMANDS: dict[str, str] = {
     "bench": "bench",
     "explain": "explain",
+    "audit": "audit",
     "verify": "verify",
 }
 

@@ -23,10 +23,20 @@ __all__ = ["Problem", "VerifyReport", "verify_folder"]
 
 @dataclass(frozen=True)
 class Problem:
-    """One broken thing. ``line`` is the ledger line (1-based), ``None`` for folder-level."""
+    """One broken thing.
+
+    Attributes:
+        line: the ledger line (1-based), ``None`` for folder-level problems.
+        message: what is wrong.
+        kind: ``"ledger"`` (the chain itself), ``"outputs"`` (a logged scan's record or
+            outputs changed or missing) or ``"unlogged"`` (a record no entry names).
+        scan_id: the scan concerned, for ``"outputs"`` problems.
+    """
 
     line: int | None
     message: str
+    kind: str = "ledger"
+    scan_id: str | None = None
 
     def __str__(self) -> str:
         return f"ledger line {self.line}: {self.message}" if self.line else self.message
@@ -186,7 +196,8 @@ def verify_folder(folder: str | Path, *, check_files: bool = True) -> VerifyRepo
                     referenced.add(out["path"])
             if check_files:
                 found = _check_record(root, entry)
-                report.problems.extend(Problem(i, f"entry {seq}: {m}") for m in found)
+                report.problems.extend(Problem(i, f"entry {seq}: {m}", "outputs",
+                                               entry.get("scan_id")) for m in found)
                 n_out = len(entry.get("outputs") or [])
                 report.n_files += 1 + n_out
                 if not found and isinstance(entry.get("scan_id"), str):
@@ -198,5 +209,5 @@ def verify_folder(folder: str | Path, *, check_files: bool = True) -> VerifyRepo
         if rel not in referenced:
             report.problems.append(Problem(
                 None, f"record '{rel}' is not in the ledger (an entry was removed, or a run "
-                      "was interrupted before logging it)"))
+                      "was interrupted before logging it)", "unlogged"))
     return report

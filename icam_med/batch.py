@@ -1,0 +1,653 @@
+"""Batch audits: explain many scans into one audited output folder, resumably.
+
+::
+
+    from icam_med.batch import run_batch
+    result = run_batch(["scans.csv"], "configs/demo.yaml", "runs/audit")            # local
+    result = run_batch(["scans/"], cfg, out, workers=4)                              # processes
+    result = run_batch(["scans/"], cfg, out, cluster="tcp://scheduler:8786")         # Dask
+
+Folder layout (docs/audit.md)::
+
+    OUT/ledger.jsonl                   hash-chained log: run-start, scan, failure, run-end
+    OUT/summary.csv                    one row per scan (rebuilt from the ledger every run)
+    OUT/.icam-med.lock                 flock held while a run is active
+    OUT/scans/<scan_id>/cam.nii.gz     fused map on the scan's grid (+ DICOM Parametric Map,
+    OUT/scans/<scan_id>/cam.icam.json  JSON summary) and its audit record
+
+How work is split: workers (this process, local processes or Dask workers) load and
+explain scans, each worker preparing the model once and keeping it; the coordinating
+process alone writes outputs, records and the ledger, one scan at a time, so the chain
+stays linear and no two processes write into the folder. Workers therefore need the scans
+and the weights at the same paths; the output folder only has to exist here.
+
+Resuming: a scan is done when the ledger holds its ``scan`` entry and all its files still
+verify. A re-run skips exactly those, removes what an interrupted run left of the others
+(files no entry names) and redoes them. A scan whose logged outputs no longer verify is
+never overwritten (it is evidence): it is reported as failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icam_med._version import __version__
+from icam_med.audit import Ledger, sha256_file, verify_folder, voxel_sha256
+from icam_med.audit.ledger import FolderLock
+from icam_med.audit.record import safe_name
+from icam_med.config import ICAMConfig, load_config
+
+__all__ = ["BatchResult", "ScanSpec", "collect_scans", "map_analysis", "run_batch",
+           "write_summary"]
+
+log = logging.getLogger(__name__)
+
+SCANS_DIR = "scans"
+SUMMARY_NAME = "summary.csv"
+SUMMARY_COLUMNS = (
+    "scan_id", "status", "predicted_class", "predicted_label", "score", "expected_label",
+    "disagrees", "target_label", "map_min", "map_max", "map_mean", "map_frac_above_0.5",
+    "peak_voxel", "peak_world_ras_mm", "centroid_voxel", "mask_fraction", "record",
+    "ledger_seq", "reason",
+)
+_NIFTI = (".nii", ".nii.gz")
+_CSV_PATH = ("path", "scan", "input", "image")
+_CSV_LABEL = ("label", "expected_label", "expected")
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """One scan of a batch.
+
+    Attributes:
+        scan_id: its name in the output folder (``scans/<scan_id>/``).
+        path: a DICOM series folder, a DICOM file or a NIfTI file.
+        expected_label: the label a reader or the ground truth gives, if known.
+        mask: a mask on the scan's grid (NIfTI or DICOM); the map's mass inside it is reported.
+    """
+
+    scan_id: str
+    path: Path
+    expected_label: str | None = None
+    mask: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in _NIFTI:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.suffix.lower() == ".dcm" else name
+
+
+def _expand_folder(folder: Path) -> list[Path]:
+    """A folder holding files is one DICOM series; otherwise each NIfTI file and each
+    series folder below it (any depth) is a scan."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file() and not p.name.lower().endswith(_NIFTI)]
+    if files:
+        return [folder]
+    out: list[Path] = []
+    for p in entries:
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(_expand_folder(p))
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = {c.strip().lower(): c for c in reader.fieldnames or ()}
+        path_col = next((cols[c] for c in _CSV_PATH if c in cols), None)
+        if path_col is None:
+            raise ValueError(
+                f"scan list {path} has no 'path' column (columns: {list(cols.values())}); "
+                "expected a header 'path,label[,mask][,id]'."
+            )
+        label_col = next((cols[c] for c in _CSV_LABEL if c in cols), None)
+        rows = []
+        for n, row in enumerate(reader, start=2):
+            raw = (row.get(path_col) or "").strip()
+            if not raw:
+                raise ValueError(f"scan list {path}, line {n}: empty '{path_col}'.")
+            p = Path(raw).expanduser()
+            p = p if p.is_absolute() else path.parent / p
+            mask = (row.get(cols["mask"]) or "").strip() if "mask" in cols else ""
+            mp = Path(mask).expanduser() if mask else None
+            if mp is not None and not mp.is_absolute():
+                mp = path.parent / mp
+            rows.append({
+                "path": p,
+                "label": ((row.get(label_col) or "").strip() or None) if label_col else None,
+                "mask": mp,
+                "id": (row.get(cols["id"]) or "").strip() or None if "id" in cols else None,
+            })
+        return rows
+
+
+def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
+    """Turn command-line inputs into scans with unique ids.
+
+    Args:
+        inputs: NIfTI files, DICOM files, DICOM series folders, folders of those, or CSV
+            files with a ``path`` column and optional ``label``, ``mask`` and ``id`` columns
+            (relative paths are relative to the CSV). A path that does not exist is kept:
+            that scan fails alone, with its reason recorded.
+
+    Returns:
+        Scans in input order. Ids come from the ``id`` column or the file/folder name; when
+        two names clash, parent folder names are prefixed (``sub-01_T1w``).
+
+    Raises:
+        ValueError: a CSV without a path column, or no scans at all.
+    """
+    rows: list[dict[str, Any]] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.suffix.lower() == ".csv" and p.is_file():
+            rows.extend(_read_csv(p))
+        elif p.is_dir():
+            rows.extend({"path": s, "label": None, "mask": None, "id": None}
+                        for s in _expand_folder(p))
+        else:
+            rows.append({"path": p, "label": None, "mask": None, "id": None})
+    if not rows:
+        raise ValueError("no scans found in the inputs; give NIfTI files, DICOM series "
+                         "folders or a CSV with a 'path' column.")
+    taken: set[str] = set()
+    scans = []
+    for row in rows:
+        path = row["path"]
+        if row["id"]:
+            candidates = [safe_name(row["id"])]
+        else:
+            parts = [_stem(path), *(q.name for q in path.absolute().parents if q.name)]
+            candidates = [safe_name("_".join(reversed(parts[: k + 1]))) for k in range(len(parts))]
+        scan_id = next((c for c in candidates if c not in taken), None)
+        if scan_id is None:
+            base, k = candidates[0], 2
+            while f"{base}-{k}" in taken:
+                k += 1
+            scan_id = f"{base}-{k}"
+        if row["id"] and candidates[0] in taken:
+            raise ValueError(f"scan id '{row['id']}' is used twice in the scan list.")
+        taken.add(scan_id)
+        scans.append(ScanSpec(scan_id, path, row["label"], row["mask"]))
+    return scans
+
+
+# ---------------------------------------------------------------------------------------
+# Work done by a worker (this process, a local process, or a Dask worker)
+# ---------------------------------------------------------------------------------------
+_PREPARED: dict[str, Any] = {}
+_PREPARE_COUNT = 0
+_WORKER_LOCK = threading.Lock()  # one model per process: scans go through it one at a time
+
+
+def _prepared(key: str, config: ICAMConfig, device: str) -> Any:
+    """The prepared model for ``key``, loaded once per process and kept."""
+    global _PREPARE_COUNT
+    if key not in _PREPARED:
+        from icam_med.explain import prepare
+
+        _PREPARED.clear()  # one config at a time: don't keep old models alive
+        _PREPARED[key] = prepare(config, device)
+        _PREPARE_COUNT += 1
+        log.info("process %d prepared model '%s'", os.getpid(), config.model.name)
+    return _PREPARED[key]
+
+
+def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: str | None = None,
+                 predicted_class: int | None = None,
+                 predicted_label: str | None = None) -> dict[str, Any]:
+    """The record's ``analysis`` section: map statistics, where the map's mass lies, and
+    whether the prediction disagrees with the expected label.
+
+    Args:
+        fused: the map on the scan's grid, ``(1, *spatial)`` or ``(*spatial)``, in [0, 1].
+        affine: the scan's voxel-to-RAS affine.
+        mask: a mask on the same grid (non-zero = inside), or ``None``.
+        expected_label: the expected label (a class label or index as text).
+        predicted_class, predicted_label: the model's prediction.
+
+    Raises:
+        ValueError: the mask's shape differs from the map's.
+    """
+    a = fused.detach().cpu().numpy() if hasattr(fused, "detach") else np.asarray(fused)
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 4:
+        a = a[0]
+    total = float(a.sum())
+    peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(a)), a.shape))
+    world = np.asarray(affine, dtype=float) @ np.r_[np.asarray(peak, float), 1.0]
+    if total > 0:
+        grids = np.indices(a.shape, dtype=np.float64)
+        centroid = [round(float((g * a).sum() / total), 3) for g in grids]
+    else:
+        centroid = None
+    stats = {
+        "min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()),
+        "std": float(a.std()), "frac_above_0.5": float((a > 0.5).mean()),
+        "peak_voxel": list(peak), "peak_world_ras_mm": [round(float(v), 3) for v in world[:3]],
+        "centroid_voxel": centroid,
+    }
+    mask_fraction = mask_sha = None
+    if mask is not None:
+        m = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
+        m = m[0] if m.ndim == a.ndim + 1 else m
+        if m.shape != a.shape:
+            raise ValueError(
+                f"mask has shape {m.shape} but the scan's map has {a.shape}; the mask must be "
+                "on the scan's own grid."
+            )
+        mask_sha = voxel_sha256(m)
+        mask_fraction = float((a * (m != 0)).sum() / total) if total > 0 else None
+    disagrees = None
+    if expected_label is not None:
+        disagrees = str(expected_label) not in {str(predicted_label), str(predicted_class)}
+    return {"expected_label": expected_label, "disagrees": disagrees, "map_stats": stats,
+            "mask_fraction": mask_fraction, "mask_sha256": mask_sha}
+
+
+def _explain_task(key: str, config: ICAMConfig, device: str, spec: ScanSpec,
+                  seed: int | None) -> dict[str, Any]:
+    """Load and explain one scan on a worker; never raises (failures are results)."""
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {"scan_id": spec.scan_id, "pid": os.getpid()}
+    try:
+        import torch
+
+        from icam_med.explain import explain_volume
+        from icam_med.io import load_volume
+
+        with _WORKER_LOCK:
+            prepared = _prepared(key, config, device)
+            image, info = load_volume(spec.path, geometry=config.geometry)
+            if seed is not None:
+                torch.manual_seed(seed)
+            explanation = explain_volume(image, info, prepared)
+            mask = None
+            if spec.mask is not None:
+                mask, mask_info = load_volume(spec.mask, geometry=config.geometry)
+                if not np.allclose(np.asarray(mask_info.affine), np.asarray(info.affine),
+                                   atol=1e-3):
+                    raise ValueError(
+                        f"mask {spec.mask} is not on the grid of scan {spec.path} (different "
+                        "affine); give a mask resampled to the scan."
+                    )
+            analysis = map_analysis(
+                explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,
+                predicted_class=explanation.result.get("predicted_class"),
+                predicted_label=explanation.predicted_label)
+        # What the coordinator needs to write; the engine's internals stay here.
+        explanation.cam_result = None
+        explanation.preprocessed = None
+        outcome.update(explanation=explanation, analysis=analysis)
+    except Exception as exc:  # a bad scan fails alone; the reason travels back
+        outcome["error"] = f"{type(exc).__name__}: {exc}"
+    outcome["prepare_count"] = _PREPARE_COUNT
+    outcome["seconds"] = time.perf_counter() - started
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------
+# Backends: each yields outcomes as they complete
+# ---------------------------------------------------------------------------------------
+def _run_local(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
+               seed: int | None) -> Iterator[dict[str, Any]]:
+    for spec in scans:
+        yield _explain_task(key, cfg, device, spec, seed)
+
+
+def _run_processes(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
+                   seed: int | None, workers: int) -> Iterator[dict[str, Any]]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_explain_task, key, cfg, device, s, seed) for s in scans]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def _run_dask(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
+              seed: int | None, cluster: Any) -> Iterator[dict[str, Any]]:
+    from distributed import Client, as_completed
+
+    if isinstance(cluster, Client):
+        client, own = cluster, False
+    else:  # an address or a cluster object
+        client, own = Client(cluster), True
+    try:
+        [cfg_future] = client.scatter([cfg], broadcast=True)
+        futures = [client.submit(_explain_task, key, cfg_future, device, s, seed, pure=False,
+                                 key=f"icam-med-{s.scan_id}-{uuid.uuid4().hex[:8]}")
+                   for s in scans]
+        try:
+            for fut in as_completed(futures):
+                try:
+                    yield fut.result()
+                except Exception as exc:  # a worker died: the scan fails, the batch goes on
+                    yield {"scan_id": _scan_of(fut, futures, scans), "pid": None,
+                           "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            client.cancel(futures)
+    finally:
+        if own:
+            client.close()
+
+
+def _scan_of(fut: Any, futures: list[Any], scans: Sequence[ScanSpec]) -> str:
+    return scans[futures.index(fut)].scan_id
+
+
+# ---------------------------------------------------------------------------------------
+# The coordinator
+# ---------------------------------------------------------------------------------------
+@dataclass
+class BatchResult:
+    """What a batch run did.
+
+    Attributes:
+        out_dir: the output folder.
+        run_id: this run's id (in every record and ledger entry it wrote).
+        n_scans: scans in the inputs.
+        skipped: scans already done in an earlier run (verified), not redone.
+        done: scans explained and recorded by this run.
+        failed: scan id -> reason, for scans that failed in this run.
+        seconds: wall time of the run.
+        prepare_counts: process id -> how many times that worker prepared the model.
+    """
+
+    out_dir: Path
+    run_id: str
+    n_scans: int = 0
+    skipped: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    prepare_counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every scan is done, 1 when any failed."""
+        return 1 if self.failed else 0
+
+    def line(self) -> str:
+        rate = len(self.done) / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.n_scans} scan(s): {len(self.done)} explained ({rate:.2f}/s), "
+                f"{len(self.skipped)} already done, {len(self.failed)} failed; "
+                f"summary {self.out_dir / SUMMARY_NAME}")
+
+
+def _check_output_folder(out: Path) -> Path:
+    """Create the output folder and prove it writable, before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".icam-med-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(
+            f"output folder {out} cannot be written ({exc.strerror or exc}); choose a folder "
+            "you can write to. Nothing was processed."
+        ) from None
+    return out.resolve()
+
+
+def _config_key(cfg: ICAMConfig) -> str:
+    from icam_med.audit import sha256_json
+
+    weights = cfg.model.weights
+    return sha256_json({
+        "raw": cfg.raw, "path": str(cfg.path),
+        "weights": sha256_file(weights) if weights and Path(weights).is_file() else None,
+    })
+
+
+def _without_input_paths(text: str, spec: ScanSpec) -> str:
+    """Input paths (which may name a patient) shortened to their file names."""
+    for p in (spec.path, spec.mask):
+        if p is not None:
+            for form in sorted({str(p), str(p.absolute()), str(p.resolve())}, key=len,
+                               reverse=True):
+                text = text.replace(form, p.name)
+    return text
+
+
+def _clean_leftovers(out: Path, scan_id: str) -> None:
+    """Remove what an interrupted run left of a scan that no ledger entry names."""
+    folder = out / SCANS_DIR / scan_id
+    if folder.exists():
+        log.warning("scan %s: removing partial outputs of an interrupted run", scan_id)
+        shutil.rmtree(folder)
+
+
+def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
+              out_dir: str | Path, *, workers: int = 0, cluster: Any = None,
+              device: str = "cpu", operator: str | None = None, seed: int | None = 0,
+              progress: bool = True) -> BatchResult:
+    """Explain many scans into one audited output folder (resumable).
+
+    Args:
+        inputs: see :func:`collect_scans`.
+        config: a YAML config path or a loaded :class:`~icam_med.config.ICAMConfig`.
+        out_dir: the output folder (created if missing).
+        workers: 0 to work in this process; N > 0 for N local worker processes.
+        cluster: a Dask scheduler address (``"tcp://host:8786"``), a
+            ``distributed.LocalCluster`` or a ``distributed.Client``; overrides ``workers``.
+        device: torch device for the workers.
+        operator: a pseudonymous operator id for the records.
+        seed: torch seed set before each scan (recorded); ``None`` to leave it.
+        progress: show a progress bar (scans done, rate, ETA) on stderr.
+
+    Returns:
+        A :class:`BatchResult`; ``result.exit_code`` is 1 when any scan failed.
+
+    Raises:
+        PermissionError: the output folder cannot be written (checked before any work).
+        FileExistsError: another run holds the folder's lock.
+        ValueError / FileNotFoundError: bad config, bad scan list, or a damaged ledger.
+    """
+    from icam_med.audit.trail import AuditContext
+    from icam_med.explain import write_explanation
+
+    t0 = time.perf_counter()
+    out = _check_output_folder(Path(out_dir))
+    cfg = config if isinstance(config, ICAMConfig) else load_config(config)
+    scans = collect_scans(inputs)
+    if operator is not None and (not operator.strip() or len(operator) > 64):
+        raise ValueError(f"--operator {operator!r}: give a short pseudonymous id (1-64 chars).")
+    result = BatchResult(out_dir=out, run_id=uuid.uuid4().hex, n_scans=len(scans))
+    with FolderLock(out):
+        ledger = Ledger(out)
+        ledger.repair_torn_tail()
+        done: dict[str, int] = {}
+        tampered: dict[str, str] = {}
+        if ledger.path.exists():
+            report = verify_folder(out)
+            broken = [p for p in report.problems if p.kind == "ledger"]
+            if broken:
+                raise ValueError(
+                    f"the ledger of {out} is broken ({broken[0]}); run `icam-med verify {out}`, "
+                    "keep the folder as evidence and audit into a new folder."
+                )
+            done = dict(report.verified_scans)
+            for p in report.problems:
+                if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
+                    tampered.setdefault(p.scan_id, str(p))
+        todo = []
+        for spec in scans:
+            if spec.scan_id in done:
+                result.skipped.append(spec.scan_id)
+            elif spec.scan_id in tampered:
+                result.failed[spec.scan_id] = (
+                    f"its logged outputs no longer verify ({tampered[spec.scan_id]}); they are "
+                    "kept as evidence and not redone: audit into a new folder")
+            else:
+                todo.append(spec)
+        ledger.append("run-start", run_id=result.run_id, details={
+            "command": "audit", "icam_med_version": __version__, "n_scans": len(scans),
+            "n_todo": len(todo), "n_already_done": len(result.skipped),
+            "config_sha256": sha256_file(cfg.path) if cfg.path else None,
+            "model_weights_sha256": (sha256_file(cfg.model.weights)
+                                     if cfg.model.weights and Path(cfg.model.weights).is_file()
+                                     else None),
+            "backend": "dask" if cluster is not None else
+                       (f"processes:{workers}" if workers else "local"),
+            "device": device, "seed": seed, "operator": operator,
+        })
+        for scan_id, reason in result.failed.items():
+            ledger.log_failure(scan_id, reason, run_id=result.run_id)
+        for spec in todo:
+            _clean_leftovers(out, spec.scan_id)
+        key = _config_key(cfg)
+        if cluster is not None:
+            outcomes = _run_dask(key, cfg, device, todo, seed, cluster)
+        elif workers and workers > 0:
+            outcomes = _run_processes(key, cfg, device, todo, seed, workers)
+        else:
+            outcomes = _run_local(key, cfg, device, todo, seed)
+        by_id = {s.scan_id: s for s in todo}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="scan", desc="icam-med audit", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            for outcome in outcomes:
+                spec = by_id[outcome["scan_id"]]
+                if outcome.get("pid") is not None and "prepare_count" in outcome:
+                    result.prepare_counts[outcome["pid"]] = outcome["prepare_count"]
+                error = outcome.get("error")
+                if error is None:
+                    try:
+                        ctx = AuditContext(
+                            root=out, run_id=result.run_id, scan_id=spec.scan_id,
+                            operator=operator, command="audit", seed=seed,
+                            analysis=outcome["analysis"])
+                        write_explanation(outcome["explanation"], out / SCANS_DIR / spec.scan_id,
+                                          audit=ctx)
+                        result.done.append(spec.scan_id)
+                    except (OSError, ValueError) as exc:
+                        error = f"{type(exc).__name__}: {exc}"
+                        _clean_leftovers(out, spec.scan_id)
+                if error is not None:
+                    entry = ledger.log_failure(spec.scan_id, _without_input_paths(error, spec),
+                                               run_id=result.run_id)
+                    result.failed[spec.scan_id] = entry.data["reason"]
+                    log.warning("scan %s failed: %s", spec.scan_id, entry.data["reason"])
+                bar.update(1)
+                bar.set_postfix(failed=len(result.failed), refresh=False)
+        finally:
+            bar.close()
+            close = getattr(outcomes, "close", None)
+            if close is not None:
+                close()
+        result.seconds = time.perf_counter() - t0
+        ledger.append("run-end", run_id=result.run_id, details={
+            "n_done": len(result.done), "n_failed": len(result.failed),
+            "n_skipped": len(result.skipped), "seconds": round(result.seconds, 3)})
+        write_summary(out)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# summary.csv
+# ---------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def summary_rows(out_dir: str | Path) -> list[dict[str, str]]:
+    """One row per scan of an output folder, from its ledger and records.
+
+    A scan's last event decides its row: a ``scan`` entry is ``ok``, a ``failure`` gives the
+    reason (a failure after a ``scan`` entry means its outputs stopped verifying). Rows come
+    in the order scans first appear in the ledger.
+    """
+    import json
+
+    out = Path(out_dir)
+    latest: dict[str, Mapping[str, Any]] = {}
+    for entry in Ledger(out).entries():
+        sid = entry.scan_id
+        if entry.kind not in ("scan", "failure") or sid is None:
+            continue
+        latest[sid] = entry.data  # the last event of a scan is its state
+    rows = []
+    for sid, e in latest.items():
+        row = dict.fromkeys(SUMMARY_COLUMNS, "")
+        row.update(scan_id=sid, ledger_seq=str(e["seq"]))
+        if e["kind"] == "failure":
+            row.update(status="failed", reason=e.get("reason", ""))
+            rows.append(row)
+            continue
+        rec_path = out / e["record"]["path"]
+        try:
+            rec = json.loads(rec_path.read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            row.update(status="unreadable", reason=f"record {e['record']['path']}: {exc}")
+            rows.append(row)
+            continue
+        method = rec["method"]
+        analysis = rec.get("analysis") or {}
+        stats = analysis.get("map_stats") or {}
+        row.update(
+            status="ok", record=e["record"]["path"],
+            predicted_class=_fmt(method["predicted"]["class_index"]),
+            predicted_label=_fmt(method["predicted"]["label"]),
+            target_label=_fmt(method["target"]["label"]), score=_fmt(method["score"]),
+            expected_label=_fmt(analysis.get("expected_label")),
+            disagrees=_fmt(analysis.get("disagrees")),
+            map_min=_fmt(stats.get("min")), map_max=_fmt(stats.get("max")),
+            map_mean=_fmt(stats.get("mean")), **{"map_frac_above_0.5": _fmt(stats.get("frac_above_0.5"))},
+            peak_voxel=_fmt(stats.get("peak_voxel")),
+            peak_world_ras_mm=_fmt(stats.get("peak_world_ras_mm")),
+            centroid_voxel=_fmt(stats.get("centroid_voxel")),
+            mask_fraction=_fmt(analysis.get("mask_fraction")),
+        )
+        rows.append(row)
+    return rows
+
+
+def write_summary(out_dir: str | Path) -> Path:
+    """(Re)write ``summary.csv`` of an output folder atomically; return its path.
+
+    It is a view of the ledger and records, so it is not itself in the ledger.
+    """
+    from icam_med.io.atomic import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary_rows(out_dir))
+    return atomic_write_text(Path(out_dir) / SUMMARY_NAME, buf.getvalue(), overwrite=True)

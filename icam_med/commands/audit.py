@@ -1,0 +1,38 @@
+"""``icam-med audit INPUTS... --config CONFIG --out DIR``: a resumable, audited batch run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "batch audit: explain many scans into one audited folder (local, processes or Dask)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+",
+                        help="NIfTI files, DICOM series folders, folders of them, or a CSV with "
+                             "columns path[,label][,mask][,id]")
+    parser.add_argument("--config", required=True, help="YAML run config (model, preprocessing, method)")
+    parser.add_argument("--out", required=True, help="output folder (created if missing; re-run to resume)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="N local worker processes (default: work in this process)")
+    parser.add_argument("--cluster", metavar="ADDRESS",
+                        help="Dask scheduler address (e.g. tcp://host:8786): run the scans there")
+    parser.add_argument("--device", default="cpu", help="torch device on the workers (default cpu)")
+    parser.add_argument("--operator", help="pseudonymous operator id for the records (not a name)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed set before each scan (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from icam_med.batch import run_batch
+
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}.")
+    result = run_batch(args.inputs, args.config, args.out, workers=args.workers,
+                       cluster=args.cluster, device=args.device, operator=args.operator,
+                       seed=args.seed, progress=not args.no_progress)
+    for scan_id, reason in result.failed.items():
+        print(f"failed: {scan_id}: {reason}", file=sys.stderr)
+    print(result.line())
+    return result.exit_code

@@ -172,25 +172,30 @@ def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
     if not rows:
         raise ValueError("no scans found in the inputs; give NIfTI files, DICOM series "
                          "folders or a CSV with a 'path' column.")
-    taken: set[str] = set()
-    scans = []
-    for row in rows:
+    def name(row: dict[str, Any], levels: int) -> str:
         path = row["path"]
-        if row["id"]:
-            candidates = [safe_name(row["id"])]
-        else:
-            parts = [_stem(path), *(q.name for q in path.absolute().parents if q.name)]
-            candidates = [safe_name("_".join(reversed(parts[: k + 1]))) for k in range(len(parts))]
-        scan_id = next((c for c in candidates if c not in taken), None)
-        if scan_id is None:
-            base, k = candidates[0], 2
-            while f"{base}-{k}" in taken:
-                k += 1
-            scan_id = f"{base}-{k}"
-        if row["id"] and candidates[0] in taken:
-            raise ValueError(f"scan id '{row['id']}' is used twice in the scan list.")
-        taken.add(scan_id)
-        scans.append(ScanSpec(scan_id, path, row["label"], row["mask"]))
+        parts = [_stem(path), *(q.name for q in path.absolute().parents if q.name)]
+        return safe_name("_".join(reversed(parts[: levels + 1])))
+
+    explicit = [safe_name(r["id"]) for r in rows if r["id"]]
+    if len(explicit) != len(set(explicit)):
+        dup = next(x for x in explicit if explicit.count(x) > 1)
+        raise ValueError(f"scan id '{dup}' is used twice in the scan list; ids must be unique.")
+    ids = [safe_name(r["id"]) if r["id"] else name(r, 0) for r in rows]
+    # Clashing names get as many parent folder names as it takes to tell them apart.
+    for levels in range(1, 8):
+        clashes = {i for i, x in enumerate(ids) if ids.count(x) > 1 and not rows[i]["id"]}
+        if not clashes:
+            break
+        for i in clashes:
+            ids[i] = name(rows[i], levels)
+    seen: dict[str, int] = {}
+    scans = []
+    for row, scan_id in zip(rows, ids, strict=True):
+        seen[scan_id] = seen.get(scan_id, 0) + 1
+        if seen[scan_id] > 1:  # the very same path listed twice
+            scan_id = f"{scan_id}-{seen[scan_id]}"
+        scans.append(ScanSpec(scan_id, row["path"], row["label"], row["mask"]))
     return scans
 
 

@@ -1,0 +1,71 @@
+"""The same batch on a real Dask LocalCluster gives the same maps and records as locally."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_batch import write_config, write_scans
+
+from icam_med.audit import verify_folder
+from icam_med.batch import run_batch
+
+distributed = pytest.importorskip("distributed")
+
+# Fields that legitimately differ between two runs.
+RUN_SPECIFIC = {"activity", "integrity", "runtime"}
+
+
+def _records(out):
+    return {p.parent.name: json.loads(p.read_text()) for p in out.rglob("*.icam.json")}
+
+
+def _close(a, b, path=""):
+    """Deep equality with float tolerance."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), path
+    else:
+        assert a == b, path
+
+
+def test_local_cluster_matches_local_run(tmp_path):
+    cfg = write_config(tmp_path)
+    scans = write_scans(tmp_path / "scans", 4, seed=11)
+    local = run_batch([tmp_path / "scans"], cfg, tmp_path / "local", progress=False)
+    assert local.exit_code == 0 and len(local.done) == 4
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=50) as cluster:
+        remote = run_batch([tmp_path / "scans"], cfg, tmp_path / "dask", cluster=cluster,
+                           progress=False)
+    assert remote.exit_code == 0 and sorted(remote.done) == sorted(local.done)
+    # Each worker process loaded the model exactly once and kept it for its scans.
+    assert 1 <= len(remote.prepare_counts) <= 2
+    assert set(remote.prepare_counts.values()) == {1}
+
+    assert verify_folder(tmp_path / "dask").ok
+    for scan in scans:
+        sid = scan.name.removesuffix(".nii.gz")
+        a = nib.load(tmp_path / "local" / "scans" / sid / "cam.nii.gz")
+        b = nib.load(tmp_path / "dask" / "scans" / sid / "cam.nii.gz")
+        np.testing.assert_allclose(b.get_fdata(), a.get_fdata(), atol=1e-5)
+        np.testing.assert_array_equal(b.affine, a.affine)
+    rec_local, rec_dask = _records(tmp_path / "local"), _records(tmp_path / "dask")
+    assert set(rec_local) == set(rec_dask)
+    for sid, a in rec_local.items():
+        b = rec_dask[sid]
+        _close({k: v for k, v in a.items() if k not in RUN_SPECIFIC | {"outputs"}},
+               {k: v for k, v in b.items() if k not in RUN_SPECIFIC | {"outputs"}}, sid)
+        assert [o["path"] for o in a["outputs"]] == [o["path"] for o in b["outputs"]]
+        assert a["runtime"]["versions"] == b["runtime"]["versions"]
+        assert b["activity"]["command"] == "audit"

@@ -329,10 +329,14 @@ def _run_processes(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanS
 
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(_explain_task, key, cfg, device, s, seed) for s in scans]
+        futures = {pool.submit(_explain_task, key, cfg, device, s, seed): s for s in scans}
         try:
             for fut in as_completed(futures):
-                yield fut.result()
+                try:
+                    yield fut.result()
+                except Exception as exc:  # e.g. a worker killed by the OOM killer
+                    yield {"scan_id": futures[fut].scan_id, "pid": None,
+                           "error": f"{type(exc).__name__}: {exc}"}
         finally:
             for fut in futures:
                 fut.cancel()
@@ -348,25 +352,21 @@ def _run_dask(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
         client, own = Client(cluster), True
     try:
         [cfg_future] = client.scatter([cfg], broadcast=True)
-        futures = [client.submit(_explain_task, key, cfg_future, device, s, seed, pure=False,
-                                 key=f"icam-med-{s.scan_id}-{uuid.uuid4().hex[:8]}")
-                   for s in scans]
+        futures = {client.submit(_explain_task, key, cfg_future, device, s, seed, pure=False,
+                                 key=f"icam-med-{s.scan_id}-{uuid.uuid4().hex[:8]}"): s
+                   for s in scans}
         try:
             for fut in as_completed(futures):
                 try:
                     yield fut.result()
                 except Exception as exc:  # a worker died: the scan fails, the batch goes on
-                    yield {"scan_id": _scan_of(fut, futures, scans), "pid": None,
+                    yield {"scan_id": futures[fut].scan_id, "pid": None,
                            "error": f"{type(exc).__name__}: {exc}"}
         finally:
-            client.cancel(futures)
+            client.cancel(list(futures))
     finally:
         if own:
             client.close()
-
-
-def _scan_of(fut: Any, futures: list[Any], scans: Sequence[ScanSpec]) -> str:
-    return scans[futures.index(fut)].scan_id
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,7 +556,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
                         write_explanation(outcome["explanation"], out / SCANS_DIR / spec.scan_id,
                                           audit=ctx)
                         result.done.append(spec.scan_id)
-                    except (OSError, ValueError) as exc:
+                    except Exception as exc:  # a scan that cannot be written fails alone
                         error = f"{type(exc).__name__}: {exc}"
                         _clean_leftovers(out, spec.scan_id)
                 if error is not None:

@@ -1,4 +1,5 @@
-"""The same batch on a real Dask LocalCluster gives the same maps and records as locally."""
+"""The same batch on a real Dask LocalCluster, and on local worker processes, gives the same
+maps and records as in-process."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _close(a, b, path=""):
         assert a == b, path
 
 
-def test_local_cluster_matches_local_run(tmp_path):
+def test_local_cluster_and_processes_match_local_run(tmp_path):
     cfg = write_config(tmp_path)
     scans = write_scans(tmp_path / "scans", 4, seed=11)
     local = run_batch([tmp_path / "scans"], cfg, tmp_path / "local", progress=False)
@@ -53,19 +54,26 @@ def test_local_cluster_matches_local_run(tmp_path):
     assert 1 <= len(remote.prepare_counts) <= 2
     assert set(remote.prepare_counts.values()) == {1}
 
-    assert verify_folder(tmp_path / "dask").ok
-    for scan in scans:
-        sid = scan.name.removesuffix(".nii.gz")
-        a = nib.load(tmp_path / "local" / "scans" / sid / "cam.nii.gz")
-        b = nib.load(tmp_path / "dask" / "scans" / sid / "cam.nii.gz")
-        np.testing.assert_allclose(b.get_fdata(), a.get_fdata(), atol=1e-5)
-        np.testing.assert_array_equal(b.affine, a.affine)
-    rec_local, rec_dask = _records(tmp_path / "local"), _records(tmp_path / "dask")
-    assert set(rec_local) == set(rec_dask)
-    for sid, a in rec_local.items():
-        b = rec_dask[sid]
-        _close({k: v for k, v in a.items() if k not in RUN_SPECIFIC | {"outputs"}},
-               {k: v for k, v in b.items() if k not in RUN_SPECIFIC | {"outputs"}}, sid)
-        assert [o["path"] for o in a["outputs"]] == [o["path"] for o in b["outputs"]]
-        assert a["runtime"]["versions"] == b["runtime"]["versions"]
-        assert b["activity"]["command"] == "audit"
+    # The same work on two local processes (--workers 2).
+    pool = run_batch([tmp_path / "scans"], cfg, tmp_path / "pool", workers=2, progress=False)
+    assert pool.exit_code == 0 and sorted(pool.done) == sorted(local.done)
+    assert set(pool.prepare_counts.values()) == {1}
+
+    rec_local = _records(tmp_path / "local")
+    for other in ("dask", "pool"):
+        assert verify_folder(tmp_path / other).ok
+        for scan in scans:
+            sid = scan.name.removesuffix(".nii.gz")
+            a = nib.load(tmp_path / "local" / "scans" / sid / "cam.nii.gz")
+            b = nib.load(tmp_path / other / "scans" / sid / "cam.nii.gz")
+            np.testing.assert_allclose(b.get_fdata(), a.get_fdata(), atol=1e-5)
+            np.testing.assert_array_equal(b.affine, a.affine)
+        rec_other = _records(tmp_path / other)
+        assert set(rec_local) == set(rec_other)
+        for sid, a in rec_local.items():
+            b = rec_other[sid]
+            _close({k: v for k, v in a.items() if k not in RUN_SPECIFIC | {"outputs"}},
+                   {k: v for k, v in b.items() if k not in RUN_SPECIFIC | {"outputs"}}, sid)
+            assert [o["path"] for o in a["outputs"]] == [o["path"] for o in b["outputs"]]
+            assert a["runtime"]["versions"] == b["runtime"]["versions"]
+            assert b["activity"]["command"] == "audit"

@@ -481,6 +481,12 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     from icam_med.explain import write_explanation
 
     t0 = time.perf_counter()
+    if cluster is not None:
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise ValueError("--cluster needs Dask distributed; install it with "
+                             "pip install 'icam-med[dask]'.") from None
     out = _check_output_folder(Path(out_dir))
     cfg = config if isinstance(config, ICAMConfig) else load_config(config)
     scans = collect_scans(inputs)

@@ -215,3 +215,21 @@ def test_folder_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def test_anchor_catches_a_recomputed_ledger(folder):
+    """Someone rewrites the last entry and recomputes its hash: the chain holds, the anchor
+    kept elsewhere does not."""
+    from icam_med.audit.ledger import entry_sha256
+
+    head = verify_folder(folder).head_sha256
+    assert verify_folder(folder, anchor=head).ok
+    ledger = folder / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["time_utc"] = "2020-01-01T00:00:00.000Z"
+    last["entry_sha256"] = entry_sha256(last)
+    ledger.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    assert verify_folder(folder).ok  # plain SHA-256 chains can be recomputed...
+    report = verify_folder(folder, anchor=head)
+    assert not report.ok and "anchor" in report.first_problem.message  # ...but not the anchor

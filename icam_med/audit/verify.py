@@ -53,6 +53,7 @@ class VerifyReport:
     n_files: int = 0
     problems: list[Problem] = field(default_factory=list)
     verified_scans: dict[str, int] = field(default_factory=dict)
+    head_sha256: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,7 +68,7 @@ class VerifyReport:
         if self.ok:
             return (f"OK {self.folder}: {self.n_entries} ledger entries chained, "
                     f"{self.n_scans} scan record(s), {self.n_failures} failure(s) logged, "
-                    f"{self.n_files} file(s) re-hashed")
+                    f"{self.n_files} file(s) re-hashed; head {self.head_sha256}")
         more = f" (+{len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else ""
         return f"BROKEN {self.folder}: {self.first_problem}{more}"
 
@@ -130,15 +131,19 @@ def _check_record(root: Path, entry: dict[str, Any]) -> list[str]:
     return problems
 
 
-def verify_folder(folder: str | Path, *, check_files: bool = True) -> VerifyReport:
+def verify_folder(folder: str | Path, *, check_files: bool = True,
+                  anchor: str | None = None) -> VerifyReport:
     """Verify an output folder.
 
     Args:
         folder: a folder holding ``ledger.jsonl``.
         check_files: re-hash outputs and records (``False``: the chain only).
+        anchor: an ``entry_sha256`` kept outside the folder (an earlier ``head``); it must
+            be one of the chain's entries, else the ledger was rewritten or truncated.
 
     Returns:
-        A report; ``report.ok`` is true when everything holds. Problems come in ledger
+        A report; ``report.ok`` is true when everything holds, and ``report.head_sha256``
+        is the last entry's hash (keep it elsewhere to anchor the chain). Problems come in ledger
         order, so ``report.first_problem`` names the first broken entry. Records
         (``*.icam.json``) in the folder that no entry names are problems too: an entry was
         removed, or a run was interrupted before logging them.
@@ -165,6 +170,7 @@ def verify_folder(folder: str | Path, *, check_files: bool = True) -> VerifyRepo
         lines.pop()
     prev = ZERO_HASH
     referenced: set[str] = set()
+    seen_hashes: set[str] = set()
     for i, raw in enumerate(lines, start=1):
         report.n_entries += 1
         try:
@@ -185,6 +191,9 @@ def verify_folder(folder: str | Path, *, check_files: bool = True) -> VerifyRepo
             report.problems.append(Problem(
                 i, f"entry {seq} does not chain to the entry before it (removed or reordered)"))
         prev = entry.get("entry_sha256")
+        report.head_sha256 = prev if isinstance(prev, str) else None
+        if entry_sha256(entry) == prev:
+            seen_hashes.add(prev)
         kind = entry.get("kind")
         if kind == "scan":
             report.n_scans += 1
@@ -204,6 +213,9 @@ def verify_folder(folder: str | Path, *, check_files: bool = True) -> VerifyRepo
                     report.verified_scans[entry["scan_id"]] = seq
         elif kind == "failure":
             report.n_failures += 1
+    if anchor is not None and anchor.lower() not in seen_hashes:
+        report.problems.append(Problem(
+            None, f"anchor {anchor} is not in the ledger: it was rewritten or truncated"))
     for rec in sorted(root.rglob(f"*{RECORD_SUFFIX}")):
         rel = rec.relative_to(root).as_posix()
         if rel not in referenced:

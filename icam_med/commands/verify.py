@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="an output folder holding ledger.jsonl")
     parser.add_argument("--chain-only", action="store_true",
                         help="check the ledger chain only, without re-hashing files")
+    parser.add_argument("--anchor", metavar="SHA256",
+                        help="a head hash printed by an earlier verify and kept elsewhere: "
+                             "it must still be in the chain")
     parser.add_argument("--all", action="store_true",
                         help="list every problem found, not only the first")
 
@@ -19,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from icam_med.audit import verify_folder
 
-    report = verify_folder(args.folder, check_files=not args.chain_only)
+    report = verify_folder(args.folder, check_files=not args.chain_only, anchor=args.anchor)
     if report.ok:
         print(report.summary())
         return 0

@@ -269,7 +269,7 @@ def test_map_analysis_mass_in_mask():
 
 
 def test_kill_mid_run_then_resume_does_every_scan_once(workspace, tmp_path):
-    scans = write_scans(tmp_path / "many", 10, seed=3)
+    scans = write_scans(tmp_path / "many", 14, seed=3)
     out = tmp_path / "audit"
     cmd = [sys.executable, "-m", "icam_med", "audit", str(tmp_path / "many"), "--config",
            str(workspace["config"]), "--out", str(out), "--no-progress"]
@@ -298,7 +298,7 @@ def test_kill_mid_run_then_resume_does_every_scan_once(workspace, tmp_path):
     assert f"{len(done_before)} already done" in rerun.stdout
     entries = scan_entries(out)
     ids = [e.scan_id for e in entries]
-    assert sorted(ids) == sorted(f"case{i:02d}" for i in range(10))  # each exactly once
+    assert sorted(ids) == sorted(f"case{i:02d}" for i in range(len(scans)))  # each once
     report = verify_folder(out)
     assert report.ok, report.problems
     # Nothing partial survives: every file under scans/ is named by a ledger entry.

@@ -137,7 +137,12 @@ def record_explanation(explanation: Any, written: Sequence[Any], map_path: str |
     ctx = ctx or AuditContext()
     map_path = Path(map_path)
     root = _root(ctx, map_path).resolve()
-    prov = explanation.provenance
+    prov = getattr(explanation, "provenance", None) or {}
+    if "voxel_sha256" not in prov:
+        raise ValueError(
+            "this explanation carries no provenance (voxel hash, start time, device), so no "
+            "audit record can be written for it; build it with icam_med.explain.explain_volume."
+        )
     site_key = ctx.site_key
     if site_key is _UNSET:
         site_key = load_site_key(prov.get("audit_config"), base_dir=prov.get("config_dir"))

@@ -51,7 +51,8 @@ class LesionNet(nn.Module):
     Layout (module names as seen by ``named_modules()``, which CAM ``target_layers`` use)::
 
         stem                      ConvNormAct(in -> channels[0]), full resolution
-        stages.0 .. stages.S-1    each: ConvNormAct(stride 2) then ConvNormAct(stride 1)
+        stages.0 .. stages.S-1    each: ConvNormAct(stride 2), then convs_per_stage - 1
+                                  ConvNormAct(stride 1)
         pool                      global average pooling
         head                      Linear(channels[-1] -> out_channels)
 
@@ -65,12 +66,13 @@ class LesionNet(nn.Module):
         channels: width of the stem and of each stage; ``len(channels) - 1`` stages, each
             halving the spatial size.
         norm: ``"batch"`` (default), ``"instance"`` or ``"group"``.
+        convs_per_stage: convolutions per stage (the first one strided).
         dropout: dropout probability before the head (0 disables it).
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
                  channels: Sequence[int] = (8, 16, 32, 64), norm: str = "batch",
-                 dropout: float = 0.0) -> None:
+                 convs_per_stage: int = 2, dropout: float = 0.0) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
@@ -81,12 +83,14 @@ class LesionNet(nn.Module):
             )
         self.spatial_dims = spatial_dims
         self.stem = ConvNormAct(spatial_dims, in_channels, channels[0], norm=norm)
+        if convs_per_stage < 1:
+            raise ValueError(f"convs_per_stage must be >= 1, got {convs_per_stage}.")
         stages = []
         for c_in, c_out in itertools.pairwise(channels):
-            stages.append(nn.Sequential(
-                ConvNormAct(spatial_dims, c_in, c_out, stride=2, norm=norm),
-                ConvNormAct(spatial_dims, c_out, c_out, norm=norm),
-            ))
+            blocks = [ConvNormAct(spatial_dims, c_in, c_out, stride=2, norm=norm)]
+            blocks += [ConvNormAct(spatial_dims, c_out, c_out, norm=norm)
+                       for _ in range(convs_per_stage - 1)]
+            stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool1d(1) if spatial_dims == 1 else (
             nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1))

@@ -15,8 +15,9 @@ What varies from volume to volume (all in physical units, so one generator serve
 * lesion present or absent (``p_present``);
 * size (mean radius ``radius_mm``), elongation (axis ratios 0.55-1), orientation (a
   random rotation) and an irregular outline (a smooth random perturbation of the radius);
-* contrast: hyper- or hypo-intense, ``contrast`` times the brain's intensity standard
-  deviation, with a mild internal texture;
+* contrast: ``contrast`` times the brain's intensity standard deviation, hyper-intense
+  with probability ``p_hyper`` (the demo uses hyper-intense lesions only, see
+  ``sample_data/MODEL_CARD.md``), else hypo-intense, with a mild internal texture;
 * location: anywhere in the brain where the lesion fits (centre at least ``0.6 x`` its
   largest radius from the brain's edge), the lesion clipped to the brain;
 * nuisances applied to every volume, lesion or not: a smooth multiplicative bias field,
@@ -139,6 +140,7 @@ class LesionSynthesizer:
         p_present: probability that a volume holds a lesion.
         radius_mm: range of the lesion's mean radius.
         contrast: range of the lesion's contrast, in units of the brain's intensity SD.
+        p_hyper: probability that a lesion is hyper-intense (else hypo-intense).
         noise: range of the noise SD, in units of the brain's intensity SD.
         bias_field: largest relative amplitude of the multiplicative bias field.
         blur_vox: largest Gaussian blur sigma, in voxels.
@@ -147,10 +149,10 @@ class LesionSynthesizer:
 
     def __init__(self, template: np.ndarray, brain_mask: np.ndarray, spacing: Sequence[float],
                  *, seed: int = 0, p_present: float = 0.5,
-                 radius_mm: tuple[float, float] = (5.0, 14.0),
-                 contrast: tuple[float, float] = (0.8, 2.0),
+                 radius_mm: tuple[float, float] = (6.0, 14.0),
+                 contrast: tuple[float, float] = (2.0, 3.5), p_hyper: float = 1.0,
                  noise: tuple[float, float] = (0.02, 0.10), bias_field: float = 0.15,
-                 blur_vox: float = 0.6, max_shift_mm: float = 6.0) -> None:
+                 blur_vox: float = 0.6, max_shift_mm: float = 4.0) -> None:
         template = np.asarray(template, dtype=np.float32)
         brain_mask = np.asarray(brain_mask, dtype=bool)
         if template.shape != brain_mask.shape:
@@ -176,6 +178,9 @@ class LesionSynthesizer:
         self.p_present = float(p_present)
         self.radius_mm = (float(radius_mm[0]), float(radius_mm[1]))
         self.contrast = (float(contrast[0]), float(contrast[1]))
+        if not 0.0 <= p_hyper <= 1.0:
+            raise ValueError(f"p_hyper must lie in [0, 1], got {p_hyper}.")
+        self.p_hyper = float(p_hyper)
         self.noise = (float(noise[0]), float(noise[1]))
         self.bias_field = float(bias_field)
         self.blur_vox = float(blur_vox)
@@ -249,7 +254,7 @@ class LesionSynthesizer:
         params: dict[str, Any] = {"split": split, "index": int(index), "seed": self.seed}
         if present:
             occupancy, lesion = self.lesion_occupancy(rng)
-            polarity = 1.0 if rng.uniform() < 0.5 else -1.0
+            polarity = 1.0 if rng.uniform() < self.p_hyper else -1.0
             contrast = rng.uniform(*self.contrast)
             texture = 1.0 + 0.2 * _smooth_field(rng, self.shape, 1.0)
             image = image + polarity * contrast * self.brain_sd * occupancy * texture
@@ -309,18 +314,15 @@ def apply_transforms(steps: Sequence[Mapping[str, Any]], data: dict[str, Any],
                      keys: Sequence[str] = ("image",)) -> dict[str, Any]:
     """Apply MONAI dictionary transforms named as in a config's ``preprocessing`` section.
 
+    Built by :func:`icam_med.io.preprocessing.build_preprocessing`, the same builder the
+    scan pipeline uses, so synthetic volumes are transformed exactly as real scans are.
     Steps that give no ``keys`` are applied to ``keys``.
     """
-    import monai.transforms as mt
+    from icam_med.io.preprocessing import build_preprocessing
 
-    for step in steps:
-        args = {k: v for k, v in step.items() if k != "name"}
-        args.setdefault("keys", list(keys))
-        cls = getattr(mt, step["name"], None)
-        if cls is None:
-            raise ValueError(f"preprocessing step {step['name']!r} is not a MONAI transform.")
-        data = cls(**args)(data)
-    return data
+    if not steps:
+        return data
+    return build_preprocessing(steps, keys=keys, source="synthetic data")(data)
 
 
 def input_space_synthesizer(preprocessing: Sequence[Mapping[str, Any]], *, seed: int = 0,

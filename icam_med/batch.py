@@ -47,6 +47,7 @@ import numpy as np
 from icam_med._version import __version__
 from icam_med.audit import Ledger, sha256_file, verify_folder, voxel_sha256
 from icam_med.audit.ledger import FolderLock
+from icam_med.audit.phi import load_site_key
 from icam_med.audit.record import safe_name
 from icam_med.config import ICAMConfig, load_config
 
@@ -322,13 +323,21 @@ def _run_local(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec]
         yield _explain_task(key, cfg, device, spec, seed)
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _run_processes(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
                    seed: int | None, workers: int) -> Iterator[dict[str, Any]]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscription of the cores
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
+                             initargs=(threads,)) as pool:
         futures = {pool.submit(_explain_task, key, cfg, device, s, seed): s for s in scans}
         try:
             for fut in as_completed(futures):
@@ -475,7 +484,8 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     Raises:
         PermissionError: the output folder cannot be written (checked before any work).
         FileExistsError: another run holds the folder's lock.
-        ValueError / FileNotFoundError: bad config, bad scan list, or a damaged ledger.
+        ValueError / FileNotFoundError: bad config (site key included), bad scan list, or a
+            damaged ledger.
     """
     from icam_med.audit.trail import AuditContext
     from icam_med.explain import write_explanation
@@ -489,6 +499,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
                              "pip install 'icam-med[dask]'.") from None
     out = _check_output_folder(Path(out_dir))
     cfg = config if isinstance(config, ICAMConfig) else load_config(config)
+    site_key = load_site_key(cfg.audit, base_dir=cfg.path.parent if cfg.path else None)
     scans = collect_scans(inputs)
     if operator is not None and (not operator.strip() or len(operator) > 64):
         raise ValueError(f"--operator {operator!r}: give a short pseudonymous id (1-64 chars).")
@@ -558,7 +569,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
                         ctx = AuditContext(
                             root=out, run_id=result.run_id, scan_id=spec.scan_id,
                             operator=operator, command="audit", seed=seed,
-                            analysis=outcome["analysis"])
+                            site_key=site_key, analysis=outcome["analysis"])
                         write_explanation(outcome["explanation"], out / SCANS_DIR / spec.scan_id,
                                           audit=ctx)
                         result.done.append(spec.scan_id)

@@ -309,3 +309,14 @@ def test_kill_mid_run_then_resume_does_every_scan_once(workspace, tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith((".part", ".partial"))]
     kinds = [e.kind for e in Ledger(out).entries()]
     assert kinds.count("run-start") == 2 and kinds.count("run-end") == 1  # the kill shows
+
+
+def test_bad_site_key_config_fails_before_any_work(workspace, tmp_path):
+    cfg = tmp_path / "keyed.yaml"
+    cfg.write_text(workspace["config"].read_text().replace(
+        "tiny.safetensors", str(workspace["base"] / "tiny.safetensors"))
+        + "audit: {site_key_file: missing.key}\n")
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="site key file"):
+        run_batch([workspace["nifti"][0]], cfg, out, progress=False)
+    assert not (out / "ledger.jsonl").exists()

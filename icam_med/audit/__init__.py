@@ -11,13 +11,21 @@ from __future__ import annotations
 
 from icam_med.audit.hashing import canonical_json, sha256_file, sha256_json, voxel_sha256
 from icam_med.audit.ledger import LEDGER_NAME, FolderLock, Ledger, LedgerEntry
-from icam_med.audit.phi import SiteKey, check_no_phi, find_phi, hash_uid, load_site_key
+from icam_med.audit.phi import (
+    SiteKey,
+    check_no_phi,
+    find_phi,
+    hash_uid,
+    identifiers_from_scan,
+    load_site_key,
+)
 from icam_med.audit.record import (
     RECORD_SUFFIX,
     activity_section,
     build_record,
     file_ref,
     geometry_summary,
+    input_from_scan,
     input_section,
     method_section,
     model_section,
@@ -26,13 +34,16 @@ from icam_med.audit.record import (
     runtime_section,
     seal_record,
     utc_now,
+    voxel_digest,
 )
 from icam_med.audit.schema import load_record_schema, validate_record
+from icam_med.audit.trail import AuditContext, record_explanation
 from icam_med.audit.verify import Problem, VerifyReport, verify_folder
 
 __all__ = [
     "LEDGER_NAME",
     "RECORD_SUFFIX",
+    "AuditContext",
     "FolderLock",
     "Ledger",
     "LedgerEntry",
@@ -47,12 +58,15 @@ __all__ = [
     "find_phi",
     "geometry_summary",
     "hash_uid",
+    "identifiers_from_scan",
+    "input_from_scan",
     "input_section",
     "load_record_schema",
     "load_site_key",
     "method_section",
     "model_section",
     "preprocessing_section",
+    "record_explanation",
     "record_sha256",
     "runtime_section",
     "seal_record",
@@ -61,5 +75,6 @@ __all__ = [
     "utc_now",
     "validate_record",
     "verify_folder",
+    "voxel_digest",
     "voxel_sha256",
 ]

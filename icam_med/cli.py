@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "explain": "explain",
     "audit": "audit",
     "verify": "verify",
+    "report": "report",
     "evaluate": "evaluate",
 }
 

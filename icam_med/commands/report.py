@@ -1,0 +1,39 @@
+"""``icam-med report DIR``: the audit report (HTML, optionally PDF) of an output folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "build the audit report of an output folder: self-contained HTML (and --pdf)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="an output folder of `icam-med audit` (holds ledger.jsonl)")
+    parser.add_argument("--scans", nargs="+", metavar="INPUT",
+                        help="the audited scans (the same inputs as `icam-med audit`: files, "
+                             "folders or CSV), to draw each map over its scan; a scan is "
+                             "drawn only if its voxel SHA-256 matches its record")
+    parser.add_argument("--config", help="the run's YAML config, to load the scans with its "
+                                         "geometry options")
+    parser.add_argument("--pdf", action="store_true", help="also write report.pdf")
+    parser.add_argument("--per-page", type=int, default=50, metavar="N",
+                        help="scan sections per HTML page (default 50)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+
+
+def run(args: argparse.Namespace) -> int:
+    from icam_med.report import build_report
+
+    geometry = None
+    if args.config:
+        from icam_med.config import load_config
+
+        geometry = load_config(args.config).geometry
+    result = build_report(args.folder, scans=args.scans, geometry=geometry, pdf=args.pdf,
+                          per_page=args.per_page, overwrite=args.overwrite)
+    print(result.line())
+    if not result.ledger_ok:
+        print(f"warning: the folder does not verify: {result.problems[0]}", file=sys.stderr)
+        return 1
+    return 0

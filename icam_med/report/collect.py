@@ -1,0 +1,411 @@
+"""What the report shows, gathered from an audit folder: ledger, records, verification,
+maps and (optionally) the scans' voxels.
+
+Only PHI-free sources are read: the ledger, the audit records, the map files and the
+scans' voxel arrays (never DICOM header text). A scan given to draw the map over is
+accepted only when its voxel SHA-256 equals the one its record pins, so the picture shows
+exactly the audited input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from icam_med.audit import LEDGER_NAME, VerifyReport, verify_folder, voxel_sha256
+
+__all__ = [
+    "BODY_THRESHOLD_FRACTION",
+    "CONFIDENT_PROBABILITY",
+    "OUTSIDE_BODY_LIMIT",
+    "CohortData",
+    "ScanItem",
+    "body_mask",
+    "collect",
+    "outside_fraction",
+    "probabilities",
+]
+
+log = logging.getLogger(__name__)
+
+#: A wrong prediction whose predicted-class probability is at least this is "confident".
+CONFIDENT_PROBABILITY = 0.9
+#: A map with more than this fraction of its mass outside the body mask is suspicious.
+OUTSIDE_BODY_LIMIT = 0.5
+#: Body mask: voxels above p1 + this * (p99 - p1) of the scan's intensities.
+BODY_THRESHOLD_FRACTION = 0.1
+
+
+def probabilities(logits: Any) -> list[float] | None:
+    """Class probabilities from logits: softmax for K > 1 outputs, sigmoid for one."""
+    if not logits:
+        return None
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(z)):
+        return None
+    if z.size == 1:
+        return [float(1.0 / (1.0 + math.exp(-z[0])))]
+    e = np.exp(z - z.max())
+    return [float(v) for v in e / e.sum()]
+
+
+def body_mask(scan: np.ndarray) -> np.ndarray:
+    """Voxels above ``p1 + BODY_THRESHOLD_FRACTION * (p99 - p1)`` (a simple, documented
+    intensity threshold: air and empty background fall below it for CT and most MR)."""
+    lo, hi = np.percentile(scan, [1, 99])
+    return scan > lo + BODY_THRESHOLD_FRACTION * (hi - lo)
+
+
+def outside_fraction(cam: np.ndarray, scan: np.ndarray) -> float | None:
+    """Fraction of the map's mass (sum of values) outside :func:`body_mask`; ``None`` for
+    an all-zero map."""
+    total = float(cam.sum())
+    if total <= 0:
+        return None
+    return float(cam[~body_mask(scan)].sum() / total)
+
+
+@dataclass
+class ScanItem:
+    """One scan as the report shows it."""
+
+    scan_id: str
+    seq: int
+    status: str                          # "ok" or "failed"
+    time_utc: str | None = None
+    run_id: str | None = None
+    reason: str | None = None            # failure reason (already path-scrubbed by the ledger)
+    record: dict[str, Any] | None = None
+    record_path: str | None = None
+    verified: bool = False
+    problems: list[str] = field(default_factory=list)
+    predicted_label: str | None = None
+    target_label: str | None = None
+    score: float | None = None
+    probability: float | None = None     # of the predicted class
+    expected_label: str | None = None
+    disagrees: bool | None = None
+    layer_weights: dict[str, float] = field(default_factory=dict)
+    mask_fraction: float | None = None   # batch mask (lesion) fraction, when one was given
+    outside_body: float | None = None
+    scan_shown: str = "not given"        # "matched", "not given", "hash differs", "unreadable"
+    map_state: str = "not read"          # "ok", "missing", "unreadable", "empty"
+    flags: list[str] = field(default_factory=list)
+    montage: bytes | None = None
+    weights_png: bytes | None = None
+    priority: tuple[int, float] = (9, 0.0)
+    page: int = 1
+
+    @property
+    def confident_wrong(self) -> bool:
+        return bool(self.disagrees) and (self.probability or 0.0) >= CONFIDENT_PROBABILITY
+
+    @property
+    def anchor(self) -> str:
+        return f"scan-{self.scan_id}"
+
+
+@dataclass
+class CohortData:
+    """Everything the report is built from."""
+
+    folder_name: str
+    verify: VerifyReport
+    entries: list[dict[str, Any]]
+    unreadable_lines: int
+    scans: list[ScanItem]
+    runs: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    methods: list[dict[str, Any]]
+    preprocessing: list[list[dict[str, Any]]]
+    versions: list[dict[str, Any]]
+    labels: list[str]
+    head_sha256: str | None
+
+    @property
+    def ok_scans(self) -> list[ScanItem]:
+        return [s for s in self.scans if s.status == "ok"]
+
+    @property
+    def failed_scans(self) -> list[ScanItem]:
+        return [s for s in self.scans if s.status != "ok"]
+
+
+def _read_ledger(folder: Path) -> tuple[list[dict[str, Any]], int]:
+    """Ledger entries in order; lines that are not JSON objects are counted, not read (the
+    verification report names them)."""
+    entries, bad = [], 0
+    for raw in (folder / LEDGER_NAME).read_bytes().split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            bad += 1
+    return entries, bad
+
+
+def _inside(folder: Path, rel: Any) -> Path | None:
+    if not isinstance(rel, str) or not rel:
+        return None
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel:
+        return None
+    return folder / p
+
+
+def _distinct(items: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    seen: set[str] = set()
+    for item in items:
+        key = json.dumps(item, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def _scan_sources(scans: Any) -> dict[str, Path]:
+    if scans is None:
+        return {}
+    if isinstance(scans, Mapping):
+        return {str(k): Path(v) for k, v in scans.items()}
+    from icam_med.batch import collect_scans
+
+    if isinstance(scans, (str, Path)):
+        scans = [scans]
+    return {s.scan_id: s.path for s in collect_scans(scans)}
+
+
+def _fill_from_record(item: ScanItem, rec: dict[str, Any]) -> None:
+    method = rec.get("method") or {}
+    analysis = rec.get("analysis") or {}
+    predicted = method.get("predicted") or {}
+    target = method.get("target") or {}
+    item.predicted_label = predicted.get("label") or (
+        None if predicted.get("class_index") is None else str(predicted["class_index"]))
+    item.target_label = target.get("label") or (
+        None if target.get("class_index") is None else str(target["class_index"]))
+    item.score = method.get("score")
+    probs = probabilities(method.get("logits"))
+    idx = predicted.get("class_index")
+    if probs is not None and idx is not None:
+        item.probability = probs[0] if len(probs) == 1 else probs[idx]
+    weights = {str(k): float(v) for k, v in (method.get("layer_weights") or {}).items()}
+    # Records store canonical (sorted) JSON: restore the network's layer order.
+    order = [n for n in method.get("layers") or [] if n in weights]
+    item.layer_weights = {n: weights[n] for n in [*order, *(k for k in weights if k not in order)]}
+    exp = analysis.get("expected_label")
+    item.expected_label = None if exp is None else str(exp)
+    item.disagrees = analysis.get("disagrees")
+    item.mask_fraction = analysis.get("mask_fraction")
+
+
+def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: Any) -> None:
+    """Read the map (and the scan, if given), compute the body check and draw figures."""
+    from icam_med.io import load_volume
+    from icam_med.report.figures import layer_weights_png, montage_png, to_ras
+
+    rec = item.record or {}
+    if item.layer_weights:
+        item.weights_png = layer_weights_png(item.layer_weights)
+    ref = next((o for o in rec.get("outputs") or [] if o.get("role") == "cam_nifti"), None)
+    map_path = _inside(folder, ref.get("path")) if ref else None
+    if map_path is None or not map_path.is_file():
+        item.map_state = "missing"
+        return
+    try:
+        cam, cam_info = load_volume(map_path)
+    except Exception as exc:  # a damaged map is reported, not fatal for the whole report
+        log.warning("scan %s: map unreadable (%s)", item.scan_id, type(exc).__name__)
+        item.map_state = "unreadable"
+        return
+    cam_np = np.asarray(cam[0].numpy(), dtype=np.float32)
+    item.map_state = "ok" if float(cam_np.max()) > 0 else "empty"
+    scan_ras = None
+    if source is not None:
+        want = (rec.get("input") or {}).get("voxel_sha256")
+        try:
+            image, info = load_volume(source, geometry=geometry)
+        except Exception as exc:  # messages may name the path: keep only the type
+            log.warning("scan %s: the scan given could not be read (%s)", item.scan_id,
+                        type(exc).__name__)
+            item.scan_shown = "unreadable"
+        else:
+            if voxel_sha256(image) != want:
+                item.scan_shown = "hash differs"
+            elif tuple(info.shape) != tuple(cam_np.shape) or not np.allclose(
+                    np.asarray(info.affine), np.asarray(cam_info.affine), atol=1e-3):
+                item.scan_shown = "grid differs"
+            else:
+                item.scan_shown = "matched"
+                scan_np = np.asarray(image[0].numpy(), dtype=np.float32)
+                item.outside_body = outside_fraction(cam_np, scan_np)
+                scan_ras = to_ras(scan_np, info.affine)
+    title = f"{item.scan_id}: predicted {item.predicted_label}"
+    if item.expected_label is not None:
+        title += f", expected {item.expected_label}"
+    item.montage = montage_png(to_ras(cam_np, cam_info.affine), scan_ras, title=title)
+
+
+def _flag(item: ScanItem) -> None:
+    """Flags and review priority (lower first); the rules are printed in the report."""
+    f = item.flags
+    if item.status != "ok":
+        f.append("failed: " + (item.reason or "no reason logged"))
+        item.priority = (4, 0.0)
+        return
+    if not item.verified:
+        f.append("not verified: " + ("; ".join(item.problems) or "see ledger verification"))
+    if item.confident_wrong:
+        f.append(f"confident wrong prediction (p = {item.probability:.3f} for "
+                 f"'{item.predicted_label}', expected '{item.expected_label}')")
+    elif item.disagrees:
+        f.append(f"prediction '{item.predicted_label}' disagrees with expected label "
+                 f"'{item.expected_label}'")
+    suspicious = False
+    if item.map_state == "empty":
+        f.append("empty map (all zero): it explains nothing")
+        suspicious = True
+    elif item.map_state in ("missing", "unreadable"):
+        f.append(f"map file {item.map_state}")
+        suspicious = True
+    if item.outside_body is not None and item.outside_body > OUTSIDE_BODY_LIMIT:
+        f.append(f"suspicious map: {item.outside_body:.0%} of its mass lies outside the body")
+        suspicious = True
+    if item.scan_shown == "hash differs":
+        f.append("the scan given is not the audited one (voxel SHA-256 differs): not drawn")
+    elif item.scan_shown in ("unreadable", "grid differs"):
+        f.append(f"the scan given could not be drawn ({item.scan_shown})")
+    if not item.verified:
+        item.priority = (0, 0.0)
+    elif item.confident_wrong:
+        item.priority = (1, -(item.probability or 0.0))
+    elif suspicious:
+        item.priority = (2, -(item.outside_body or 1.0))
+    elif item.disagrees:
+        item.priority = (3, -(item.probability or 0.0))
+
+
+def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
+            figures: bool = True) -> CohortData:
+    """Gather the report's content from an audit folder.
+
+    Args:
+        out_dir: a folder written by ``icam-med audit`` or ``icam-med explain``.
+        scans: where the audited scans are, to draw the maps over them: a mapping
+            ``scan_id -> path`` or the same inputs given to ``icam-med audit`` (files,
+            folders, CSV). Optional; without it maps are drawn alone.
+        geometry: the config's ``geometry`` options used to load the scans.
+        figures: draw the per-scan figures (``False``: tables only).
+    """
+    folder = Path(out_dir).resolve()
+    report = verify_folder(folder)  # the library's own verification, re-run now
+    entries, bad = _read_ledger(folder)
+    sources = _scan_sources(scans)
+    latest: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        kind, rid = e.get("kind"), str(e.get("run_id"))
+        if kind in ("run-start", "run-end"):
+            run = runs.setdefault(rid, {"run_id": rid})
+            run["started_utc" if kind == "run-start" else "ended_utc"] = e.get("time_utc")
+            run.update({f"{k}": v for k, v in (e.get("details") or {}).items()})
+        elif kind in ("scan", "failure") and isinstance(e.get("scan_id"), str):
+            latest[e["scan_id"]] = e
+            run = runs.setdefault(rid, {"run_id": rid})
+            run.setdefault("first_entry_utc", e.get("time_utc"))
+            run["last_entry_utc"] = e.get("time_utc")
+    problems_by_scan: dict[str, list[str]] = {}
+    for p in report.problems:
+        if p.scan_id:
+            problems_by_scan.setdefault(p.scan_id, []).append(p.message)
+    items: list[ScanItem] = []
+    for sid, e in latest.items():
+        item = ScanItem(scan_id=sid, seq=int(e.get("seq") or 0),
+                        status="ok" if e.get("kind") == "scan" else "failed",
+                        time_utc=e.get("time_utc"), run_id=e.get("run_id"),
+                        reason=e.get("reason"), problems=problems_by_scan.get(sid, []))
+        item.verified = report.verified_scans.get(sid) == item.seq
+        if item.status == "ok":
+            ref = e.get("record") or {}
+            item.record_path = ref.get("path") if isinstance(ref, dict) else None
+            path = _inside(folder, item.record_path)
+            try:
+                item.record = json.loads(path.read_text("utf-8")) if path else None
+            except (OSError, ValueError):
+                item.record = None
+            if item.record is None:
+                item.problems.append("record missing or unreadable")
+                item.verified = False
+            else:
+                _fill_from_record(item, item.record)
+                if figures:
+                    _load_pictures(item, folder, sources.get(sid), geometry)
+        _flag(item)
+        items.append(item)
+    records = [s.record for s in items if s.record]
+    models = _distinct(r.get("model") for r in records)
+    methods = _distinct({k: (r.get("method") or {}).get(k) for k in ("name", "options", "layers")}
+                        for r in records)
+    labels: list[str] = []
+    for m in models:
+        labels.extend(x for x in (m or {}).get("labels") or [] if x not in labels)
+    return CohortData(
+        folder_name=folder.name, verify=report, entries=entries, unreadable_lines=bad,
+        scans=items, runs=list(runs.values()), models=models, methods=methods,
+        preprocessing=_distinct(r.get("preprocessing") for r in records),
+        versions=_distinct((r.get("runtime") or {}).get("versions") for r in records),
+        labels=labels,
+        head_sha256=entries[-1].get("entry_sha256") if entries else None,
+    )
+
+
+def cohort_metrics(data: CohortData) -> dict[str, Any]:
+    """Counts, accuracy and the confusion matrix over scans with an expected label."""
+    ok = data.ok_scans
+    labelled = [s for s in ok if s.expected_label is not None and s.disagrees is not None]
+    correct = sum(1 for s in labelled if not s.disagrees)
+    expected = list(dict.fromkeys([*data.labels, *(s.expected_label for s in labelled)]))
+    predicted = list(dict.fromkeys([*data.labels, *(s.predicted_label or "?" for s in labelled)]))
+    # An expected label given as a class index counts as that class's label.
+    def as_label(value: str) -> str:
+        if value.isdigit() and int(value) < len(data.labels):
+            return data.labels[int(value)]
+        return value
+
+    expected = list(dict.fromkeys(as_label(x) for x in expected))
+    matrix = np.zeros((len(expected), len(predicted)), dtype=int)
+    for s in labelled:
+        matrix[expected.index(as_label(s.expected_label or "")),
+               predicted.index(s.predicted_label or "?")] += 1
+    groups: dict[str, list[float]] = {"correct": [], "wrong": [], "no expected label": []}
+    for s in ok:
+        if s.probability is None:
+            continue
+        key = ("no expected label" if s.disagrees is None else
+               "wrong" if s.disagrees else "correct")
+        groups[key].append(s.probability)
+    return {
+        "n_scans": len(data.scans), "n_ok": len(ok), "n_failed": len(data.failed_scans),
+        "n_verified": sum(1 for s in data.scans if s.verified),
+        "n_labelled": len(labelled), "n_correct": correct,
+        "accuracy": correct / len(labelled) if labelled else None,
+        "n_confident_wrong": sum(1 for s in ok if s.confident_wrong),
+        "n_flagged": sum(1 for s in data.scans if s.flags),
+        "confusion": matrix if labelled else None,
+        "expected_labels": expected, "predicted_labels": predicted,
+        "score_groups": groups,
+    }

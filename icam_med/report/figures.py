@@ -1,0 +1,224 @@
+"""Figures of the audit report, drawn with matplotlib (Agg) into PNG bytes.
+
+Every slice is drawn in millimetres (``extent`` in mm, equal aspect), so anisotropic
+voxels keep their physical proportions. Volumes are first brought to the closest RAS
+axis order with :mod:`nibabel.orientations` (no resampling: an oblique scan is shown along
+its nearest anatomical axes). Slices follow the radiological convention: the patient's
+right is on the image's left in axial and coronal views, anterior is on the left in
+sagittal views; the side letters are drawn on every view.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "RASVolume",
+    "confusion_png",
+    "layer_weights_png",
+    "montage_png",
+    "score_distribution_png",
+    "to_ras",
+]
+
+#: Map values below this are not drawn over the scan (transparent).
+OVERLAY_FLOOR = 0.05
+
+
+@dataclass(frozen=True)
+class RASVolume:
+    """A volume in (closest) RAS axis order with its voxel size in mm per axis."""
+
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def to_ras(data: Any, affine: Any) -> RASVolume:
+    """Reorder/flip a 3-D array to the closest RAS axis order (no interpolation).
+
+    Args:
+        data: ``(X, Y, Z)`` or ``(1, X, Y, Z)`` array or tensor.
+        affine: its 4x4 voxel-to-RAS affine.
+    """
+    import nibabel.orientations as nio
+
+    a = data.detach().cpu().numpy() if hasattr(data, "detach") else np.asarray(data)
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"expected a 3-D volume, got an array of shape {a.shape}.")
+    aff = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine,
+                     dtype=np.float64)
+    ornt = nio.io_orientation(aff)
+    out = nio.apply_orientation(a, ornt)
+    new_aff = aff @ nio.inv_ornt_aff(ornt, a.shape)
+    spacing = tuple(float(np.linalg.norm(new_aff[:3, i])) or 1.0 for i in range(3))
+    return RASVolume(np.ascontiguousarray(out), spacing)  # type: ignore[arg-type]
+
+
+def _fig_png(fig: Any, dpi: int) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# (name, fixed RAS axis, (horizontal axis, vertical axis), side letters left/right/bottom/top)
+_VIEWS = (
+    ("axial", 2, (0, 1), ("R", "L", "P", "A")),
+    ("coronal", 1, (0, 2), ("R", "L", "I", "S")),
+    ("sagittal", 0, (1, 2), ("A", "P", "I", "S")),
+)
+
+
+def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 2-D slice, indexed ``[vertical, horizontal]`` for ``imshow(origin="lower")``."""
+    return np.take(vol, index, axis=axis).T
+
+
+def _overlay_rgba(values: np.ndarray, cmap: Any) -> np.ndarray:
+    """Colours of the map with opacity growing with its value (transparent below
+    :data:`OVERLAY_FLOOR`), so the anatomy stays visible where the map is weak."""
+    v = np.clip(values, 0.0, 1.0)
+    rgba = cmap(v)
+    rgba[..., 3] = np.where(v < OVERLAY_FLOOR, 0.0, 0.25 + 0.55 * v)
+    return rgba
+
+
+def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
+                title: str = "", dpi: int = 80) -> bytes:
+    """Axial, coronal and sagittal slices through the map's peak and the volume's centre.
+
+    The map (``[0, 1]``) is drawn over the scan (grey, 1st-99th percentile window) with
+    a colour bar; without a scan the map is drawn alone. A cross marks the map's peak.
+    """
+    plt = _pyplot()
+    m = map_ras.data
+    sx, sy, sz = map_ras.spacing
+    size_mm = np.array(m.shape) * np.array([sx, sy, sz])
+    peak = np.unravel_index(int(np.argmax(m)), m.shape)
+    centre = tuple(s // 2 for s in m.shape)
+    grey = None
+    if scan_ras is not None:
+        grey = scan_ras.data
+        lo, hi = np.percentile(grey, [1, 99])
+        if hi <= lo:
+            hi = lo + 1.0
+    cmap = plt.get_cmap("jet" if grey is not None else "inferno")
+    fig, axes = plt.subplots(2, 3, figsize=(9.6, 6.4), constrained_layout=True)
+    for row, (label, point) in enumerate((("through the map's peak", peak),
+                                          ("through the scan's centre", centre))):
+        for col, (view, axis, (h, v), sides) in enumerate(_VIEWS):
+            ax = axes[row, col]
+            extent = (0.0, size_mm[h], 0.0, size_mm[v])
+            if grey is not None:
+                ax.imshow(_slice(grey, axis, point[axis]), cmap="gray", vmin=lo, vmax=hi,
+                          origin="lower", extent=extent, interpolation="nearest")
+                ax.imshow(_overlay_rgba(_slice(m, axis, point[axis]), cmap), origin="lower",
+                          extent=extent, interpolation="nearest")
+            else:
+                ax.imshow(_slice(m, axis, point[axis]), cmap="inferno", vmin=0.0, vmax=1.0,
+                          origin="lower", extent=extent, interpolation="nearest")
+            # Radiological display: the patient's right (sagittal: anterior) on the left.
+            ax.invert_xaxis()
+            ax.set_aspect("equal")
+            ph = (peak[h] + 0.5) * map_ras.spacing[h]
+            pv = (peak[v] + 0.5) * map_ras.spacing[v]
+            if point[axis] == peak[axis]:
+                ax.plot([ph], [pv], marker="+", color="white", markersize=12, mew=1.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            kw = {"transform": ax.transAxes, "color": "yellow", "fontsize": 9,
+                  "fontweight": "bold"}
+            ax.text(0.02, 0.5, sides[0], ha="left", va="center", **kw)
+            ax.text(0.98, 0.5, sides[1], ha="right", va="center", **kw)
+            ax.text(0.5, 0.02, sides[2], ha="center", va="bottom", **kw)
+            ax.text(0.5, 0.98, sides[3], ha="center", va="top", **kw)
+            ax.set_title(f"{view} {point[axis] + 1}/{m.shape[axis]}", fontsize=9)
+        axes[row, 0].set_ylabel(label, fontsize=9)
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    cbar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=axes, shrink=0.8,
+                        pad=0.01)
+    cbar.set_label("map value (0-1); over the scan, opacity grows with the value", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _fig_png(fig, dpi)
+
+
+def layer_weights_png(weights: Mapping[str, float], *, dpi: int = 80) -> bytes:
+    """Horizontal bars: each layer's weight in the fused map, shallow layers on top."""
+    plt = _pyplot()
+    names = list(weights)
+    values = [float(weights[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(4.6, 0.45 * max(len(names), 2) + 0.9),
+                           constrained_layout=True)
+    pos = np.arange(len(names))
+    ax.barh(pos, values, color="#3b6ea5")
+    ax.set_yticks(pos, [n if len(n) <= 28 else "..." + n[-25:] for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max([1e-9, *values]) * 1.18)
+    for p, val in zip(pos, values, strict=True):
+        ax.text(val, p, f" {val:.3f}", va="center", fontsize=8)
+    ax.set_xlabel("layer weight (weights sum to 1)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    return _fig_png(fig, dpi)
+
+
+def confusion_png(matrix: np.ndarray, expected: Sequence[str], predicted: Sequence[str], *,
+                  dpi: int = 80) -> bytes:
+    """Counts of expected (rows) vs predicted (columns) labels."""
+    plt = _pyplot()
+    n_r, n_c = matrix.shape
+    fig, ax = plt.subplots(figsize=(1.2 * n_c + 2.2, 1.0 * n_r + 1.6), constrained_layout=True)
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max())))
+    for i in range(n_r):
+        for j in range(n_c):
+            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=color,
+                    fontsize=11)
+    ax.set_xticks(range(n_c), list(predicted), fontsize=9)
+    ax.set_yticks(range(n_r), list(expected), fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("expected")
+    ax.set_title("confusion matrix", fontsize=10)
+    return _fig_png(fig, dpi)
+
+
+def score_distribution_png(groups: Mapping[str, Sequence[float]], *, threshold: float,
+                           dpi: int = 80) -> bytes:
+    """Stacked histogram of the predicted class's probability by outcome group."""
+    plt = _pyplot()
+    colours = {"correct": "#4c9a2a", "wrong": "#c0392b", "no expected label": "#7f8c8d"}
+    fig, ax = plt.subplots(figsize=(5.2, 3.0), constrained_layout=True)
+    data = [list(v) for v in groups.values()]
+    if any(data):
+        ax.hist(data, bins=np.linspace(0, 1, 21), stacked=True,
+                label=[f"{k} ({len(v)})" for k, v in groups.items()],
+                color=[colours.get(k, "#34495e") for k in groups])
+        ax.legend(fontsize=8, loc="upper left")
+    ax.axvline(threshold, color="black", ls="--", lw=1)
+    ax.text(threshold, ax.get_ylim()[1] * 0.95, " confident", fontsize=8, va="top")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability of the predicted class")
+    ax.set_ylabel("scans")
+    ax.set_title("score distribution", fontsize=10)
+    return _fig_png(fig, dpi)

@@ -1,0 +1,189 @@
+"""The PDF report with fpdf2 (pure Python, no browser): the same sections as the HTML,
+with the same matplotlib figures as PNG images and a Unicode font shipped by matplotlib."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from icam_med.report.collect import CohortData, ScanItem
+from icam_med.report.content import methods_appendix, review_rules
+
+__all__ = ["render_pdf"]
+
+
+def _font_dir() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+class _Doc:
+    def __init__(self, title: str) -> None:
+        from fpdf import FPDF
+
+        pdf = FPDF(format="A4", unit="mm")
+        pdf.set_auto_page_break(True, margin=14)
+        pdf.set_margins(14, 14, 14)
+        fonts = _font_dir()
+        pdf.add_font("DejaVu", "", str(fonts / "DejaVuSans.ttf"))
+        pdf.add_font("DejaVu", "B", str(fonts / "DejaVuSans-Bold.ttf"))
+        pdf.set_title(title)
+        pdf.set_creator("icam-med")
+        pdf.set_producer("icam-med (fpdf2)")
+        pdf.add_page()
+        self.pdf = pdf
+
+    def h(self, text: str, size: int = 14) -> None:
+        pdf = self.pdf
+        if pdf.get_y() > pdf.h - 40:
+            pdf.add_page()
+        pdf.set_font("DejaVu", "B", size)
+        pdf.ln(2)
+        pdf.multi_cell(0, size * 0.5, text, new_x="LMARGIN", new_y="NEXT")
+        pdf.ln(1)
+
+    def p(self, text: str, size: float = 9, bold: bool = False,
+          color: tuple[int, int, int] = (0, 0, 0)) -> None:
+        pdf = self.pdf
+        pdf.set_font("DejaVu", "B" if bold else "", size)
+        pdf.set_text_color(*color)
+        pdf.multi_cell(0, size * 0.48, text, new_x="LMARGIN", new_y="NEXT")
+        pdf.set_text_color(0, 0, 0)
+        pdf.ln(0.8)
+
+    def kv(self, rows: list[tuple[str, Any]]) -> None:
+        pdf = self.pdf
+        for k, v in rows:
+            if v is None or v == "":
+                v = "-"
+            elif isinstance(v, float):
+                v = f"{v:.4g}"
+            elif isinstance(v, (dict, list)):
+                v = json.dumps(v, sort_keys=True, default=str)
+            key, text = str(k), str(v)
+            pdf.set_font("DejaVu", "B", 8)
+            hk = pdf.multi_cell(52, 4, key, dry_run=True, output="HEIGHT")
+            pdf.set_font("DejaVu", "", 8)
+            width = pdf.w - pdf.r_margin - pdf.l_margin - 52
+            hv = pdf.multi_cell(width, 4, text, dry_run=True, output="HEIGHT")
+            need = max(hk, hv)
+            if pdf.get_y() + need > pdf.page_break_trigger:
+                pdf.add_page()
+            y = pdf.get_y()
+            pdf.set_font("DejaVu", "B", 8)
+            pdf.set_xy(pdf.l_margin, y)
+            pdf.multi_cell(52, 4, key)
+            pdf.set_font("DejaVu", "", 8)
+            pdf.set_xy(pdf.l_margin + 52, y)
+            pdf.multi_cell(width, 4, text)
+            pdf.set_xy(pdf.l_margin, y + need)
+
+    def image(self, png: bytes | None, width: float) -> None:
+        if not png:
+            return
+        from PIL import Image
+
+        w_px, h_px = Image.open(io.BytesIO(png)).size
+        height = width * h_px / w_px
+        pdf = self.pdf
+        if pdf.get_y() + height > pdf.h - 14:
+            pdf.add_page()
+        pdf.image(io.BytesIO(png), w=width)
+        pdf.ln(1)
+
+
+def _scan(doc: _Doc, s: ScanItem) -> None:
+    doc.h(f"Scan {s.scan_id}", 11)
+    for f in s.flags:
+        doc.p("! " + f, 8.5, bold=True, color=(161, 42, 28))
+    inp = (s.record or {}).get("input") or {}
+    geo = inp.get("geometry") or {}
+    doc.kv([
+        ("status", s.status), ("predicted", s.predicted_label),
+        ("probability (predicted)", s.probability), ("target score (logit)", s.score),
+        ("expected label", s.expected_label),
+        ("mass outside body", None if s.outside_body is None else f"{s.outside_body:.1%}"),
+        ("scan drawn under map", s.scan_shown),
+        ("input", f"{inp.get('format')}, shape {geo.get('shape')}, spacing "
+                  f"{geo.get('spacing')} mm" if inp else None),
+        ("input voxel SHA-256", inp.get("voxel_sha256")),
+        ("record / ledger entry", f"{s.record_path} / {s.seq}"),
+        ("verified", "yes" if s.verified else "NO: " + "; ".join(s.problems)),
+    ])
+    if s.status == "ok":
+        doc.image(s.montage, 175)
+        doc.image(s.weights_png, 95)
+
+
+def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes | None],
+               built: dict[str, Any]) -> bytes:
+    """The whole report as PDF bytes (every scan, in report order)."""
+    doc = _Doc(f"icam-med audit report - {data.folder_name}")
+    doc.h("icam-med audit report", 18)
+    doc.p(f"Audit folder {data.folder_name}; built {built['utc']} by icam-med "
+          f"{built['version']}; ledger head entry {data.head_sha256}", 8)
+    v = data.verify
+    if v.ok:
+        doc.p(f"Ledger verification: OK (re-checked when this report was built): "
+              f"{v.n_entries} entries chained, {v.n_scans} scan record(s), {v.n_failures} "
+              f"failure(s), {v.n_files} file(s) re-hashed.", 10, bold=True, color=(46, 110, 26))
+    else:
+        doc.p(f"Ledger verification: BROKEN - the audit evidence has been altered or is "
+              f"incomplete ({len(v.problems)} problem(s)).", 11, bold=True, color=(192, 57, 43))
+        for prob in v.problems[:30]:
+            doc.p(f"- {prob}", 8, color=(192, 57, 43))
+    doc.h("Model")
+    for m in data.models:
+        m = m or {}
+        doc.kv([("name", m.get("name")), ("architecture", m.get("architecture")),
+                ("arguments", m.get("args")), ("weights file", m.get("weights_file")),
+                ("weights SHA-256", m.get("weights_sha256")),
+                ("parameters", m.get("n_parameters")),
+                ("labels", ", ".join(m.get("labels") or []))])
+    doc.h("Method and options")
+    for m in data.methods:
+        doc.kv([("method", m.get("name")), ("layers", ", ".join(m.get("layers") or [])),
+                *sorted((m.get("options") or {}).items())])
+    for pre in data.preprocessing:
+        doc.kv([(p.get("name"), p.get("params")) for p in pre or []])
+    doc.h("Software")
+    for ver in data.versions:
+        doc.kv(sorted((ver or {}).items()))
+    doc.h("Runs")
+    for r in data.runs:
+        doc.kv([(k, r.get(k)) for k in ("run_id", "started_utc", "ended_utc", "backend",
+                                        "device", "seed", "operator", "n_scans", "n_done",
+                                        "n_failed", "config_sha256") if r.get(k) is not None])
+        doc.p("")
+    doc.h("Cohort summary")
+    acc = metrics["accuracy"]
+    doc.kv([("scans", metrics["n_scans"]), ("explained", metrics["n_ok"]),
+            ("failed", metrics["n_failed"]), ("verified", metrics["n_verified"]),
+            ("accuracy", f"{acc:.1%} ({metrics['n_correct']}/{metrics['n_labelled']})"
+             if acc is not None else None),
+            ("confident wrong", metrics["n_confident_wrong"]),
+            ("flagged", metrics["n_flagged"])])
+    doc.image(figs.get("confusion"), 70)
+    doc.image(figs.get("scores"), 100)
+    for s in data.failed_scans:
+        doc.p(f"failed: {s.scan_id}: {s.reason}", 8)
+    doc.h("Review first")
+    for rule in review_rules():
+        doc.p("- " + rule, 8)
+    ranked = sorted((s for s in data.scans if s.priority[0] < 9), key=lambda s: s.priority)
+    for i, s in enumerate(ranked, start=1):
+        doc.p(f"{i}. {s.scan_id}: " + "; ".join(s.flags), 8.5)
+    if not ranked:
+        doc.p("Nothing to review first.", 9)
+    doc.h("Scan details")
+    for s in data.scans:
+        _scan(doc, s)
+    doc.h("Methods appendix")
+    for heading, paragraphs in methods_appendix(data):
+        doc.h(heading, 11)
+        for para in paragraphs:
+            doc.p(para, 8.5)
+    return bytes(doc.pdf.output())

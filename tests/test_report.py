@@ -1,0 +1,344 @@
+"""The audit report (`icam_med.report`, `icam-med report`): built from a real audit folder
+(real batch runner, real NIfTI and DICOM scans, a tiny LesionNet), parsed, rendered by
+headless Chromium, converted from PDF by pdftoppm, checked for PHI and for tampering."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import re
+import shutil
+import subprocess
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from icam_med import cli
+from icam_med.audit import verify_folder
+from icam_med.batch import run_batch
+from icam_med.report import build_report
+from icam_med.report.collect import ScanItem, _flag, body_mask, outside_fraction
+from icam_med.report.figures import to_ras
+
+# Made-up identifiers written into the DICOM headers; none may reach the report.
+PHI = {
+    "PatientName": "QUIXOTE^ALONSO",
+    "PatientID": "PID-738291",
+    "PatientBirthDate": "19470923",
+    "InstitutionName": "La Mancha General Hospital",
+    "AccessionNumber": "ACC99173",
+    "ReferringPhysicianName": "PANZA^SANCHO",
+}
+PHI_NEEDLES = [*PHI.values(), "QUIXOTE", "ALONSO", "PANZA", "Mancha"]
+
+CONFIG = """
+model:
+  name: tiny-report-net
+  architecture: icam_med.networks:LesionNet
+  args: {spatial_dims: 3, in_channels: 1, out_channels: 2, channels: [4, 8]}
+  weights: tiny.safetensors
+  labels: [absent, present]
+  input: {channels: 1, spatial_size: [16, 16, 16]}
+preprocessing:
+  - {name: Orientationd, axcodes: RAS}
+  - {name: ResizeWithPadOrCropd, spatial_size: [16, 16, 16]}
+  - {name: NormalizeIntensityd}
+method: {name: integrative, target_layers: stages}
+"""
+
+
+def _write_config(folder: Path) -> Path:
+    from icam_med.networks import LesionNet
+
+    torch.manual_seed(0)
+    net = LesionNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8])
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    state["head.weight"] = state["head.weight"] * 60.0  # decisive logits: confident predictions
+    save_file(state, str(folder / "tiny.safetensors"))
+    (folder / "tiny.yaml").write_text(CONFIG)
+    return folder / "tiny.yaml"
+
+
+def _body_scan(shape, rng, lesion):
+    """A bright ellipsoid "body" in an empty background, with a brighter "lesion"."""
+    grid = np.indices(shape, dtype=float)
+    c = (np.array(shape) - 1) / 2
+    r = ((grid - c[:, None, None, None]) / (np.array(shape)[:, None, None, None] * 0.42)) ** 2
+    vol = np.where(r.sum(0) <= 1, 300 + rng.integers(0, 100, shape), 0).astype(np.int16)
+    vol[lesion] += 500
+    return vol
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    """One real audit folder: 3 NIfTI scans (anisotropic), 1 DICOM series with made-up PHI
+    and 1 missing scan (a logged failure), built by the batch runner."""
+    from icam_med.io import write_dicom_series
+
+    base = tmp_path_factory.mktemp("report")
+    cfg = _write_config(base)
+    rng = np.random.default_rng(3)
+    scans = []
+    for i in range(3):
+        vol = _body_scan((14, 16, 10), rng, np.s_[3 + i:7 + i, 5:10, 3:6])
+        p = base / f"case{i:02d}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, np.diag([1.5, 1.5, 3.0, 1.0])), str(p))
+        scans.append(p)
+    dicom = base / "dicom" / "series1"
+    write_dicom_series(_body_scan((12, 14, 10), rng, np.s_[4:8, 4:9, 3:6]), dicom,
+                       modality="MR", patient_name=PHI["PatientName"],
+                       patient_id=PHI["PatientID"], patient_birth_date=PHI["PatientBirthDate"],
+                       InstitutionName=PHI["InstitutionName"],
+                       AccessionNumber=PHI["AccessionNumber"],
+                       ReferringPhysicianName=PHI["ReferringPhysicianName"])
+    listing = base / "scans.csv"
+    listing.write_text("path,label\n"
+                       f"{scans[0]},present\n{scans[1]},absent\n{scans[2]},present\n"
+                       f"{dicom},absent\n{base / 'gone.nii.gz'},present\n")
+    out = base / "audit"
+    result = run_batch([listing], cfg, out, progress=False)
+    assert len(result.done) == 4 and len(result.failed) == 1
+    report = build_report(out, scans=[listing], pdf=True, overwrite=True)
+    return {"base": base, "out": out, "listing": listing, "config": cfg, "report": report,
+            "html": report.html.read_text("utf-8"), "scan_ids": result.done,
+            "failed": list(result.failed), "dicom": dicom, "nifti": scans}
+
+
+class _Parser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _parse(text: str) -> list[tuple[str, dict[str, str | None]]]:
+    p = _Parser()
+    p.feed(text)
+    p.close()
+    return p.tags
+
+
+def _not_blank(png: Image.Image) -> np.ndarray:
+    a = np.asarray(png.convert("RGB"), dtype=float)
+    grey = a.mean(-1)
+    assert grey.std() > 10, "the page is (nearly) one flat colour"
+    assert (grey < 128).mean() > 0.005, "no text or figure is drawn on the page"
+    return a
+
+
+def test_html_has_every_scan_embedded_images_and_nothing_external(audit):
+    tags = _parse(audit["html"])
+    ids = {a.get("id") for _, a in tags}
+    for scan_id in [*audit["scan_ids"], *audit["failed"]]:
+        assert f"scan-{scan_id}" in ids, scan_id
+    imgs = [a["src"] for t, a in tags if t == "img"]
+    # 2 cohort figures + a montage and a layer-weight chart per explained scan.
+    assert len(imgs) == 2 + 2 * len(audit["scan_ids"])
+    for src in imgs:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    assert not [t for t, _ in tags if t in ("script", "link", "iframe", "object", "embed")]
+    for _, attrs in tags:
+        for key in ("src", "href", "action", "data"):
+            value = attrs.get(key) or ""
+            assert not re.match(r"^\s*([a-z]+:)?//", value, re.I), value
+            assert not value.startswith(("http:", "https:", "file:")), value
+    assert "url(" not in audit["html"] and "@import" not in audit["html"]
+    # Header content a reviewer needs.
+    record_model = "tiny-report-net"
+    for needle in (record_model, "icam_med.networks:LesionNet", "integrative", "monai",
+                   "Methods appendix", "Review first", "confusion matrix", "alpha_fn",
+                   "stages.0.1.norm"):
+        assert needle in audit["html"], needle
+    assert "FileNotFoundError" in audit["html"]  # the failure reason of the missing scan
+
+
+def test_ledger_status_matches_verify(audit, capsys):
+    code = cli.main(["verify", str(audit["out"])])
+    capsys.readouterr()
+    assert code == 0 and verify_folder(audit["out"]).ok
+    assert audit["report"].ledger_ok
+    assert "Ledger verification: OK" in audit["html"]
+    assert "BROKEN" not in audit["html"]
+
+
+def test_each_scan_is_drawn_over_its_own_audited_voxels(audit):
+    html = audit["html"]
+    assert html.count("yes (voxel SHA-256 matches the record)") == len(audit["scan_ids"])
+    # A scan that is not the audited one (other voxels under the same id) is refused.
+    out = audit["base"] / "other-report"
+    sid = audit["scan_ids"][0]
+    wrong = {sid: audit["nifti"][1] if sid != "case01" else audit["nifti"][0]}
+    res = build_report(audit["out"], scans=wrong, report_dir=out)
+    text = res.html.read_text("utf-8")
+    assert "the scan given is not the audited one" in text
+    assert "yes (voxel SHA-256 matches the record)" not in text
+
+
+def test_confident_wrong_predictions_are_reviewed_first(audit):
+    data_rows = re.search(r'id="review".*?</table>', audit["html"], re.S).group(0)
+    assert "confident wrong prediction" in audit["html"] or "disagrees" in data_rows
+    positions = {sid: data_rows.find(f"#scan-{sid}\"") for sid in audit["scan_ids"]}
+    listed = {k: v for k, v in positions.items() if v >= 0}
+    assert listed, "scans that disagree with their labels must be in the review list"
+    failed_pos = data_rows.find(f"#scan-{audit['failed'][0]}\"")
+    assert failed_pos > max(listed.values())  # failures come after wrong predictions
+
+
+def test_flag_rules_and_order():
+    def item(**kw):
+        s = ScanItem(scan_id=kw.pop("sid"), seq=1, status="ok", verified=True,
+                     map_state="ok", **kw)
+        _flag(s)
+        return s
+
+    conf = item(sid="a", disagrees=True, probability=0.97, predicted_label="x",
+                expected_label="y")
+    weak = item(sid="b", disagrees=True, probability=0.6, predicted_label="x",
+                expected_label="y")
+    odd = item(sid="c", disagrees=False, probability=0.99, outside_body=0.8)
+    fine = item(sid="d", disagrees=False, probability=0.99, outside_body=0.1)
+    empty = ScanItem(scan_id="e", seq=2, status="ok", verified=True, map_state="empty")
+    _flag(empty)
+    broken = ScanItem(scan_id="f", seq=3, status="ok", verified=False, map_state="ok",
+                      problems=["output 'x' was changed"])
+    _flag(broken)
+    order = [s.scan_id for s in sorted([fine, odd, weak, conf, empty, broken],
+                                       key=lambda s: s.priority)]
+    # unverified, confident wrong, empty map (counts as all mass misplaced), 80 % outside,
+    # a weak disagreement, and last the unflagged scan.
+    assert order == ["f", "a", "e", "c", "b", "d"]
+    assert not fine.flags and any("confident wrong" in f for f in conf.flags)
+    assert any("outside the body" in f for f in odd.flags)
+    assert any("explains nothing" in f for f in empty.flags)
+
+
+def test_body_mask_and_outside_fraction():
+    scan = np.zeros((10, 10, 10), np.float32)
+    scan[2:8, 2:8, 2:8] = 100.0
+    assert body_mask(scan).sum() == 216
+    inside = np.zeros_like(scan)
+    inside[4, 4, 4] = 1.0
+    outside = np.zeros_like(scan)
+    outside[0, 0, 0] = 1.0
+    assert outside_fraction(inside, scan) == 0.0
+    assert outside_fraction(outside, scan) == 1.0
+    assert outside_fraction(np.zeros_like(scan), scan) is None
+
+
+def test_views_keep_physical_proportions_for_anisotropic_and_lps_volumes():
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    lps = np.diag([-0.7, -0.7, 2.5, 1.0])  # DICOM-like: x to the left, y posterior
+    ras = to_ras(data, lps)
+    assert ras.spacing == pytest.approx((0.7, 0.7, 2.5))
+    np.testing.assert_array_equal(ras.data, data[::-1, ::-1, :])
+    perm = np.array([[0, 0, 3.0, 0], [2.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])
+    swapped = to_ras(data, perm)  # array axes (i, j, k) run along (A, S, R)
+    assert swapped.data.shape == (6, 4, 5)
+    assert swapped.spacing == pytest.approx((3.0, 2.0, 1.0))
+
+
+def test_no_phi_in_html_or_pdf(audit):
+    html = audit["html"].lower()
+    pdf_bytes = audit["report"].pdf.read_bytes()
+    streams = [pdf_bytes]
+    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf_bytes, re.S):
+        with contextlib.suppress(zlib.error):
+            streams.append(zlib.decompress(m.group(1)))
+    text = subprocess.run(["pdftotext", str(audit["report"].pdf), "-"], check=True,
+                          capture_output=True, text=True).stdout
+    assert "Ledger verification: OK" in text and audit["scan_ids"][0] in text  # text is real
+    blob = b"\n".join(streams).lower()
+    for needle in PHI_NEEDLES:
+        assert needle.lower() not in html, needle
+        assert needle.lower() not in text.lower(), needle
+        assert needle.lower().encode() not in blob, needle
+    # Input paths (which can name a patient) never appear either.
+    assert str(audit["base"]).lower() not in html
+    assert str(audit["base"]).lower() not in text.lower()
+
+
+def test_tampered_folder_says_so_in_the_header(audit, tmp_path, capsys):
+    bad = tmp_path / "tampered"
+    shutil.copytree(audit["out"], bad)
+    victim = sorted(bad.glob("scans/*/cam.nii.gz"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-5] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert cli.main(["verify", str(bad)]) == 1
+    capsys.readouterr()
+    code = cli.main(["report", str(bad), "--overwrite"])
+    captured = capsys.readouterr()
+    assert code == 1 and "does not verify" in captured.err
+    html = (bad / "report.html").read_text("utf-8")
+    header = html[: html.index('id="cohort"')]
+    assert "Ledger verification: BROKEN" in header
+    assert "cam.nii.gz" in header  # names what changed
+    sid = victim.parent.name
+    review = re.search(r'id="review".*?</table>', html, re.S).group(0)
+    first_row = re.search(r"<tr><td>1</td><td><a href=\"#scan-([^\"]+)\"", review)
+    assert first_row and first_row.group(1) == sid  # the unverified scan is reviewed first
+
+
+def test_cli_refuses_to_overwrite_and_needs_a_ledger(audit, tmp_path, capsys):
+    assert cli.main(["report", str(audit["out"])]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "ledger.jsonl" in capsys.readouterr().err
+
+
+def test_large_cohorts_are_paged_and_each_page_stands_alone(audit, tmp_path):
+    res = build_report(audit["out"], scans=[audit["listing"]], per_page=2,
+                       report_dir=tmp_path / "paged")
+    assert [p.name for p in res.pages] == ["report.html", "report-page-002.html",
+                                           "report-page-003.html"]
+    seen = []
+    for page in res.pages:
+        tags = _parse(page.read_text("utf-8"))
+        seen += [a["id"] for t, a in tags if t == "section"]
+        assert all(a["src"].startswith("data:image/png;base64,")
+                   for t, a in tags if t == "img")
+    assert sorted(seen) == sorted(f"scan-{s}" for s in [*audit["scan_ids"], *audit["failed"]])
+    main = res.pages[0].read_text("utf-8")
+    later = [s for s in seen[2:]]
+    assert all(re.search(rf'href="report-page-00[23]\.html#{s}"', main) for s in later)
+
+
+def test_chromium_renders_a_non_blank_page(audit, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: run `make system-deps` (scripts/install_system_deps.sh)"
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", "--window-size=1280,2000", audit["report"].html.as_uri()],
+        check=True, capture_output=True, timeout=120)
+    img = Image.open(shot)
+    assert img.size == (1280, 2000)
+    rgb = _not_blank(img)
+    # The green "Ledger verification: OK" box is drawn (our page and its CSS, not an error page).
+    green = np.all(np.abs(rgb - [227, 244, 225]) <= 3, axis=-1)
+    assert green.sum() > 20_000
+    # Colour figures are on screen: many saturated pixels (map over scan, charts).
+    saturation = rgb.max(-1) - rgb.min(-1)
+    assert (saturation > 80).sum() > 20_000
+
+
+def test_pdf_pages_render_non_blank(audit, tmp_path):
+    subprocess.run(["pdftoppm", "-r", "40", "-png", str(audit["report"].pdf),
+                    str(tmp_path / "page")], check=True, timeout=120)
+    pages = sorted(tmp_path.glob("page*.png"))
+    assert len(pages) >= 3
+    for p in pages:
+        _not_blank(Image.open(p))

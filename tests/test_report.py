@@ -27,6 +27,7 @@ from icam_med.batch import run_batch
 from icam_med.report import build_report
 from icam_med.report.collect import ScanItem, _flag, body_mask, outside_fraction
 from icam_med.report.figures import to_ras
+from icam_med.report.render import pdf_to_pngs, screenshot_html
 
 # Made-up identifiers written into the DICOM headers; none may reach the report.
 PHI = {
@@ -315,15 +316,9 @@ def test_large_cohorts_are_paged_and_each_page_stands_alone(audit, tmp_path):
 
 
 def test_chromium_renders_a_non_blank_page(audit, tmp_path):
-    chromium = shutil.which("chromium")
-    assert chromium, "chromium is missing: run `make system-deps` (scripts/install_system_deps.sh)"
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1280,2000", audit["report"].html.as_uri()],
-        check=True, capture_output=True, timeout=120)
+    assert shutil.which("chromium"), \
+        "chromium is missing: run `make system-deps` (scripts/install_system_deps.sh)"
+    shot = screenshot_html(audit["report"].html, tmp_path / "shot.png")
     img = Image.open(shot)
     assert img.size == (1280, 2000)
     rgb = _not_blank(img)
@@ -336,9 +331,17 @@ def test_chromium_renders_a_non_blank_page(audit, tmp_path):
 
 
 def test_pdf_pages_render_non_blank(audit, tmp_path):
-    subprocess.run(["pdftoppm", "-r", "40", "-png", str(audit["report"].pdf),
-                    str(tmp_path / "page")], check=True, timeout=120)
-    pages = sorted(tmp_path.glob("page*.png"))
+    pages = pdf_to_pngs(audit["report"].pdf, tmp_path / "page")
     assert len(pages) >= 3
     for p in pages:
         _not_blank(Image.open(p))
+
+
+def test_anchor_proves_the_ledger_was_not_rewritten(audit, tmp_path):
+    head = verify_folder(audit["out"]).head_sha256
+    good = build_report(audit["out"], anchor=head, report_dir=tmp_path / "good")
+    text = good.html.read_text("utf-8")
+    assert good.ledger_ok and "Anchored" in text and head in text
+    bad = build_report(audit["out"], anchor="ab" * 32, report_dir=tmp_path / "bad")
+    assert not bad.ledger_ok
+    assert "Ledger verification: BROKEN" in bad.html.read_text("utf-8")

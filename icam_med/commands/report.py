@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pdf", action="store_true", help="also write report.pdf")
     parser.add_argument("--per-page", type=int, default=50, metavar="N",
                         help="scan sections per HTML page (default 50)")
+    parser.add_argument("--anchor", metavar="HASH",
+                        help="a ledger head hash kept elsewhere (printed by `icam-med verify`); "
+                             "the report then proves the ledger was not rewritten since")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
 
 
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
         geometry = load_config(args.config).geometry
     result = build_report(args.folder, scans=args.scans, geometry=geometry, pdf=args.pdf,
-                          per_page=args.per_page, overwrite=args.overwrite)
+                          per_page=args.per_page, overwrite=args.overwrite,
+                          anchor=args.anchor)
     print(result.line())
     if not result.ledger_ok:
         print(f"warning: the folder does not verify: {result.problems[0]}", file=sys.stderr)

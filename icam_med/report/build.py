@@ -51,7 +51,8 @@ class ReportResult:
 
 def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
                  pdf: bool = False, per_page: int = 50, overwrite: bool = False,
-                 report_dir: str | Path | None = None) -> ReportResult:
+                 report_dir: str | Path | None = None,
+                 anchor: str | None = None) -> ReportResult:
     """Build the audit report of an output folder.
 
     Args:
@@ -66,6 +67,9 @@ def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None
             every page is self-contained.
         overwrite: replace an existing report (it is a view of the folder, rebuilt at will).
         report_dir: where to write (default: ``out_dir``).
+        anchor: an ``entry_sha256`` kept outside the folder (an earlier ledger head, as
+            printed by ``icam-med verify``); the verification then also proves the ledger
+            was not rewritten since.
 
     Returns:
         A :class:`ReportResult`.
@@ -94,7 +98,7 @@ def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None
             f"{existing[0]} exists; pass --overwrite (overwrite=True) to rebuild the report.")
     target.mkdir(parents=True, exist_ok=True)
 
-    data = collect(folder, scans=scans, geometry=geometry)
+    data = collect(folder, scans=scans, geometry=geometry, anchor=anchor)
     metrics = cohort_metrics(data)
     from icam_med.report.collect import CONFIDENT_PROBABILITY
 

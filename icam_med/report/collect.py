@@ -128,6 +128,7 @@ class CohortData:
     versions: list[dict[str, Any]]
     labels: list[str]
     head_sha256: str | None
+    anchor: str | None = None
 
     @property
     def ok_scans(self) -> list[ScanItem]:
@@ -300,7 +301,7 @@ def _flag(item: ScanItem) -> None:
 
 
 def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
-            figures: bool = True) -> CohortData:
+            figures: bool = True, anchor: str | None = None) -> CohortData:
     """Gather the report's content from an audit folder.
 
     Args:
@@ -310,9 +311,10 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
             folders, CSV). Optional; without it maps are drawn alone.
         geometry: the config's ``geometry`` options used to load the scans.
         figures: draw the per-scan figures (``False``: tables only).
+        anchor: a ledger head hash kept elsewhere, checked by the verification.
     """
     folder = Path(out_dir).resolve()
-    report = verify_folder(folder)  # the library's own verification, re-run now
+    report = verify_folder(folder, anchor=anchor)  # the library's verification, re-run now
     entries, bad = _read_ledger(folder)
     sources = _scan_sources(scans)
     latest: dict[str, dict[str, Any]] = {}
@@ -369,7 +371,7 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
         preprocessing=_distinct(r.get("preprocessing") for r in records),
         versions=_distinct((r.get("runtime") or {}).get("versions") for r in records),
         labels=labels,
-        head_sha256=entries[-1].get("entry_sha256") if entries else None,
+        head_sha256=entries[-1].get("entry_sha256") if entries else None, anchor=anchor,
     )
 
 

@@ -79,11 +79,15 @@ def _link(item: ScanItem, current: int) -> str:
 
 def _status(data: CohortData) -> str:
     v = data.verify
+    anchored = (f" Anchored: the chain contains the externally kept entry "
+                f'<span class="mono">{escape(data.anchor)}</span>.' if data.anchor else
+                " Not anchored: no externally kept ledger hash was given (pass --anchor to "
+                "prove the whole ledger was not rewritten).")
     if v.ok:
         return (f'<div class="status ok" id="ledger-status"><b>Ledger verification: OK</b> '
                 f"(re-checked when this report was built). {v.n_entries} ledger entries "
                 f"chained, {v.n_scans} scan record(s), {v.n_failures} failure(s) logged, "
-                f"{v.n_files} file(s) re-hashed.</div>")
+                f"{v.n_files} file(s) re-hashed.{anchored}</div>")
     items = "".join(f"<li>{escape(str(p))}</li>" for p in v.problems[:50])
     more = f"<li>... and {len(v.problems) - 50} more</li>" if len(v.problems) > 50 else ""
     return (f'<div class="status broken" id="ledger-status"><b>Ledger verification: BROKEN - '

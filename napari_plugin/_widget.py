@@ -1,0 +1,498 @@
+"""The dock widget: explain the selected scan, show the maps, review and save the audit.
+
+The widget holds no maths: its values become arguments of :func:`icam_med.explain.prepare`
+and :func:`icam_med.explain.explain_volume`, run in a napari ``thread_worker`` (a
+generator, so progress is reported and a cancel takes effect between steps); the layers
+come from the pure :func:`napari_plugin._layers.explanation_layers`; "Save audit" calls
+:func:`icam_med.explain.write_explanation`, the CLI's own writer.
+
+(No ``from __future__ import annotations`` here: magicgui reads annotations at run time.)
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+)
+
+from napari_plugin._layers import (
+    METADATA_KEY,
+    audit_name_for,
+    contour_layer,
+    explanation_layers,
+    from_napari_array,
+    ras_affine,
+)
+
+__all__ = ["CONFIG_DIR", "METHOD_CHOICES", "ExplainWidget", "layer_to_volume"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+METHOD_CHOICES = [
+    ("Integrative CAM", "integrative"),
+    ("Grad-CAM", "gradcam"),
+    ("Grad-CAM++", "gradcam++"),
+    ("LayerCAM", "layercam"),
+    ("HiResCAM", "hirescam"),
+]
+_ALPHA_METHODS = ("integrative", "gradcam++")
+_MAP_KINDS = ("fused", "contrast")
+_OTHER_FILE = "other file..."
+# Errors the library raises for bad input (bad geometry, wrong channels, missing files...):
+# shown as notifications with the library's message, never raised into Qt.
+_USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
+
+
+def layer_to_volume(layer: Any) -> tuple[Any, Any]:
+    """The ``(image, ScanInfo)`` the library expects, from a napari image layer.
+
+    A layer opened by this plugin keeps its :class:`~icam_med.io.ScanInfo`; any other 3D
+    image layer is taken with the affine napari places it with (world = LPS mm, z-y-x).
+
+    Raises:
+        ValueError: the layer is not a single-channel 3D volume.
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    from icam_med.io import ScanInfo
+
+    if getattr(layer, "rgb", False) or getattr(layer, "multiscale", False):
+        raise ValueError(
+            f"layer '{layer.name}' is an RGB or multiscale image; explaining needs one "
+            "grey-level 3D volume.")
+    array = from_napari_array(layer.data)  # raises for 2D/4D data with the reason
+    own = layer.metadata.get(METADATA_KEY) or {}
+    info = own.get("scan_info")
+    if info is not None and tuple(info.shape) == array.shape[1:]:
+        affine = np.asarray(info.affine, dtype=np.float64)
+    else:
+        affine = ras_affine(_layer_data_to_world(layer))
+        import nibabel as nib
+
+        spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(0)))
+        info = ScanInfo(path=Path(layer.name), format="array", modality=None,
+                        shape=tuple(array.shape[1:]), spacing=spacing, affine=affine,
+                        orientation="".join(c or "?" for c in nib.aff2axcodes(affine)),
+                        source_files=(), checks=(), source_dtype=str(np.asarray(layer.data).dtype))
+    image = MetaTensor(torch.from_numpy(array), affine=torch.as_tensor(affine))
+    return image, info
+
+
+def _layer_data_to_world(layer: Any) -> np.ndarray:
+    """The 4x4 data-to-world matrix napari uses for a 3D layer (scale, translate, affine)."""
+    return np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
+
+
+def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any, *,
+                 method: str, options: dict, target: Any, contrast: Any, layer_maps: bool):
+    """The worker's generator: yields ``(step, total, text)``; returns the results."""
+    from icam_med.explain import explain_volume, prepare
+
+    total = 4 if contrast is None else 5
+    try:
+        yield 0, total, "loading model..."
+        key = (str(config_path), config_path.stat().st_mtime_ns)
+        prepared = prepared_cache.get(key)
+        if prepared is None:
+            prepared = prepare(config_path)
+            prepared_cache.clear()
+            prepared_cache[key] = prepared
+        yield 1, total, "checking options..."
+        prepared.cam(method, options)  # invalid options fail here, before the forward pass
+        yield 2, total, "explaining (forward + backward)..."
+        first = explain_volume(image, info, prepared, method=method, method_options=options,
+                               targets=target, layer_maps=layer_maps)
+        second = None
+        if contrast is not None:
+            yield 3, total, "explaining the contrast class..."
+            second = explain_volume(image, info, prepared, method=method,
+                                    method_options=options, targets=contrast)
+        yield total - 1, total, "building layers..."
+    except _USER_ERRORS as exc:
+        log.info("explain failed: %s", exc)
+        return {"error": str(exc)}
+    return {"first": first, "second": second, "prepared": prepared}
+
+
+class ExplainWidget(Container):
+    """Integrative CAM (and Grad-CAM family) maps for the selected scan, with review tools."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self._prepared_cache: dict = {}
+        self.worker: Any = None
+        self.result: dict | None = None
+        self.result_layers: list = []
+        self.contour: Any = None
+
+        self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
+        self.config = ComboBox(label="config", choices=self._config_choices)
+        self.config_file = FileEdit(label="config file", mode="r", filter="*.yaml *.yml",
+                                    visible=False)
+        self.method = ComboBox(label="method", choices=METHOD_CHOICES, value="integrative")
+        self.target_layers = LineEdit(
+            label="target layers", value="stages",
+            tooltip="'stages' (last layer of each resolution), 'all', 'last', or "
+                    "comma-separated module names (model.named_modules()).")
+        self.target_class = ComboBox(label="target class", choices=self._class_choices,
+                                     tooltip="the class to explain; default: the prediction")
+        self.contrast_class = ComboBox(
+            label="contrast class", choices=self._contrast_choices,
+            tooltip="also explain this class: why the target and not this one")
+        self.alpha_fn = ComboBox(label="alpha function",
+                                 choices=["exp", "sigmoid", "softmax", "identity"], value="exp")
+        self.bias_mode = ComboBox(label="bias mode", choices=["signed", "abs"], value="signed")
+        self.bias_weight = FloatSpinBox(label="bias weight", value=1.0, min=0.0, max=10.0,
+                                        step=0.1)
+        self.layer_maps = CheckBox(label="layer maps", value=True,
+                                   tooltip="also show each layer's map (hidden layers)")
+        self.explain_button = PushButton(text="Explain")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="progress", value=0, min=0, max=4, visible=False)
+        self.status = Label(label="", value="")
+        self.prediction = Label(label="prediction", value="-")
+        self.scores = Label(label="class scores", value="-")
+        self.threshold = FloatSlider(label="threshold", value=0.0, min=0.0, max=0.99,
+                                     step=0.01, tooltip="hide map values below this")
+        self.opacity = FloatSlider(label="opacity", value=0.6, min=0.0, max=1.0, step=0.05)
+        self.show_contour = CheckBox(label="iso-contour", value=False)
+        self.contour_level = FloatSpinBox(label="contour level", value=0.5, min=0.0, max=1.0,
+                                          step=0.05)
+        self.audit_folder = FileEdit(label="audit folder", mode="d", value="",
+                                     tooltip="empty: '<scan>_icam' beside the scan")
+        self.save_button = PushButton(text="Save audit", enabled=False)
+        self.extend([self.image, self.config, self.config_file, self.method, self.target_layers,
+                     self.target_class, self.contrast_class, self.alpha_fn, self.bias_mode,
+                     self.bias_weight, self.layer_maps, self.explain_button,
+                     self.cancel_button, self.progress, self.status, self.prediction,
+                     self.scores, self.threshold, self.opacity, self.show_contour,
+                     self.contour_level, self.audit_folder, self.save_button])
+        self._plot = self._make_plot()
+
+        self.config.changed.connect(self._on_config)
+        self.config_file.changed.connect(self._on_config)
+        self.method.changed.connect(self._on_method)
+        self.explain_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.threshold.changed.connect(self._apply_display)
+        self.opacity.changed.connect(self._apply_display)
+        self.show_contour.changed.connect(self._update_contour)
+        self.contour_level.changed.connect(self._update_contour)
+        self.save_button.changed.connect(self.save_audit)
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.connect(self._on_layers_changed)
+        self._on_config()
+        self._on_method()
+
+    # choices --------------------------------------------------------------------------
+    def _image_choices(self, _w: Any = None) -> list:
+        import napari
+
+        return [(lay.name, lay) for lay in self.viewer.layers
+                if isinstance(lay, napari.layers.Image)
+                and (lay.metadata.get(METADATA_KEY) or {}).get("kind", "scan") == "scan"]
+
+    def _config_choices(self, _w: Any = None) -> list:
+        found = sorted(CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+        demo = [p for p in found if p.name == "demo.yaml"]
+        return [(p.name, str(p)) for p in demo + [p for p in found if p not in demo]] + [
+            (_OTHER_FILE, _OTHER_FILE)]
+
+    def _labels(self) -> tuple:
+        try:
+            from icam_med.config import load_config
+
+            return tuple(load_config(self.config_path()).model.labels)
+        except (ValueError, OSError):
+            return ()
+
+    def _class_choices(self, _w: Any = None) -> list:
+        labels = getattr(self, "_cached_labels", ())
+        return [("predicted class", None)] + [(f"{i}: {n}", i) for i, n in enumerate(labels)]
+
+    def _contrast_choices(self, _w: Any = None) -> list:
+        labels = getattr(self, "_cached_labels", ())
+        return [("none", None)] + [(f"{i}: {n}", i) for i, n in enumerate(labels)]
+
+    def config_path(self) -> Path:
+        """The selected config file."""
+        if self.config.value == _OTHER_FILE:
+            return Path(self.config_file.value)
+        return Path(self.config.value)
+
+    def _on_config(self, *_: Any) -> None:
+        self.config_file.visible = self.config.value == _OTHER_FILE
+        self._cached_labels = self._labels()
+        self.target_class.reset_choices()
+        self.contrast_class.reset_choices()
+
+    def _on_method(self, *_: Any) -> None:
+        self.alpha_fn.enabled = self.method.value in _ALPHA_METHODS
+
+    def _on_layers_changed(self, *_: Any) -> None:
+        self.image.reset_choices()
+        if self.image.value is None and self.image.choices:
+            self.image.value = self.image.choices[-1]
+        self.result_layers = [lay for lay in self.result_layers if lay in self.viewer.layers]
+        if self.contour is not None and self.contour not in self.viewer.layers:
+            self.contour = None
+
+    def _make_plot(self) -> Any:
+        """A small bar chart of the per-layer weights (matplotlib on Qt)."""
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3.2, 1.8), dpi=90, layout="constrained")
+        canvas = FigureCanvasQTAgg(fig)
+        canvas.setMinimumHeight(140)
+        self.native.layout().addWidget(canvas)
+        self._fig = fig
+        self._draw_weights({})
+        return canvas
+
+    def _draw_weights(self, weights: dict) -> None:
+        self._fig.clear()
+        ax = self._fig.add_subplot(111)
+        if weights:
+            names = list(weights)
+            ax.barh(range(len(names)), [weights[n] for n in names], color="#f08a24")
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlim(0, max(1e-6, max(weights.values())) * 1.1)
+        else:
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "per-layer weights", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="grey")
+        ax.set_xlabel("layer weight", fontsize=7)
+        ax.tick_params(labelsize=7)
+        self._fig.canvas.draw_idle()
+
+    # running --------------------------------------------------------------------------
+    def method_options(self) -> dict:
+        """The engine options the widget's values stand for."""
+        layers = self.target_layers.value.strip() or "stages"
+        target_layers: Any = layers
+        if "," in layers:
+            target_layers = [s.strip() for s in layers.split(",") if s.strip()]
+        opts: dict = {"target_layers": target_layers, "bias_mode": self.bias_mode.value,
+                      "bias_weight": float(self.bias_weight.value)}
+        if self.method.value in _ALPHA_METHODS:
+            opts["alpha_fn"] = self.alpha_fn.value
+        return opts
+
+    def _notify_error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.value = "failed"
+        show_error(message)
+
+    def run(self, *_: Any) -> Any:
+        """Start explaining the selected image in a worker thread; returns the worker."""
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            self._notify_error("an explanation is already running; cancel it first.")
+            return None
+        layer = self.image.value
+        if layer is None:
+            self._notify_error("no image layer selected: open a scan (File > Open, or "
+                               "File > Open Sample > icam-med) and choose it as 'image'.")
+            return None
+        config_path = self.config_path()
+        if not config_path.is_file():
+            self._notify_error(f"config file {config_path} does not exist; choose one of "
+                               f"{CONFIG_DIR} or a YAML file of your own.")
+            return None
+        try:
+            image, info = layer_to_volume(layer)
+        except _USER_ERRORS as exc:
+            self._notify_error(str(exc))
+            return None
+        contrast = self.contrast_class.value
+        target = self.target_class.value
+        self._scan_layer = layer
+        self.progress.visible = True
+        self.progress.max = 4 if contrast is None else 5
+        self.progress.value = 0
+        self.explain_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "starting..."
+        self.worker = create_worker(
+            _explain_job, config_path, self._prepared_cache, image, info,
+            method=self.method.value, options=self.method_options(), target=target,
+            contrast=contrast, layer_maps=bool(self.layer_maps.value),
+            _connect={"yielded": self._on_progress, "returned": self._on_returned,
+                      "errored": self._on_errored, "finished": self._on_finished,
+                      "aborted": self._on_aborted},
+        )
+        return self.worker
+
+    def cancel(self, *_: Any) -> None:
+        """Ask the running worker to stop at its next step; no layer is added."""
+        if self.worker is not None:
+            self.status.value = "cancelling..."
+            self.worker.quit()
+
+    def _on_progress(self, step: tuple) -> None:
+        value, total, text = step
+        self.progress.max = total
+        self.progress.value = value
+        self.status.value = text
+
+    def _on_aborted(self) -> None:
+        self.status.value = "cancelled"
+
+    def _on_errored(self, exc: Exception) -> None:
+        # napari's worker has already shown the exception as a notification.
+        self.status.value = f"failed: {exc}"
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.progress.visible = False
+        self.explain_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _on_returned(self, out: dict) -> None:
+        if "error" in out:
+            self._notify_error(out["error"])
+            return
+        self.result = out
+        first, second = out["first"], out["second"]
+        scan = self._scan_layer
+        tuples = explanation_layers(first, scan_name=scan.name, contrast=second,
+                                    threshold=float(self.threshold.value),
+                                    opacity=float(self.opacity.value))
+        self._remove_results()
+        for data, kwargs, _kind in tuples:
+            name = kwargs["name"]
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            meta = kwargs["metadata"][METADATA_KEY]
+            meta["scan_layer"] = scan.name
+            self.result_layers.append(self.viewer.add_image(data, **kwargs))
+        self.viewer.layers.selection.active = self.result_layers[0]
+        self.viewer.layers.selection.active = scan if scan in self.viewer.layers else None
+        self._show_result(first, second)
+        self._update_contour()
+        self.save_button.enabled = True
+        self.status.value = (f"done in {first.timing['total']:.1f} s "
+                             f"({first.result['method']})")
+
+    def _remove_results(self) -> None:
+        for lay in self.result_layers:
+            if lay in self.viewer.layers:
+                self.viewer.layers.remove(lay)
+        self.result_layers = []
+        if self.contour is not None and self.contour in self.viewer.layers:
+            self.viewer.layers.remove(self.contour)
+        self.contour = None
+
+    def _show_result(self, first: Any, second: Any) -> None:
+        res = first.result
+        labels = first.labels
+
+        def name(i: Any) -> str:
+            return labels[i] if i is not None and 0 <= i < len(labels) else f"class {i}"
+
+        pred = res.get("predicted_class")
+        probs = res.get("probabilities") or []
+        ptxt = f" (p={probs[pred]:.3f})" if pred is not None and pred < len(probs) else ""
+        self.prediction.value = (f"{name(pred)}{ptxt}; explained: {name(res.get('target_class'))}"
+                                 f", score {res.get('score', float('nan')):.3f}")
+        logits = res.get("logits") or []
+        self.scores.value = "  ".join(
+            f"{name(i)}: {v:.2f}" + (f" (p={probs[i]:.2f})" if i < len(probs) else "")
+            for i, v in enumerate(logits)) or "-"
+        if second is not None:
+            r2 = second.result
+            self.scores.value += (f"\ncontrast {name(r2.get('target_class'))}: "
+                                  f"score {r2.get('score', float('nan')):.3f}")
+        self._draw_weights(dict(res.get("layer_weights") or {}))
+
+    # display --------------------------------------------------------------------------
+    def _map_layers(self, kinds: tuple = _MAP_KINDS) -> list:
+        return [lay for lay in self.result_layers
+                if (lay.metadata.get(METADATA_KEY) or {}).get("kind") in kinds]
+
+    def _apply_display(self, *_: Any) -> None:
+        thr = float(self.threshold.value)
+        for lay in self._map_layers(("fused", "contrast", "layer")):
+            lay.contrast_limits = (thr, 1.0)
+        for lay in self._map_layers(("fused", "contrast", "layer", "difference")):
+            lay.opacity = float(self.opacity.value)
+
+    def _update_contour(self, *_: Any) -> None:
+        fused = self._map_layers(("fused",))
+        if self.contour is not None and self.contour in self.viewer.layers:
+            self.viewer.layers.remove(self.contour)
+        self.contour = None
+        if not (self.show_contour.value and fused):
+            return
+        lay = fused[0]
+        data, kwargs, _ = contour_layer(lay.data, float(self.contour_level.value),
+                                        name=f"{lay.name} contour {self.contour_level.value:.2f}",
+                                        affine=lay.affine.affine_matrix,
+                                        metadata={"of": lay.name})
+        self.contour = self.viewer.add_labels(data, **kwargs)
+        self.contour.contour = 1
+
+    # audit ----------------------------------------------------------------------------
+    def audit_target(self) -> Path:
+        """Where Save audit writes: the chosen folder, or ``<scan>_icam`` beside the scan."""
+        chosen = str(self.audit_folder.value or "").strip()
+        if chosen and chosen != ".":
+            return Path(chosen)
+        info = self.result["first"].scan_info
+        if info.format == "array":
+            raise ValueError(
+                f"layer '{info.path}' was not opened from a file, so there is no scan to save "
+                "the audit beside; choose an 'audit folder'.")
+        return audit_name_for(info.path)
+
+    def save_audit(self, *_: Any) -> list:
+        """Write map(s), record(s) and ledger entries with the CLI's writer; returns the files."""
+        from napari.utils.notifications import show_info
+
+        from icam_med.explain import write_explanation
+
+        if not self.result:
+            self._notify_error("nothing to save yet: press Explain first.")
+            return []
+        try:
+            folder = self.audit_target()
+            first, second = self.result["first"], self.result["second"]
+            written = write_explanation(first, folder)
+            if second is not None:
+                c = second.result.get("target_class")
+                written += write_explanation(second, folder, stem=f"cam_class{c}")
+        except _USER_ERRORS as exc:
+            self._notify_error(str(exc))
+            return []
+        records = {w.path.name: w.path for w in written if w.role == "audit_record"}
+        for lay in self.result_layers:
+            meta = lay.metadata.get(METADATA_KEY) or {}
+            stem = ("cam" if meta.get("kind") in ("fused", "layer", "difference")
+                    else f"cam_class{meta.get('target_class')}")
+            rec = records.get(f"{stem}.icam.json")
+            if rec is not None:
+                meta["record"] = json.loads(rec.read_text(encoding="utf-8"))
+                meta["record_path"] = str(rec)
+        self.status.value = f"saved audit to {folder}"
+        show_info(f"audit saved: {len(written)} files in {folder}")
+        return written

@@ -1,0 +1,248 @@
+"""napari plugin without a display: manifest, reader placement, layer data, writer, boundary.
+
+World convention under test: napari world = DICOM patient coordinates (LPS, mm) in napari
+axis order (z, y, x); see napari_plugin/_layers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+pytest.importorskip("napari")
+
+from napari.components import ViewerModel
+
+from napari_plugin._layers import (
+    METADATA_KEY,
+    audit_name_for,
+    contour_layer,
+    napari_affine,
+    ras_affine,
+)
+from napari_plugin._reader import get_reader
+
+REPO = Path(__file__).resolve().parents[1]
+ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+CT5N = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
+
+
+def tiny_config(folder: Path, *, in_channels: int = 1, size: int = 16) -> Path:
+    """A small random-weight 3D classifier config (no weights file)."""
+    cfg = folder / "tiny.yaml"
+    cfg.write_text(
+        "model:\n"
+        "  name: tiny\n"
+        "  architecture: icam_med.networks:LesionNet\n"
+        f"  args: {{spatial_dims: 3, in_channels: {in_channels}, out_channels: 2,"
+        " channels: [4, 8], norm: batch}\n"
+        "  labels: [absent, present]\n"
+        f"  input: {{channels: {in_channels}, spatial_size: [{size}, {size}, {size}]}}\n"
+        "preprocessing:\n"
+        "  - {name: Orientationd, axcodes: RAS}\n"
+        "  - {name: Spacingd, pixdim: [4.0, 4.0, 4.0], mode: bilinear}\n"
+        f"  - {{name: ResizeWithPadOrCropd, spatial_size: [{size}, {size}, {size}]}}\n"
+        "  - {name: NormalizeIntensityd, nonzero: true}\n"
+        "method: {name: integrative, target_layers: stages}\n",
+        encoding="utf-8")
+    return cfg
+
+
+def open_layers(path: Path) -> tuple[ViewerModel, list]:
+    reader = get_reader(str(path))
+    assert reader is not None, f"no icam-med reader for {path}"
+    viewer = ViewerModel()
+    layers = []
+    for data, kwargs, kind in reader(str(path)):
+        layers.append(getattr(viewer, f"add_{kind}")(data, **kwargs))
+    return viewer, layers
+
+
+def test_manifest_is_valid_and_registered():
+    out = subprocess.run([sys.executable, "-m", "npe2", "validate", "icam-med"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    mf = pm.get_manifest("icam-med")
+    c = mf.contributions
+    assert c.readers and c.writers and c.widgets
+    assert {s.key for s in c.sample_data} >= {"lesion_brain", "lesion_brain_audit"}
+
+
+def test_affine_conversion_round_trips_and_uses_lps():
+    ras = np.array([[0.0, 0.3, -1.9, 10.0], [1.2, 0.0, 0.4, -20.0], [0.1, 2.5, 0.0, 5.0],
+                    [0, 0, 0, 1]])
+    nap = napari_affine(ras)
+    np.testing.assert_allclose(ras_affine(nap), ras)
+    ijk = np.array([3.0, 4.0, 5.0, 1.0])
+    r, a, s = (ras @ ijk)[:3]
+    np.testing.assert_allclose(nap @ np.r_[ijk[2::-1], 1.0], [s, -a, -r, 1.0])
+
+
+def test_reader_opens_dicom_series_at_patient_position():
+    viewer, (layer,) = open_layers(CT5N)
+    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in CT5N.iterdir()),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    n = len(headers)
+    assert layer.data.shape == (n, int(headers[0].Rows), int(headers[0].Columns))
+    # every slice's first voxel sits at one of the files' ImagePositionPatient (LPS), in order
+    corners = np.array([layer.data_to_world((k, 0, 0)) for k in range(n)])
+    ipps = np.array([[float(v) for v in d.ImagePositionPatient][::-1] for d in headers])
+    order = np.argsort(corners[:, 0])
+    np.testing.assert_allclose(corners[order], ipps, atol=1e-3)
+    # one step along the row (napari axis 2) moves by the column spacing along the row cosine
+    dy, dx = (float(v) for v in headers[0].PixelSpacing)
+    row_cos = np.array([float(v) for v in headers[0].ImageOrientationPatient[:3]])
+    step = np.asarray(layer.data_to_world((0, 0, 1))) - np.asarray(layer.data_to_world((0, 0, 0)))
+    np.testing.assert_allclose(step, (row_cos * dx)[::-1], atol=1e-4)
+    col_step = np.asarray(layer.data_to_world((0, 1, 0))) - np.asarray(layer.data_to_world((0, 0, 0)))
+    assert np.linalg.norm(col_step) == pytest.approx(dy, abs=1e-4)
+    meta = layer.metadata[METADATA_KEY]
+    assert meta["kind"] == "scan" and meta["scan_info"].format == "dicom"
+    assert np.ptp(np.asarray(viewer.dims.range)[:, :2], axis=1).max() > 0
+
+
+def test_reader_opens_written_dicom_series_with_known_geometry(tmp_path):
+    from icam_med.io import write_dicom_series
+
+    # (slices, rows, columns), as write_dicom_series takes it: napari's own order
+    vol = np.random.default_rng(0).integers(0, 1000, (6, 10, 12)).astype(np.int16)
+    # oblique-free but off-origin, anisotropic, and written from a RAS affine
+    ras = np.array([[-0.8, 0, 0, 40.0], [0, -0.9, 0, 25.0], [0, 0, 3.0, -12.0], [0, 0, 0, 1]])
+    write_dicom_series(vol, tmp_path / "series", affine=ras)
+    _, (layer,) = open_layers(tmp_path / "series")
+    for ijk in [(0, 0, 0), (11, 9, 5), (3, 7, 2)]:
+        r, a, s = (ras @ np.r_[ijk, 1.0])[:3]
+        np.testing.assert_allclose(layer.data_to_world(ijk[::-1]), [s, -a, -r], atol=1e-3)
+    assert layer.data.shape == vol.shape
+    np.testing.assert_allclose(layer.data, vol, atol=1)
+
+
+def test_reader_opens_nifti_with_its_affine():
+    _, (layer,) = open_layers(ANATOMICAL)
+    img = nib.load(str(ANATOMICAL))
+    assert layer.data.shape == img.shape[::-1]
+    for ijk in [(0, 0, 0), (32, 40, 24), (10, 5, 7)]:
+        r, a, s = (img.affine @ np.r_[ijk, 1.0])[:3]
+        np.testing.assert_allclose(layer.data_to_world(ijk[::-1]), [s, -a, -r], atol=1e-4)
+    np.testing.assert_array_equal(layer.data[7, 5, 10], np.asarray(img.dataobj)[10, 5, 7])
+
+
+def test_reader_declines_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+    assert get_reader(str(tmp_path)) is None  # a folder with no DICOM and no audit
+    assert get_reader([str(ANATOMICAL), str(ANATOMICAL)]) is None
+
+
+@pytest.fixture(scope="module")
+def audit_folder(tmp_path_factory):
+    from icam_med.explain import explain_scan
+
+    root = tmp_path_factory.mktemp("audit")
+    scan = root / "anatomical.nii"
+    shutil.copy(ANATOMICAL, scan)
+    out = audit_name_for(scan)
+    explanation, _ = explain_scan(scan, tiny_config(root), out, layer_maps=True)
+    return scan, out, explanation
+
+
+def test_audit_folder_opens_with_maps_aligned_to_scan(audit_folder):
+    scan, out, explanation = audit_folder
+    assert out == scan.with_name("anatomical_icam")
+    _viewer, layers = open_layers(out)
+    kinds = [lay.metadata[METADATA_KEY]["kind"] for lay in layers]
+    assert kinds[0] == "scan" and kinds.count("fused") == 1
+    assert kinds.count("layer") == len(explanation.layer_maps) > 0
+    scan_layer, fused = layers[0], layers[kinds.index("fused")]
+    assert not scan_layer.metadata[METADATA_KEY]["record_mismatch"]
+    for lay in layers[1:]:
+        assert lay.data.shape == scan_layer.data.shape
+        np.testing.assert_allclose(lay.affine.affine_matrix, scan_layer.affine.affine_matrix,
+                                   atol=1e-5)
+    assert [lay.visible for lay in layers[1:]] == [k == "fused" for k in kinds[1:]]
+    record = fused.metadata[METADATA_KEY]["record"]
+    assert record["method"]["name"] == "integrative"
+    assert record["input"]["voxel_sha256"]
+    # the map's peak lies where the summary (written by the library) says, in world mm
+    peak = np.unravel_index(int(np.argmax(fused.data)), fused.data.shape)
+    r, a, s = explanation.map_statistics()["peak_world_ras_mm"]
+    np.testing.assert_allclose(fused.data_to_world(peak), [s, -a, -r], atol=1e-3)
+
+
+def test_audit_folder_reports_a_scan_that_is_not_the_recorded_one(audit_folder, tmp_path):
+    scan, out, _ = audit_folder
+    other = tmp_path / "anatomical.nii"
+    img = nib.load(str(scan))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] += 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(other))
+    shutil.copytree(out, tmp_path / "anatomical_icam")
+    _, layers = open_layers(tmp_path / "anatomical_icam")
+    assert layers[0].metadata[METADATA_KEY]["record_mismatch"] is True
+
+
+def test_writer_round_trips_map_and_record(audit_folder, tmp_path):
+    from napari_plugin._writer import write_map
+
+    _, out, _ = audit_folder
+    _, layers = open_layers(out)
+    fused = next(lay for lay in layers if lay.metadata[METADATA_KEY]["kind"] == "fused")
+    target = tmp_path / "map.nii.gz"
+    paths = write_map(str(target), fused.data, fused._get_state())
+    assert paths == [str(target), str(tmp_path / "map.record.json")]
+    back = nib.load(str(target))
+    np.testing.assert_allclose(napari_affine(back.affine), fused.affine.affine_matrix, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(back.dataobj).transpose(2, 1, 0), fused.data, atol=1e-6)
+    side = json.loads((tmp_path / "map.record.json").read_text())
+    assert side["record"]["method"]["name"] == "integrative"
+    with pytest.raises(FileExistsError):
+        write_map(str(target), fused.data, fused._get_state())
+
+
+def test_writer_places_a_plain_layer_by_its_scale_and_translate(tmp_path):
+    from napari_plugin._writer import write_map
+
+    viewer = ViewerModel()
+    lay = viewer.add_image(np.random.rand(4, 5, 6).astype(np.float32),
+                           scale=(3.0, 2.0, 1.5), translate=(10.0, -5.0, 2.0))
+    write_map(str(tmp_path / "plain.nii"), lay.data, lay._get_state())
+    back = nib.load(str(tmp_path / "plain.nii"))
+    np.testing.assert_allclose(napari_affine(back.affine), lay._data_to_world.affine_matrix,
+                               atol=1e-5)
+
+
+def test_contour_layer_marks_the_iso_region():
+    m = np.zeros((4, 8, 8), np.float32)
+    m[1:3, 2:5, 2:5] = 0.9
+    data, _kwargs, kind = contour_layer(m, 0.5, name="c", affine=np.eye(4))
+    assert kind == "labels" and data.sum() == 18 and data[1, 2, 2] == 1
+    with pytest.raises(ValueError, match="level"):
+        contour_layer(m, 1.5, name="c", affine=np.eye(4))
+
+
+def test_icam_med_imports_no_gui_module():
+    code = (
+        "import sys\n"
+        "import icam_med, icam_med.cam, icam_med.io, icam_med.explain, icam_med.audit\n"
+        "import icam_med.io.loading, icam_med.io.writers, icam_med.config, icam_med.models\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'PyQt5','PyQt6','PySide2','PySide6','qtpy','napari','magicgui','superqt','vispy'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"icam_med pulled GUI modules: {out.stdout}"

@@ -320,3 +320,23 @@ def test_bad_site_key_config_fails_before_any_work(workspace, tmp_path):
     with pytest.raises(FileNotFoundError, match="site key file"):
         run_batch([workspace["nifti"][0]], cfg, out, progress=False)
     assert not (out / "ledger.jsonl").exists()
+
+
+def test_rerun_keeps_tampered_outputs_as_evidence(workspace, tmp_path):
+    out = tmp_path / "out"
+    first = run_batch(workspace["nifti"][:2], workspace["config"], out, progress=False)
+    assert first.exit_code == 0
+    target = out / "scans" / "case01" / "cam.nii.gz"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    again = run_batch(workspace["nifti"][:2], workspace["config"], out, progress=False)
+    assert again.exit_code == 1
+    assert again.skipped == ["case00"] and again.done == []
+    assert "no longer verify" in again.failed["case01"]
+    assert target.read_bytes() == bytes(data)  # not overwritten
+    with open(out / "summary.csv", newline="") as fh:
+        rows = {r["scan_id"]: r for r in csv.DictReader(fh)}
+    assert rows["case00"]["status"] == "ok" and rows["case01"]["status"] == "failed"
+    report = verify_folder(out)
+    assert not report.ok and report.first_problem.scan_id == "case01"

@@ -47,8 +47,9 @@ def test_local_cluster_and_processes_match_local_run(tmp_path):
 
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None, silence_logs=50) as cluster:
-        remote = run_batch([tmp_path / "scans"], cfg, tmp_path / "dask", cluster=cluster,
-                           progress=False)
+        # By address, as `icam-med audit --cluster tcp://...` does.
+        remote = run_batch([tmp_path / "scans"], cfg, tmp_path / "dask",
+                           cluster=cluster.scheduler_address, progress=False)
     assert remote.exit_code == 0 and sorted(remote.done) == sorted(local.done)
     # Each worker process loaded the model exactly once and kept it for its scans.
     assert 1 <= len(remote.prepare_counts) <= 2

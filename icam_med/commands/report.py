@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the run's YAML config, to load the scans with its "
                                          "geometry options")
     parser.add_argument("--pdf", action="store_true", help="also write report.pdf")
-    parser.add_argument("--per-page", type=int, default=50, metavar="N",
-                        help="scan sections per HTML page (default 50)")
+    parser.add_argument("--per-page", type=int, default=25, metavar="N",
+                        help="scan sections per HTML page (default 25)")
     parser.add_argument("--anchor", metavar="HASH",
                         help="a ledger head hash kept elsewhere (printed by `icam-med verify`); "
                              "the report then proves the ledger was not rewritten since")

@@ -50,7 +50,7 @@ class ReportResult:
 
 
 def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
-                 pdf: bool = False, per_page: int = 50, overwrite: bool = False,
+                 pdf: bool = False, per_page: int = 25, overwrite: bool = False,
                  report_dir: str | Path | None = None,
                  anchor: str | None = None) -> ReportResult:
     """Build the audit report of an output folder.

@@ -30,7 +30,8 @@ border:2px solid #c0392b}.flag{color:#a12a1c;font-weight:600}.muted{color:#66727
 align-items:flex-start}img{max-width:100%;height:auto}code,pre{font-family:Menlo,Consolas,
 monospace;font-size:12px}pre{background:#f4f6f8;padding:6px;white-space:pre-wrap}
 nav a{margin-right:10px}.grid{display:grid;grid-template-columns:1fr 1fr;gap:0 22px}
-.grid h2{margin-top:16px}.grid table{width:100%}.mono{font-family:Menlo,Consolas,monospace;font-size:12px;
+.glance{background:#eef2f6;border-radius:6px;padding:8px 14px;margin:10px 0}
+.glance ol{margin:4px 0 0}.grid h2{margin-top:16px}.grid table{width:100%}.mono{font-family:Menlo,Consolas,monospace;font-size:12px;
 word-break:break-all}
 """
 
@@ -60,7 +61,7 @@ def _val(v: Any) -> str:
         return escape(f"{v:.4g}")
     if isinstance(v, (dict, list)):
         compact = json.dumps(v, sort_keys=True, default=str)
-        if len(compact) <= 90:
+        if len(compact) <= 120:
             return f'<span class="mono">{escape(compact)}</span>'
         return f"<pre>{escape(json.dumps(v, indent=1, sort_keys=True, default=str))}</pre>"
     return escape(str(v))
@@ -97,11 +98,29 @@ def _status(data: CohortData) -> str:
             f"on.<ul>{items}{more}</ul></div>")
 
 
-def _header(data: CohortData, built: dict[str, Any]) -> str:
+def _glance(data: CohortData, metrics: dict[str, Any], current: int) -> str:
+    """Key figures and the top of the review list, right under the ledger status."""
+    acc = metrics["accuracy"]
+    facts = [f"<b>{metrics['n_scans']}</b> scans", f"<b>{metrics['n_ok']}</b> explained",
+             f"<b>{metrics['n_failed']}</b> failed",
+             f"<b>{metrics['n_verified']}</b> verified",
+             (f"accuracy <b>{acc:.1%}</b> ({metrics['n_correct']}/{metrics['n_labelled']} "
+              "with an expected label)") if acc is not None else "no expected labels",
+             f"<b>{metrics['n_confident_wrong']}</b> confident wrong",
+             f"<b>{metrics['n_flagged']}</b> flagged"]
+    ranked = sorted((s for s in data.scans if s.priority[0] < 9), key=lambda s: s.priority)
+    top = "".join(f"<li>{_link(s, current)}: {escape(s.flags[0])}</li>" for s in ranked[:3])
+    more = (f' <a href="#review">all {len(ranked)} in the review list</a>' if ranked else "")
+    return (f'<div class="glance"><b>At a glance:</b> {" &middot; ".join(facts)}'
+            + (f"<br><b>Review first:</b>{more}<ol>{top}</ol>" if ranked else "") + "</div>")
+
+
+def _header(data: CohortData, built: dict[str, Any], metrics: dict[str, Any]) -> str:
     parts = [f"<h1>icam-med audit report</h1><p class=\"muted\">Audit folder "
              f"<b>{escape(data.folder_name)}</b>; report built {escape(built['utc'])} by "
              f"icam-med {escape(built['version'])}; ledger head entry "
-             f'<span class="mono">{escape(str(data.head_sha256))}</span></p>', _status(data)]
+             f'<span class="mono">{escape(str(data.head_sha256))}</span></p>', _status(data),
+             _glance(data, metrics, 1)]
     parts.append('<div class="grid"><div>')
     parts.append("<h2 id=\"model\">Model</h2>")
     if not data.models:
@@ -122,9 +141,12 @@ def _header(data: CohortData, built: dict[str, Any]) -> str:
         ]))
     if len(data.models) > 1:
         parts.append('<p class="flag">More than one model appears in this folder\'s records.</p>')
-    parts.append('<h2 id="software">Software</h2>')
+    parts.append('<h2 id="software">Software (as recorded)</h2>')
     for v in data.versions:
-        parts.append(_kv(sorted((v or {}).items())))
+        parts.append("<p>" + " &middot; ".join(
+            f"{escape(k)} <b>{escape(str(x))}</b>" for k, x in sorted((v or {}).items(),
+                                                                      key=lambda i: i[0].lower()))
+            + "</p>")
     if len(data.versions) > 1:
         parts.append('<p class="flag">Records were produced with different software versions.</p>')
     parts.append('</div><div>')
@@ -271,7 +293,7 @@ def render_page(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes
     scans = [s for s in data.scans if s.page == page]
     body = [_nav(n_pages, page)]
     if page == 1:
-        body += [_header(data, built), _cohort(data, metrics, figs, page),
+        body += [_header(data, built, metrics), _cohort(data, metrics, figs, page),
                  _review(data, page), _overview(data, page)]
     else:
         body += [f"<h1>icam-med audit report, page {page} of {n_pages}</h1>", _status(data)]

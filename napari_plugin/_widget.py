@@ -140,6 +140,7 @@ class ExplainWidget(Container):
         self.result: dict | None = None
         self.result_layers: list = []
         self.contour: Any = None
+        self._cancel_requested = False
 
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self.config = ComboBox(label="config", choices=self._config_choices)
@@ -183,6 +184,8 @@ class ExplainWidget(Container):
                      self.cancel_button, self.progress, self.status, self.prediction,
                      self.scores, self.threshold, self.opacity, self.show_contour,
                      self.contour_level, self.audit_folder, self.save_button])
+        for label in (self.status, self.prediction, self.scores):
+            label.native.setWordWrap(True)
         self._plot = self._make_plot()
 
         self.config.changed.connect(self._on_config)
@@ -199,6 +202,7 @@ class ExplainWidget(Container):
             ev.connect(self._on_layers_changed)
         self._on_config()
         self._on_method()
+        self._on_layers_changed()
 
     # choices --------------------------------------------------------------------------
     def _image_choices(self, _w: Any = None) -> list:
@@ -214,7 +218,7 @@ class ExplainWidget(Container):
         return [(p.name, str(p)) for p in demo + [p for p in found if p not in demo]] + [
             (_OTHER_FILE, _OTHER_FILE)]
 
-    def _labels(self) -> tuple:
+    def _model_labels(self) -> tuple:
         try:
             from icam_med.config import load_config
 
@@ -238,7 +242,7 @@ class ExplainWidget(Container):
 
     def _on_config(self, *_: Any) -> None:
         self.config_file.visible = self.config.value == _OTHER_FILE
-        self._cached_labels = self._labels()
+        self._cached_labels = self._model_labels()
         self.target_class.reset_choices()
         self.contrast_class.reset_choices()
 
@@ -248,7 +252,7 @@ class ExplainWidget(Container):
     def _on_layers_changed(self, *_: Any) -> None:
         self.image.reset_choices()
         if self.image.value is None and self.image.choices:
-            self.image.value = self.image.choices[-1]
+            self.image.value = self.image.choices[-1]  # the latest scan
         self.result_layers = [lay for lay in self.result_layers if lay in self.viewer.layers]
         if self.contour is not None and self.contour not in self.viewer.layers:
             self.contour = None
@@ -327,6 +331,7 @@ class ExplainWidget(Container):
         contrast = self.contrast_class.value
         target = self.target_class.value
         self._scan_layer = layer
+        self._cancel_requested = False
         self.progress.visible = True
         self.progress.max = 4 if contrast is None else 5
         self.progress.value = 0
@@ -346,6 +351,7 @@ class ExplainWidget(Container):
     def cancel(self, *_: Any) -> None:
         """Ask the running worker to stop at its next step; no layer is added."""
         if self.worker is not None:
+            self._cancel_requested = True
             self.status.value = "cancelling..."
             self.worker.quit()
 
@@ -369,6 +375,9 @@ class ExplainWidget(Container):
         self.cancel_button.enabled = False
 
     def _on_returned(self, out: dict) -> None:
+        if self._cancel_requested:  # finished before the cancel reached it: drop the result
+            self.status.value = "cancelled"
+            return
         if "error" in out:
             self._notify_error(out["error"])
             return
@@ -385,9 +394,8 @@ class ExplainWidget(Container):
                 self.viewer.layers.remove(name)
             meta = kwargs["metadata"][METADATA_KEY]
             meta["scan_layer"] = scan.name
-            self.result_layers.append(self.viewer.add_image(data, **kwargs))
-        self.viewer.layers.selection.active = self.result_layers[0]
-        self.viewer.layers.selection.active = scan if scan in self.viewer.layers else None
+            layer = self.viewer.add_image(data, **kwargs)  # (fires _on_layers_changed)
+            self.result_layers.append(layer)
         self._show_result(first, second)
         self._update_contour()
         self.save_button.enabled = True

@@ -1,0 +1,185 @@
+"""The dock widget in a real napari viewer (Qt under Xvfb, started by pytest-xvfb)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari.utils.notifications import NotificationSeverity, notification_manager
+
+from napari_plugin._layers import METADATA_KEY
+from napari_plugin._screenshot import explain_in_viewer, go_to_map_peak, wait_for_worker
+from napari_plugin._widget import ExplainWidget
+from tests.test_napari_layers import tiny_config
+
+pytestmark = pytest.mark.gui
+
+ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+@pytest.fixture
+def scan(tmp_path):
+    path = tmp_path / "anatomical.nii"
+    shutil.copy(ANATOMICAL, path)
+    return path
+
+
+@pytest.fixture
+def notes():
+    """Error notifications shown while the test runs."""
+    seen = []
+
+    def keep(event):
+        seen.append(event)
+
+    notification_manager.notification_ready.connect(keep)
+    yield seen
+    notification_manager.notification_ready.disconnect(keep)
+
+
+def errors(seen):
+    return [n.message for n in seen if n.severity >= NotificationSeverity.ERROR]
+
+
+def result_kinds(viewer):
+    return [(lay.metadata.get(METADATA_KEY) or {}).get("kind") for lay in viewer.layers]
+
+
+def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, notes):
+    viewer = make_napari_viewer()
+    widget = explain_in_viewer(viewer, scan, tiny_config(tmp_path), contrast=1)
+    assert errors(notes) == []
+    scan_layer = viewer.layers[0]
+    kinds = result_kinds(viewer)
+    assert kinds[0] == "scan"
+    assert kinds.count("fused") == kinds.count("contrast") == kinds.count("difference") == 1
+    assert kinds.count("layer") >= 2  # 'stages' of the tiny net
+    for lay in viewer.layers[1:]:
+        assert lay.data.shape == scan_layer.data.shape
+        np.testing.assert_allclose(lay.affine.affine_matrix, scan_layer.affine.affine_matrix)
+        assert lay.visible == (lay.metadata[METADATA_KEY]["kind"] == "fused")
+    fused = viewer.layers[kinds.index("fused")]
+    meta = fused.metadata[METADATA_KEY]
+    summary = meta["summary"]
+    assert summary["result"]["method"] == "integrative"
+    assert summary["result"]["target_class"] == summary["result"]["predicted_class"]
+    assert set(summary["result"]["layer_weights"]) == {
+        lay.metadata[METADATA_KEY]["layer"] for lay in viewer.layers
+        if lay.metadata[METADATA_KEY]["kind"] == "layer"}
+    assert fused.data.min() >= 0.0 and fused.data.max() == pytest.approx(1.0, abs=1e-4)
+    contrast = viewer.layers[kinds.index("contrast")]
+    assert contrast.metadata[METADATA_KEY]["target_class"] == 1
+    assert "absent" in widget.scores.value and "present" in widget.scores.value
+    assert widget.prediction.value.startswith(("absent", "present"))
+
+    # display controls act on the overlay; the contour sits on the map's grid
+    widget.threshold.value = 0.3
+    assert tuple(fused.contrast_limits) == pytest.approx((0.3, 1.0))
+    widget.show_contour.value = True
+    assert widget.contour is not None and widget.contour in viewer.layers
+    np.testing.assert_array_equal(widget.contour.data, fused.data >= 0.5)
+    np.testing.assert_allclose(widget.contour.affine.affine_matrix, fused.affine.affine_matrix)
+
+    # the same slice in every axis shows map and scan of the same physical place; 3D works
+    viewer.dims.ndisplay = 3
+    viewer.dims.ndisplay = 2
+
+    # Save audit: the CLI's writer, next to the scan, record into every map layer's metadata
+    written = widget.save_audit()
+    folder = scan.with_name("anatomical_icam")
+    assert {w.role for w in written} >= {"cam_nifti", "summary", "audit_record"}
+    assert (folder / "cam.icam.json").is_file() and (folder / "ledger.jsonl").is_file()
+    assert meta["record"]["method"]["name"] == "integrative"
+    assert meta["record_path"] == str(folder / "cam.icam.json")
+    assert contrast.metadata[METADATA_KEY]["record"]["method"]["target"]["class_index"] == 1
+    from icam_med.audit import verify_folder
+
+    assert verify_folder(folder).ok
+    # saving again refuses (audited maps are never replaced): a notification, no exception
+    assert widget.save_audit() == []
+    assert any("already" in m for m in errors(notes))
+
+
+def test_cancel_mid_run_leaves_viewer_clean(make_napari_viewer, scan, tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.open(str(scan), plugin="icam-med")
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.config.value = "other file..."
+    widget.config_file.value = tiny_config(tmp_path)
+    worker = widget.run()
+    assert widget.cancel_button.enabled and not widget.explain_button.enabled
+    steps = []
+    worker.yielded.connect(lambda s: (steps.append(s), widget.cancel()))
+    wait_for_worker(widget)
+    assert steps, "the worker reported no progress before finishing"
+    assert [lay.name for lay in viewer.layers] == ["anatomical"]
+    assert widget.status.value == "cancelled"
+    assert widget.explain_button.enabled and not widget.cancel_button.enabled
+    assert not widget.progress.visible and errors(notes) == []
+
+
+def test_bad_inputs_are_notifications_not_exceptions(make_napari_viewer, scan, tmp_path, notes):
+    viewer = make_napari_viewer()
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.config.value = "other file..."
+    widget.config_file.value = tiny_config(tmp_path)
+    # a 4D volume
+    viewer.add_image(np.zeros((2, 6, 7, 8), np.float32), name="four_d")
+    widget.image.value = viewer.layers["four_d"]
+    assert widget.run() is None
+    assert any("4 dimension" in m for m in errors(notes))
+    # a model expecting 2 channels, on a 1-channel scan: the library's message, from the worker
+    viewer.open(str(scan), plugin="icam-med")
+    widget.image.value = viewer.layers["anatomical"]
+    two = tmp_path / "two"
+    two.mkdir()
+    widget.config_file.value = tiny_config(two, in_channels=2)
+    assert widget.run() is not None
+    wait_for_worker(widget)
+    assert any("expects 2" in m and "channel" in m for m in errors(notes))
+    # a missing weights file
+    bad = tmp_path / "missing.yaml"
+    bad.write_text(tiny_config(tmp_path).read_text().replace(
+        "  labels:", "  weights: nowhere.safetensors\n  labels:"))
+    widget.config_file.value = bad
+    widget.run()
+    wait_for_worker(widget)
+    assert any("nowhere.safetensors" in m and "does not exist" in m for m in errors(notes))
+    assert result_kinds(viewer) == [None, "scan"]
+    assert widget.explain_button.enabled
+
+
+def test_screenshot_shows_overlay_at_map_peak(make_napari_viewer, scan, tmp_path):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    widget = explain_in_viewer(viewer, scan, tiny_config(tmp_path))
+    fused = next(lay for lay in viewer.layers
+                 if (lay.metadata.get(METADATA_KEY) or {}).get("kind") == "fused")
+    world = go_to_map_peak(viewer, fused)
+    viewer.layers["anatomical"].visible = False  # overlay alone on black
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    rgb = shot[..., :3].astype(float)
+    # inferno's top end (pale yellow) at the overlay's 0.6 opacity over black: about 150
+    assert rgb.max() > 120, "the overlay was not drawn"
+    assert (rgb.sum(-1) > 30).mean() > 0.01
+    # the hottest pixel (inferno: brightest) is where the map peaks on this slice
+    lum = rgb.sum(-1)
+    py, px = np.unravel_index(int(np.argmax(lum)), lum.shape)
+    h, w = lum.shape
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    zoom = camera.zoom * widget.native.window().devicePixelRatioF()  # px per mm
+    center = np.asarray(camera.center)[-2:]
+    expected = (world[-2:] - center) * zoom + np.array([h, w]) / 2
+    tolerance = 3 * max(abs(fused.affine.affine_matrix[1, :3]).max(), 1.0) * zoom
+    assert np.hypot(py - expected[0], px - expected[1]) <= tolerance, (
+        (py, px), expected, tolerance)
+    viewer.layers["anatomical"].visible = True
+    assert viewer.screenshot(canvas_only=True, flash=False)[..., :3].std() > 10

@@ -345,3 +345,34 @@ def test_anchor_proves_the_ledger_was_not_rewritten(audit, tmp_path):
     bad = build_report(audit["out"], anchor="ab" * 32, report_dir=tmp_path / "bad")
     assert not bad.ledger_ok
     assert "Ledger verification: BROKEN" in bad.html.read_text("utf-8")
+
+
+def test_a_changed_record_and_a_deleted_map_are_reported_not_fatal(audit, tmp_path):
+    bad = tmp_path / "edited"
+    shutil.copytree(audit["out"], bad)
+    records = sorted(bad.glob("scans/*/cam.icam.json"))
+    text = records[0].read_text("utf-8")
+    records[0].write_text(text.replace('"label":"absent"', '"label":"present"')
+                          .replace('"label": "absent"', '"label": "present"'))
+    (records[1].parent / "cam.nii.gz").unlink()
+    res = build_report(bad, overwrite=True)
+    html = res.html.read_text("utf-8")
+    assert not res.ledger_ok and "Ledger verification: BROKEN" in html
+    for rec in records[:2]:
+        section = re.search(rf'id="scan-{rec.parent.name}".*?</section>', html, re.S).group(0)
+        assert "not verified" in section
+    assert "map file missing" in html
+
+
+def test_report_of_a_single_explain_folder(audit, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert cli.main(["explain", str(audit["nifti"][0]), "--config", str(audit["config"]),
+                     "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(out), "--scans", str(audit["nifti"][0]),
+                     "--config", str(audit["config"]), "--pdf"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.html") in printed and "ledger OK" in printed
+    html = (out / "report.html").read_text("utf-8")
+    assert "yes (voxel SHA-256 matches the record)" in html  # scan id = folder name, matched
+    assert "no expected labels" in html and (out / "report.pdf").stat().st_size > 10_000

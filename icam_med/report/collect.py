@@ -190,6 +190,37 @@ def _scan_sources(scans: Any) -> dict[str, Path]:
     return {s.scan_id: s.path for s in collect_scans(scans)}
 
 
+def _match_leftovers(folder: Path, latest: Mapping[str, Mapping[str, Any]],
+                     sources: dict[str, Path], geometry: Any) -> dict[str, Path]:
+    """Scans given under other names than the folder's scan ids (e.g. an ``explain`` folder
+    whose scan id is the folder's name) are matched to records by voxel SHA-256."""
+    leftovers = [p for sid, p in sources.items() if sid not in latest]
+    wanted: dict[str, str] = {}
+    for sid, e in latest.items():
+        if sid in sources or e.get("kind") != "scan":
+            continue
+        path = _inside(folder, (e.get("record") or {}).get("path"))
+        try:
+            rec = json.loads(path.read_text("utf-8")) if path else None
+            wanted[str(rec["input"]["voxel_sha256"])] = sid
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not leftovers or not wanted:
+        return sources
+    from icam_med.io import load_volume
+
+    matched = dict(sources)
+    for p in leftovers:
+        try:
+            image, _ = load_volume(p, geometry=geometry)
+        except Exception:  # unreadable: nothing to match
+            continue
+        sid = wanted.get(voxel_sha256(image))
+        if sid is not None:
+            matched[sid] = p
+    return matched
+
+
 def _fill_from_record(item: ScanItem, rec: dict[str, Any]) -> None:
     method = rec.get("method") or {}
     analysis = rec.get("analysis") or {}
@@ -334,6 +365,7 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
     for p in report.problems:
         if p.scan_id:
             problems_by_scan.setdefault(p.scan_id, []).append(p.message)
+    sources = _match_leftovers(folder, latest, sources, geometry)
     items: list[ScanItem] = []
     for sid, e in latest.items():
         item = ScanItem(scan_id=sid, seq=int(e.get("seq") or 0),
@@ -349,13 +381,20 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
                 item.record = json.loads(path.read_text("utf-8")) if path else None
             except (OSError, ValueError):
                 item.record = None
-            if item.record is None:
+            if not isinstance(item.record, dict):
+                item.record = None
                 item.problems.append("record missing or unreadable")
                 item.verified = False
             else:
-                _fill_from_record(item, item.record)
-                if figures:
-                    _load_pictures(item, folder, sources.get(sid), geometry)
+                try:
+                    _fill_from_record(item, item.record)
+                    if figures:
+                        _load_pictures(item, folder, sources.get(sid), geometry)
+                except Exception as exc:  # a damaged record must not stop the report
+                    log.warning("scan %s: record could not be shown (%s)", sid,
+                                type(exc).__name__)
+                    item.problems.append(f"record could not be read as expected "
+                                         f"({type(exc).__name__})")
         _flag(item)
         items.append(item)
     records = [s.record for s in items if s.record]

@@ -263,9 +263,12 @@ def contour_layer(map_data: np.ndarray, level: float, *, name: str, affine: Any,
     """
     if not 0.0 <= float(level) <= 1.0:
         raise ValueError(f"iso-contour level {level} must lie in [0, 1].")
+    from napari.utils.colormaps import DirectLabelColormap
+
     mask = (np.asarray(map_data) >= float(level)).astype(np.uint8)
     kwargs = {
         "name": name,
+        "colormap": DirectLabelColormap(color_dict={1: "cyan", None: "transparent"}),
         "affine": np.asarray(affine, dtype=np.float64),
         "opacity": 1.0,
         "blending": "translucent_no_depth",

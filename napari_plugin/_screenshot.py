@@ -33,7 +33,8 @@ def wait_for_worker(widget: Any, timeout: float = 60.0) -> None:
 
 
 def explain_in_viewer(viewer: Any, scan: str | Path, config: str | Path, *,
-                      contrast: int | None = None, timeout: float = 60.0) -> Any:
+                      target: int | None = None, contrast: int | None = None,
+                      timeout: float = 60.0) -> Any:
     """Open ``scan`` with the plugin's reader, dock the widget, explain; return the widget."""
     from napari_plugin._widget import ExplainWidget
 
@@ -42,6 +43,7 @@ def explain_in_viewer(viewer: Any, scan: str | Path, config: str | Path, *,
     viewer.window.add_dock_widget(widget, name="Integrative CAM", area="right")
     widget.config.value = "other file..."
     widget.config_file.value = Path(config)
+    widget.target_class.value = target
     widget.contrast_class.value = contrast
     widget.run()
     wait_for_worker(widget, timeout)

@@ -118,6 +118,10 @@ def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any,
         first = explain_volume(image, info, prepared, method=method, method_options=options,
                                targets=target, layer_maps=layer_maps)
         second = None
+        if contrast is not None and contrast == first.result.get("target_class"):
+            return {"first": first, "second": None, "prepared": prepared,
+                    "warning": f"the contrast class ({contrast}) is the explained class; "
+                               "choose another class to compare with."}
         if contrast is not None:
             yield 3, total, "explaining the contrast class..."
             second = explain_volume(image, info, prepared, method=method,
@@ -381,6 +385,10 @@ class ExplainWidget(Container):
         if "error" in out:
             self._notify_error(out["error"])
             return
+        if out.get("warning"):
+            from napari.utils.notifications import show_warning
+
+            show_warning(out["warning"])
         self.result = out
         first, second = out["first"], out["second"]
         scan = self._scan_layer

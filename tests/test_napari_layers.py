@@ -246,3 +246,18 @@ def test_icam_med_imports_no_gui_module():
                          timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"icam_med pulled GUI modules: {out.stdout}"
+
+
+def test_sample_data_commands_open_scans_in_place():
+    from napari_plugin._sample_data import sample_brain, sample_ct
+
+    (ct,) = sample_ct()
+    data, kwargs, kind = ct
+    assert kind == "image" and data.shape == (5, 16, 16)
+    info = kwargs["metadata"][METADATA_KEY]["scan_info"]
+    assert info.format == "dicom" and info.modality == "CT"
+    (brain,) = sample_brain()
+    bdata, bkwargs, _ = brain
+    img = nib.load(str(bkwargs["metadata"][METADATA_KEY]["source_path"]))
+    assert bdata.shape == img.shape[::-1]
+    np.testing.assert_allclose(bkwargs["affine"], napari_affine(img.affine), atol=1e-5)

@@ -53,7 +53,7 @@ def result_kinds(viewer):
 
 def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, notes):
     viewer = make_napari_viewer()
-    widget = explain_in_viewer(viewer, scan, tiny_config(tmp_path), contrast=1)
+    widget = explain_in_viewer(viewer, scan, tiny_config(tmp_path), target=0, contrast=1)
     assert errors(notes) == []
     scan_layer = viewer.layers[0]
     kinds = result_kinds(viewer)
@@ -68,7 +68,7 @@ def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, not
     meta = fused.metadata[METADATA_KEY]
     summary = meta["summary"]
     assert summary["result"]["method"] == "integrative"
-    assert summary["result"]["target_class"] == summary["result"]["predicted_class"]
+    assert summary["result"]["target_class"] == 0
     assert set(summary["result"]["layer_weights"]) == {
         lay.metadata[METADATA_KEY]["layer"] for lay in viewer.layers
         if lay.metadata[METADATA_KEY]["kind"] == "layer"}
@@ -77,6 +77,27 @@ def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, not
     assert contrast.metadata[METADATA_KEY]["target_class"] == 1
     assert "absent" in widget.scores.value and "present" in widget.scores.value
     assert widget.prediction.value.startswith(("absent", "present"))
+    assert "explained: absent" in widget.prediction.value
+
+    # the default target is the prediction; a contrast equal to it is a warning, no layer
+    widget.target_class.value = None
+    widget.contrast_class.value = summary["result"]["predicted_class"]
+    widget.run()
+    wait_for_worker(widget)
+    fused = next(lay for lay in viewer.layers
+                 if (lay.metadata.get(METADATA_KEY) or {}).get("kind") == "fused")
+    meta = fused.metadata[METADATA_KEY]
+    assert meta["target_class"] == meta["summary"]["result"]["predicted_class"]
+    assert "contrast" not in result_kinds(viewer)
+    assert any("contrast class" in n.message for n in notes)
+    widget.target_class.value, widget.contrast_class.value = 0, 1
+    widget.run()
+    wait_for_worker(widget)
+    assert result_kinds(viewer).count("fused") == result_kinds(viewer).count("contrast") == 1
+    kinds = result_kinds(viewer)
+    fused = viewer.layers[kinds.index("fused")]
+    meta = fused.metadata[METADATA_KEY]
+    contrast = viewer.layers[kinds.index("contrast")]
 
     # display controls act on the overlay; the contour sits on the map's grid
     widget.threshold.value = 0.3

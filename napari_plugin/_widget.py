@@ -98,18 +98,30 @@ def _layer_data_to_world(layer: Any) -> np.ndarray:
     return np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
 
 
+def _devices() -> list:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
 def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any, *,
-                 method: str, options: dict, target: Any, contrast: Any, layer_maps: bool):
+                 method: str, options: dict, target: Any, contrast: Any, layer_maps: bool,
+                 device: str = "cpu"):
     """The worker's generator: yields ``(step, total, text)``; returns the results."""
     from icam_med.explain import explain_volume, prepare
 
     total = 4 if contrast is None else 5
     try:
         yield 0, total, "loading model..."
-        key = (str(config_path), config_path.stat().st_mtime_ns)
+        key = (str(config_path), config_path.stat().st_mtime_ns, device)
         prepared = prepared_cache.get(key)
         if prepared is None:
-            prepared = prepare(config_path)
+            prepared = prepare(config_path, device=device)
             prepared_cache.clear()
             prepared_cache[key] = prepared
         yield 1, total, "checking options..."
@@ -165,6 +177,7 @@ class ExplainWidget(Container):
         self.bias_mode = ComboBox(label="bias mode", choices=["signed", "abs"], value="signed")
         self.bias_weight = FloatSpinBox(label="bias weight", value=1.0, min=0.0, max=10.0,
                                         step=0.1)
+        self.device = ComboBox(label="device", choices=_devices(), value="cpu")
         self.layer_maps = CheckBox(label="layer maps", value=True,
                                    tooltip="also show each layer's map (hidden layers)")
         self.explain_button = PushButton(text="Explain")
@@ -184,7 +197,7 @@ class ExplainWidget(Container):
         self.save_button = PushButton(text="Save audit", enabled=False)
         self.extend([self.image, self.config, self.config_file, self.method, self.target_layers,
                      self.target_class, self.contrast_class, self.alpha_fn, self.bias_mode,
-                     self.bias_weight, self.layer_maps, self.explain_button,
+                     self.bias_weight, self.device, self.layer_maps, self.explain_button,
                      self.cancel_button, self.progress, self.status, self.prediction,
                      self.scores, self.threshold, self.opacity, self.show_contour,
                      self.contour_level, self.audit_folder, self.save_button])
@@ -346,6 +359,7 @@ class ExplainWidget(Container):
             _explain_job, config_path, self._prepared_cache, image, info,
             method=self.method.value, options=self.method_options(), target=target,
             contrast=contrast, layer_maps=bool(self.layer_maps.value),
+            device=str(self.device.value),
             _connect={"yielded": self._on_progress, "returned": self._on_returned,
                       "errored": self._on_errored, "finished": self._on_finished,
                       "aborted": self._on_aborted},

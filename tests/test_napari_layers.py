@@ -261,3 +261,34 @@ def test_sample_data_commands_open_scans_in_place():
     img = nib.load(str(bkwargs["metadata"][METADATA_KEY]["source_path"]))
     assert bdata.shape == img.shape[::-1]
     np.testing.assert_allclose(bkwargs["affine"], napari_affine(img.affine), atol=1e-5)
+
+
+def test_explanation_layers_build_overlay_layer_maps_and_contrast(audit_folder):
+    from icam_med.explain import explain_volume, prepare
+    from icam_med.io import load_volume
+    from napari_plugin._layers import explanation_layers
+
+    scan, _, _ = audit_folder
+    prepared = prepare(tiny_config(scan.parent))
+    image, info = load_volume(scan)
+    first = explain_volume(image, info, prepared, targets=0, layer_maps=True)
+    second = explain_volume(image, info, prepared, targets=1)
+    layers = explanation_layers(first, scan_name="s", contrast=second, threshold=0.25)
+    kinds = [kw["metadata"][METADATA_KEY]["kind"] for _, kw, _ in layers]
+    assert kinds == ["fused"] + ["layer"] * len(first.layer_maps) + ["contrast", "difference"]
+    expected_affine = napari_affine(info.affine)
+    for data, kwargs, kind in layers:
+        assert kind == "image" and data.shape == tuple(info.shape[::-1])
+        np.testing.assert_allclose(kwargs["affine"], expected_affine)
+        assert kwargs["visible"] == (kwargs["metadata"][METADATA_KEY]["kind"] == "fused")
+    (fused, fkw, _), (contrast, ckw, _), (diff, dkw, _) = layers[0], layers[-2], layers[-1]
+    np.testing.assert_array_equal(fused, first.fused[0].numpy().transpose(2, 1, 0))
+    np.testing.assert_allclose(diff, fused - contrast)
+    assert fkw["contrast_limits"] == (0.25, 1.0) and dkw["contrast_limits"] == (-1.0, 1.0)
+    assert fkw["name"] == "s integrative [absent]" and ckw["name"] == "s integrative [present]"
+    assert fkw["metadata"][METADATA_KEY]["summary"]["result"]["target_class"] == 0
+    assert ckw["metadata"][METADATA_KEY]["summary"]["result"]["target_class"] == 1
+    weights = first.result["layer_weights"]
+    for _, kw, _ in layers[1:-2]:
+        m = kw["metadata"][METADATA_KEY]
+        assert m["layer_weight"] == weights[m["layer"]] and "w=" in kw["name"]

@@ -42,7 +42,7 @@ class _Doc:
             pdf.add_page()
         pdf.set_font("DejaVu", "B", size)
         pdf.ln(2)
-        pdf.multi_cell(0, size * 0.5, text, new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(0, size * 0.5, text, new_x="LMARGIN", new_y="NEXT", align="L")
         pdf.ln(1)
 
     def p(self, text: str, size: float = 9, bold: bool = False,
@@ -50,7 +50,7 @@ class _Doc:
         pdf = self.pdf
         pdf.set_font("DejaVu", "B" if bold else "", size)
         pdf.set_text_color(*color)
-        pdf.multi_cell(0, size * 0.48, text, new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(0, size * 0.48, text, new_x="LMARGIN", new_y="NEXT", align="L")
         pdf.set_text_color(0, 0, 0)
         pdf.ln(0.8)
 
@@ -68,7 +68,7 @@ class _Doc:
             hk = pdf.multi_cell(52, 4, key, dry_run=True, output="HEIGHT")
             pdf.set_font("DejaVu", "", 8)
             width = pdf.w - pdf.r_margin - pdf.l_margin - 52
-            hv = pdf.multi_cell(width, 4, text, dry_run=True, output="HEIGHT")
+            hv = pdf.multi_cell(width, 4, text, dry_run=True, output="HEIGHT", align="L")
             need = max(hk, hv)
             if pdf.get_y() + need > pdf.page_break_trigger:
                 pdf.add_page()
@@ -78,7 +78,7 @@ class _Doc:
             pdf.multi_cell(52, 4, key)
             pdf.set_font("DejaVu", "", 8)
             pdf.set_xy(pdf.l_margin + 52, y)
-            pdf.multi_cell(width, 4, text)
+            pdf.multi_cell(width, 4, text, align="L")
             pdf.set_xy(pdf.l_margin, y + need)
 
     def image(self, png: bytes | None, width: float) -> None:
@@ -130,6 +130,8 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
         doc.p(f"Ledger verification: OK (re-checked when this report was built): "
               f"{v.n_entries} entries chained, {v.n_scans} scan record(s), {v.n_failures} "
               f"failure(s), {v.n_files} file(s) re-hashed.", 10, bold=True, color=(46, 110, 26))
+        doc.p(f"Anchored: the chain contains the externally kept entry {data.anchor}."
+              if data.anchor else "Not anchored: no externally kept ledger hash was given.", 8)
     else:
         doc.p(f"Ledger verification: BROKEN - the audit evidence has been altered or is "
               f"incomplete ({len(v.problems)} problem(s)).", 11, bold=True, color=(192, 57, 43))

@@ -12,11 +12,11 @@ import pytest
 pytest.importorskip("napari")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager
+from test_napari_layers import tiny_config
 
 from napari_plugin._layers import METADATA_KEY
 from napari_plugin._screenshot import explain_in_viewer, go_to_map_peak, wait_for_worker
 from napari_plugin._widget import ExplainWidget
-from test_napari_layers import tiny_config
 
 pytestmark = pytest.mark.gui
 

@@ -204,3 +204,42 @@ def test_screenshot_shows_overlay_at_map_peak(make_napari_viewer, scan, tmp_path
         (py, px), expected, tolerance)
     viewer.layers["anatomical"].visible = True
     assert viewer.screenshot(canvas_only=True, flash=False)[..., :3].std() > 10
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _demo_weights() -> Path | None:
+    if not DEMO_CONFIG.is_file():
+        return None
+    from icam_med.config import load_config
+
+    w = load_config(DEMO_CONFIG).model.weights
+    return w if w is not None and w.is_file() else None
+
+
+@pytest.mark.skipif(_demo_weights() is None,
+                    reason="the demo model's weights (sample_data/) are not present")
+def test_widget_on_demo_model_points_at_the_lesion(make_napari_viewer, tmp_path, notes):
+    from napari_plugin._sample_data import sample_scan_path
+
+    scan = sample_scan_path("mni152_t1_2mm_lesion.nii.gz")
+    mask = nib.load(str(sample_scan_path("mni152_t1_2mm_lesion_mask.nii.gz")))
+    local = tmp_path / scan.name
+    shutil.copy(scan, local)  # Save audit writes beside the scan: keep sample_data clean
+    viewer = make_napari_viewer()
+    widget = explain_in_viewer(viewer, local, DEMO_CONFIG, timeout=120)
+    assert errors(notes) == []
+    kinds = result_kinds(viewer)
+    fused = viewer.layers[kinds.index("fused")]
+    summary = fused.metadata[METADATA_KEY]["summary"]
+    assert summary["result"]["predicted_label"] == "present"
+    assert widget.prediction.value.startswith("present")
+    # the hottest voxel lies in the lesion (mask dilated by 2 voxels, i.e. 4 mm)
+    from scipy.ndimage import binary_dilation
+
+    lesion = binary_dilation(np.asarray(mask.dataobj) > 0, iterations=2).transpose(2, 1, 0)
+    peak = np.unravel_index(int(np.argmax(fused.data)), fused.data.shape)
+    assert lesion[peak], f"map peak {peak} is outside the lesion"
+    np.testing.assert_allclose(fused.affine.affine_matrix, viewer.layers[0].affine.affine_matrix)
+    assert widget.save_audit() and (tmp_path / "mni152_t1_2mm_lesion_icam" / "cam.icam.json").is_file()

@@ -223,7 +223,8 @@ def _overview(data: CohortData, current: int) -> str:
     rows = [[_link(s, current), escape(s.status), _val(s.predicted_label), _val(s.probability),
              _val(s.score), _val(s.expected_label),
              "yes" if s.verified else '<span class="flag">no</span>',
-             _val(s.outside_body), str(len(s.flags))] for s in data.scans]
+             _val(None if s.outside_body is None else f"{s.outside_body:.0%}"),
+             str(len(s.flags))] for s in data.scans]
     return ('<h2 id="scans">All scans</h2>' +
             _table(["scan", "status", "predicted", "p", "score", "expected", "verified",
                     "mass outside body", "flags"], rows))

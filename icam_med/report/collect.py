@@ -327,7 +327,7 @@ def _flag(item: ScanItem) -> None:
         item.priority = (1, -(item.probability or 0.0))
     elif suspicious:
         item.priority = (2, -(item.outside_body or 1.0))
-    elif item.disagrees:
+    elif item.disagrees or f:
         item.priority = (3, -(item.probability or 0.0))
 
 

@@ -29,7 +29,8 @@ def review_rules() -> list[str]:
         "only if its voxel SHA-256 equals the one in the audit record.",
         "Order: scans whose evidence does not verify, then confident wrong predictions "
         "(most confident first), then suspicious maps (most mass outside first), then other "
-        "disagreements, then failed scans.",
+        "disagreements and other flags (e.g. a scan given to the report that is not the "
+        "audited one), then failed scans.",
     ]
 
 

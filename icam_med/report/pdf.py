@@ -180,6 +180,12 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
         doc.p(f"{i}. {s.scan_id}: " + "; ".join(s.flags), 8.5)
     if not ranked:
         doc.p("Nothing to review first.", 9)
+    doc.h("All scans")
+    for s in data.scans:
+        p = "-" if s.probability is None else f"{s.probability:.3f}"
+        doc.p(f"{s.scan_id}: {s.status}, predicted {s.predicted_label or '-'} (p = {p}), "
+              f"expected {s.expected_label or '-'}, verified {'yes' if s.verified else 'NO'}, "
+              f"{len(s.flags)} flag(s)", 8)
     doc.h("Scan details")
     for s in data.scans:
         _scan(doc, s)

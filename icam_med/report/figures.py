@@ -63,21 +63,20 @@ def to_ras(data: Any, affine: Any) -> RASVolume:
 
 
 def _fig_png(fig: Any, dpi: int) -> bytes:
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    plt.close(fig)
     return buf.getvalue()
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(width: float, height: float) -> Any:
+    """A figure on the Agg canvas, without pyplot: no global backend or figure state is
+    touched, so the report can be built inside a GUI (napari) or in worker threads."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 # (name, fixed RAS axis, (horizontal axis, vertical axis), side letters left/right/bottom/top)
@@ -109,7 +108,8 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
     The map (``[0, 1]``) is drawn over the scan (grey, 1st-99th percentile window) with
     a colour bar; without a scan the map is drawn alone. A cross marks the map's peak.
     """
-    plt = _pyplot()
+    import matplotlib
+
     m = map_ras.data
     sx, sy, sz = map_ras.spacing
     size_mm = np.array(m.shape) * np.array([sx, sy, sz])
@@ -121,8 +121,9 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
         lo, hi = np.percentile(grey, [1, 99])
         if hi <= lo:
             hi = lo + 1.0
-    cmap = plt.get_cmap("jet" if grey is not None else "inferno")
-    fig, axes = plt.subplots(2, 3, figsize=(9.6, 6.4), constrained_layout=True)
+    cmap = matplotlib.colormaps["jet" if grey is not None else "inferno"]
+    fig = _figure(9.6, 6.4)
+    axes = fig.subplots(2, 3)
     for row, (label, point) in enumerate((("through the map's peak", peak),
                                           ("through the scan's centre", centre))):
         for col, (view, axis, (h, v), sides) in enumerate(_VIEWS):
@@ -166,11 +167,10 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
 
 def layer_weights_png(weights: Mapping[str, float], *, dpi: int = 80) -> bytes:
     """Horizontal bars: each layer's weight in the fused map, shallow layers on top."""
-    plt = _pyplot()
     names = list(weights)
     values = [float(weights[n]) for n in names]
-    fig, ax = plt.subplots(figsize=(4.6, 0.45 * max(len(names), 2) + 0.9),
-                           constrained_layout=True)
+    fig = _figure(4.6, 0.45 * max(len(names), 2) + 0.9)
+    ax = fig.subplots()
     pos = np.arange(len(names))
     ax.barh(pos, values, color="#3b6ea5")
     ax.set_yticks(pos, [n if len(n) <= 28 else "..." + n[-25:] for n in names], fontsize=8)
@@ -186,9 +186,9 @@ def layer_weights_png(weights: Mapping[str, float], *, dpi: int = 80) -> bytes:
 def confusion_png(matrix: np.ndarray, expected: Sequence[str], predicted: Sequence[str], *,
                   dpi: int = 80) -> bytes:
     """Counts of expected (rows) vs predicted (columns) labels."""
-    plt = _pyplot()
     n_r, n_c = matrix.shape
-    fig, ax = plt.subplots(figsize=(1.2 * n_c + 2.2, 1.0 * n_r + 1.6), constrained_layout=True)
+    fig = _figure(1.2 * n_c + 2.2, 1.0 * n_r + 1.6)
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max())))
     for i in range(n_r):
         for j in range(n_c):
@@ -206,9 +206,9 @@ def confusion_png(matrix: np.ndarray, expected: Sequence[str], predicted: Sequen
 def score_distribution_png(groups: Mapping[str, Sequence[float]], *, threshold: float,
                            dpi: int = 80) -> bytes:
     """Stacked histogram of the predicted class's probability by outcome group."""
-    plt = _pyplot()
     colours = {"correct": "#4c9a2a", "wrong": "#c0392b", "no expected label": "#7f8c8d"}
-    fig, ax = plt.subplots(figsize=(5.2, 3.0), constrained_layout=True)
+    fig = _figure(5.2, 3.0)
+    ax = fig.subplots()
     data = [list(v) for v in groups.values()]
     if any(data):
         ax.hist(data, bins=np.linspace(0, 1, 21), stacked=True,

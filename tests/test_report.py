@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from icam_med import cli
-from icam_med.audit import verify_folder
+from icam_med.audit import sha256_file, verify_folder
 from icam_med.batch import run_batch
 from icam_med.report import build_report
 from icam_med.report.collect import ScanItem, _flag, body_mask, outside_fraction
@@ -171,6 +171,10 @@ def test_ledger_status_matches_verify(audit, capsys):
     assert audit["report"].ledger_ok
     assert "Ledger verification: OK" in audit["html"]
     assert "BROKEN" not in audit["html"]
+    # The report names the exact ledger state it was built from.
+    header = audit["html"][: audit["html"].index('id="cohort"')]
+    assert verify_folder(audit["out"]).head_sha256 in header
+    assert sha256_file(audit["out"] / "ledger.jsonl") in header
 
 
 def test_each_scan_is_drawn_over_its_own_audited_voxels(audit):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from icam_med.audit import LEDGER_NAME, VerifyReport, verify_folder, voxel_sha256
+from icam_med.audit import LEDGER_NAME, VerifyReport, sha256_file, verify_folder, voxel_sha256
 
 __all__ = [
     "BODY_THRESHOLD_FRACTION",
@@ -129,6 +129,7 @@ class CohortData:
     labels: list[str]
     head_sha256: str | None
     anchor: str | None = None
+    ledger_sha256: str | None = None
 
     @property
     def ok_scans(self) -> list[ScanItem]:
@@ -411,6 +412,7 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
         versions=_distinct((r.get("runtime") or {}).get("versions") for r in records),
         labels=labels,
         head_sha256=entries[-1].get("entry_sha256") if entries else None, anchor=anchor,
+        ledger_sha256=sha256_file(folder / LEDGER_NAME),
     )
 
 

@@ -33,6 +33,8 @@ nav a{margin-right:10px}.grid{display:grid;grid-template-columns:1fr 1fr;gap:0 2
 .glance{background:#eef2f6;border-radius:6px;padding:8px 14px;margin:10px 0}
 .glance ol{margin:4px 0 0}.grid h2{margin-top:16px}.grid table{width:100%}.mono{font-family:Menlo,Consolas,monospace;font-size:12px;
 word-break:break-all}
+@media print{body{background:#fff}main{max-width:none;padding:0}.scan,table,img{break-inside:avoid}
+nav{display:none}}
 """
 
 
@@ -118,8 +120,10 @@ def _glance(data: CohortData, metrics: dict[str, Any], current: int) -> str:
 def _header(data: CohortData, built: dict[str, Any], metrics: dict[str, Any]) -> str:
     parts = [f"<h1>icam-med audit report</h1><p class=\"muted\">Audit folder "
              f"<b>{escape(data.folder_name)}</b>; report built {escape(built['utc'])} by "
-             f"icam-med {escape(built['version'])}; ledger head entry "
-             f'<span class="mono">{escape(str(data.head_sha256))}</span></p>', _status(data),
+             f"icam-med {escape(built['version'])} from {len(data.entries)} ledger entries; "
+             f'ledger head entry <span class="mono">{escape(str(data.head_sha256))}</span>; '
+             f'ledger.jsonl SHA-256 <span class="mono">{escape(str(data.ledger_sha256))}'
+             "</span></p>", _status(data),
              _glance(data, metrics, 1)]
     parts.append('<div class="grid"><div>')
     parts.append("<h2 id=\"model\">Model</h2>")

@@ -124,7 +124,8 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
     doc = _Doc(f"icam-med audit report - {data.folder_name}")
     doc.h("icam-med audit report", 18)
     doc.p(f"Audit folder {data.folder_name}; built {built['utc']} by icam-med "
-          f"{built['version']}; ledger head entry {data.head_sha256}", 8)
+          f"{built['version']} from {len(data.entries)} ledger entries; ledger head entry "
+          f"{data.head_sha256}; ledger.jsonl SHA-256 {data.ledger_sha256}", 8)
     v = data.verify
     if v.ok:
         doc.p(f"Ledger verification: OK (re-checked when this report was built): "

@@ -156,6 +156,7 @@ class ExplainWidget(Container):
         self.result: dict | None = None
         self.result_layers: list = []
         self.contour: Any = None
+        self.scan_copy: Any = None
         self._cancel_requested = False
 
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
@@ -189,6 +190,10 @@ class ExplainWidget(Container):
         self.threshold = FloatSlider(label="threshold", value=0.0, min=0.0, max=0.99,
                                      step=0.01, tooltip="hide map values below this")
         self.opacity = FloatSlider(label="opacity", value=0.6, min=0.0, max=1.0, step=0.05)
+        self.side_by_side = CheckBox(
+            label="side by side", value=False, enabled=False,
+            tooltip="show the target class's map and the contrast class's map side by side "
+                    "(napari grid: each over the scan, one camera)")
         self.show_contour = CheckBox(label="iso-contour", value=False)
         self.contour_level = FloatSpinBox(label="contour level", value=0.5, min=0.0, max=1.0,
                                           step=0.05)
@@ -199,7 +204,8 @@ class ExplainWidget(Container):
                      self.target_class, self.contrast_class, self.alpha_fn, self.bias_mode,
                      self.bias_weight, self.device, self.layer_maps, self.explain_button,
                      self.cancel_button, self.progress, self.status, self.prediction,
-                     self.scores, self.threshold, self.opacity, self.show_contour,
+                     self.scores, self.side_by_side, self.threshold, self.opacity,
+                     self.show_contour,
                      self.contour_level, self.audit_folder, self.save_button])
         for label in (self.status, self.prediction, self.scores):
             label.native.setWordWrap(True)
@@ -213,6 +219,7 @@ class ExplainWidget(Container):
         self.threshold.changed.connect(self._apply_display)
         self.opacity.changed.connect(self._apply_display)
         self.show_contour.changed.connect(self._update_contour)
+        self.side_by_side.changed.connect(self._update_side_by_side)
         self.contour_level.changed.connect(self._update_contour)
         self.save_button.changed.connect(self.save_audit)
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -273,6 +280,8 @@ class ExplainWidget(Container):
         self.result_layers = [lay for lay in self.result_layers if lay in self.viewer.layers]
         if self.contour is not None and self.contour not in self.viewer.layers:
             self.contour = None
+        if self.scan_copy is not None and self.scan_copy not in self.viewer.layers:
+            self.scan_copy = None
 
     def _make_plot(self) -> Any:
         """A small bar chart of the per-layer weights (matplotlib on Qt)."""
@@ -419,12 +428,15 @@ class ExplainWidget(Container):
             layer = self.viewer.add_image(data, **kwargs)  # (fires _on_layers_changed)
             self.result_layers.append(layer)
         self._show_result(first, second)
+        self.side_by_side.enabled = second is not None
+        self.side_by_side.value = False
         self._update_contour()
         self.save_button.enabled = True
         self.status.value = (f"done in {first.timing['total']:.1f} s "
                              f"({first.result['method']})")
 
     def _remove_results(self) -> None:
+        self.side_by_side.value = False
         for lay in self.result_layers:
             if lay in self.viewer.layers:
                 self.viewer.layers.remove(lay)
@@ -481,6 +493,34 @@ class ExplainWidget(Container):
                                         metadata={"of": lay.name})
         self.contour = self.viewer.add_labels(data, **kwargs)
         self.contour.contour = 1
+
+    def _update_side_by_side(self, *_: Any) -> None:
+        """Grid view: (scan + target map) beside (scan + contrast map); off restores."""
+        # napari >= 0.9 keeps the grid on viewer.canvas (viewer.grid is deprecated)
+        grid = self.viewer.canvas.grid if hasattr(self.viewer, "canvas") else self.viewer.grid
+        if self.scan_copy is not None and self.scan_copy in self.viewer.layers:
+            self.viewer.layers.remove(self.scan_copy)
+        self.scan_copy = None
+        fused, contrast = self._map_layers(("fused",)), self._map_layers(("contrast",))
+        scan = getattr(self, "_scan_layer", None)
+        if not (self.side_by_side.value and fused and contrast and scan in self.viewer.layers):
+            grid.enabled = False
+            for lay in contrast:
+                lay.visible = False
+            return
+        self.show_contour.value = False  # one overlay per panel
+        copy = self.viewer.add_image(
+            scan.data, name=f"{scan.name} (beside)", affine=scan.affine.affine_matrix,
+            colormap=scan.colormap, contrast_limits=scan.contrast_limits,
+            metadata={METADATA_KEY: {"kind": "scan_copy", "of": scan.name}})
+        self.scan_copy = copy
+        contrast[0].visible = True
+        layers = self.viewer.layers
+        order = [layers.index(x) for x in (scan, fused[0], copy, contrast[0])]
+        layers.move_multiple(order, 0)
+        grid.stride = 2
+        grid.shape = (-1, -1)
+        grid.enabled = True
 
     # audit ----------------------------------------------------------------------------
     def audit_target(self) -> Path:

@@ -43,13 +43,47 @@ def get_reader(path: Any) -> Callable[[Any], list[tuple]] | None:
     return None
 
 
+MAX_VOLUMES = 8
+"""A 4-D NIfTI with at most this many volumes opens as one 3D layer per volume."""
+
+
+def _n_volumes(path: str) -> int:
+    if not path.lower().endswith(_NIFTI):
+        return 1
+    import nibabel as nib
+
+    shape = nib.load(path).shape
+    return int(shape[3]) if len(shape) >= 4 else 1
+
+
 def read_scan(path: Any) -> list[tuple]:
-    """Load one scan through :func:`icam_med.io.load_volume` (geometry validated first)."""
+    """Load a scan through :func:`icam_med.io.load_volume` (geometry validated first).
+
+    A 4-D NIfTI of up to :data:`MAX_VOLUMES` volumes gives one 3D layer per volume
+    (``name [volume i]``), each explainable on its own.
+
+    Raises:
+        ValueError: a 4-D NIfTI with more volumes (the message says how to pick one).
+    """
     from icam_med.io import load_volume
 
     p = _single(path)
-    image, info = load_volume(p)
-    return [scan_layer(image, info)]
+    n = _n_volumes(p)
+    if n == 1:
+        image, info = load_volume(p)
+        return [scan_layer(image, info)]
+    if n > MAX_VOLUMES:
+        raise ValueError(
+            f"{p}: is 4-D with {n} volumes; the viewer opens at most {MAX_VOLUMES} as separate "
+            "layers. Extract the volume to review (e.g. nibabel: img.slicer[..., i]) or "
+            "explain it with 'icam-med explain --volume-index i'.")
+    layers = []
+    for i in range(n):
+        image, info = load_volume(p, volume_index=i)
+        data, kwargs, kind = scan_layer(image, info)
+        kwargs["name"] = f"{kwargs['name']} [volume {i}]"
+        layers.append((data, kwargs, kind))
+    return layers
 
 
 def read_audit_folder(path: Any) -> list[tuple]:

@@ -292,3 +292,14 @@ def test_explanation_layers_build_overlay_layer_maps_and_contrast(audit_folder):
     for _, kw, _ in layers[1:-2]:
         m = kw["metadata"][METADATA_KEY]
         assert m["layer_weight"] == weights[m["layer"]] and "w=" in kw["name"]
+
+
+def test_reader_opens_small_4d_nifti_as_one_layer_per_volume():
+    path = ANATOMICAL.parent / "example4d.nii.gz"
+    _, layers = open_layers(path)
+    img = nib.load(str(path))
+    assert [lay.name for lay in layers] == ["example4d [volume 0]", "example4d [volume 1]"]
+    for i, lay in enumerate(layers):
+        assert lay.metadata[METADATA_KEY]["scan_info"].volume_index == i
+        np.testing.assert_allclose(lay.data, np.asarray(img.dataobj)[..., i].transpose(2, 1, 0))
+        np.testing.assert_allclose(lay.affine.affine_matrix, napari_affine(img.affine), atol=1e-4)

@@ -227,6 +227,8 @@ class ExplainWidget(Container):
         self._on_config()
         self._on_method()
         self._on_layers_changed()
+        # closing the viewer (or the dock) while a run is under way cancels it
+        self.native.destroyed.connect(lambda *_: self._closed())
 
     # choices --------------------------------------------------------------------------
     def _image_choices(self, _w: Any = None) -> list:
@@ -382,28 +384,48 @@ class ExplainWidget(Container):
             self.status.value = "cancelling..."
             self.worker.quit()
 
+    def _alive(self) -> bool:
+        try:
+            self.native.objectName()
+        except RuntimeError:  # the Qt widget was deleted with its viewer
+            return False
+        return not getattr(self, "_is_closed", False)
+
+    def _closed(self) -> None:
+        self._is_closed = True
+        self._cancel_requested = True
+        if self.worker is not None:
+            self.worker.quit()
+
     def _on_progress(self, step: tuple) -> None:
+        if not self._alive():
+            return
         value, total, text = step
         self.progress.max = total
         self.progress.value = value
         self.status.value = text
 
     def _on_aborted(self) -> None:
-        self.status.value = "cancelled"
+        if self._alive():
+            self.status.value = "cancelled"
 
     def _on_errored(self, exc: Exception) -> None:
         # napari's worker has already shown the exception as a notification.
-        self.status.value = f"failed: {exc}"
+        if self._alive():
+            self.status.value = f"failed: {exc}"
 
     def _on_finished(self) -> None:
         self.worker = None
+        if not self._alive():
+            return
         self.progress.visible = False
         self.explain_button.enabled = True
         self.cancel_button.enabled = False
 
     def _on_returned(self, out: dict) -> None:
         if self._cancel_requested:  # finished before the cancel reached it: drop the result
-            self.status.value = "cancelled"
+            if self._alive():
+                self.status.value = "cancelled"
             return
         if "error" in out:
             self._notify_error(out["error"])

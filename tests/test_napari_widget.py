@@ -261,3 +261,22 @@ def test_widget_on_demo_model_points_at_the_lesion(make_napari_viewer, tmp_path,
     assert lesion[peak], f"map peak {peak} is outside the lesion"
     np.testing.assert_allclose(fused.affine.affine_matrix, viewer.layers[0].affine.affine_matrix)
     assert widget.save_audit() and (tmp_path / "mni152_t1_2mm_lesion_icam" / "cam.icam.json").is_file()
+
+
+def test_closing_the_viewer_mid_run_is_clean(make_napari_viewer, scan, tmp_path, notes):
+    from superqt.utils import WorkerBase
+
+    viewer = make_napari_viewer()
+    viewer.open(str(scan), plugin="icam-med")
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.config.value = "other file..."
+    widget.config_file.value = tiny_config(tmp_path)
+    worker = widget.run()
+    assert worker is not None
+    viewer.close()
+    WorkerBase.await_workers(msecs=60_000)
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    assert widget.worker is None and errors(notes) == []

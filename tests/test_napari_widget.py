@@ -140,6 +140,11 @@ def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, not
     from icam_med.audit import verify_folder
 
     assert verify_folder(folder).ok
+    # the saved folder re-opens with the scan recognised by its voxel hash (the widget's
+    # layer data hash the same as the file loaded by the CLI)
+    reopened = viewer.open(str(folder), plugin="icam-med")
+    assert reopened[0].metadata[METADATA_KEY]["record_mismatch"] is False
+    np.testing.assert_allclose(reopened[1].data, fused.data, atol=1e-6)
     # saving again refuses (audited maps are never replaced): a notification, no exception
     assert widget.save_audit() == []
     assert any("already" in m for m in errors(notes))

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--operator", help="pseudonymous operator id for the records (not a name)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before each scan (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not (re)build the HTML report at the end")
+    parser.add_argument("--pdf", action="store_true", help="also write the report as PDF")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,4 +38,15 @@ def run(args: argparse.Namespace) -> int:
     for scan_id, reason in result.failed.items():
         print(f"failed: {scan_id}: {reason}", file=sys.stderr)
     print(result.line())
+    if not args.no_report:
+        from icam_med.config import load_config
+        from icam_med.report import build_report
+
+        # The report is a view of the folder, rebuilt after every run (and re-verified).
+        report = build_report(args.out, scans=args.inputs, geometry=load_config(args.config).geometry,
+                              pdf=args.pdf, overwrite=True)
+        print(report.line())
+        if not report.ledger_ok:
+            print(f"warning: the folder does not verify: {report.problems[0]}", file=sys.stderr)
+            return max(result.exit_code, 1)
     return result.exit_code

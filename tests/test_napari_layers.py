@@ -210,6 +210,17 @@ def test_writer_round_trips_map_and_record(audit_folder, tmp_path):
     assert side["record"]["method"]["name"] == "integrative"
     with pytest.raises(FileExistsError):
         write_map(str(target), fused.data, fused._get_state())
+    # the same through napari's save machinery and the manifest's writer contribution
+    import npe2
+    from napari.plugins.io import save_layers
+
+    pm = npe2.PluginManager.instance()
+    try:
+        pm.get_manifest("icam-med")
+    except KeyError:  # napari's pytest plugin may hand out a manager without discovery
+        pm.register(npe2.PluginManifest.from_distribution("icam-med"))
+    saved = save_layers(str(tmp_path / "via_napari.nii.gz"), [fused], plugin="icam-med")
+    assert [Path(p).name for p in saved] == ["via_napari.nii.gz", "via_napari.record.json"]
 
 
 def test_writer_places_a_plain_layer_by_its_scale_and_translate(tmp_path):

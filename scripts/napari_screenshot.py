@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     widget.threshold.value = 0.2
     widget.show_contour.value = True
     go_to_map_peak(viewer, fused)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.zoom *= 1.35
     viewer.layers.selection.active = fused
     shot = viewer.screenshot(canvas_only=False, flash=False)
     viewer.close()

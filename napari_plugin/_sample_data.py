@@ -68,6 +68,32 @@ def sample_ct() -> list[tuple]:
     return read_scan(sample_scan_path("pydicom_ct5n_series"))
 
 
+def _retire_stale_audit(folder: Path) -> None:
+    """Move a cached demo audit aside when the demo weights changed since it was made.
+
+    Audited outputs are never overwritten; the old folder is kept as
+    ``<folder>.stale-<old weights hash>`` and a fresh audit is computed.
+    """
+    import json
+
+    from icam_med.config import load_config
+    from icam_med.models import sha256_file
+
+    record = folder / "cam.icam.json"
+    if not record.is_file():
+        return
+    weights = load_config(DEMO_CONFIG).model.weights
+    if weights is None or not weights.is_file():
+        return
+    old = (json.loads(record.read_text(encoding="utf-8")).get("model") or {}).get(
+        "weights_sha256")
+    if old != sha256_file(weights):
+        aside = folder.with_name(f"{folder.name}.stale-{str(old)[:12]}")
+        log.warning("the demo weights changed since %s was computed; moving it to %s",
+                    folder, aside)
+        folder.rename(aside)
+
+
 def sample_audit() -> list[tuple]:
     """The lesion brain with the demo model's Integrative CAM audit (computed once).
 
@@ -76,6 +102,7 @@ def sample_audit() -> list[tuple]:
     """
     scan = sample_scan_path("mni152_t1_2mm_lesion.nii.gz")
     folder = audit_name_for(scan)
+    _retire_stale_audit(folder)
     if not folder.is_dir():
         from icam_med.explain import explain_scan
 

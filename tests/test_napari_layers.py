@@ -314,3 +314,35 @@ def test_reader_opens_small_4d_nifti_as_one_layer_per_volume():
         assert lay.metadata[METADATA_KEY]["scan_info"].volume_index == i
         np.testing.assert_allclose(lay.data, np.asarray(img.dataobj)[..., i].transpose(2, 1, 0))
         np.testing.assert_allclose(lay.affine.affine_matrix, napari_affine(img.affine), atol=1e-4)
+
+
+def _demo_weights_present() -> bool:
+    from icam_med.config import load_config
+
+    cfg = REPO / "configs" / "demo.yaml"
+    if not cfg.is_file():
+        return False
+    w = load_config(cfg).model.weights
+    return w is not None and w.is_file()
+
+
+@pytest.mark.skipif(not _demo_weights_present(),
+                    reason="the demo model's weights (sample_data/) are not present")
+def test_sample_audit_opens_scan_and_demo_maps_aligned():
+    from icam_med.models import sha256_file
+    from napari_plugin._sample_data import DEMO_CONFIG, sample_audit
+
+    layers = sample_audit()  # computed once into sample_data/scans/..._icam (git-ignored)
+    kinds = [kw["metadata"][METADATA_KEY]["kind"] for _, kw, _ in layers]
+    assert kinds[0] == "scan" and kinds.count("fused") == 1
+    scan_meta = layers[0][1]["metadata"][METADATA_KEY]
+    assert scan_meta["record_mismatch"] is False
+    fused = layers[kinds.index("fused")][1]
+    record = fused["metadata"][METADATA_KEY]["record"]
+    from icam_med.config import load_config
+
+    assert record["model"]["weights_sha256"] == sha256_file(load_config(DEMO_CONFIG).model.weights)
+    assert record["method"]["predicted"]["label"] == "present"
+    for data, kw, _ in layers[1:]:
+        assert data.shape == layers[0][0].shape
+        np.testing.assert_allclose(kw["affine"], layers[0][1]["affine"], atol=1e-5)

@@ -129,21 +129,21 @@ def default_methods(*, include_control: bool = True) -> list[MethodSpec]:
     """Integrative CAM, its ablations, the single-layer classics, and the edge control."""
     specs = [
         MethodSpec("integrative", "integrative", {},
-                   "Integrative CAM (stages, bias term, score-weighted fusion)"),
+                   description="Integrative CAM (stages, bias term, score-weighted fusion)"),
         MethodSpec("integrative-no-bias", "integrative", {"bias_weight": 0.0},
-                   "ablation: bias term removed (bias_weight=0)"),
+                   description="ablation: bias term removed (bias_weight=0)"),
         MethodSpec("integrative-uniform", "integrative", {"layer_weighting": "uniform"},
-                   "ablation: uniform layer weights"),
+                   description="ablation: uniform layer weights"),
         MethodSpec("integrative-last-layer", "integrative", {"target_layers": "last"},
-                   "ablation: last layer only (no fusion)"),
-        MethodSpec("gradcam", "gradcam", {"target_layers": "last"}, "Grad-CAM, last layer"),
-        MethodSpec("gradcam++", "gradcam++", {"target_layers": "last"}, "Grad-CAM++, last layer"),
-        MethodSpec("layercam", "layercam", {"target_layers": "last"}, "LayerCAM, last layer"),
-        MethodSpec("hirescam", "hirescam", {"target_layers": "last"}, "HiResCAM, last layer"),
+                   description="ablation: last layer only (no fusion)"),
+        MethodSpec("gradcam", "gradcam", {"target_layers": "last"}, description="Grad-CAM, last layer"),
+        MethodSpec("gradcam++", "gradcam++", {"target_layers": "last"}, description="Grad-CAM++, last layer"),
+        MethodSpec("layercam", "layercam", {"target_layers": "last"}, description="LayerCAM, last layer"),
+        MethodSpec("hirescam", "hirescam", {"target_layers": "last"}, description="HiResCAM, last layer"),
     ]
     if include_control:
         specs.append(MethodSpec("input-edges (control)", None, {}, edge_map,
-                                "control: input gradient magnitude, ignores the model"))
+                                description="control: input gradient magnitude, ignores the model"))
     return specs
 
 

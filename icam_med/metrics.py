@@ -55,8 +55,7 @@ __all__ = [
 #: at the start, where small targets (a lesion is often < 1 % of a brain) are decided;
 #: the AUC uses the trapezoid rule on this axis, so uneven steps are weighted correctly.
 DEFAULT_FRACTIONS: tuple[float, ...] = (
-    0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
-    0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+    0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0,
 )
 
 

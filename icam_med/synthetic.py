@@ -151,8 +151,8 @@ class LesionSynthesizer:
                  *, seed: int = 0, p_present: float = 0.5,
                  radius_mm: tuple[float, float] = (6.0, 14.0),
                  contrast: tuple[float, float] = (2.0, 3.5), p_hyper: float = 1.0,
-                 noise: tuple[float, float] = (0.02, 0.10), bias_field: float = 0.15,
-                 blur_vox: float = 0.6, max_shift_mm: float = 4.0) -> None:
+                 noise: tuple[float, float] = (0.02, 0.06), bias_field: float = 0.05,
+                 blur_vox: float = 0.5, max_shift_mm: float = 0.0) -> None:
         template = np.asarray(template, dtype=np.float32)
         brain_mask = np.asarray(brain_mask, dtype=bool)
         if template.shape != brain_mask.shape:

@@ -123,6 +123,7 @@ def generate(out: Path = DEFAULT_OUT, *, force: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     image, affine, brain = mni_brain(2)
     files: dict[str, dict[str, Any]] = {}
+    rewritten: set[str] = set()
 
     healthy = nifti_bytes(image.astype(np.int16), affine, "MNI152 2009a T1 (nilearn) 2mm x1000")
     synth = LesionSynthesizer(image, brain, spacing=(2.0, 2.0, 2.0), seed=SEED)
@@ -140,10 +141,11 @@ def generate(out: Path = DEFAULT_OUT, *, force: bool = False) -> dict[str, Any]:
             if path.exists() and not force:
                 log.warning("%s differs from a fresh generation: replacing it", path)
             _write_atomic(path, data)
+            rewritten.add(name)
         files[name] = {"description": what, "sha256": _sha256(data), "bytes": len(data)}
 
     dicom_dir = out / LESION_DICOM
-    if force and dicom_dir.exists():
+    if (force or LESION in rewritten) and dicom_dir.exists():  # never a stale series
         shutil.rmtree(dicom_dir)
     if not dicom_dir.exists():
         tmp = out / f".{LESION_DICOM}.tmp"

@@ -73,6 +73,34 @@ def make_batch(synth: Any, intensity_steps: list, split: str, indices: range | l
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, synth: Any, intensity_steps: list, *,
+                          batches: int = 16, batch_size: int = 16) -> None:
+    """Re-estimate BatchNorm running statistics with the final weights ("precise BN").
+
+    The running averages collected during training lag behind weights that were still
+    changing; averaged afresh (``momentum=None``: a plain cumulative mean) over
+    ``batches`` batches of the ``"train"`` split after training, eval-mode outputs match
+    what the network learned. Volumes are drawn beyond the ones used for training.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches < 1:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    start = 10_000_000  # far past any training index
+    for b in range(batches):
+        x, _, _ = make_batch(synth, intensity_steps, "train",
+                             range(start + b * batch_size, start + (b + 1) * batch_size))
+        model(x)
+    for m, mom in zip(norms, saved, strict=True):
+        m.momentum = mom
+    model.eval()
+
+
+@torch.no_grad()
 def evaluate_split(model: nn.Module, synth: Any, intensity_steps: list, split: str, n: int,
                    batch_size: int = 16) -> dict[str, Any]:
     """Accuracy, sensitivity and specificity on the first ``n`` volumes of ``split``."""
@@ -101,6 +129,7 @@ def evaluate_split(model: nn.Module, synth: Any, intensity_steps: list, split: s
 def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int = 500,
           batch_size: int = 16, lr: float = 2e-3, seed: int = 0, n_validation: int = 200,
           n_test: int = 400, threads: int = 2, log_every: int = 0, aux_weight: float = 1.0,
+          recalibration_batches: int = 16,
           overwrite: bool = False) -> dict[str, Any]:
     """Train LesionNet as configured and write the weights and a training report to ``out``.
 
@@ -164,7 +193,7 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
             target = nn.functional.adaptive_max_pool3d(target, f.shape[2:]) if f.ndim == 5 \
                 else nn.functional.adaptive_max_pool2d(target, f.shape[2:])
             loss = loss + aux_weight * nn.functional.binary_cross_entropy_with_logits(
-                aux_head(f), target)
+                aux_head(f), target, pos_weight=torch.tensor(10.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -174,12 +203,15 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
             log.info("step %d/%d  loss %.4f (mean of last 25: %.4f)  %.0f s", step + 1, steps,
                      history[-1], float(np.mean(history[-25:])), time.perf_counter() - t0)
         if log_every and (step + 1) % log_every == 0 and step + 1 < steps:
+            model.eval()
             probe = evaluate_split(model, synth, intensity, "validation", 64)
             model.train()
             log.info("step %d: accuracy on 64 validation volumes %.3f", step + 1, probe["accuracy"])
     train_seconds = time.perf_counter() - t0
     if hook is not None:
         hook.remove()
+    recalibrate_batchnorm(model, synth, intensity, batches=recalibration_batches,
+                          batch_size=batch_size)
     validation = evaluate_split(model, synth, intensity, "validation", n_validation)
     test = evaluate_split(model, synth, intensity, "test", n_test)
     log.info("validation accuracy %.4f, held-out test accuracy %.4f", validation["accuracy"],
@@ -204,6 +236,8 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
         "optimizer": {"name": "AdamW", "max_lr": lr, "weight_decay": 1e-4,
                       "schedule": "OneCycleLR(pct_start=0.15)"},
         "auxiliary_mask_loss_weight": aux_weight,
+        "auxiliary_mask_loss_pos_weight": 10.0,
+        "batchnorm_recalibration_batches": recalibration_batches,
         "loss_first_25": float(np.mean(history[:25])),
         "loss_last_25": float(np.mean(history[-25:])),
         "threads": threads,

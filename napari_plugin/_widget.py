@@ -94,8 +94,13 @@ def layer_to_volume(layer: Any) -> tuple[Any, Any]:
 
 
 def _layer_data_to_world(layer: Any) -> np.ndarray:
-    """The 4x4 data-to-world matrix napari uses for a 3D layer (scale, translate, affine)."""
-    return np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
+    """The 4x4 data-to-world matrix of a 3D layer from its public transform attributes
+    (napari composes ``affine`` after scale, translate, rotate and shear)."""
+    from napari.utils.transforms import Affine
+
+    physical = Affine(scale=layer.scale, translate=layer.translate, rotate=layer.rotate,
+                      shear=layer.shear, ndim=3)
+    return np.asarray(layer.affine.affine_matrix, dtype=np.float64) @ physical.affine_matrix
 
 
 def _devices() -> list:

@@ -285,3 +285,36 @@ def test_closing_the_viewer_mid_run_is_clean(make_napari_viewer, scan, tmp_path,
 
     QApplication.processEvents()
     assert widget.worker is None and errors(notes) == []
+
+
+def test_widget_opens_from_the_plugin_menu_contribution(make_napari_viewer, scan, notes):
+    viewer = make_napari_viewer()
+    viewer.open(str(scan), plugin="icam-med")
+    _dock, widget = viewer.window.add_plugin_dock_widget("icam-med", "Integrative CAM")
+    # napari hands plugins a public-only proxy of the viewer
+    assert isinstance(widget, ExplainWidget)
+    assert [lay.name for lay in widget.viewer.layers] == ["anatomical"]
+    assert widget.image.value.name == "anatomical"
+    assert widget.method.value == "integrative" and widget.target_layers.value == "stages"
+    # a full run through the proxy, also on a plain array layer (placed by scale/translate),
+    # touches no private napari attribute
+    import warnings
+
+    viewer.add_image(np.asarray(viewer.layers["anatomical"].data), name="plain",
+                     scale=(2.0, 2.0, 2.0), translate=(-16.0, 40.0, -32.0))
+    widget.image.value = next(lay for lay in widget.viewer.layers if lay.name == "plain")
+    widget.config.value = "other file..."
+    widget.config_file.value = tiny_config(scan.parent)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert widget.run() is not None
+        wait_for_worker(widget)
+    assert not [w for w in caught if "rivate attribute" in str(w.message)]
+    fused = next(lay for lay in viewer.layers
+                 if (lay.metadata.get(METADATA_KEY) or {}).get("kind") == "fused")
+    for ijk in [(0, 0, 0), (3, 4, 5)]:
+        np.testing.assert_allclose(fused.data_to_world(ijk),
+                                   viewer.layers["plain"].data_to_world(ijk), atol=1e-5)
+    assert fused.metadata[METADATA_KEY]["summary"]["scan"]["format"] == "array"
+    # configs/ is offered, demo first
+    assert widget.config.choices[0] == str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")

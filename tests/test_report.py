@@ -239,6 +239,13 @@ def test_body_mask_and_outside_fraction():
     assert outside_fraction(inside, scan) == 0.0
     assert outside_fraction(outside, scan) == 1.0
     assert outside_fraction(np.zeros_like(scan), scan) is None
+    # Low diffuse values over the empty background are not salient: they do not count.
+    diffuse = np.full_like(scan, 0.2)
+    diffuse[4, 4, 4] = 1.0
+    assert outside_fraction(diffuse, scan) == 0.0
+    assert outside_fraction(np.full_like(scan, 0.2), scan) is None
+    spread = np.full_like(scan, 0.6)  # salient everywhere: 784 of 1000 voxels are outside
+    assert outside_fraction(spread, scan) == pytest.approx(0.784)
 
 
 def test_views_keep_physical_proportions_for_anisotropic_and_lps_volumes():

@@ -25,6 +25,7 @@ __all__ = [
     "BODY_THRESHOLD_FRACTION",
     "CONFIDENT_PROBABILITY",
     "OUTSIDE_BODY_LIMIT",
+    "SALIENT_LEVEL",
     "CohortData",
     "ScanItem",
     "body_mask",
@@ -37,8 +38,11 @@ log = logging.getLogger(__name__)
 
 #: A wrong prediction whose predicted-class probability is at least this is "confident".
 CONFIDENT_PROBABILITY = 0.9
-#: A map with more than this fraction of its mass outside the body mask is suspicious.
+#: A map with more than this fraction of its salient mass outside the body mask is suspicious.
 OUTSIDE_BODY_LIMIT = 0.5
+#: The salient part of a map: values at or above this (maps are normalised to [0, 1]).
+#: Low, diffuse values spread over a large empty background would otherwise dominate.
+SALIENT_LEVEL = 0.5
 #: Body mask: voxels above p1 + this * (p99 - p1) of the scan's intensities.
 BODY_THRESHOLD_FRACTION = 0.1
 
@@ -64,12 +68,13 @@ def body_mask(scan: np.ndarray) -> np.ndarray:
 
 
 def outside_fraction(cam: np.ndarray, scan: np.ndarray) -> float | None:
-    """Fraction of the map's mass (sum of values) outside :func:`body_mask`; ``None`` for
-    an all-zero map."""
-    total = float(cam.sum())
+    """Fraction of the map's salient mass (the sum of its values >= :data:`SALIENT_LEVEL`)
+    outside :func:`body_mask`; ``None`` when the map has no salient part."""
+    salient = np.where(cam >= SALIENT_LEVEL, cam, 0.0)
+    total = float(salient.sum())
     if total <= 0:
         return None
-    return float(cam[~body_mask(scan)].sum() / total)
+    return float(salient[~body_mask(scan)].sum() / total)
 
 
 @dataclass
@@ -316,7 +321,8 @@ def _flag(item: ScanItem) -> None:
         f.append(f"map file {item.map_state}")
         suspicious = True
     if item.outside_body is not None and item.outside_body > OUTSIDE_BODY_LIMIT:
-        f.append(f"suspicious map: {item.outside_body:.0%} of its mass lies outside the body")
+        f.append(f"suspicious map: {item.outside_body:.0%} of its salient mass lies outside "
+                 "the body")
         suspicious = True
     if item.scan_shown == "hash differs":
         f.append("the scan given is not the audited one (voxel SHA-256 differs): not drawn")

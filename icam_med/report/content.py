@@ -9,6 +9,7 @@ from icam_med.report.collect import (
     BODY_THRESHOLD_FRACTION,
     CONFIDENT_PROBABILITY,
     OUTSIDE_BODY_LIMIT,
+    SALIENT_LEVEL,
     CohortData,
 )
 
@@ -22,13 +23,14 @@ def review_rules() -> list[str]:
         "the probability shown is that of the predicted class.",
         f"Confident wrong: the prediction differs from the expected label and its probability "
         f"is at least {CONFIDENT_PROBABILITY:g}.",
-        f"Suspicious map: more than {OUTSIDE_BODY_LIMIT:.0%} of the map's mass (sum of its "
-        "values) lies outside the body mask, or the map is all zero, missing or unreadable. "
+        f"Suspicious map: more than {OUTSIDE_BODY_LIMIT:.0%} of the map's salient mass (the "
+        f"sum of its values >= {SALIENT_LEVEL:g}) lies outside the body mask, or the map is "
+        "all zero, missing or unreadable. "
         f"Body mask: scan voxels brighter than p1 + {BODY_THRESHOLD_FRACTION:g} x (p99 - p1) "
         "of the scan's own intensities (p = percentile). It needs the scan itself, accepted "
         "only if its voxel SHA-256 equals the one in the audit record.",
         "Order: scans whose evidence does not verify, then confident wrong predictions "
-        "(most confident first), then suspicious maps (most mass outside first), then other "
+        "(most confident first), then suspicious maps (most salient mass outside first), then other "
         "disagreements and other flags (e.g. a scan given to the report that is not the "
         "audited one), then failed scans.",
     ]

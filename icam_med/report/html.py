@@ -231,7 +231,7 @@ def _overview(data: CohortData, current: int) -> str:
              str(len(s.flags))] for s in data.scans]
     return ('<h2 id="scans">All scans</h2>' +
             _table(["scan", "status", "predicted", "p", "score", "expected", "verified",
-                    "mass outside body", "flags"], rows))
+                    "salient mass outside body", "flags"], rows))
 
 
 def _scan_section(s: ScanItem) -> str:
@@ -245,7 +245,7 @@ def _scan_section(s: ScanItem) -> str:
         ("explained class (target)", s.target_label), ("target score (logit)", s.score),
         ("expected label", s.expected_label),
         ("agrees with expected label", None if s.disagrees is None else not s.disagrees),
-        ("map mass outside the body", None if s.outside_body is None
+        ("salient map mass (values >= 0.5) outside the body", None if s.outside_body is None
          else f"{s.outside_body:.1%}"),
         ("map mass inside the given mask", None if s.mask_fraction is None
          else f"{s.mask_fraction:.1%}"),

@@ -105,7 +105,7 @@ def _scan(doc: _Doc, s: ScanItem) -> None:
         ("status", s.status), ("predicted", s.predicted_label),
         ("probability (predicted)", s.probability), ("target score (logit)", s.score),
         ("expected label", s.expected_label),
-        ("mass outside body", None if s.outside_body is None else f"{s.outside_body:.1%}"),
+        ("salient mass outside body", None if s.outside_body is None else f"{s.outside_body:.1%}"),
         ("scan drawn under map", s.scan_shown),
         ("input", f"{inp.get('format')}, shape {geo.get('shape')}, spacing "
                   f"{geo.get('spacing')} mm" if inp else None),

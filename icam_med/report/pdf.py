@@ -187,9 +187,12 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
         doc.p(f"{s.scan_id}: {s.status}, predicted {s.predicted_label or '-'} (p = {p}), "
               f"expected {s.expected_label or '-'}, verified {'yes' if s.verified else 'NO'}, "
               f"{len(s.flags)} flag(s)", 8)
-    doc.h("Scan details")
-    for s in data.scans:
+    for i, s in enumerate(data.scans):
+        doc.pdf.add_page()  # one scan per page: figures and their facts stay together
+        if i == 0:
+            doc.h("Scan details")
         _scan(doc, s)
+    doc.pdf.add_page()
     doc.h("Methods appendix")
     for heading, paragraphs in methods_appendix(data):
         doc.h(heading, 11)

@@ -225,6 +225,11 @@ def test_screenshot_shows_overlay_at_map_peak(make_napari_viewer, scan, tmp_path
     tolerance = 3 * max(abs(fused.affine.affine_matrix[1, :3]).max(), 1.0) * zoom
     assert np.hypot(py - expected[0], px - expected[1]) <= tolerance, (
         (py, px), expected, tolerance)
+    # 3D view: the overlay alone is rendered (attenuated MIP of the map)
+    viewer.dims.ndisplay = 3
+    shot3d = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float)
+    assert shot3d.max() > 120 and (shot3d.sum(-1) > 30).mean() > 0.01
+    viewer.dims.ndisplay = 2
     viewer.layers["anatomical"].visible = True
     assert viewer.screenshot(canvas_only=True, flash=False)[..., :3].std() > 10
 

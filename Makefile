@@ -26,8 +26,18 @@ $(STAMP): pyproject.toml
 system-deps: $(STAMP)
 	@bash scripts/install_system_deps.sh
 
+# The main job: audit the sample scans with the demo model into runs/demo/ (maps, records,
+# ledger, summary.csv, report.html). Re-running resumes: finished scans are skipped.
+DEMO_OUT ?= runs/demo
 demo: venv
-	$(BIN)/icam-med demo --out runs/demo
+	$(BIN)/python scripts/make_sample_data.py
+	$(BIN)/icam-med audit sample_data/demo_cohort.csv --config configs/demo.yaml --out $(DEMO_OUT) --pdf
+	@echo
+	@echo "Outputs:  $(DEMO_OUT)/  (scans/<id>/cam.nii.gz, cam.icam.json, ledger.jsonl, summary.csv)"
+	@echo "Report:   $(DEMO_OUT)/report.html  (and report.pdf)"
+	@echo "Verify:   $(BIN)/icam-med verify $(DEMO_OUT)"
+	@echo "napari:   make napari, then File > Open Sample > icam-med, or"
+	@echo "          $(BIN)/napari --plugin icam-med sample_data/scans/mni152_t1_2mm_lesion.nii.gz $(DEMO_OUT)/scans/mni152-lesion-nifti/cam.nii.gz"
 
 test: venv system-deps
 	$(BIN)/ruff check .

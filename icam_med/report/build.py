@@ -92,7 +92,7 @@ def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None
         raise ValueError(f"per_page must be 1 or more, got {per_page}.")
     target = Path(report_dir) if report_dir is not None else folder
     main = target / REPORT_NAME
-    existing = [p for p in (main, target / PDF_NAME) if p.exists()]
+    existing = [p for p in (main, target / PDF_NAME if pdf else None) if p and p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{existing[0]} exists; pass --overwrite (overwrite=True) to rebuild the report.")

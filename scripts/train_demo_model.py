@@ -58,6 +58,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def weights_bytes(state: dict[str, torch.Tensor], architecture: str, args: dict[str, Any], *,
+                  seed: int, steps: int) -> bytes:
+    """The safetensors file, byte-for-byte reproducible.
+
+    The metadata is one key holding sorted JSON: safetensors writes a metadata map in an
+    arbitrary key order, so several keys would make equal weights hash differently.
+    """
+    from safetensors.torch import save
+
+    info = json.dumps({"architecture": architecture, "args": args, "seed": seed,
+                       "steps": steps, "trainer": "scripts/train_demo_model.py"}, sort_keys=True)
+    return save(state, metadata={"icam_med": info})
+
+
 def make_batch(synth: Any, intensity_steps: list, split: str, indices: range | list[int]
                ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
     """Volumes ``indices`` of ``split`` (label = index parity), normalised, as a batch."""
@@ -126,7 +140,7 @@ def evaluate_split(model: nn.Module, synth: Any, intensity_steps: list, split: s
     }
 
 
-def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int = 500,
+def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int = 300,
           batch_size: int = 16, lr: float = 2e-3, seed: int = 0, n_validation: int = 200,
           n_test: int = 400, threads: int = 2, log_every: int = 0, aux_weight: float = 1.0,
           recalibration_batches: int = 16,
@@ -136,8 +150,6 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
     Returns:
         The training report (also written as JSON).
     """
-    from safetensors.torch import save
-
     from icam_med.config import load_config
     from icam_med.models import build_architecture, sha256_file
     from icam_med.synthetic import input_space_synthesizer
@@ -218,10 +230,8 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
              test["accuracy"])
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights_path, save(state, metadata={
-        "format": "pt", "architecture": cfg.model.architecture,
-        "args": json.dumps(cfg.model.args, sort_keys=True), "seed": str(seed), "steps": str(steps),
-    }))
+    _atomic_write(weights_path, weights_bytes(state, cfg.model.architecture, cfg.model.args,
+                                              seed=seed, steps=steps))
     report = {
         "architecture": cfg.model.architecture,
         "args": cfg.model.args,
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -26,6 +26,52 @@ from icam_med.audit import (
 from icam_med.config import ModelConfig
 from icam_med.models import load_model
 
+# Made-up identifiers written into DICOM headers; none may reach records, ledger, summary
+# or report.
+PHI = {
+    "PatientName": "QUIXOTE^ALONSO",
+    "PatientID": "PID-738291",
+    "PatientBirthDate": "19470923",
+    "InstitutionName": "La Mancha General Hospital",
+    "AccessionNumber": "ACC99173",
+    "StudyDate": "20230417",
+    "ReferringPhysicianName": "PANZA^SANCHO",
+}
+PHI_NEEDLES = [*PHI.values(), "QUIXOTE", "ALONSO", "PANZA", "Mancha"]
+
+TINY_LESIONNET_CONFIG = """
+model:
+  name: {name}
+  architecture: icam_med.networks:LesionNet
+  args: {{spatial_dims: 3, in_channels: 1, out_channels: 2, channels: [4, 8]}}
+  weights: tiny.safetensors
+  labels: [absent, present]
+  input: {{channels: 1, spatial_size: [16, 16, 16]}}
+preprocessing:
+  - {{name: Orientationd, axcodes: RAS}}
+  - {{name: ResizeWithPadOrCropd, spatial_size: [16, 16, 16]}}
+  - {{name: NormalizeIntensityd}}
+method: {{name: integrative, target_layers: stages}}
+"""
+
+
+def write_tiny_lesionnet_config(folder: Path, *, name: str = "tiny-lesion-net",
+                                head_scale: float = 1.0) -> Path:
+    """A seeded two-stage LesionNet (safetensors) and its YAML config in ``folder``.
+
+    ``head_scale`` multiplies the linear head's weights (large values: confident logits).
+    """
+    from icam_med.networks import LesionNet
+
+    torch.manual_seed(0)
+    net = LesionNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8])
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    state["head.weight"] = state["head.weight"] * head_scale
+    save_file(state, str(folder / "tiny.safetensors"))
+    cfg = folder / "tiny.yaml"
+    cfg.write_text(TINY_LESIONNET_CONFIG.format(name=name))
+    return cfg
+
 
 def tiny_model_config(tmp: Path, *, sha: str | None = None) -> ModelConfig:
     """A tiny real MONAI classifier with safetensors weights written to ``tmp``."""

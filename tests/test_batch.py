@@ -14,51 +14,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from _audit_util import PHI, PHI_NEEDLES, write_tiny_lesionnet_config
 from safetensors.torch import save_file
 
 from icam_med import cli
 from icam_med.audit import Ledger, validate_record, verify_folder
 from icam_med.batch import collect_scans, map_analysis, run_batch
 
-# Made-up identifiers written into the DICOM headers; none may reach records/ledger/summary.
-PHI = {
-    "PatientName": "QUIXOTE^ALONSO",
-    "PatientID": "PID-738291",
-    "PatientBirthDate": "19470923",
-    "InstitutionName": "La Mancha General Hospital",
-    "AccessionNumber": "ACC99173",
-    "StudyDate": "20230417",
-    "ReferringPhysicianName": "PANZA^SANCHO",
-}
-PHI_NEEDLES = [*PHI.values(), "QUIXOTE", "ALONSO", "PANZA", "Mancha"]
-
-CONFIG = """
-model:
-  name: tiny-lesion-net
-  architecture: icam_med.networks:LesionNet
-  args: {spatial_dims: 3, in_channels: 1, out_channels: 2, channels: [4, 8]}
-  weights: tiny.safetensors
-  labels: [absent, present]
-  input: {channels: 1, spatial_size: [16, 16, 16]}
-preprocessing:
-  - {name: Orientationd, axcodes: RAS}
-  - {name: ResizeWithPadOrCropd, spatial_size: [16, 16, 16]}
-  - {name: NormalizeIntensityd}
-method: {name: integrative, target_layers: stages}
-"""
-
 
 def write_config(folder: Path) -> Path:
-    from icam_med.networks import LesionNet
-
-    torch.manual_seed(0)
-    net = LesionNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8])
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              str(folder / "tiny.safetensors"))
-    cfg = folder / "tiny.yaml"
-    cfg.write_text(CONFIG)
-    return cfg
+    return write_tiny_lesionnet_config(folder)
 
 
 def write_scans(folder: Path, n: int, *, seed: int = 0) -> list[Path]:

@@ -17,9 +17,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from _audit_util import PHI, PHI_NEEDLES, write_tiny_lesionnet_config
 from PIL import Image
-from safetensors.torch import save_file
 
 from icam_med import cli
 from icam_med.audit import sha256_file, verify_folder
@@ -29,43 +28,10 @@ from icam_med.report.collect import ScanItem, _flag, body_mask, outside_fraction
 from icam_med.report.figures import to_ras
 from icam_med.report.render import pdf_to_pngs, screenshot_html
 
-# Made-up identifiers written into the DICOM headers; none may reach the report.
-PHI = {
-    "PatientName": "QUIXOTE^ALONSO",
-    "PatientID": "PID-738291",
-    "PatientBirthDate": "19470923",
-    "InstitutionName": "La Mancha General Hospital",
-    "AccessionNumber": "ACC99173",
-    "ReferringPhysicianName": "PANZA^SANCHO",
-}
-PHI_NEEDLES = [*PHI.values(), "QUIXOTE", "ALONSO", "PANZA", "Mancha"]
-
-CONFIG = """
-model:
-  name: tiny-report-net
-  architecture: icam_med.networks:LesionNet
-  args: {spatial_dims: 3, in_channels: 1, out_channels: 2, channels: [4, 8]}
-  weights: tiny.safetensors
-  labels: [absent, present]
-  input: {channels: 1, spatial_size: [16, 16, 16]}
-preprocessing:
-  - {name: Orientationd, axcodes: RAS}
-  - {name: ResizeWithPadOrCropd, spatial_size: [16, 16, 16]}
-  - {name: NormalizeIntensityd}
-method: {name: integrative, target_layers: stages}
-"""
-
 
 def _write_config(folder: Path) -> Path:
-    from icam_med.networks import LesionNet
-
-    torch.manual_seed(0)
-    net = LesionNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8])
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    state["head.weight"] = state["head.weight"] * 60.0  # decisive logits: confident predictions
-    save_file(state, str(folder / "tiny.safetensors"))
-    (folder / "tiny.yaml").write_text(CONFIG)
-    return folder / "tiny.yaml"
+    # decisive logits: confident predictions
+    return write_tiny_lesionnet_config(folder, name="tiny-report-net", head_scale=60.0)
 
 
 def _body_scan(shape, rng, lesion):

@@ -76,6 +76,7 @@ def make_case(case: str, model: nn.Module, x: torch.Tensor) -> Callable[[], obje
             model.zero_grad(set_to_none=True)
             out = model(x)
             out[:, 0].sum().backward()
+        run.reset = lambda: model.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         return run
     if case == "floor":
         cam = make_cam("gradcam", model, target_layers="all")
@@ -95,10 +96,12 @@ def make_case(case: str, model: nn.Module, x: torch.Tensor) -> Callable[[], obje
         from monai.visualize import GradCAM as MonaiGradCAM
 
         # MONAI flips in-place flags and leaves hooks behind: give it its own copy.
-        monai_cam = MonaiGradCAM(nn_module=copy.deepcopy(model), target_layers=MONAI_LAST_STAGE)
+        monai_model = copy.deepcopy(model)
+        monai_cam = MonaiGradCAM(nn_module=monai_model, target_layers=MONAI_LAST_STAGE)
 
         def run():
             monai_cam.compute_map(x, class_idx=0)
+        run.reset = lambda: monai_model.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         return run
     method, _, preset = case.partition("/")
     cam = make_cam(method, model, target_layers=preset)
@@ -146,16 +149,20 @@ def measure_memory(network: str, case: str, device: str, batch: int) -> float:
     model, x = build(network, dev, batch)
     fn = make_case(case, model, x)
     if dev.type == "cuda":
+        fn()  # warm-up, as on the CPU
+        getattr(fn, "reset", lambda: None)()
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        fn()
         fn()
         torch.cuda.synchronize(dev)
         return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
     import gc
 
     fn()  # first call: one-off layer probe and allocator warm-up, not measured
+    # Parameter gradients left by the warm-up would be counted in the base and hide part
+    # of a training-style backward's own peak: free them first.
+    getattr(fn, "reset", lambda: None)()
     gc.collect()
     _reset_peak_rss()
     base = _status_mb("VmRSS")

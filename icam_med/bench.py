@@ -9,7 +9,7 @@ Run as ``icam-med bench``. In one process it times, for a 3D MONAI ``DenseNet121
 * ``monai-gradcam``: MONAI's ``GradCAM.compute_map`` on the last stage;
 * every icam-med method with ``target_layers="stages"`` and ``"all"``.
 
-Times are medians over ``repeats`` runs after a warm-up; ratios are to ``fwd+bwd``.
+Times are medians over ``repeats`` interleaved rounds after a warm-up (each round runs\nevery case once), so drift on a shared machine hits every case alike; ratios are to\n``fwd+bwd``.
 Peak memory is measured per case in a fresh subprocess, on the second call (the first one
 runs the one-off layer probe): on CPU the peak resident set above the loaded model and
 input (kernel VmHWM, reset before the call, with glibc returning large blocks at once); on
@@ -116,18 +116,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_case(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (and the one-off layer probe of presets)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _status_mb(field: str) -> float:
     """A memory line of /proc/self/status (VmRSS, VmHWM), in MB."""
     with open("/proc/self/status", encoding="ascii") as fh:
@@ -185,20 +173,42 @@ def _memory_in_subprocess(network: str, case: str, device: str, batch: int) -> f
 def run_benchmark(networks: list[str], device: str = "cpu", repeats: int = 5,
                   batch: int = 1, memory: bool = True, cases: list[str] | None = None,
                   progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Time (and optionally measure memory of) every case on every network."""
+    """Time (and optionally measure memory of) every case on every network.
+
+    Timings are interleaved: each round runs every case once, in turn, so a slow spell of
+    a shared machine hits all cases alike instead of the few that ran during it.
+    """
     dev = torch.device(device)
     cases = cases or CASES
     rows: list[BenchRow] = []
     for network in networks:
         model, x = build(network, dev, batch)
-        base_t = base_m = None
-        for case in cases:
+        fns = {case: make_case(case, model, x) for case in cases}
+        for case, fn in fns.items():  # warm-up (and the one-off layer probe of presets)
             if progress:
-                progress(f"{network}: {case}")
-            t = time_case(make_case(case, model, x), dev, repeats)
-            m = _memory_in_subprocess(network, case, device, batch) if memory else None
-            if case == "fwd+bwd":
-                base_t, base_m = t, m
+                progress(f"{network}: warm-up {case}")
+            fn()
+        _sync(dev)
+        times: dict[str, list[float]] = {case: [] for case in cases}
+        for r in range(repeats):
+            if progress:
+                progress(f"{network}: round {r + 1}/{repeats}")
+            for case, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                times[case].append(time.perf_counter() - t0)
+        mem = {}
+        if memory:
+            for case in cases:
+                if progress:
+                    progress(f"{network}: memory {case}")
+                mem[case] = _memory_in_subprocess(network, case, device, batch)
+        base_t = statistics.median(times["fwd+bwd"]) if "fwd+bwd" in times else None
+        base_m = mem.get("fwd+bwd")
+        for case in cases:
+            t = statistics.median(times[case])
+            m = mem.get(case)
             rows.append(BenchRow(
                 network=network, case=case, median_s=t,
                 ratio=t / base_t if base_t else float("nan"),

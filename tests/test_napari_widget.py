@@ -150,13 +150,19 @@ def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, not
     assert any("already" in m for m in errors(notes))
 
 
-def test_cancel_mid_run_leaves_viewer_clean(make_napari_viewer, scan, tmp_path, notes):
+def _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path):
+    """A viewer showing ``scan`` and the dock widget set to the tiny test config."""
     viewer = make_napari_viewer()
     viewer.open(str(scan), plugin="icam-med")
     widget = ExplainWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.config.value = "other file..."
     widget.config_file.value = tiny_config(tmp_path)
+    return viewer, widget
+
+
+def test_cancel_mid_run_leaves_viewer_clean(make_napari_viewer, scan, tmp_path, notes):
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
     worker = widget.run()
     assert widget.cancel_button.enabled and not widget.explain_button.enabled
     steps = []
@@ -276,12 +282,7 @@ def test_widget_on_demo_model_points_at_the_lesion(make_napari_viewer, tmp_path,
 def test_closing_the_viewer_mid_run_is_clean(make_napari_viewer, scan, tmp_path, notes):
     from superqt.utils import WorkerBase
 
-    viewer = make_napari_viewer()
-    viewer.open(str(scan), plugin="icam-med")
-    widget = ExplainWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.config.value = "other file..."
-    widget.config_file.value = tiny_config(tmp_path)
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
     worker = widget.run()
     assert worker is not None
     viewer.close()

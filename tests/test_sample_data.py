@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = REPO / "sample_data" / "scans.sha256.json"
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def scans(tmp_path_factory):
-    script = _load_script("make_sample_data")
+def scans(tmp_path_factory, repo_script):
+    script = repo_script("make_sample_data")
     out = tmp_path_factory.mktemp("scans")
     manifest = script.generate(out)
     return script, out, manifest

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +17,9 @@ from icam_med.synthetic import LesionSynthesizer, input_space_synthesizer, norma
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def train_script():
-    return _load_script("train_demo_model")
+def train_script(repo_script):
+    return repo_script("train_demo_model")
 
 
 def test_two_training_steps_write_loadable_deterministic_weights(train_script, tmp_path):

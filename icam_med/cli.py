@@ -13,6 +13,7 @@ import logging
 import sys
 
 from icam_med._version import __version__
+from icam_med.commands._output import echo
 
 # name -> module under icam_med.commands
 COMMANDS: dict[str, str] = {
@@ -52,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        echo("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         # Errors raised for the user carry their own explanation: show it, no traceback.
-        print(f"icam-med {args.command}: error: {exc}", file=sys.stderr)
+        echo(f"icam-med {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands._output import echo
+
 HELP = "batch audit: explain many scans into one audited folder (local, processes or Dask)"
 
 
@@ -36,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
                        cluster=args.cluster, device=args.device, operator=args.operator,
                        seed=args.seed, progress=not args.no_progress)
     for scan_id, reason in result.failed.items():
-        print(f"failed: {scan_id}: {reason}", file=sys.stderr)
-    print(result.line())
+        echo(f"failed: {scan_id}: {reason}", file=sys.stderr)
+    echo(result.line())
     if not args.no_report:
         from icam_med.config import load_config
         from icam_med.report import build_report
@@ -45,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         # The report is a view of the folder, rebuilt after every run (and re-verified).
         report = build_report(args.out, scans=args.inputs, geometry=load_config(args.config).geometry,
                               pdf=args.pdf, overwrite=True)
-        print(report.line())
+        echo(report.line())
         if not report.ledger_ok:
-            print(f"warning: the folder does not verify: {report.problems[0]}", file=sys.stderr)
+            echo(f"warning: the folder does not verify: {report.problems[0]}", file=sys.stderr)
             return max(result.exit_code, 1)
     return result.exit_code

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands._output import echo
+
 HELP = "benchmark the CAM methods against a plain forward+backward and MONAI's Grad-CAM"
 
 
@@ -34,11 +36,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown --case {unknown}; choose from {CASES}.")
     networks = args.network or ["densenet121-3d", "densenet121-2d"]
-    print(f"machine: {machine_description(args.device)}", flush=True)
+    echo(f"machine: {machine_description(args.device)}", flush=True)
     rows = run_benchmark(networks, device=args.device, repeats=args.repeats, batch=args.batch,
                          memory=not args.no_memory, cases=args.case,
-                         progress=lambda s: print(f"  running {s}", file=sys.stderr, flush=True))
-    print(format_table(rows))
+                         progress=lambda s: echo(f"  running {s}", file=sys.stderr, flush=True))
+    echo(format_table(rows))
     if args.json:
         from pathlib import Path
 

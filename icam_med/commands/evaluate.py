@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from icam_med.commands._output import echo
+
 HELP = ("compare Integrative CAM, its ablations and single-layer CAMs on held-out synthetic "
         "lesions: localisation, deletion/insertion, confidence, randomisation, runtime")
 
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                              name=f"{args.split}-{i:04d}")
 
     def progress(i: int, name: str) -> None:
-        print(f"[{i + 1}/{args.n_volumes}] {name}", file=sys.stderr, flush=True)
+        echo(f"[{i + 1}/{args.n_volumes}] {name}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     result = evaluate(model, volumes(), methods, fractions=fractions, baseline=args.baseline,
@@ -127,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(targets[2], result.rows_csv(), overwrite=args.overwrite)
     atomic_write_text(targets[3], json.dumps(result.settings, indent=2, default=str) + "\n",
                       overwrite=args.overwrite)
-    print(result.summary_markdown())
-    print(f"model correct on {n_correct}/{result.settings['n_volumes']} evaluated volumes; "
+    echo(result.summary_markdown())
+    echo(f"model correct on {n_correct}/{result.settings['n_volumes']} evaluated volumes; "
           f"{elapsed:.0f} s")
-    print(f"wrote {', '.join(str(p) for p in targets)}")
+    echo(f"wrote {', '.join(str(p) for p in targets)}")
     return 0

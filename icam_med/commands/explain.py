@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands._output import echo
+
 HELP = "explain one scan (DICOM series folder, DICOM file or NIfTI): maps on the scan's grid"
 
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         from icam_med.io import list_series
 
         for s in list_series(args.scan):
-            print(s.line().strip())
+            echo(s.line().strip())
         return 0
     if not args.out:
         raise ValueError("--out DIR is required: the folder the maps and summary are written to.")
@@ -55,16 +57,16 @@ def run(args: argparse.Namespace) -> int:
         layer_maps=args.layer_maps, overwrite=args.overwrite)
     r = explanation.result
     info = explanation.scan_info
-    print(f"scan: {info.format} {info.modality or ''} shape {list(info.shape)} "
+    echo(f"scan: {info.format} {info.modality or ''} shape {list(info.shape)} "
           f"spacing {[round(s, 3) for s in info.spacing]} mm, orientation {info.orientation}")
     for warning in info.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        echo(f"warning: {warning}", file=sys.stderr)
     predicted = explanation.predicted_label or r.get("predicted_class")
     target = explanation.target_label or r.get("target_class")
-    print(f"method: {r['method']}; predicted: {predicted}; explained: {target}; "
+    echo(f"method: {r['method']}; predicted: {predicted}; explained: {target}; "
           f"score {r['score']:.4g}")
     stats = explanation.map_statistics()
-    print(f"map peak at voxel {stats['peak_voxel']}, RAS {stats['peak_world_ras_mm']} mm")
+    echo(f"map peak at voxel {stats['peak_voxel']}, RAS {stats['peak_world_ras_mm']} mm")
     for w in written:
-        print(f"wrote {w.path}  ({w.role}, sha256 {w.sha256[:12]}...)")
+        echo(f"wrote {w.path}  ({w.role}, sha256 {w.sha256[:12]}...)")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands._output import echo
+
 HELP = "build the audit report of an output folder: self-contained HTML (and --pdf)"
 
 
@@ -36,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     result = build_report(args.folder, scans=args.scans, geometry=geometry, pdf=args.pdf,
                           per_page=args.per_page, overwrite=args.overwrite,
                           anchor=args.anchor)
-    print(result.line())
+    echo(result.line())
     if not result.ledger_ok:
-        print(f"warning: the folder does not verify: {result.problems[0]}", file=sys.stderr)
+        echo(f"warning: the folder does not verify: {result.problems[0]}", file=sys.stderr)
         return 1
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands._output import echo
+
 HELP = "verify an output folder: every map, record and the hash-chained ledger"
 
 
@@ -24,10 +26,10 @@ def run(args: argparse.Namespace) -> int:
 
     report = verify_folder(args.folder, check_files=not args.chain_only, anchor=args.anchor)
     if report.ok:
-        print(report.summary())
+        echo(report.summary())
         return 0
-    print(report.summary(), file=sys.stderr)
+    echo(report.summary(), file=sys.stderr)
     if args.all:
         for problem in report.problems[1:]:
-            print(f"  {problem}", file=sys.stderr)
+            echo(f"  {problem}", file=sys.stderr)
     return 1

@@ -18,7 +18,7 @@ from icam_med.audit.ledger import LEDGER_NAME, entry_sha256
 from icam_med.audit.record import RECORD_SUFFIX, record_sha256
 from icam_med.audit.schema import validate_record
 
-__all__ = ["Problem", "VerifyReport", "verify_folder"]
+__all__ = ["Problem", "VerifyReport", "resolve_inside", "verify_folder"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ class VerifyReport:
         return f"BROKEN {self.folder}: {self.first_problem}{more}"
 
 
-def _safe_relpath(root: Path, rel: Any) -> Path | None:
+def resolve_inside(root: Path, rel: Any) -> Path | None:
+    """``root / rel`` for a relative POSIX path that stays inside ``root``, else ``None``
+    (absolute paths, ``..`` and backslashes in a record or ledger are never followed)."""
     if not isinstance(rel, str) or not rel:
         return None
     p = PurePosixPath(rel)
@@ -86,7 +88,7 @@ def _check_file(root: Path, ref: Any, what: str) -> str | None:
     """None if the file matches its reference, else what is wrong."""
     if not isinstance(ref, dict):
         return f"{what}: malformed file reference"
-    path = _safe_relpath(root, ref.get("path"))
+    path = resolve_inside(root, ref.get("path"))
     if path is None:
         return f"{what}: path {ref.get('path')!r} is not a relative path inside the folder"
     if not path.is_file():
@@ -105,7 +107,7 @@ def _check_record(root: Path, entry: dict[str, Any]) -> list[str]:
     bad = _check_file(root, ref, "record")
     if bad:
         return [bad]
-    path = _safe_relpath(root, ref["path"])
+    path = resolve_inside(root, ref["path"])
     try:
         record = json.loads(path.read_text("utf-8"))
     except ValueError as exc:

@@ -325,7 +325,6 @@ class BaseCAM:
                 f"device='{self.device}' was requested but the model is on '{model_device}'; "
                 f"move the model first (model.to('{self.device}')): the engine never moves it."
             )
-        self._n_classes = self._static_n_classes(model)
         self._probe_cache: dict[tuple[int, ...], tuple[list[LayerRecord], tuple[int, ...]]] = {}
         self._layer_cache: dict[tuple[int, ...], list[str]] = {}
 
@@ -433,14 +432,6 @@ class BaseCAM:
     def _param_dtype(self) -> torch.dtype:
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
                     torch.float32)
-
-    @staticmethod
-    def _static_n_classes(model: nn.Module) -> int | None:
-        last = None
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                last = mod.out_features
-        return last
 
     def _check_input(self, x: object) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -588,6 +579,7 @@ class BaseCAM:
             w = torch.where(total > 0, w / total.clamp_min(1e-30), torch.zeros_like(w))
             weights[name] = torch.nan_to_num(w, nan=0.0)
         layers = list(hooked)
+        options = self.options
         return CAMResult(
             fused=fused,
             layer_maps={k: ctx.maps[k] for k in layers},
@@ -597,9 +589,8 @@ class BaseCAM:
             logits=output.detach(),
             target_classes=classes,
             method=self.method_name,
-            options={**self.options, "target_layers": layers,
-                     "target_layers_spec": self.options["target_layers"],
-                     "device": str(x.device)},
+            options={**options, "target_layers": layers,
+                     "target_layers_spec": options["target_layers"], "device": str(x.device)},
         )
 
     def _strategy(self, record: LayerRecord | None, module: nn.Module) -> str:

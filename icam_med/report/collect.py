@@ -14,12 +14,13 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from icam_med.audit import LEDGER_NAME, VerifyReport, sha256_file, verify_folder, voxel_sha256
+from icam_med.audit.verify import resolve_inside
 
 __all__ = [
     "BODY_THRESHOLD_FRACTION",
@@ -164,15 +165,6 @@ def _read_ledger(folder: Path) -> tuple[list[dict[str, Any]], int]:
     return entries, bad
 
 
-def _inside(folder: Path, rel: Any) -> Path | None:
-    if not isinstance(rel, str) or not rel:
-        return None
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or "\\" in rel:
-        return None
-    return folder / p
-
-
 def _distinct(items: Iterable[Any]) -> list[Any]:
     out: list[Any] = []
     seen: set[str] = set()
@@ -205,7 +197,7 @@ def _match_leftovers(folder: Path, latest: Mapping[str, Mapping[str, Any]],
     for sid, e in latest.items():
         if sid in sources or e.get("kind") != "scan":
             continue
-        path = _inside(folder, (e.get("record") or {}).get("path"))
+        path = resolve_inside(folder, (e.get("record") or {}).get("path"))
         try:
             rec = json.loads(path.read_text("utf-8")) if path else None
             wanted[str(rec["input"]["voxel_sha256"])] = sid
@@ -260,7 +252,7 @@ def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: 
     if item.layer_weights:
         item.weights_png = layer_weights_png(item.layer_weights)
     ref = next((o for o in rec.get("outputs") or [] if o.get("role") == "cam_nifti"), None)
-    map_path = _inside(folder, ref.get("path")) if ref else None
+    map_path = resolve_inside(folder, ref.get("path")) if ref else None
     if map_path is None or not map_path.is_file():
         item.map_state = "missing"
         return
@@ -383,7 +375,7 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
         if item.status == "ok":
             ref = e.get("record") or {}
             item.record_path = ref.get("path") if isinstance(ref, dict) else None
-            path = _inside(folder, item.record_path)
+            path = resolve_inside(folder, item.record_path)
             try:
                 item.record = json.loads(path.read_text("utf-8")) if path else None
             except (OSError, ValueError):

@@ -48,11 +48,10 @@ from icam_med._version import __version__
 from icam_med.audit import Ledger, sha256_file, verify_folder, voxel_sha256
 from icam_med.audit.ledger import FolderLock
 from icam_med.audit.phi import load_site_key
-from icam_med.audit.record import safe_name
 from icam_med.config import ICAMConfig, load_config
+from icam_med.discovery import ScanSpec, collect_scans
 
-__all__ = ["BatchResult", "ScanSpec", "collect_scans", "map_analysis", "run_batch",
-           "write_summary"]
+__all__ = ["BatchResult", "map_analysis", "run_batch", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -64,140 +63,6 @@ SUMMARY_COLUMNS = (
     "peak_voxel", "peak_world_ras_mm", "centroid_voxel", "mask_fraction", "record",
     "ledger_seq", "reason",
 )
-_NIFTI = (".nii", ".nii.gz")
-_CSV_PATH = ("path", "scan", "input", "image")
-_CSV_LABEL = ("label", "expected_label", "expected")
-
-
-@dataclass(frozen=True)
-class ScanSpec:
-    """One scan of a batch.
-
-    Attributes:
-        scan_id: its name in the output folder (``scans/<scan_id>/``).
-        path: a DICOM series folder, a DICOM file or a NIfTI file.
-        expected_label: the label a reader or the ground truth gives, if known.
-        mask: a mask on the scan's grid (NIfTI or DICOM); the map's mass inside it is reported.
-    """
-
-    scan_id: str
-    path: Path
-    expected_label: str | None = None
-    mask: Path | None = None
-
-
-# ---------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in _NIFTI:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem if path.suffix.lower() == ".dcm" else name
-
-
-def _expand_folder(folder: Path) -> list[Path]:
-    """A folder holding files is one DICOM series; otherwise each NIfTI file and each
-    series folder below it (any depth) is a scan."""
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    files = [p for p in entries if p.is_file() and not p.name.lower().endswith(_NIFTI)]
-    if files:
-        return [folder]
-    out: list[Path] = []
-    for p in entries:
-        if p.is_file():
-            out.append(p)
-        elif p.is_dir():
-            out.extend(_expand_folder(p))
-    return out
-
-
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = {c.strip().lower(): c for c in reader.fieldnames or ()}
-        path_col = next((cols[c] for c in _CSV_PATH if c in cols), None)
-        if path_col is None:
-            raise ValueError(
-                f"scan list {path} has no 'path' column (columns: {list(cols.values())}); "
-                "expected a header 'path,label[,mask][,id]'."
-            )
-        label_col = next((cols[c] for c in _CSV_LABEL if c in cols), None)
-        rows = []
-        for n, row in enumerate(reader, start=2):
-            raw = (row.get(path_col) or "").strip()
-            if not raw:
-                raise ValueError(f"scan list {path}, line {n}: empty '{path_col}'.")
-            p = Path(raw).expanduser()
-            p = p if p.is_absolute() else path.parent / p
-            mask = (row.get(cols["mask"]) or "").strip() if "mask" in cols else ""
-            mp = Path(mask).expanduser() if mask else None
-            if mp is not None and not mp.is_absolute():
-                mp = path.parent / mp
-            rows.append({
-                "path": p,
-                "label": ((row.get(label_col) or "").strip() or None) if label_col else None,
-                "mask": mp,
-                "id": (row.get(cols["id"]) or "").strip() or None if "id" in cols else None,
-            })
-        return rows
-
-
-def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
-    """Turn command-line inputs into scans with unique ids.
-
-    Args:
-        inputs: NIfTI files, DICOM files, DICOM series folders, folders of those, or CSV
-            files with a ``path`` column and optional ``label``, ``mask`` and ``id`` columns
-            (relative paths are relative to the CSV). A path that does not exist is kept:
-            that scan fails alone, with its reason recorded.
-
-    Returns:
-        Scans in input order. Ids come from the ``id`` column or the file/folder name; when
-        two names clash, parent folder names are prefixed (``sub-01_T1w``).
-
-    Raises:
-        ValueError: a CSV without a path column, or no scans at all.
-    """
-    rows: list[dict[str, Any]] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.suffix.lower() == ".csv" and p.is_file():
-            rows.extend(_read_csv(p))
-        elif p.is_dir():
-            rows.extend({"path": s, "label": None, "mask": None, "id": None}
-                        for s in _expand_folder(p))
-        else:
-            rows.append({"path": p, "label": None, "mask": None, "id": None})
-    if not rows:
-        raise ValueError("no scans found in the inputs; give NIfTI files, DICOM series "
-                         "folders or a CSV with a 'path' column.")
-    def name(row: dict[str, Any], levels: int) -> str:
-        path = row["path"]
-        parts = [_stem(path), *(q.name for q in path.absolute().parents if q.name)]
-        return safe_name("_".join(reversed(parts[: levels + 1])))
-
-    explicit = [safe_name(r["id"]) for r in rows if r["id"]]
-    if len(explicit) != len(set(explicit)):
-        dup = next(x for x in explicit if explicit.count(x) > 1)
-        raise ValueError(f"scan id '{dup}' is used twice in the scan list; ids must be unique.")
-    ids = [safe_name(r["id"]) if r["id"] else name(r, 0) for r in rows]
-    # Clashing names get as many parent folder names as it takes to tell them apart.
-    for levels in range(1, 8):
-        clashes = {i for i, x in enumerate(ids) if ids.count(x) > 1 and not rows[i]["id"]}
-        if not clashes:
-            break
-        for i in clashes:
-            ids[i] = name(rows[i], levels)
-    seen: dict[str, int] = {}
-    scans = []
-    for row, scan_id in zip(rows, ids, strict=True):
-        seen[scan_id] = seen.get(scan_id, 0) + 1
-        if seen[scan_id] > 1:  # the very same path listed twice
-            scan_id = f"{scan_id}-{seen[scan_id]}"
-        scans.append(ScanSpec(scan_id, row["path"], row["label"], row["mask"]))
-    return scans
 
 
 # ---------------------------------------------------------------------------------------

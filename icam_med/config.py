@@ -71,20 +71,6 @@ class ICAMConfig:
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def with_method(self, name: str | None = None, **options: Any) -> ICAMConfig:
-        """A copy with the method (and/or some of its options) replaced."""
-        merged = {**self.method.options, **options}
-        method = MethodConfig(name=name or self.method.name, options=merged)
-        return ICAMConfig(
-            model=self.model,
-            preprocessing=self.preprocessing,
-            method=method,
-            geometry=self.geometry,
-            audit=self.audit,
-            path=self.path,
-            raw=self.raw,
-        )
-
 
 def _where(path: Path | None) -> str:
     return f"config {path}" if path else "config"

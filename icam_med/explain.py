@@ -27,18 +27,19 @@ import numpy as np
 import torch
 
 from icam_med._version import __version__
+from icam_med.audit.hashing import sha256_file
 from icam_med.audit.trail import (
     AuditContext,
     check_before_writing,
     provenance,
     record_explanation,
 )
+from icam_med.cam.monai import cam_summary
 from icam_med.config import ICAMConfig, load_config
 from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
-from icam_med.io.transforms import cam_summary
 from icam_med.io.validation import GeometryOptions
-from icam_med.models import ModelInfo, check_input_contract, load_model, sha256_file
+from icam_med.models import ModelInfo, check_input_contract, load_model
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",

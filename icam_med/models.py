@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 from dataclasses import asdict, dataclass
@@ -21,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from icam_med.audit.hashing import sha256_file
 from icam_med.config import ModelConfig
 
-__all__ = ["ModelInfo", "build_architecture", "check_input_contract", "load_model", "sha256_file"]
+__all__ = ["ModelInfo", "build_architecture", "check_input_contract", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,6 @@ class ModelInfo:
         d["labels"] = list(self.labels)
         d["spatial_size"] = list(self.spatial_size) if self.spatial_size else None
         return d
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_architecture(architecture: str, args: dict[str, Any] | None = None) -> nn.Module:

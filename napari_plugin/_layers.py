@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "MAP_COLORMAP",
     "METADATA_KEY",
     "audit_folder_layers",
     "audit_name_for",
@@ -61,9 +60,6 @@ def _map_colormap() -> Any:
     colors[:, 3] = np.clip(controls * 4.0, 0.0, 1.0)  # transparent at 0, opaque from 0.25
     colors[0, 3] = 0.0
     return Colormap(colors=colors, controls=controls, name="icam inferno (transparent low)")
-
-
-MAP_COLORMAP = "icam inferno (transparent low)"
 
 
 def map_colormap() -> Any:

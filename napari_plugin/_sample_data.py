@@ -76,8 +76,8 @@ def _retire_stale_audit(folder: Path) -> None:
     """
     import json
 
+    from icam_med.audit.hashing import sha256_file
     from icam_med.config import load_config
-    from icam_med.models import sha256_file
 
     record = folder / "cam.icam.json"
     if not record.is_file():

@@ -8,10 +8,10 @@ downloaded):
   nilearn, resampled by nilearn to 2 mm, background set to exactly 0, scaled by 1000 and
   stored as int16 (the healthy brain: the demo model should say "absent").
 * ``mni152_t1_2mm_lesion.nii.gz`` and ``..._lesion_mask.nii.gz``: the same brain with one
-  synthetic lesion (:class:`icam_med.synthetic.LesionSynthesizer`, split ``"sample"``) and
+  synthetic lesion (:class:`icam_med.evaluation.synthetic.LesionSynthesizer`, split ``"sample"``) and
   its ground-truth mask (the demo model should say "present" and point at it).
 * ``mni152_t1_2mm_lesion_dicom/``: the lesion brain written as an MR DICOM series with
-  :func:`icam_med.io.write_dicom_series` (so DICOM loading is demonstrated on a scan
+  :func:`icam_med.evaluation.dicom_series.write_dicom_series` (so DICOM loading is demonstrated on a scan
   whose truth is known).
 * ``pydicom_ct5n_series/``: a small real CT series (5 slices of 16 x 16) copied from
   pydicom's test data (``dicomdirtests/98892001/CT5N``).
@@ -116,8 +116,8 @@ def generate(out: Path = DEFAULT_OUT, *, force: bool = False) -> dict[str, Any]:
     """Create (or verify) every sample file in ``out``; returns the manifest."""
     import pydicom.data
 
-    from icam_med.io import write_dicom_series
-    from icam_med.synthetic import LesionSynthesizer, mni_brain
+    from icam_med.evaluation.dicom_series import write_dicom_series
+    from icam_med.evaluation.synthetic import LesionSynthesizer, mni_brain
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ Deterministic on a CPU: fixed seeds, ``torch.use_deterministic_algorithms(True)`
 fixed thread count and a fixed data order (training step ``s`` sees volumes
 ``s * batch_size ... (s + 1) * batch_size - 1`` of the synthetic ``"train"`` split, with
 alternating labels). Every volume is generated on the fly by
-:class:`icam_med.synthetic.LesionSynthesizer` on the model's input grid (the MNI152 brain
+:class:`icam_med.evaluation.synthetic.LesionSynthesizer` on the model's input grid (the MNI152 brain
 after the spatial steps of the config's preprocessing), then normalised by the config's
 intensity steps, exactly as a scan on disk would be.
 
@@ -75,7 +75,7 @@ def weights_bytes(state: dict[str, torch.Tensor], architecture: str, args: dict[
 def make_batch(synth: Any, intensity_steps: list, split: str, indices: range | list[int]
                ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
     """Volumes ``indices`` of ``split`` (label = index parity), normalised, as a batch."""
-    from icam_med.synthetic import normalise
+    from icam_med.evaluation.synthetic import normalise
 
     images, labels, masks = [], [], []
     for i in indices:
@@ -150,9 +150,10 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
     Returns:
         The training report (also written as JSON).
     """
+    from icam_med.audit.hashing import sha256_file
     from icam_med.config import load_config
-    from icam_med.models import build_architecture, sha256_file
-    from icam_med.synthetic import input_space_synthesizer
+    from icam_med.evaluation.synthetic import input_space_synthesizer
+    from icam_med.models import build_architecture
 
     out = Path(out)
     weights_path, report_path = out / WEIGHTS_NAME, out / REPORT_NAME

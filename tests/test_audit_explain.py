@@ -18,7 +18,7 @@ KEY = "an-example-site-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def dicom_case(tmp_path_factory):
-    from icam_med.io import write_dicom_series
+    from icam_med.evaluation.dicom_series import write_dicom_series
 
     base = tmp_path_factory.mktemp("explain")
     cfg = write_config(base)

@@ -24,8 +24,8 @@ from icam_med.audit import (
     verify_folder,
     voxel_sha256,
 )
+from icam_med.audit.hashing import sha256_file
 from icam_med.audit.phi import SiteKey, scrub_paths
-from icam_med.models import sha256_file
 
 KEY = b"0123456789abcdef0123456789abcdef"
 

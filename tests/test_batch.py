@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from icam_med import cli
 from icam_med.audit import Ledger, validate_record, verify_folder
-from icam_med.batch import collect_scans, map_analysis, run_batch
+from icam_med.batch import map_analysis, run_batch
+from icam_med.discovery import collect_scans
 
 
 def write_config(folder: Path) -> Path:
@@ -44,7 +45,7 @@ def workspace(tmp_path_factory):
     base = tmp_path_factory.mktemp("batch")
     cfg = write_config(base)
     nifti = write_scans(base / "nifti", 3)
-    from icam_med.io import write_dicom_series
+    from icam_med.evaluation.dicom_series import write_dicom_series
 
     rng = np.random.default_rng(7)
     vol = rng.integers(0, 500, (10, 14, 12)).astype(np.int16)

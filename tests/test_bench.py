@@ -7,7 +7,7 @@ import math
 import pytest
 
 from icam_med import cli
-from icam_med.bench import _memory_in_subprocess, format_table, run_benchmark
+from icam_med.evaluation.bench import _memory_in_subprocess, format_table, run_benchmark
 
 
 def test_benchmark_rows_are_relative_to_forward_backward():

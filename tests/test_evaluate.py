@@ -1,4 +1,4 @@
-"""icam_med.evaluate and `icam-med evaluate` end to end on tiny sets (seconds)."""
+"""icam_med.evaluation.evaluate and `icam-med evaluate` end to end on tiny sets (seconds)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from icam_med.cli import main
-from icam_med.evaluate import COLUMNS, EvalVolume, default_methods, evaluate
+from icam_med.evaluation.evaluate import COLUMNS, EvalVolume, default_methods, evaluate
+from icam_med.evaluation.synthetic import LesionSynthesizer
 from icam_med.networks import LesionNet
-from icam_med.synthetic import LesionSynthesizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,9 @@ from io_helpers import (
 )
 
 from icam_med.cli import main as cli_main
+from icam_med.evaluation.dicom_series import write_dicom_series
 from icam_med.explain import explain_scan, explain_volume, prepare, write_explanation
-from icam_med.io import load_volume, write_dicom_series
+from icam_med.io import load_volume
 
 
 @pytest.fixture(scope="module")

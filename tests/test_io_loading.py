@@ -18,7 +18,8 @@ from io_helpers import (
     world_of,
 )
 
-from icam_med.io import load_volume, write_dicom_series
+from icam_med.evaluation.dicom_series import write_dicom_series
+from icam_med.io import load_volume
 from icam_med.io.reader import SimpleITKDICOMReader
 
 # An oblique, anisotropic geometry (LPS direction columns: column axis, row axis, slices).

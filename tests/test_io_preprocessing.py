@@ -8,7 +8,8 @@ import pytest
 import torch
 from io_helpers import blob_volume, nibabel_file, peak_index, world_of
 
-from icam_med.io import load_volume, write_dicom_series
+from icam_med.evaluation.dicom_series import write_dicom_series
+from icam_med.io import load_volume
 from icam_med.io.preprocessing import Preprocessor
 
 PIPELINE = [

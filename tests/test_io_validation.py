@@ -15,8 +15,9 @@ from io_helpers import blob_volume, dicomdir_series, listing, nibabel_file, writ
 from pydicom.uid import generate_uid
 
 from icam_med.cli import main as cli_main
+from icam_med.evaluation.dicom_series import write_dicom_series
 from icam_med.explain import explain_scan, prepare
-from icam_med.io import GeometryError, list_series, load_volume, write_dicom_series
+from icam_med.io import GeometryError, list_series, load_volume
 
 
 @pytest.fixture(scope="module")

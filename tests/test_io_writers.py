@@ -11,7 +11,8 @@ import torch
 from io_helpers import blob_volume, dciodvfy, dicomdir_series, listing, nibabel_file, pydicom_file
 from monai.data import MetaTensor
 
-from icam_med.io import atomic_write, load_volume, write_dicom_series
+from icam_med.evaluation.dicom_series import write_dicom_series
+from icam_med.io import atomic_write, load_volume
 from icam_med.io.writers import CAM_QUANTITY_CODE, write_nifti, write_parametric_map
 
 

@@ -1,4 +1,4 @@
-"""Each metric of icam_med.metrics on hand-made cases whose answer is known (2D and 3D)."""
+"""Each metric of icam_med.evaluation.metrics on hand-made cases whose answer is known (2D and 3D)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from icam_med import metrics
-from icam_med.evaluate import edge_map
+from icam_med.evaluation import metrics
+from icam_med.evaluation.evaluate import edge_map
 
 
 def _blob_mask(shape: tuple[int, ...], centre: tuple[int, ...], radius: float) -> torch.Tensor:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from icam_med.audit.hashing import sha256_file
 from icam_med.config import ModelConfig, parse_config
-from icam_med.models import build_architecture, check_input_contract, load_model, sha256_file
+from icam_med.models import build_architecture, check_input_contract, load_model
 
 MONAI_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8],
               "strides": [2], "num_res_units": 0}

@@ -115,7 +115,7 @@ def test_reader_opens_dicom_series_at_patient_position():
 
 
 def test_reader_opens_written_dicom_series_with_known_geometry(tmp_path):
-    from icam_med.io import write_dicom_series
+    from icam_med.evaluation.dicom_series import write_dicom_series
 
     # (slices, rows, columns), as write_dicom_series takes it: napari's own order
     vol = np.random.default_rng(0).integers(0, 1000, (6, 10, 12)).astype(np.int16)
@@ -329,7 +329,7 @@ def _demo_weights_present() -> bool:
 @pytest.mark.skipif(not _demo_weights_present(),
                     reason="the demo model's weights (sample_data/) are not present")
 def test_sample_audit_opens_scan_and_demo_maps_aligned():
-    from icam_med.models import sha256_file
+    from icam_med.audit.hashing import sha256_file
     from napari_plugin._sample_data import DEMO_CONFIG, sample_audit
 
     layers = sample_audit()  # computed once into sample_data/scans/..._icam (git-ignored)

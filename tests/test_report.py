@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from _audit_util import PHI, PHI_NEEDLES, write_tiny_lesionnet_config
 from PIL import Image
+from render_helpers import pdf_to_pngs, screenshot_html
 
 from icam_med import cli
 from icam_med.audit import sha256_file, verify_folder
@@ -26,7 +27,6 @@ from icam_med.batch import run_batch
 from icam_med.report import build_report
 from icam_med.report.collect import ScanItem, _flag, body_mask, outside_fraction
 from icam_med.report.figures import to_ras
-from icam_med.report.render import pdf_to_pngs, screenshot_html
 
 
 def _write_config(folder: Path) -> Path:
@@ -48,7 +48,7 @@ def _body_scan(shape, rng, lesion):
 def audit(tmp_path_factory):
     """One real audit folder: 3 NIfTI scans (anisotropic), 1 DICOM series with made-up PHI
     and 1 missing scan (a logged failure), built by the batch runner."""
-    from icam_med.io import write_dicom_series
+    from icam_med.evaluation.dicom_series import write_dicom_series
 
     base = tmp_path_factory.mktemp("report")
     cfg = _write_config(base)

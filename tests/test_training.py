@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from icam_med.config import load_config
+from icam_med.evaluation.synthetic import LesionSynthesizer, input_space_synthesizer, normalise
 from icam_med.models import load_model
 from icam_med.networks import LesionNet
-from icam_med.synthetic import LesionSynthesizer, input_space_synthesizer, normalise
 
 REPO = Path(__file__).resolve().parents[1]
 

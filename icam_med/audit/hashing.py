@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from icam_med.models import sha256_file
 
 __all__ = ["ZERO_HASH", "canonical_json", "sha256_bytes", "sha256_file", "sha256_json",
            "voxel_sha256"]
@@ -37,6 +36,15 @@ def canonical_json(value: Any) -> bytes:
 def sha256_bytes(data: bytes) -> str:
     """SHA-256 hex digest of some bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sha256_json(value: Any) -> str:

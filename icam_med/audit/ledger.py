@@ -100,11 +100,6 @@ class Ledger:
         except FileNotFoundError:
             return b""
 
-    def has_torn_tail(self) -> bool:
-        """Whether the file ends in a partial line (a write cut short by a kill or crash)."""
-        data = self._read_bytes()
-        return bool(data) and not data.endswith(b"\n")
-
     def entries(self) -> list[LedgerEntry]:
         """All complete entries, in file order. Does not verify them (see verify)."""
         out = []

@@ -15,14 +15,16 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icam_med.audit.hashing import sha256_file, sha256_json, voxel_sha256
 from icam_med.audit.phi import SiteKey, hash_uid, scrub_paths
 from icam_med.audit.schema import RECORD_SCHEMA_VERSION
-from icam_med.models import ModelInfo
+
+if TYPE_CHECKING:  # audit never imports the model loader at run time
+    from icam_med.models import ModelInfo
 
 __all__ = [
     "RECORD_SUFFIX",

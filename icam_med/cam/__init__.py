@@ -23,6 +23,16 @@ from icam_med.cam.methods import (
 )
 from icam_med.cam.targets import ClassTarget, SegmentationTarget
 
+
+def __getattr__(name: str):
+    # ComputeCAMd pulls in monai.transforms: imported only when asked for.
+    if name == "ComputeCAMd":
+        from icam_med.cam.monai import ComputeCAMd
+
+        return ComputeCAMd
+    raise AttributeError(f"module 'icam_med.cam' has no attribute {name!r}")
+
+
 __all__ = [
     "ALPHA_FUNCTIONS",
     "BIAS_MODES",
@@ -32,6 +42,7 @@ __all__ = [
     "BaseCAM",
     "CAMResult",
     "ClassTarget",
+    "ComputeCAMd",
     "GradCAM",
     "GradCAMPlusPlus",
     "HiResCAM",

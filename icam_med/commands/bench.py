@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from icam_med.bench import (
+    from icam_med.evaluation.bench import (
         CASES,
         format_table,
         machine_description,

@@ -1,4 +1,4 @@
-"""``icam-med evaluate``: score CAM methods against ground-truth lesions (see icam_med.evaluate)."""
+"""``icam-med evaluate``: score CAM methods against ground-truth lesions (see icam_med.evaluation.evaluate)."""
 
 from __future__ import annotations
 
@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from icam_med.config import load_config
-    from icam_med.evaluate import EvalVolume, default_methods, evaluate
+    from icam_med.evaluation.evaluate import EvalVolume, default_methods, evaluate
+    from icam_med.evaluation.metrics import DEFAULT_FRACTIONS
+    from icam_med.evaluation.synthetic import input_space_synthesizer, normalise
     from icam_med.io.atomic import atomic_write_text, check_writable
-    from icam_med.metrics import DEFAULT_FRACTIONS
     from icam_med.models import load_model
-    from icam_med.synthetic import input_space_synthesizer, normalise
 
     if args.n_volumes < 1:
         raise ValueError(f"--n-volumes must be at least 1, got {args.n_volumes}.")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     result.settings.update({
         "config": str(args.config),
         "model": info.to_dict(),
-        "data": {"generator": "icam_med.synthetic.LesionSynthesizer on the MNI152 2009 template",
+        "data": {"generator": "icam_med.evaluation.synthetic.LesionSynthesizer on the MNI152 2009 template",
                  "split": args.split, "seed": args.seed, "label": "present",
                  "input_spacing_mm": list(spacing), "input_shape": list(synth.shape),
                  "domain": "non-zero (brain) voxels of each volume"},

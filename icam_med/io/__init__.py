@@ -2,7 +2,7 @@
 
 The public API, imported lazily so that ``import icam_med.io`` stays light::
 
-    from icam_med.io import load_volume, write_dicom_series, write_nifti
+    from icam_med.io import load_volume, write_nifti
     image, info = load_volume("scan_folder/")      # MetaTensor (1, X, Y, Z), ScanInfo
 
 See docs/io.md for supported formats and geometries.
@@ -26,8 +26,6 @@ _EXPORTS = {
     "validate_dicom": "validation",
     "validate_nifti": "validation",
     "SimpleITKDICOMReader": "reader",
-    "write_dicom_series": "dicom_series",
-    "lps_geometry_from_affine": "dicom_series",
     "atomic_write": "atomic",
     "atomic_write_bytes": "atomic",
     "atomic_write_text": "atomic",
@@ -35,7 +33,6 @@ _EXPORTS = {
     "build_preprocessing": "preprocessing",
     "write_nifti": "writers",
     "write_parametric_map": "writers",
-    "ComputeCAMd": "transforms",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -42,6 +42,11 @@ class GeometryError(ValueError):
     """A scan whose geometry or content cannot be trusted; the message says why and what to do."""
 
 
+class NotAnImageError(GeometryError):
+    """A file in a series folder that is not a DICOM image (not DICOM, or no pixel data):
+    skippable with ``geometry.ignore_non_dicom``."""
+
+
 @dataclass(frozen=True)
 class GeometryCheck:
     """The outcome of one validation check.
@@ -193,7 +198,7 @@ def _read_header(path: Path) -> Any:
     try:
         ds = pydicom.dcmread(path, defer_size=1024)
     except InvalidDicomError as exc:
-        raise GeometryError(
+        raise NotAnImageError(
             f"{path}: is not a DICOM file ({exc}); remove it from the series folder, or set "
             "geometry.ignore_non_dicom: true to skip it."
         ) from exc
@@ -203,7 +208,7 @@ def _read_header(path: Path) -> Any:
             "Copy the series again from its source."
         ) from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise GeometryError(
+        raise NotAnImageError(
             f"{path}: is a DICOM object without pixel data (SOP class "
             f"{getattr(ds, 'SOPClassUID', '?')}), not an image; remove it from the series folder."
         )
@@ -239,15 +244,13 @@ def list_series(folder: str | Path, *, options: GeometryOptions | None = None
                 ) -> list[SeriesSummary]:
     """The image series in ``folder`` (GDCM discovery, pydicom for descriptions/counts)."""
     folder = check_readable(folder)
-    series, _, _ = _scan_folder(folder, GeometryOptions.from_mapping(options))
+    series, _ = _scan_folder(folder, GeometryOptions.from_mapping(options))
     return [s for s, _ in series.values()]
 
 
 def _scan_folder(folder: Path, options: GeometryOptions
-                 ) -> tuple[dict[str, tuple[SeriesSummary, list[tuple[Path, Any]]]], list[str],
+                 ) -> tuple[dict[str, tuple[SeriesSummary, list[tuple[Path, Any]]]],
                             list[GeometryCheck]]:
-    import SimpleITK as sitk
-
     checks: list[GeometryCheck] = []
     by_uid: dict[str, list[tuple[Path, Any]]] = {}
     skipped = []
@@ -259,12 +262,11 @@ def _scan_folder(folder: Path, options: GeometryOptions
             raise PermissionError(f"{f}: cannot be read (permission denied); check its permissions.")
         try:
             ds = _read_header(f)
-        except GeometryError as exc:
-            not_dicom = "is not a DICOM file" in str(exc) or "without pixel data" in str(exc)
-            if options.ignore_non_dicom and not_dicom:
-                skipped.append(f.name)
-                continue
-            raise
+        except NotAnImageError:
+            if not options.ignore_non_dicom:
+                raise
+            skipped.append(f.name)
+            continue
         uid = str(getattr(ds, "SeriesInstanceUID", ""))
         by_uid.setdefault(uid, []).append((f, ds))
     if skipped:
@@ -273,7 +275,6 @@ def _scan_folder(folder: Path, options: GeometryOptions
                                     f"skipped {len(skipped)} non-DICOM or non-image file(s)"))
     else:
         checks.append(GeometryCheck("non_dicom_files", "passed", "every file is a DICOM image"))
-    gdcm_ids = [str(u) for u in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
     out = {}
     for uid, items in by_uid.items():
         ds0 = items[0][1]
@@ -281,7 +282,7 @@ def _scan_folder(folder: Path, options: GeometryOptions
                                   str(getattr(ds0, "Modality", "") or ""), len(items)), items)
     if not out:
         raise GeometryError(f"{folder}: no DICOM image files found.")
-    return out, gdcm_ids, checks
+    return out, checks
 
 
 def _vec(ds: Any, keyword: str, n: int, path: Path) -> np.ndarray:
@@ -458,7 +459,7 @@ def validate_dicom(path: str | Path, *, series_uid: str | None = None,
         return DicomSelection(None, (p,), (ds,), str(getattr(ds, "SeriesInstanceUID", "")),
                               tuple(checks), n_frames)
 
-    series, gdcm_ids, checks = _scan_folder(p, options)
+    series, checks = _scan_folder(p, options)
     if series_uid is not None:
         if series_uid not in series:
             listing = "\n".join(s.line() for s, _ in series.values())
@@ -474,8 +475,6 @@ def validate_dicom(path: str | Path, *, series_uid: str | None = None,
         )
     else:
         uid = next(iter(series))
-    if uid not in gdcm_ids:
-        log.debug("series %s not reported by GDCM discovery (%s)", uid, gdcm_ids)
     summary, items = series[uid]
     checks.append(GeometryCheck("single_series", "passed",
                                 f"{len(series)} series in folder; using 1 with {summary.n_files} file(s)"))

@@ -181,7 +181,7 @@ def _scan_sources(scans: Any) -> dict[str, Path]:
         return {}
     if isinstance(scans, Mapping):
         return {str(k): Path(v) for k, v in scans.items()}
-    from icam_med.batch import collect_scans
+    from icam_med.discovery import collect_scans
 
     if isinstance(scans, (str, Path)):
         scans = [scans]

@@ -1,7 +1,7 @@
 """Compare CAM methods on scans whose truth is known: localisation, faithfulness, sanity, time.
 
 :func:`evaluate` runs every method on every volume, in the model's input space (where the
-ground-truth masks live), and scores each map with :mod:`icam_med.metrics`:
+ground-truth masks live), and scores each map with :mod:`icam_med.evaluation.metrics`:
 
 ============================  ==================================================  ==========
 column                        what                                                better
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from icam_med import metrics
+from icam_med.evaluation import metrics
 
 __all__ = [
     "COLUMNS",

@@ -3,7 +3,7 @@
 Example::
 
     from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacingd
-    from icam_med.io import ComputeCAMd
+    from icam_med.cam import ComputeCAMd
 
     pre = Compose([Orientationd("image", "RAS"), Spacingd("image", (2, 2, 2))])
     pipeline = Compose([LoadImaged("image", ensure_channel_first=True), pre,
@@ -22,7 +22,7 @@ the metadata from the image's, so read that summary before inverting.
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -76,7 +76,8 @@ class ComputeCAMd(MapTransform):
                  targets: Any = None, cam_postfix: str = "_cam", layer_maps: bool = False,
                  allow_missing_keys: bool = False, **method_options: Any) -> None:
         super().__init__(keys, allow_missing_keys)
-        from icam_med.cam import BaseCAM, make_cam
+        from icam_med.cam.base import BaseCAM
+        from icam_med.cam.methods import make_cam
 
         self.cam = model if isinstance(model, BaseCAM) else make_cam(method, model,
                                                                        **method_options)
@@ -104,8 +105,3 @@ class ComputeCAMd(MapTransform):
                 d[f"{key}{self.cam_postfix}_layers"] = {
                     name: m[0] for name, m in result.layer_maps.items()}
         return d
-
-    @staticmethod
-    def output_keys(keys: Sequence[str], cam_postfix: str = "_cam") -> list[str]:
-        """The keys the maps are written to."""
-        return [f"{k}{cam_postfix}" for k in keys]

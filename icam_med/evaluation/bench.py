@@ -159,7 +159,7 @@ def measure_memory(network: str, case: str, device: str, batch: int) -> float:
 
 
 def _memory_in_subprocess(network: str, case: str, device: str, batch: int) -> float | None:
-    cmd = [sys.executable, "-m", "icam_med.bench", "--memory", network, case, device, str(batch)]
+    cmd = [sys.executable, "-m", "icam_med.evaluation.bench", "--memory", network, case, device, str(batch)]
     # A fixed mmap threshold makes glibc return every large block on free, so the resident
     # set follows the live tensors and its peak is the peak of the case itself.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
@@ -245,5 +245,5 @@ if __name__ == "__main__":  # worker entry for one memory measurement
         value = measure_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         sys.stdout.write(f"{value:.3f}\n")
     else:
-        sys.stderr.write("usage: python -m icam_med.bench --memory NETWORK CASE DEVICE BATCH\n")
+        sys.stderr.write("usage: python -m icam_med.evaluation.bench --memory NETWORK CASE DEVICE BATCH\n")
         sys.exit(2)

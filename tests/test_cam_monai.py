@@ -17,8 +17,9 @@ from monai.transforms import (
     Spacingd,
 )
 
-from icam_med.cam import make_cam
-from icam_med.io import ComputeCAMd, load_volume, make_loader, write_dicom_series
+from icam_med.cam import ComputeCAMd, make_cam
+from icam_med.evaluation.dicom_series import write_dicom_series
+from icam_med.io import load_volume, make_loader
 
 
 @pytest.fixture

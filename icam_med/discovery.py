@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from icam_med.audit.record import safe_name
+from icam_med.paths import is_nifti, scan_stem
 
 __all__ = ["ScanSpec", "collect_scans"]
 
-_NIFTI = (".nii", ".nii.gz")
 _CSV_PATH = ("path", "scan", "input", "image")
 _CSV_LABEL = ("label", "expected_label", "expected")
 
@@ -36,19 +36,11 @@ class ScanSpec:
     mask: Path | None = None
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in _NIFTI:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem if path.suffix.lower() == ".dcm" else name
-
-
 def _expand_folder(folder: Path) -> list[Path]:
     """A folder holding files is one DICOM series; otherwise each NIfTI file and each
     series folder below it (any depth) is a scan."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    files = [p for p in entries if p.is_file() and not p.name.lower().endswith(_NIFTI)]
+    files = [p for p in entries if p.is_file() and not is_nifti(p)]
     if files:
         return [folder]
     out: list[Path] = []
@@ -122,7 +114,7 @@ def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
                          "folders or a CSV with a 'path' column.")
     def name(row: dict[str, Any], levels: int) -> str:
         path = row["path"]
-        parts = [_stem(path), *(q.name for q in path.absolute().parents if q.name)]
+        parts = [scan_stem(path), *(q.name for q in path.absolute().parents if q.name)]
         return safe_name("_".join(reversed(parts[: levels + 1])))
 
     explicit = [safe_name(r["id"]) for r in rows if r["id"]]

@@ -40,6 +40,7 @@ from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
 from icam_med.io.validation import GeometryOptions
 from icam_med.models import ModelInfo, check_input_contract, load_model
+from icam_med.paths import MAP_STEM, is_nifti, output_paths
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
@@ -56,7 +57,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUMMARY_SCHEMA_VERSION = 1
-SUMMARY_NAME = "summary.json"
 
 
 @dataclass
@@ -278,23 +278,6 @@ class WrittenFile:
                 "size": self.size}
 
 
-def _safe_layer_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name.replace(".", "-"))
-
-
-def output_paths(out_dir: str | Path, *, is_dicom: bool, layer_names: Sequence[str] = (),
-                 stem: str = "cam") -> dict[str, Path]:
-    """The files :func:`write_explanation` writes, by role (names never come from tags)."""
-    out = Path(out_dir)
-    paths = {"cam_nifti": out / f"{stem}.nii.gz"}
-    if is_dicom:
-        paths["parametric_map"] = out / f"{stem}_parametric_map.dcm"
-    for name in layer_names:
-        paths[f"layer_map:{name}"] = out / f"{stem}_layer_{_safe_layer_name(name)}.nii.gz"
-    paths["summary"] = out / f"{stem}_{SUMMARY_NAME}"
-    return paths
-
-
 def _refuse_existing(paths: Mapping[str, Path], overwrite: bool) -> None:
     if overwrite:
         return
@@ -307,7 +290,7 @@ def _refuse_existing(paths: Mapping[str, Path], overwrite: bool) -> None:
 
 
 def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrite: bool = False,
-                      stem: str = "cam", audit: AuditContext | None = None) -> list[WrittenFile]:
+                      stem: str = MAP_STEM, audit: AuditContext | None = None) -> list[WrittenFile]:
     """Write an explanation's maps and JSON summary into ``out_dir``.
 
     Writes ``{stem}.nii.gz`` (fused map, source affine), ``{stem}_parametric_map.dcm`` for
@@ -399,8 +382,7 @@ def explain_scan(
     Returns:
         The :class:`Explanation` and the files written.
     """
-    is_dicom_guess = Path(scan_path).is_dir() or not str(scan_path).lower().endswith(
-        (".nii", ".nii.gz"))
+    is_dicom_guess = Path(scan_path).is_dir() or not is_nifti(scan_path)
     planned = output_paths(out_dir, is_dicom=is_dicom_guess)
     _refuse_existing(planned, overwrite)
     check_before_writing(planned["cam_nifti"], None)  # audited outputs: refused even now

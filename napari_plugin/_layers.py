@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from icam_med.paths import AUDIT_FOLDER_SUFFIX, RECORD_SUFFIX, audit_folder_for, scan_stem
+
 __all__ = [
     "METADATA_KEY",
     "audit_folder_layers",
@@ -135,7 +137,7 @@ def scan_layer(image: Any, info: Any, *, name: str | None = None) -> tuple:
     data = to_napari_array(image)
     aff = np.asarray(info.affine, dtype=np.float64)
     path = Path(info.path)
-    label = name or (path.name[:-7] if path.name.endswith(".nii.gz") else path.stem or path.name)
+    label = name or scan_stem(path)
     kwargs = {
         "name": label,
         "affine": napari_affine(aff),
@@ -280,13 +282,7 @@ def audit_name_for(scan_path: str | Path) -> Path:
     ``/data/ct_series/`` -> ``/data/ct_series_icam/``; ``/data/t1.nii.gz`` ->
     ``/data/t1_icam/``.
     """
-    p = Path(scan_path).expanduser()
-    name = p.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return p.with_name(f"{name}_icam")
+    return audit_folder_for(scan_path)
 
 
 def find_audit_scan(folder: str | Path) -> Path | None:
@@ -298,9 +294,10 @@ def find_audit_scan(folder: str | Path) -> Path | None:
     """
     f = Path(folder)
     candidates = []
-    if f.name.endswith("_icam"):
-        stem = f.name[: -len("_icam")]
-        candidates += [f.with_name(stem), f.with_name(stem + ".nii.gz"), f.with_name(stem + ".nii")]
+    if f.name.endswith(AUDIT_FOLDER_SUFFIX):
+        stem = f.name[: -len(AUDIT_FOLDER_SUFFIX)]
+        candidates += [f.with_name(stem), f.with_name(stem + ".nii.gz"), f.with_name(stem + ".nii"),
+                       f.with_name(stem + ".dcm")]
     candidates += [f / "scan.nii.gz", f / "scan.nii"]
     for c in candidates:
         if c.exists():
@@ -310,8 +307,6 @@ def find_audit_scan(folder: str | Path) -> Path | None:
 
 def is_audit_folder(path: str | Path) -> bool:
     """A folder holding at least one audit record (``*.icam.json``) beside its map."""
-    from icam_med.audit import RECORD_SUFFIX
-
     p = Path(path)
     return p.is_dir() and any(p.glob(f"*{RECORD_SUFFIX}"))
 
@@ -342,8 +337,6 @@ def audit_folder_layers(folder: str | Path, *, threshold: float = 0.0) -> list[t
     """
     import json
     import logging
-
-    from icam_med.audit import RECORD_SUFFIX
 
     log = logging.getLogger(__name__)
     f = Path(folder)

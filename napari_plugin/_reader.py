@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from icam_med.paths import is_nifti
 from napari_plugin._layers import audit_folder_layers, is_audit_folder, scan_layer
 
 __all__ = ["get_reader", "read_audit_folder", "read_scan"]
 
-_NIFTI = (".nii", ".nii.gz")
 
 
 def _single(path: Any) -> str | None:
@@ -37,8 +37,7 @@ def get_reader(path: Any) -> Callable[[Any], list[tuple]] | None:
         if any(is_dicom_file(f) for f in sorted(pp.iterdir())[:50] if f.is_file()):
             return read_scan
         return None
-    name = pp.name.lower()
-    if name.endswith(_NIFTI) or name.endswith(".dcm"):
+    if is_nifti(pp) or pp.name.lower().endswith(".dcm"):
         return read_scan
     return None
 
@@ -48,7 +47,7 @@ MAX_VOLUMES = 8
 
 
 def _n_volumes(path: str) -> int:
-    if not path.lower().endswith(_NIFTI):
+    if not is_nifti(path):
         return 1
     import nibabel as nib
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from icam_med.paths import is_nifti, sidecar_path_for
 from napari_plugin._layers import METADATA_KEY, from_napari_array, ras_affine
 
 __all__ = ["layer_ras_affine", "write_map"]
@@ -36,15 +37,6 @@ def layer_ras_affine(meta: dict[str, Any]) -> np.ndarray:
     return ras_affine(outer @ physical.affine_matrix)
 
 
-def _sidecar(path: Path) -> Path:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return path.with_name(name + ".record.json")
-
-
 def write_map(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Write one 3D image layer as NIfTI (+ its record or summary as JSON).
 
@@ -56,12 +48,12 @@ def write_map(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     from icam_med.io.writers import write_nifti
 
     out = Path(path)
-    if not out.name.lower().endswith((".nii", ".nii.gz")):
+    if not is_nifti(out):
         raise ValueError(f"{out}: a map is saved as NIfTI; give a name ending in .nii.gz.")
     array = from_napari_array(data)
     affine = layer_ras_affine(meta)
     own = (meta.get("metadata") or {}).get(METADATA_KEY) or {}
-    side = _sidecar(out)
+    side = sidecar_path_for(out)
     check_writable(out)
     check_writable(side)  # refuse before writing anything
     write_nifti(array, out, affine=affine,

@@ -22,6 +22,7 @@ import numpy as np
 from icam_med.audit.hashing import sha256_file, sha256_json, voxel_sha256
 from icam_med.audit.phi import SiteKey, hash_uid, scrub_paths
 from icam_med.audit.schema import RECORD_SCHEMA_VERSION
+from icam_med.paths import RECORD_SUFFIX
 
 if TYPE_CHECKING:  # audit never imports the model loader at run time
     from icam_med.models import ModelInfo
@@ -45,8 +46,6 @@ __all__ = [
     "voxel_digest",
 ]
 
-#: A map ``x.nii.gz`` has its record at ``x.icam.json``.
-RECORD_SUFFIX = ".icam.json"
 
 #: Distributions whose versions every record carries (``python`` is added separately).
 VERSIONED_PACKAGES = ("torch", "monai", "numpy", "pydicom", "nibabel", "SimpleITK",

@@ -18,7 +18,6 @@ from typing import Any
 from icam_med.audit.ledger import Ledger, LedgerEntry
 from icam_med.audit.phi import SiteKey, identifiers_from_scan, load_site_key
 from icam_med.audit.record import (
-    RECORD_SUFFIX,
     activity_section,
     build_record,
     input_from_scan,
@@ -30,6 +29,7 @@ from icam_med.audit.record import (
     utc_now,
     voxel_digest,
 )
+from icam_med.paths import record_path_for
 
 __all__ = ["AuditContext", "check_before_writing", "provenance", "record_explanation",
            "record_path_for"]
@@ -79,17 +79,6 @@ def provenance(image: Any, *, device: Any, audit_config: Mapping[str, Any] | Non
         "audit_config": dict(audit_config or {}),
         "config_dir": str(Path(config_path).parent) if config_path else None,
     }
-
-
-def record_path_for(map_path: str | Path) -> Path:
-    """``<folder>/<map-name>.icam.json`` for a map ``<folder>/<map-name>.nii[.gz]``."""
-    p = Path(map_path)
-    name = p.name
-    for suffix in (".nii.gz", ".nii", ".dcm"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return p.with_name(name + RECORD_SUFFIX)
 
 
 def _root(ctx: AuditContext, map_path: Path) -> Path:

@@ -31,12 +31,12 @@ from icam_med.io.validation import (
     validate_dicom,
     validate_nifti,
 )
+from icam_med.paths import is_nifti
 
 __all__ = ["ScanInfo", "detect_format", "load_volume", "make_loader"]
 
 log = logging.getLogger(__name__)
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _KEY = "image"
 
 
@@ -149,8 +149,7 @@ def detect_format(path: str | Path) -> str:
     p = check_readable(path)
     if p.is_dir():
         return "dicom"
-    name = p.name.lower()
-    if name.endswith(_NIFTI_SUFFIXES):
+    if is_nifti(p):
         return "nifti"
     if is_dicom_file(p):
         return "dicom"

@@ -24,10 +24,9 @@ from monai.data import ImageReader
 from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from icam_med.paths import is_dicom_name
+
 __all__ = ["SimpleITKDICOMReader", "is_dicom_file", "register_with_monai"]
-
-_DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
-
 
 def is_dicom_file(path: str | Path) -> bool:
     """True for a file with the ``DICM`` magic after the 128-byte preamble, or a ``.dcm`` name."""
@@ -41,7 +40,7 @@ def is_dicom_file(path: str | Path) -> bool:
                 return True
     except OSError:
         return False
-    return p.suffix.lower() in _DICOM_SUFFIXES
+    return is_dicom_name(p)
 
 
 class SimpleITKDICOMReader(ImageReader):

@@ -1,8 +1,8 @@
 """Run configuration: model, preprocessing pipeline and CAM method, from YAML.
 
-A config file has four top-level sections::
+A config file has up to five top-level sections::
 
-    model:            # see ModelConfig
+    model:            # see ModelSection
       name: demo-lesion-cnn
       architecture: icam_med.networks:LesionNet   # MONAI network name or "module:Class"
       args: {spatial_dims: 3, in_channels: 1, out_channels: 2}
@@ -15,8 +15,21 @@ A config file has four top-level sections::
     method:           # CAM method and its options (see icam_med.cam)
       name: integrative
       target_layers: stages
-    geometry:         # geometry validation options (see icam_med.io)
+    geometry:         # geometry validation options (see icam_med.io.GeometryOptions)
       slice_tolerance: 0.0
+    audit:            # where the site key comes from (see icam_med.audit)
+      site_key_env: ICAM_MED_SITE_KEY
+
+The file is checked against typed pydantic models (:class:`ConfigSchema`): every key must be
+known (``extra="forbid"``), booleans must be YAML booleans (a quoted ``"false"`` is an
+error, never ``True``), and every error is one :class:`ConfigError` naming the file, the
+key path (``model.input.spatial_size[1]``), the expected type and what was given. The
+transform arguments under ``preprocessing`` and the method options under ``method`` stay
+open mappings: MONAI and the CAM engine validate those.
+
+Architectures are allowed only from :data:`ALLOWED_ARCHITECTURE_NAMESPACES`
+(``monai.networks.nets``, ``icam_med.networks``) or names registered with
+:func:`register_architecture`; this is checked from the string, before anything is imported.
 
 Every path in a config is resolved relative to the config file's folder.
 """
@@ -24,17 +37,244 @@ Every path in a config is resolved relative to the config file's folder.
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ICAMConfig", "MethodConfig", "ModelConfig", "load_config", "parse_config"]
+from icam_med.io.validation import GeometrySchema as GeometrySection
+from icam_med.resources import resolve_config
 
-_TOP_LEVEL = {"model", "preprocessing", "method", "geometry", "audit"}
+__all__ = [
+    "ALLOWED_ARCHITECTURE_NAMESPACES",
+    "ConfigError",
+    "ConfigSchema",
+    "ICAMConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "check_architecture_allowed",
+    "load_config",
+    "parse_config",
+    "register_architecture",
+]
 
+#: Module namespaces whose classes a config may name as ``model.architecture``.
+ALLOWED_ARCHITECTURE_NAMESPACES: tuple[str, ...] = ("monai.networks.nets", "icam_med.networks")
+_REGISTERED: set[str] = set()
+
+
+class ConfigError(ValueError):
+    """A config that is not valid; the message names the file, the key path and the fix."""
+
+
+# ---------------------------------------------------------------------------------------
+# Architecture allow-list (strings only: nothing is imported here)
+# ---------------------------------------------------------------------------------------
+
+def register_architecture(name: str) -> None:
+    """Allow a further architecture: a ``"package.module:ClassName"`` or a whole
+    ``"package.module"`` namespace (its classes and submodules).
+
+    Call this in your own code before loading a config that names it; configs cannot
+    register anything themselves.
+
+    Raises:
+        ValueError: ``name`` is not a dotted module path (optionally ``:ClassName``).
+    """
+    module, _, attr = name.partition(":")
+    parts = module.split(".")
+    if not module or not all(p.isidentifier() for p in parts) or (attr and not attr.isidentifier()):
+        raise ValueError(
+            f"register_architecture({name!r}): expected 'package.module' or "
+            "'package.module:ClassName'."
+        )
+    _REGISTERED.add(name)
+
+
+def _in_namespace(module: str, namespace: str) -> bool:
+    return module == namespace or module.startswith(namespace + ".")
+
+
+def check_architecture_allowed(architecture: str) -> tuple[str, str]:
+    """Resolve an architecture string to ``(module, class name)`` if it is allowed.
+
+    A bare name (``"DenseNet121"``) means :mod:`monai.networks.nets`. Nothing is imported.
+
+    Raises:
+        ConfigError: the module is outside the allow-list, or the string is malformed.
+    """
+    if ":" in architecture:
+        module, _, attr = architecture.partition(":")
+    else:
+        module, attr = "monai.networks.nets", architecture
+    if not attr.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+        raise ConfigError(
+            f"architecture {architecture!r}: expected a class name of monai.networks.nets "
+            "(e.g. 'DenseNet121') or 'package.module:ClassName'."
+        )
+    allowed = (any(_in_namespace(module, ns) for ns in ALLOWED_ARCHITECTURE_NAMESPACES)
+               or f"{module}:{attr}" in _REGISTERED
+               or any(":" not in r and _in_namespace(module, r) for r in _REGISTERED))
+    if not allowed:
+        raise ConfigError(
+            f"architecture {architecture!r}: module '{module}' is not an allowed source of "
+            f"networks (allowed: {', '.join(ALLOWED_ARCHITECTURE_NAMESPACES)}, plus names "
+            "registered with icam_med.config.register_architecture). Nothing was imported. "
+            "Register your module in code before loading the config."
+        )
+    return module, attr
+
+
+# ---------------------------------------------------------------------------------------
+# The typed schema
+# ---------------------------------------------------------------------------------------
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+_PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class InputSection(BaseModel):
+    """``model.input``: the model's input contract."""
+
+    model_config = _STRICT
+    channels: _PositiveInt | None = None
+    spatial_size: list[_PositiveInt] | None = Field(default=None, min_length=1, max_length=3)
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+
+
+class ModelSection(BaseModel):
+    """``model``: what network to build and which weights to load."""
+
+    model_config = _STRICT
+    name: Annotated[str, Field(min_length=1)]
+    architecture: Annotated[str, Field(min_length=1)]
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: Annotated[str, Field(min_length=1)] | None = None
+    weights_sha256: _Sha256 | None = None
+    labels: list[str] = Field(default_factory=list)
+    input: InputSection = Field(default_factory=InputSection)
+
+
+class TransformStep(BaseModel):
+    """One ``preprocessing`` entry: a MONAI dictionary transform name and its arguments
+    (the arguments are MONAI's to check)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, Field(min_length=1)]
+
+
+class MethodSection(BaseModel):
+    """``method``: the CAM method's name; its other keys are the engine's options."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, Field(min_length=1)] = "integrative"
+
+
+class AuditSection(BaseModel):
+    """``audit``: where the site key (and signing key) come from; never the keys themselves."""
+
+    model_config = _STRICT
+    site_key_file: str | None = None
+    site_key_env: str | None = None
+    signing_key_file: str | None = None
+    signing_key_env: str | None = None
+
+
+class ConfigSchema(BaseModel):
+    """A whole config file."""
+
+    model_config = _STRICT
+    model: ModelSection
+    preprocessing: list[TransformStep] = Field(default_factory=list)
+    method: MethodSection = Field(default_factory=MethodSection)
+    geometry: GeometrySection = Field(default_factory=GeometrySection)
+    audit: AuditSection = Field(default_factory=AuditSection)
+
+
+_EXPECTED = {
+    "bool_type": "true or false (a YAML boolean, unquoted)",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
+}
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _section_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The known keys of the section at ``loc`` (for close-match suggestions)."""
+    cls: Any = ConfigSchema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fld = getattr(cls, "model_fields", {}).get(part)
+        if fld is None:
+            return []
+        ann = fld.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        candidates = [ann, *args]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+                   None)
+        if cls is None:
+            inner = [a for c in candidates for a in getattr(c, "__args__", ()) or ()]
+            cls = next((c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)),
+                       None)
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    kind = err.get("type", "")
+    value = err.get("input")
+    where = f"'{_key_path(loc)}'"
+    got = f"got {value!r} ({type(value).__name__})"
+    if len(got) > 120:
+        got = got[:117] + "..."
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        known = _section_keys(loc[:-1])
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        section = _key_path(loc[:-1]) if len(loc) > 1 else "the top level"
+        return (f"unknown key(s) [{key!r}] in {section}{hint} Expected some of {sorted(known)}"
+                if known else f"unknown key {where}{hint}")
+    if kind == "missing":
+        return f"missing required key {where}"
+    if kind in _EXPECTED:
+        return f"{where} must be {_EXPECTED[kind]}, {got}"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "weights_sha256":
+        return f"{where} must be a 64-character hex string (SHA-256), {got}"
+    return f"{where}: {err.get('msg', 'invalid value')}, {got}"
+
+
+def _format_errors(exc: ValidationError, where: str) -> ConfigError:
+    lines = [_describe(e) for e in exc.errors()]
+    return ConfigError(f"{where}: " + "; ".join(lines) + ".")
+
+
+# ---------------------------------------------------------------------------------------
+# What the rest of the code uses
+# ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -61,7 +301,10 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class ICAMConfig:
-    """A whole run configuration."""
+    """A whole run configuration.
+
+    ``geometry`` and ``audit`` hold only the keys the file sets (already type-checked).
+    """
 
     model: ModelConfig
     preprocessing: tuple[dict[str, Any], ...] = ()
@@ -76,18 +319,6 @@ def _where(path: Path | None) -> str:
     return f"config {path}" if path else "config"
 
 
-def _require(mapping: Mapping[str, Any], key: str, where: str, kind: type | tuple) -> Any:
-    if key not in mapping:
-        raise ValueError(f"{where}: missing required key '{key}'.")
-    value = mapping[key]
-    if not isinstance(value, kind):
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(
-            f"{where}: '{key}' must be a {expected}, got {type(value).__name__} ({value!r})."
-        )
-    return value
-
-
 def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
                  path: Path | None = None) -> ICAMConfig:
     """Build an :class:`ICAMConfig` from an already-parsed mapping.
@@ -98,63 +329,60 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
         path: the file the mapping came from, for error messages.
 
     Raises:
-        ValueError: a key is missing, unknown or of the wrong type; the message names it.
+        ConfigError (a ValueError): a key is missing, unknown or of the wrong type, or the
+            architecture is not allowed; the message names the file and the key path.
     """
     where = _where(path)
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping at the top level, got {type(data).__name__}.")
-    unknown = set(data) - _TOP_LEVEL
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown top-level key(s) {sorted(unknown)}; expected some of {sorted(_TOP_LEVEL)}."
+        raise ConfigError(
+            f"{where}: expected a mapping with the sections model, preprocessing, method, "
+            f"geometry, audit at the top level, got {type(data).__name__}."
         )
+    if any(not isinstance(k, str) for k in data):
+        raise ConfigError(f"{where}: every top-level key must be a string, got {list(data)!r}.")
+    if isinstance(data.get("audit"), Mapping) and "site_key" in data["audit"]:
+        raise ConfigError(
+            f"{where}: 'audit.site_key' holds a secret in a config file; put the key in a file "
+            "('audit.site_key_file') or an environment variable ('audit.site_key_env') instead."
+        )
+    try:
+        schema = ConfigSchema.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _format_errors(exc, where) from None
+    try:
+        check_architecture_allowed(schema.model.architecture)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: 'model.architecture': {exc}") from None
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-
-    m = _require(data, "model", where, Mapping)
-    mwhere = f"{where}, section 'model'"
-    weights = m.get("weights")
+    m = schema.model
     weights_path = None
-    if weights is not None:
-        weights_path = Path(weights)
+    if m.weights is not None:
+        weights_path = Path(m.weights).expanduser()
         if not weights_path.is_absolute():
             weights_path = (base / weights_path).resolve()
-    input_spec = m.get("input") or {}
-    if not isinstance(input_spec, Mapping):
-        raise ValueError(f"{mwhere}: 'input' must be a mapping with 'channels' and 'spatial_size'.")
-    spatial = input_spec.get("spatial_size")
-    sha = m.get("weights_sha256")
-    if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
-        raise ValueError(f"{mwhere}: 'weights_sha256' must be a 64-character hex string, got {sha!r}.")
+    in_channels = m.input.channels
+    if in_channels is None:
+        arg = m.args.get("in_channels", 1)
+        in_channels = arg if isinstance(arg, int) and not isinstance(arg, bool) else 1
     model = ModelConfig(
-        name=str(_require(m, "name", mwhere, str)),
-        architecture=str(_require(m, "architecture", mwhere, str)),
-        args=dict(m.get("args") or {}),
+        name=m.name,
+        architecture=m.architecture,
+        args=copy.deepcopy(m.args),
         weights=weights_path,
-        weights_sha256=sha.lower() if sha else None,
-        labels=tuple(str(x) for x in (m.get("labels") or ())),
-        in_channels=int(input_spec.get("channels", m.get("args", {}).get("in_channels", 1))),
-        spatial_size=tuple(int(s) for s in spatial) if spatial else None,
-        dtype=str(input_spec.get("dtype", "float32")),
+        weights_sha256=m.weights_sha256.lower() if m.weights_sha256 else None,
+        labels=tuple(m.labels),
+        in_channels=int(in_channels),
+        spatial_size=tuple(m.input.spatial_size) if m.input.spatial_size else None,
+        dtype=m.input.dtype,
     )
-
-    pre = data.get("preprocessing") or []
-    if not isinstance(pre, list) or not all(isinstance(t, Mapping) and "name" in t for t in pre):
-        raise ValueError(
-            f"{where}: 'preprocessing' must be a list of mappings, each with a 'name' "
-            "(a MONAI dictionary transform such as Orientationd)."
-        )
-
-    meth = data.get("method") or {}
-    if not isinstance(meth, Mapping):
-        raise ValueError(f"{where}: 'method' must be a mapping with a 'name' and options.")
-    meth = dict(meth)
-    method = MethodConfig(name=str(meth.pop("name", "integrative")), options=meth)
-
-    geometry = dict(data.get("geometry") or {})
-    audit = dict(data.get("audit") or {})
+    pre = tuple(step.model_dump() for step in schema.preprocessing)
+    method_opts = dict(schema.method.model_extra or {})
+    method = MethodConfig(name=schema.method.name, options=copy.deepcopy(method_opts))
+    geometry = schema.geometry.model_dump(exclude_unset=True)
+    audit = schema.audit.model_dump(exclude_unset=True)
     return ICAMConfig(
         model=model,
-        preprocessing=tuple(copy.deepcopy(dict(t)) for t in pre),
+        preprocessing=pre,
         method=method,
         geometry=geometry,
         audit=audit,
@@ -168,15 +396,18 @@ def load_config(path: str | Path) -> ICAMConfig:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: it is not valid YAML or not a valid config; the message says where.
+        ConfigError (a ValueError): it is not readable YAML or not a valid config; the
+            message names the file and the key.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"config file {p} does not exist; pass a YAML file such as configs/demo.yaml."
-        )
+    p = resolve_config(path)  # a YAML file, or a packaged config's name ("demo")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {p} is not UTF-8 text ({exc}); expected a YAML file.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"config {p} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config {p} is nested too deeply to be a config.") from None
     return parse_config(data, base_dir=p.parent.resolve(), path=p)

@@ -1,18 +1,21 @@
 """Building models from a config and loading their weights safely.
 
 * Architectures are named: a MONAI network (``"DenseNet121"``, any class in
-  :mod:`monai.networks.nets`) or an import path ``"package.module:ClassName"``.
+  :mod:`monai.networks.nets`) or an import path ``"package.module:ClassName"`` inside an
+  allowed namespace (``icam_med.networks``, or one registered with
+  :func:`icam_med.config.register_architecture`), checked before anything is imported.
 * Weights are ``.safetensors`` by default. A ``.pt``/``.pth`` state dict is read
   only with ``torch.load(weights_only=True)``; there is never a fallback to full
   unpickling.
 * The weights' SHA-256 is computed on every load and, where the config gives one,
-  checked before the file is parsed: a mismatch is refused.
+  checked before anything is imported, built or parsed: a mismatch is refused.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from icam_med.audit.hashing import sha256_file
-from icam_med.config import ModelConfig
+from icam_med.config import ModelConfig, check_architecture_allowed
 
 __all__ = ["ModelInfo", "build_architecture", "check_input_contract", "load_model"]
 
@@ -59,27 +62,26 @@ def build_architecture(architecture: str, args: dict[str, Any] | None = None) ->
 
     Args:
         architecture: a class of :mod:`monai.networks.nets` (e.g. ``"DenseNet121"``) or
-            an import path ``"package.module:ClassName"``.
+            an import path ``"package.module:ClassName"`` inside an allowed namespace
+            (:data:`icam_med.config.ALLOWED_ARCHITECTURE_NAMESPACES` or one registered with
+            :func:`icam_med.config.register_architecture`). The allow-list is checked from
+            the string before anything is imported.
         args: keyword arguments for the constructor.
 
     Raises:
-        ValueError: the name resolves to nothing, or to something that is not an ``nn.Module``.
+        ValueError: the name is not allowed, resolves to nothing, or to something that is
+            not an ``nn.Module``; or the constructor refuses ``args``.
     """
+    if not isinstance(architecture, str):
+        raise ValueError(f"architecture must be a string, got {type(architecture).__name__}.")
+    if args is not None and not isinstance(args, Mapping):
+        raise ValueError(f"architecture '{architecture}': args must be a mapping, got {args!r}.")
     args = dict(args or {})
-    if ":" in architecture:
-        module_name, _, attr = architecture.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(
-                f"architecture '{architecture}': cannot import module '{module_name}' ({exc}); "
-                "give 'package.module:ClassName' of an installed package."
-            ) from exc
-        cls = getattr(module, attr, None)
-    else:
+    module_name, attr = check_architecture_allowed(architecture)
+    if module_name == "monai.networks.nets" and ":" not in architecture:
         from monai.networks import nets
 
-        cls = getattr(nets, architecture, None)
+        cls = getattr(nets, attr, None)
         if cls is None:
             import difflib
 
@@ -90,12 +92,24 @@ def build_architecture(architecture: str, args: dict[str, Any] | None = None) ->
                 + (f"; did you mean {close}?" if close else "")
                 + " Use a class name from monai.networks.nets or 'package.module:ClassName'."
             )
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(
+                f"architecture '{architecture}': cannot import module '{module_name}' ({exc}); "
+                "give 'package.module:ClassName' of an installed package."
+            ) from exc
+        cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"architecture '{architecture}' does not name a torch.nn.Module class.")
     try:
         return cls(**args)
-    except TypeError as exc:
-        raise ValueError(f"architecture '{architecture}' rejected its args {args}: {exc}") from exc
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError) as exc:
+        raise ValueError(
+            f"architecture '{architecture}' rejected its args {args}: "
+            f"{type(exc).__name__}: {exc}. Check 'model.args' against the class's constructor."
+        ) from exc
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -132,8 +146,11 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
         ValueError: the architecture is unknown, the hash does not match, or the weights
             do not fit the architecture.
     """
-    model = build_architecture(cfg.architecture, cfg.args)
+    # Order matters: the allow-list (a string check), then the weights' hash, then import,
+    # build and parse. Nothing is imported or built for weights that are not the pinned ones.
+    check_architecture_allowed(cfg.architecture)
     sha = fmt = wfile = None
+    path = None
     if cfg.weights is not None:
         path = Path(cfg.weights)
         if not path.is_file():
@@ -147,6 +164,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
                 f"weights file {path} has SHA-256 {sha}, but the config expects "
                 f"{cfg.weights_sha256}: refusing to load weights that are not the audited ones."
             )
+    model = build_architecture(cfg.architecture, cfg.args)
+    if path is not None:
         state, fmt = _read_state_dict(path)
         try:
             model.load_state_dict(state, strict=True)

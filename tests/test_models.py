@@ -117,10 +117,33 @@ def test_architectures_by_name_and_import_path():
                              {"spatial_dims": 2, "in_channels": 1, "out_channels": 2,
                               "channels": [4, 8]})
     assert net(torch.zeros(1, 1, 16, 16)).shape == (1, 2)
+    # Outside the allow-list: refused from the string, before any import.
+    with pytest.raises(ValueError, match="not an allowed source of networks"):
+        build_architecture("no_such_pkg.mod:Net")
+    with pytest.raises(ValueError, match="not an allowed source of networks"):
+        build_architecture("os.path:join")
+
+
+def test_registered_architectures(monkeypatch):
+    from icam_med import config
+
+    monkeypatch.setattr(config, "_REGISTERED", set())
+    config.register_architecture("no_such_pkg.mod:Net")
     with pytest.raises(ValueError, match="cannot import module"):
         build_architecture("no_such_pkg.mod:Net")
+    config.register_architecture("os.path")
     with pytest.raises(ValueError, match=r"does not name a torch\.nn\.Module"):
         build_architecture("os.path:join")
+    config.register_architecture("torch.nn:Conv3d")
+    net = build_architecture("torch.nn:Conv3d", {"in_channels": 1, "out_channels": 2,
+                                                 "kernel_size": 3})
+    assert isinstance(net, torch.nn.Conv3d)
+    # Registering one class does not open its module.
+    with pytest.raises(ValueError, match="not an allowed source"):
+        build_architecture("torch.nn:Conv2d", {"in_channels": 1, "out_channels": 2,
+                                               "kernel_size": 3})
+    with pytest.raises(ValueError, match=r"expected 'package\.module'"):
+        config.register_architecture("not a module")
 
 
 def test_input_contract(trained):

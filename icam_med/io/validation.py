@@ -22,16 +22,18 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "GeometryCheck",
     "GeometryError",
     "GeometryOptions",
+    "GeometrySchema",
     "check_readable",
 ]
 
@@ -66,6 +68,25 @@ class GeometryCheck:
         return {"name": self.name, "status": self.status, "detail": self.detail}
 
 
+class GeometrySchema(BaseModel):
+    """The typed ``geometry`` section of a config: the fields of :class:`GeometryOptions`.
+
+    Unknown keys are refused and booleans must be real booleans (a quoted ``"false"`` is an
+    error, never ``True``).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    slice_tolerance: Annotated[float, Field(ge=0)] = 0.0
+    allow_irregular_slices: bool = False
+    allow_gantry_tilt: bool = False
+    allow_nonfinite: bool = False
+    ignore_non_dicom: bool = False
+    max_voxels: Annotated[int, Field(ge=1)] = 512 * 512 * 2048
+    nifti_transform: Literal["refuse", "sform", "qform"] = "refuse"
+    complex_values: Literal["refuse", "magnitude"] = "refuse"
+    geometry_tolerance: Annotated[float, Field(ge=0)] = 1e-3
+
+
 @dataclass(frozen=True)
 class GeometryOptions:
     """Options of geometry validation (the ``geometry`` section of a config).
@@ -82,6 +103,14 @@ class GeometryOptions:
         allow_nonfinite: replace NaN/Inf voxels by 0 with a recorded warning.
         ignore_non_dicom: skip non-DICOM files in a series folder with a warning.
         max_voxels: refuse volumes with more voxels than this (checked from headers).
+        nifti_transform: what to do with a NIfTI whose sform and qform disagree (or one of
+            them is singular): ``"refuse"`` (default), or use the ``"sform"`` / ``"qform"``
+            (recorded as a warning).
+        complex_values: a complex-valued NIfTI is refused (``"refuse"``, default) or its
+            magnitude is taken (``"magnitude"``, recorded as a warning).
+        geometry_tolerance: largest difference (mm, per affine entry, relative to the
+            voxel size for the linear part) between the loaded grid and the grid recomputed
+            from the headers before the scan is refused.
     """
 
     slice_tolerance: float = 0.0
@@ -90,25 +119,34 @@ class GeometryOptions:
     allow_nonfinite: bool = False
     ignore_non_dicom: bool = False
     max_voxels: int = 512 * 512 * 2048
+    nifti_transform: str = "refuse"
+    complex_values: str = "refuse"
+    geometry_tolerance: float = 1e-3
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | GeometryOptions | None) -> GeometryOptions:
-        """Build options from a config's ``geometry`` mapping; unknown keys are refused."""
+        """Build options from a config's ``geometry`` mapping.
+
+        Raises:
+            ValueError: an unknown key or a value of the wrong type; the message names the
+                key and the expected type.
+        """
         if isinstance(data, GeometryOptions):
             return data
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
+        if data is not None and not isinstance(data, Mapping):
             raise ValueError(
-                f"geometry options: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}."
+                f"geometry options: expected a mapping, got {type(data).__name__} ({data!r})."
             )
-        out = cls(**data)
-        if out.slice_tolerance < 0 or not math.isfinite(out.slice_tolerance):
-            raise ValueError(f"geometry.slice_tolerance must be >= 0 mm, got {out.slice_tolerance}.")
-        if int(out.max_voxels) < 1:
-            raise ValueError(f"geometry.max_voxels must be positive, got {out.max_voxels}.")
-        return out
+        try:
+            schema = GeometrySchema.model_validate(dict(data or {}))
+        except ValidationError as exc:
+            from icam_med.config import _describe
+
+            raise ValueError(
+                "geometry options: " + "; ".join(
+                    _describe({**e, "loc": ("geometry", *e["loc"])}) for e in exc.errors()) + "."
+            ) from None
+        return cls(**schema.model_dump())
 
 
 def check_readable(path: str | Path) -> Path:

@@ -39,12 +39,16 @@ demo: venv
 	@echo "napari:   make napari, then File > Open Sample > icam-med, or"
 	@echo "          $(BIN)/napari --plugin icam-med sample_data/scans/mni152_t1_2mm_lesion.nii.gz $(DEMO_OUT)/scans/mni152-lesion-nifti/cam.nii.gz"
 
+# lint-imports: the import contracts of pyproject.toml ([tool.importlinter], the boundaries
+# of docs/architecture.md), checked before the tests.
 test: venv system-deps
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 bench: venv
 	$(BIN)/icam-med bench
@@ -52,8 +56,9 @@ bench: venv
 evaluate: venv
 	$(BIN)/icam-med evaluate --config configs/demo.yaml --n-volumes 100 --out runs/evaluation
 
+# The plugin's sample scans: the checkout's sample_data/scans (as make demo), not the user cache.
 napari: venv
-	$(BIN)/napari
+	ICAM_MED_SAMPLE_DIR=$(CURDIR)/sample_data/scans $(BIN)/napari
 
 sample-data: venv
 	$(BIN)/python scripts/make_sample_data.py

@@ -1,71 +1,49 @@
-"""npe2 sample data: the project's sample scans and the demo audit, from ``sample_data/``.
+"""npe2 sample data: the project's sample scans and the demo audit.
 
-The scans are generated, not shipped (see sample_data/README.md): when they are missing,
-``scripts/make_sample_data.py`` builds them from installed packages in a few seconds.
-The demo audit (the lesion brain explained by the demo model) is computed once, through
-:func:`icam_med.explain.explain_scan` as the CLI does, into
-``sample_data/scans/mni152_t1_2mm_lesion_icam/`` beside the scan.
+The scans are generated, not shipped (licence: see sample_data/README.md): library code,
+:mod:`icam_med.evaluation.samples`, builds them on first use (a few seconds, nothing is
+downloaded) into :func:`icam_med.resources.sample_scans_dir`: ``$ICAM_MED_SAMPLE_DIR`` when
+set (``make napari`` sets the checkout's ``sample_data/scans``), otherwise the per-user cache
+(``~/.cache/icam-med/sample_scans`` on Linux). The demo audit (the lesion brain explained by
+the packaged demo model) is computed once, through :func:`icam_med.explain.explain_scan` as
+the CLI does, into ``mni152_t1_2mm_lesion_icam/`` beside that scan. Nothing here depends on a
+source checkout: configs and the demo model are package data (:mod:`icam_med.resources`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
-from napari_plugin._layers import audit_folder_layers, audit_name_for
+from icam_med.evaluation.samples import CT_SERIES, LESION, LESION_DICOM, sample_scan_path
+from icam_med.paths import audit_folder_for, map_path, record_path_for
+from icam_med.resources import packaged_config
+from napari_plugin._layers import audit_folder_layers
 from napari_plugin._reader import read_scan
 
-__all__ = ["REPO", "sample_audit", "sample_brain", "sample_brain_dicom", "sample_ct",
+__all__ = ["DEMO_CONFIG", "sample_audit", "sample_brain", "sample_brain_dicom", "sample_ct",
            "sample_scan_path"]
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-SCANS = REPO / "sample_data" / "scans"
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
-
-def sample_scan_path(name: str) -> Path:
-    """Path of a sample scan, generating the sample scans first when missing.
-
-    Raises:
-        FileNotFoundError: neither the scan nor the generator script is available (an
-            installation without the source tree).
-    """
-    path = SCANS / name
-    if path.exists():
-        return path
-    script = REPO / "scripts" / "make_sample_data.py"
-    if not script.is_file():
-        raise FileNotFoundError(
-            f"sample scan {path} is missing and {script} is not available to generate it; "
-            "run 'make sample-data' in a clone of the project."
-        )
-    log.info("generating the sample scans with %s", script)
-    spec = importlib.util.spec_from_file_location("icam_make_sample_data", script)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    module.generate(SCANS)
-    if not path.exists():
-        raise FileNotFoundError(f"{script} ran but did not produce {path}.")
-    return path
+#: The packaged demo config (the trained demo model).
+DEMO_CONFIG = packaged_config("demo")
 
 
 def sample_brain() -> list[tuple]:
     """MNI152 T1 brain (2 mm) with one synthetic lesion, NIfTI."""
-    return read_scan(sample_scan_path("mni152_t1_2mm_lesion.nii.gz"))
+    return read_scan(sample_scan_path(LESION))
 
 
 def sample_brain_dicom() -> list[tuple]:
     """The same lesion brain as an MR DICOM series (lands exactly on the NIfTI)."""
-    return read_scan(sample_scan_path("mni152_t1_2mm_lesion_dicom"))
+    return read_scan(sample_scan_path(LESION_DICOM))
 
 
 def sample_ct() -> list[tuple]:
     """A small real CT series (5 slices, pydicom test data)."""
-    return read_scan(sample_scan_path("pydicom_ct5n_series"))
+    return read_scan(sample_scan_path(CT_SERIES))
 
 
 def _retire_stale_audit(folder: Path) -> None:
@@ -79,7 +57,7 @@ def _retire_stale_audit(folder: Path) -> None:
     from icam_med.audit.hashing import sha256_file
     from icam_med.config import load_config
 
-    record = folder / "cam.icam.json"
+    record = record_path_for(map_path(folder))
     if not record.is_file():
         return
     weights = load_config(DEMO_CONFIG).model.weights
@@ -98,10 +76,10 @@ def sample_audit() -> list[tuple]:
     """The lesion brain with the demo model's Integrative CAM audit (computed once).
 
     Raises:
-        FileNotFoundError: the demo model's weights are not present yet.
+        FileNotFoundError: the demo model's weights are not present.
     """
-    scan = sample_scan_path("mni152_t1_2mm_lesion.nii.gz")
-    folder = audit_name_for(scan)
+    scan = sample_scan_path(LESION)
+    folder = audit_folder_for(scan)
     _retire_stale_audit(folder)
     if not folder.is_dir():
         from icam_med.explain import explain_scan

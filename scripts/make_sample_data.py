@@ -1,25 +1,9 @@
 #!/usr/bin/env python
 """Generate the sample scans of ``make demo`` into ``sample_data/scans/``, deterministically.
 
-Everything is derived from data already installed with the project (nothing is
-downloaded):
-
-* ``mni152_t1_2mm.nii.gz``: the MNI152 ICBM 2009a symmetric T1 template that ships in
-  nilearn, resampled by nilearn to 2 mm, background set to exactly 0, scaled by 1000 and
-  stored as int16 (the healthy brain: the demo model should say "absent").
-* ``mni152_t1_2mm_lesion.nii.gz`` and ``..._lesion_mask.nii.gz``: the same brain with one
-  synthetic lesion (:class:`icam_med.evaluation.synthetic.LesionSynthesizer`, split ``"sample"``) and
-  its ground-truth mask (the demo model should say "present" and point at it).
-* ``mni152_t1_2mm_lesion_dicom/``: the lesion brain written as an MR DICOM series with
-  :func:`icam_med.evaluation.dicom_series.write_dicom_series` (so DICOM loading is demonstrated on a scan
-  whose truth is known).
-* ``pydicom_ct5n_series/``: a small real CT series (5 slices of 16 x 16) copied from
-  pydicom's test data (``dicomdirtests/98892001/CT5N``).
-* ``MANIFEST.json``: what each file is, where it came from, and SHA-256 digests (of the
-  NIfTI files' bytes, and of the DICOM series' pixel data and geometry, since DICOM
-  files carry fresh UIDs and dates each time they are written).
-
-Why generated rather than committed: see ``sample_data/README.md`` (licence).
+A thin command-line caller of :func:`icam_med.evaluation.samples.generate` (the library
+code the napari plugin also uses); see that module for what each file is, and
+``sample_data/README.md`` for provenance and licence.
 
 Usage::
 
@@ -31,169 +15,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import json
 import logging
-import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from icam_med.evaluation.samples import generate
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "sample_data" / "scans"
-SEED = 0
-BRAIN = "mni152_t1_2mm.nii.gz"
-LESION = "mni152_t1_2mm_lesion.nii.gz"
-LESION_MASK = "mni152_t1_2mm_lesion_mask.nii.gz"
-LESION_DICOM = "mni152_t1_2mm_lesion_dicom"
-CT_SERIES = "pydicom_ct5n_series"
-MANIFEST = "MANIFEST.json"
-MNI_NOTICE = (
-    "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal "
-    "Neurological Institute, McGill University. Permission to use, copy, modify, and "
-    "distribute this software and its documentation for any purpose and without fee is "
-    "hereby granted, provided that the above copyright notice appear in all copies. The "
-    "authors and McGill University make no representations about the suitability of this "
-    "software for any purpose. It is provided \"as is\" without express or implied warranty."
-)
-
-log = logging.getLogger("make_sample_data")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def nifti_bytes(volume: np.ndarray, affine: np.ndarray, description: str) -> bytes:
-    """A gzipped NIfTI-1 file as bytes, reproducible (the gzip header's time is 0)."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(volume, affine)
-    img.header.set_xyzt_units("mm")
-    img.header["descrip"] = description[:79].encode()
-    img.set_qform(affine, code=4)  # MNI152
-    img.set_sform(affine, code=4)
-    return gzip.compress(img.to_bytes(), compresslevel=9, mtime=0)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from icam_med.io.atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, data, overwrite=True)
-
-
-def pick_sample_lesion(synth: Any, *, min_radius_mm: float = 9.0, min_contrast: float = 1.4,
-                       max_tries: int = 200) -> Any:
-    """The first ``"sample"`` volume whose lesion is clearly visible (deterministic)."""
-    for i in range(max_tries):
-        vol = synth(i, split="sample", label=1)
-        lesion = vol.params["lesion"]
-        if lesion["mean_radius_mm"] >= min_radius_mm and lesion["contrast_sd"] >= min_contrast \
-                and lesion["polarity"] == "hyper":
-            return vol
-    raise RuntimeError("no clearly visible sample lesion found; widen the selection rule.")
-
-
-def dicom_digest(folder: Path) -> dict[str, Any]:
-    """SHA-256 of a DICOM series' pixel data and geometry (not its UIDs or dates)."""
-    import pydicom
-
-    h = hashlib.sha256()
-    files = sorted(folder.glob("*.dcm")) or sorted(p for p in folder.iterdir() if p.is_file())
-    for f in files:
-        ds = pydicom.dcmread(f)
-        h.update(ds.pixel_array.tobytes())
-        for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-                    "RescaleSlope", "RescaleIntercept"):
-            h.update(str(ds.get(key)).encode())
-    return {"files": len(files), "pixels_and_geometry_sha256": h.hexdigest()}
-
-
-def generate(out: Path = DEFAULT_OUT, *, force: bool = False) -> dict[str, Any]:
-    """Create (or verify) every sample file in ``out``; returns the manifest."""
-    import pydicom.data
-
-    from icam_med.evaluation.dicom_series import write_dicom_series
-    from icam_med.evaluation.synthetic import LesionSynthesizer, mni_brain
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    image, affine, brain = mni_brain(2)
-    files: dict[str, dict[str, Any]] = {}
-    rewritten: set[str] = set()
-
-    healthy = nifti_bytes(image.astype(np.int16), affine, "MNI152 2009a T1 (nilearn) 2mm x1000")
-    synth = LesionSynthesizer(image, brain, spacing=(2.0, 2.0, 2.0), seed=SEED)
-    vol = pick_sample_lesion(synth)
-    lesion_img = np.round(vol.image).astype(np.int16)
-    lesion = nifti_bytes(lesion_img, affine, "MNI152 2009a T1 2mm + synthetic lesion")
-    mask = nifti_bytes(vol.mask.astype(np.uint8), affine, "synthetic lesion mask (truth)")
-    for name, data, what in (
-        (BRAIN, healthy, "healthy MNI152 brain, 2 mm, int16"),
-        (LESION, lesion, "the same brain with one synthetic lesion, int16"),
-        (LESION_MASK, mask, "ground-truth mask of the lesion, uint8"),
-    ):
-        path = out / name
-        if force or not path.exists() or _sha256(path.read_bytes()) != _sha256(data):
-            if path.exists() and not force:
-                log.warning("%s differs from a fresh generation: replacing it", path)
-            _write_atomic(path, data)
-            rewritten.add(name)
-        files[name] = {"description": what, "sha256": _sha256(data), "bytes": len(data)}
-
-    dicom_dir = out / LESION_DICOM
-    if (force or LESION in rewritten) and dicom_dir.exists():  # never a stale series
-        shutil.rmtree(dicom_dir)
-    if not dicom_dir.exists():
-        tmp = out / f".{LESION_DICOM}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        from pydicom.uid import generate_uid
-
-        uid = {k: generate_uid(entropy_srcs=["icam-med sample", LESION, k])
-               for k in ("study", "series", "for")}
-        write_dicom_series(
-            lesion_img.transpose(2, 1, 0), tmp, affine=affine, modality="MR",
-            series_description="MNI152 T1 2mm with synthetic lesion (icam-med sample)",
-            study_description="icam-med sample data (synthetic, no patient)",
-            patient_name="Sample^Synthetic", patient_id="ICAMSAMPLE01",
-            study_instance_uid=uid["study"], series_instance_uid=uid["series"],
-            frame_of_reference_uid=uid["for"],
-        )
-        tmp.rename(dicom_dir)
-    files[LESION_DICOM + "/"] = {"description": "the lesion brain as an MR DICOM series",
-                                 **dicom_digest(dicom_dir)}
-
-    ct_src = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" \
-        / "98892001" / "CT5N"
-    ct_dir = out / CT_SERIES
-    if force and ct_dir.exists():
-        shutil.rmtree(ct_dir)
-    if not ct_dir.exists():
-        tmp = out / f".{CT_SERIES}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for f in sorted(ct_src.iterdir()):
-            shutil.copyfile(f, tmp / f"{f.name}.dcm")
-        tmp.rename(ct_dir)
-    files[CT_SERIES + "/"] = {
-        "description": "small real CT series (5 slices, 16 x 16) from pydicom's test data",
-        "source": "pydicom/data/test_files/dicomdirtests/98892001/CT5N",
-        **dicom_digest(ct_dir),
-    }
-
-    manifest = {
-        "generator": "scripts/make_sample_data.py",
-        "seed": SEED,
-        "mni152_notice": MNI_NOTICE,
-        "lesion": vol.params,
-        "lesion_mask_voxels": int(vol.mask.sum()),
-        "files": files,
-    }
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sample_data" / "scans"
 
 
 def main(argv: list[str] | None = None) -> int:

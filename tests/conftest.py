@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,11 @@ def make_tiny():
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The plugin's sample scans (icam_med.resources.sample_scans_dir): in the tests, the
+# checkout's git-ignored sample_data/scans (as `make demo` and `make napari` use), never the
+# user's cache. tests/test_packaging.py checks the cache default from an installed wheel.
+os.environ.setdefault("ICAM_MED_SAMPLE_DIR", str(REPO / "sample_data" / "scans"))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands import _args
 from icam_med.commands._output import echo
 
 HELP = "batch audit: explain many scans into one audited folder (local, processes or Dask)"
@@ -16,13 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "columns path[,label][,mask][,id]")
     parser.add_argument("--config", required=True, help="YAML run config (model, preprocessing, method)")
     parser.add_argument("--out", required=True, help="output folder (created if missing; re-run to resume)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
+    parser.add_argument("--workers", type=_args.non_negative_int, default=0, metavar="N",
                         help="N local worker processes (default: work in this process)")
     parser.add_argument("--cluster", metavar="ADDRESS",
                         help="Dask scheduler address (e.g. tcp://host:8786): run the scans there")
-    parser.add_argument("--device", default="cpu", help="torch device on the workers (default cpu)")
+    parser.add_argument("--device", default="cpu", type=_args.device_name, help="torch device on the workers (default cpu)")
     parser.add_argument("--operator", help="pseudonymous operator id for the records (not a name)")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed set before each scan (default 0)")
+    parser.add_argument("--seed", type=_args.non_negative_int, default=0, help="torch seed set before each scan (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-report", action="store_true",
                         help="do not (re)build the HTML report at the end")

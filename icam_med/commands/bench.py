@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands import _args
 from icam_med.commands._output import echo
 
 HELP = "benchmark the CAM methods against a plain forward+backward and MONAI's Grad-CAM"
@@ -13,9 +14,9 @@ HELP = "benchmark the CAM methods against a plain forward+backward and MONAI's G
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", action="append", choices=["densenet121-3d", "densenet121-2d"],
                         help="network(s) to run (default: both)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    parser.add_argument("--device", default="cpu", type=_args.device, help="torch device (default: cpu)")
+    parser.add_argument("--repeats", type=_args.positive_int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--batch", type=_args.positive_int, default=1, help="batch size (default: 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--case", action="append", help="only these cases (default: all)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -35,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = [c for c in (args.case or []) if c not in CASES]
     if unknown:
         raise ValueError(f"unknown --case {unknown}; choose from {CASES}.")
+    if args.json:
+        from pathlib import Path
+
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir():
+            raise FileNotFoundError(
+                f"--json {target}: not a file in an existing folder; create the folder first.")
     networks = args.network or ["densenet121-3d", "densenet121-2d"]
     echo(f"machine: {machine_description(args.device)}", flush=True)
     rows = run_benchmark(networks, device=args.device, repeats=args.repeats, batch=args.batch,

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from icam_med.commands import _args
 from icam_med.commands._output import echo
 
 HELP = ("compare Integrative CAM, its ablations and single-layer CAMs on held-out synthetic "
@@ -25,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: configs/demo.yaml)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder for summary.csv, summary.md, per_volume.csv, settings.json")
-    parser.add_argument("--n-volumes", type=int, default=100,
+    parser.add_argument("--n-volumes", type=_args.positive_int, default=100,
                         help="held-out volumes with a lesion to evaluate (default 100)")
     parser.add_argument("--split", default="test",
                         help="synthetic split to draw from (default 'test', never used in training)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_args.non_negative_int, default=0,
                         help="synthesizer seed; must match the training seed for the 'test' "
                              "split to be held out (default 0)")
     parser.add_argument("--methods", default=None,
@@ -38,17 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out the model-free input-edges control row")
     parser.add_argument("--baseline", choices=("blur", "constant"), default="blur",
                         help="what removed voxels become (default: a blurred copy of the input)")
-    parser.add_argument("--blur-sigma-mm", type=float, default=16.0)
+    parser.add_argument("--blur-sigma-mm", type=_args.positive_float, default=16.0)
     parser.add_argument("--baseline-value", type=float, default=0.0)
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=_args.positive_int, default=None,
                         help="evenly spaced perturbation steps instead of the default "
                              "start-dense schedule")
-    parser.add_argument("--tolerance-mm", type=float, default=4.0,
+    parser.add_argument("--tolerance-mm", type=_args.positive_float, default=4.0,
                         help="pointing-game tolerance (default 4 mm, one model voxel)")
     parser.add_argument("--no-randomisation", action="store_true",
                         help="skip the model-parameter randomisation check")
-    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--n-boot", type=_args.positive_int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--device", default="cpu", type=_args.device, help="torch device (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands import _args
 from icam_med.commands._output import echo
 
 HELP = "explain one scan (DICOM series folder, DICOM file or NIfTI): maps on the scan's grid"
@@ -24,14 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run config (model, preprocessing, method)")
     parser.add_argument("--out", help="output folder (created if missing; required unless --list-series)")
     parser.add_argument("--series-uid", help="Series Instance UID to use when the folder holds several")
-    parser.add_argument("--volume-index", type=int, help="volume of a 4-D NIfTI to explain (0-based)")
+    parser.add_argument("--volume-index", type=_args.non_negative_int, help="volume of a 4-D NIfTI to explain (0-based)")
     parser.add_argument("--method", help="CAM method, overriding the config's "
                         "(integrative, gradcam, gradcam++, hirescam, layercam)")
     parser.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                         help="a method option overriding the config's (repeatable), e.g. alpha_fn=sigmoid")
     parser.add_argument("--target", help="class to explain, by index or label (default: predicted class)")
     parser.add_argument("--layer-maps", action="store_true", help="also write each layer's map as NIfTI")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    parser.add_argument("--device", default="cpu", type=_args.device, help="torch device, e.g. cpu or cuda:0 (default cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing output files that have no audit record "
                         "(audited outputs, pinned by the ledger, are never replaced)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands import _args
 from icam_med.commands._output import echo
 
 HELP = "build the audit report of an output folder: self-contained HTML (and --pdf)"
@@ -19,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the run's YAML config, to load the scans with its "
                                          "geometry options")
     parser.add_argument("--pdf", action="store_true", help="also write report.pdf")
-    parser.add_argument("--per-page", type=int, default=25, metavar="N",
+    parser.add_argument("--per-page", type=_args.positive_int, default=25, metavar="N",
                         help="scan sections per HTML page (default 25)")
-    parser.add_argument("--anchor", metavar="HASH",
+    parser.add_argument("--anchor", metavar="HASH", type=_args.sha256_hex,
                         help="a ledger head hash kept elsewhere (printed by `icam-med verify`); "
                              "the report then proves the ledger was not rewritten since")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from icam_med.commands import _args
 from icam_med.commands._output import echo
 
 HELP = "verify an output folder: every map, record and the hash-chained ledger"
@@ -14,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="an output folder holding ledger.jsonl")
     parser.add_argument("--chain-only", action="store_true",
                         help="check the ledger chain only, without re-hashing files")
-    parser.add_argument("--anchor", metavar="SHA256",
+    parser.add_argument("--anchor", metavar="SHA256", type=_args.sha256_hex,
                         help="a head hash printed by an earlier verify and kept elsewhere: "
                              "it must still be in the chain")
     parser.add_argument("--all", action="store_true",

@@ -23,18 +23,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from icam_med._version import __version__
 from icam_med.audit.hashing import sha256_file
 from icam_med.audit.trail import (
     AuditContext,
+    Provenance,
     check_before_writing,
     provenance,
     record_explanation,
 )
-from icam_med.cam.monai import cam_summary
+from icam_med.cam.summary import CAMSummary, MapStatistics, map_statistics
 from icam_med.config import ICAMConfig, load_config
 from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
@@ -114,8 +114,9 @@ class Explanation:
             [0, 1] with exactly the scan's affine.
         layer_maps: layer name -> map on the scan's grid (only when requested).
         scan_info: the scan's :class:`~icam_med.io.ScanInfo`.
-        result: the engine's summary (method, options, target/predicted class, scores,
-            logits, probabilities, per-layer weights and relevance).
+        result: the engine's :class:`~icam_med.cam.summary.CAMSummary` (method, options,
+            target/predicted class, scores, logits, probabilities, per-layer weights and
+            relevance).
         preprocessing: each preprocessing transform with its parameters.
         model_info: identity of the model (architecture, weights hash...).
         timing: seconds spent in ``preprocess``, ``cam``, ``invert`` and ``total``.
@@ -124,12 +125,14 @@ class Explanation:
         cam_result: the engine's :class:`~icam_med.cam.CAMResult` on the CPU (maps at the
             model's input / layer resolution), for viewers that want them.
         preprocessed: the preprocessed image (model input grid), a MetaTensor.
+        provenance: what the audit record needs (voxel hash, start time, device); ``None``
+            for an explanation built by hand, which cannot be audited.
     """
 
     fused: Any
     layer_maps: dict[str, Any]
     scan_info: ScanInfo
-    result: dict[str, Any]
+    result: CAMSummary
     preprocessing: list[dict[str, Any]]
     model_info: ModelInfo
     timing: dict[str, float]
@@ -137,34 +140,24 @@ class Explanation:
     config_path: Path | None = None
     cam_result: Any = field(default=None, repr=False)
     preprocessed: Any = field(default=None, repr=False)
-    provenance: dict[str, Any] = field(default_factory=dict, repr=False)
+    provenance: Provenance | None = field(default=None, repr=False)
 
     @property
     def target_label(self) -> str | None:
-        c = self.result.get("target_class")
-        return self.labels[c] if c is not None and 0 <= c < len(self.labels) else None
+        return self.result.label(self.labels, self.result.target_class)
 
     @property
     def predicted_label(self) -> str | None:
-        c = self.result.get("predicted_class")
-        return self.labels[c] if c is not None and 0 <= c < len(self.labels) else None
+        return self.result.label(self.labels, self.result.predicted_class)
 
-    def map_statistics(self) -> dict[str, Any]:
-        """Peak (voxel index and RAS world mm), mean and max of the fused map."""
-        a = self.fused[0].detach().cpu().numpy()
-        peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(a)), a.shape))
-        world = np.asarray(self.scan_info.affine) @ np.r_[np.asarray(peak, float), 1.0]
-        return {
-            "shape": list(a.shape),
-            "max": float(a.max()),
-            "mean": float(a.mean()),
-            "peak_voxel": list(peak),
-            "peak_world_ras_mm": [round(float(v), 4) for v in world[:3]],
-        }
+    def map_statistics(self) -> MapStatistics:
+        """Peak (voxel index and RAS world mm), range, mean and centroid of the fused map
+        (:func:`icam_med.cam.summary.map_statistics`)."""
+        return map_statistics(self.fused, self.scan_info.affine)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary (no patient identifiers, no raw UIDs or paths)."""
-        result = dict(self.result)
+        result = self.result.to_dict()
         result["target_label"] = self.target_label
         result["predicted_label"] = self.predicted_label
         return {
@@ -177,7 +170,7 @@ class Explanation:
                               if self.config_path and Path(self.config_path).is_file() else None),
             "preprocessing": self.preprocessing,
             "result": result,
-            "map": self.map_statistics(),
+            "map": self.map_statistics().summary_dict(),
             "layer_maps_on_scan_grid": sorted(self.layer_maps),
             "timing_s": {k: round(v, 4) for k, v in self.timing.items()},
         }
@@ -252,7 +245,7 @@ def explain_volume(
         fused=fused,
         layer_maps=back_layers,
         scan_info=scan_info,
-        result=cam_summary(result),
+        result=CAMSummary.from_result(result),
         preprocessing=pre.describe(),
         model_info=prepared.model_info,
         timing={"preprocess": t1 - t0, "cam": t2 - t1, "invert": t3 - t2, "total": t3 - t0},
@@ -321,7 +314,7 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
     def record(path: Path, role: str) -> None:
         written.append(WrittenFile(path, role, sha256_file(path), path.stat().st_size))
 
-    method = explanation.result.get("method", "")
+    method = explanation.result.method
     desc = f"icam-med {__version__} {method} CAM"
     try:
         write_nifti(explanation.fused, paths["cam_nifti"], reference=info, description=desc,
@@ -331,7 +324,7 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
             try:
                 write_parametric_map(
                     explanation.fused, info, paths["parametric_map"], method=method,
-                    parameters=explanation.result.get("options"),
+                    parameters=dict(explanation.result.options),
                     target_label=explanation.target_label, overwrite=overwrite)
                 record(paths["parametric_map"], "parametric_map")
             except ValueError as exc:  # e.g. a multi-frame source without plane positions

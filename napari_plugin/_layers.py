@@ -198,12 +198,12 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
     summary = explanation.to_dict()
     result = explanation.result
     labels = tuple(explanation.labels)
-    method = result.get("method", "cam")
-    target = _class_name(labels, result.get("target_class"))
+    method = result.method
+    target = _class_name(labels, result.target_class)
     base_meta = {"summary": summary, "record": None, "record_path": None,
                  "explanation": explanation, "method": method,
-                 "target_class": result.get("target_class"), "target_label": target,
-                 "score": result.get("score")}
+                 "target_class": result.target_class, "target_label": target,
+                 "score": result.score}
     fused = to_napari_array(explanation.fused).astype(np.float32, copy=False)
     layers: list[tuple] = [(
         fused,
@@ -211,7 +211,7 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
                     opacity=opacity, contrast_limits=(float(threshold), 1.0)),
         "image",
     )]
-    weights = result.get("layer_weights") or {}
+    weights = result.layer_weights
     for lname, lmap in explanation.layer_maps.items():
         w = weights.get(lname)
         wtxt = f" w={w:.2f}" if isinstance(w, (int, float)) and math.isfinite(w) else ""
@@ -224,10 +224,10 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
         ))
     if contrast is not None:
         c_res = contrast.result
-        c_target = _class_name(labels, c_res.get("target_class"))
+        c_target = _class_name(labels, c_res.target_class)
         c_meta = {**base_meta, "summary": contrast.to_dict(), "explanation": contrast,
-                  "target_class": c_res.get("target_class"), "target_label": c_target,
-                  "score": c_res.get("score")}
+                  "target_class": c_res.target_class, "target_label": c_target,
+                  "score": c_res.score}
         c_fused = to_napari_array(contrast.fused).astype(np.float32, copy=False)
         layers.append((
             c_fused,
@@ -326,32 +326,33 @@ def _load_nifti_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def audit_folder_layers(folder: str | Path, *, threshold: float = 0.0) -> list[tuple]:
     """Layer data tuples for an audit output folder (from ``write_explanation``).
 
-    For each record ``<stem>.icam.json``: the fused map ``<stem>.nii.gz`` (visible) and its
-    layer maps ``<stem>_layer_*.nii.gz`` (hidden), each placed by the affine in its own
-    NIfTI header, with the sealed record in the layer's metadata. The scan found by
-    :func:`find_audit_scan` comes first; its voxel hash is compared with the record's, and a
-    mismatch is reported in the scan layer's metadata (``record_mismatch``) and logged.
+    Each record ``*.icam.json`` is read through :meth:`icam_med.audit.AuditRecord.load`
+    (schema-checked); its fused map (role ``cam_nifti``, visible) and its layer maps (roles
+    ``layer_map:<layer>``, hidden) are the files the record names, each placed by the affine
+    in its own NIfTI header, with the sealed record in the layer's metadata. The scan found
+    by :func:`find_audit_scan` comes first; its voxel hash is compared with the records', and
+    a mismatch is reported in the scan layer's metadata (``record_mismatch``) and logged.
 
     Raises:
-        ValueError: the folder holds no audit record.
+        ValueError: the folder holds no audit record, a record is not a valid record
+            (:class:`icam_med.audit.RecordError`, naming the file and field), or the map a
+            record names is missing or outside the audit folder.
     """
-    import json
     import logging
+
+    from icam_med.audit import AuditRecord
 
     log = logging.getLogger(__name__)
     f = Path(folder)
-    records = sorted(f.glob(f"*{RECORD_SUFFIX}"))
-    if not records:
+    paths = sorted(f.glob(f"*{RECORD_SUFFIX}"))
+    if not paths:
         raise ValueError(
             f"{f} holds no audit record (*{RECORD_SUFFIX}); open an output folder written by "
             "'icam-med explain' or the plugin's Save audit, or open the scan itself."
         )
+    records = [AuditRecord.load(p) for p in paths]  # RecordError names file and field
     layers: list[tuple] = []
     scan_path = find_audit_scan(f)
-    loaded_records = []
-    for rec_path in records:
-        record = json.loads(rec_path.read_text(encoding="utf-8"))
-        loaded_records.append((rec_path, record))
     if scan_path is not None:
         from icam_med.audit import voxel_sha256
         from icam_med.io import load_volume
@@ -360,46 +361,42 @@ def audit_folder_layers(folder: str | Path, *, threshold: float = 0.0) -> list[t
         data, kwargs, kind = scan_layer(image, info)
         meta = kwargs["metadata"][METADATA_KEY]
         digest = voxel_sha256(image)
-        expected = {r.get("input", {}).get("voxel_sha256") for _, r in loaded_records}
-        meta["record_mismatch"] = digest not in expected
+        meta["record_mismatch"] = digest not in {r.input.voxel_sha256 for r in records}
         if meta["record_mismatch"]:
             log.warning("scan %s does not match the voxel hash in the audit records of %s",
                         scan_path, f)
         layers.append((data, kwargs, kind))
-    for rec_path, record in loaded_records:
-        stem = rec_path.name[: -len(RECORD_SUFFIX)]
-        map_path = None
-        for suffix in (".nii.gz", ".nii"):
-            if (f / (stem + suffix)).is_file():
-                map_path = f / (stem + suffix)
-                break
-        if map_path is None:
-            raise ValueError(f"record {rec_path} has no map {stem}.nii.gz beside it.")
-        method = record.get("method", {})
-        target = (method.get("target") or {})
-        label = target.get("label") or (
-            f"class {target.get('class_index')}" if target.get("class_index") is not None
+    for record in records:
+        map_path = record.map_path
+        if map_path is None or not map_path.is_file():
+            ref = record.map_ref
+            raise ValueError(
+                f"record {record.path} names no readable map "
+                f"({'no cam_nifti output' if ref is None else repr(ref.path)}) inside the "
+                "audit folder; run `icam-med verify` on the folder.")
+        method = record.method
+        label = method.target.label or (
+            f"class {method.target.class_index}" if method.target.class_index is not None
             else "custom target")
-        meta = {"kind": "fused", "record": record, "record_path": str(rec_path),
-                "summary": None, "explanation": None, "method": method.get("name"),
-                "target_class": target.get("class_index"), "target_label": label,
-                "score": method.get("score"), "source_path": str(map_path)}
+        meta = {"kind": "fused", "record": dict(record.data), "record_path": str(record.path),
+                "summary": None, "explanation": None, "method": method.name,
+                "target_class": method.target.class_index, "target_label": label,
+                "score": method.score, "source_path": str(map_path)}
         data, aff = _load_nifti_map(map_path)
         layers.append((data.transpose(2, 1, 0),
-                       _map_kwargs(f"{f.name} {method.get('name', 'cam')} [{label}]", aff, meta,
+                       _map_kwargs(f"{f.name} {method.name} [{label}]", aff, meta,
                                    contrast_limits=(float(threshold), 1.0)),
                        "image"))
-        weights = method.get("layer_weights") or {}
-        for lpath in sorted(f.glob(f"{stem}_layer_*.nii*")):
-            lname = lpath.name[len(stem) + len("_layer_"):].split(".nii")[0]
-            original = next((k for k in weights
-                             if "".join(c if c.isalnum() or c in "-_" else "_"
-                                        for c in k.replace(".", "-")) == lname), lname)
+        for lname, ref in record.layer_refs.items():
+            lpath = record.file(ref)
+            if lpath is None or not lpath.is_file():
+                log.warning("record %s: layer map %s is missing", record.path, ref.path)
+                continue
             ldata, laff = _load_nifti_map(lpath)
             layers.append((ldata.transpose(2, 1, 0),
-                           _map_kwargs(f"{f.name} layer {original}", laff,
-                                       {**meta, "kind": "layer", "layer": original,
-                                        "layer_weight": weights.get(original),
+                           _map_kwargs(f"{f.name} layer {lname}", laff,
+                                       {**meta, "kind": "layer", "layer": lname,
+                                        "layer_weight": method.layer_weights.get(lname),
                                         "source_path": str(lpath)},
                                        visible=False),
                            "image"))

@@ -178,7 +178,7 @@ def test_audit_folder_opens_with_maps_aligned_to_scan(audit_folder):
     assert record["input"]["voxel_sha256"]
     # the map's peak lies where the summary (written by the library) says, in world mm
     peak = np.unravel_index(int(np.argmax(fused.data)), fused.data.shape)
-    r, a, s = explanation.map_statistics()["peak_world_ras_mm"]
+    r, a, s = explanation.map_statistics().peak_world_ras_mm
     np.testing.assert_allclose(fused.data_to_world(peak), [s, -a, -r], atol=1e-3)
 
 

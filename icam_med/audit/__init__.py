@@ -4,13 +4,15 @@ Every explanation map gets a record ``<map-name>.icam.json`` (JSON Schema:
 ``icam_med/schemas/audit-record-v1.schema.json``) and an entry in its output folder's
 ``ledger.jsonl``; :func:`verify_folder` checks both. Records hold no patient identifiers:
 inputs are identified by voxel hashes and, with a site key, keyed hashes of DICOM UIDs.
-See docs/audit.md.
+Records are read only through :meth:`AuditRecord.load` and ledger lines only through
+:meth:`LedgerEntry.parse`; both fail with one error type (:class:`RecordError`,
+:class:`LedgerError`) that names the file, the line and the field. See docs/audit.md.
 """
 
 from __future__ import annotations
 
 from icam_med.audit.hashing import canonical_json, sha256_file, sha256_json, voxel_sha256
-from icam_med.audit.ledger import LEDGER_NAME, FolderLock, Ledger, LedgerEntry
+from icam_med.audit.ledger import LEDGER_NAME, FolderLock, Ledger, LedgerEntry, LedgerError
 from icam_med.audit.phi import (
     SiteKey,
     check_no_phi,
@@ -21,6 +23,9 @@ from icam_med.audit.phi import (
 )
 from icam_med.audit.record import (
     RECORD_SUFFIX,
+    AuditRecord,
+    OutputRef,
+    RecordError,
     activity_section,
     build_record,
     file_ref,
@@ -31,6 +36,7 @@ from icam_med.audit.record import (
     model_section,
     preprocessing_section,
     record_sha256,
+    resolve_inside,
     runtime_section,
     seal_record,
     utc_now,
@@ -44,10 +50,14 @@ __all__ = [
     "LEDGER_NAME",
     "RECORD_SUFFIX",
     "AuditContext",
+    "AuditRecord",
     "FolderLock",
     "Ledger",
     "LedgerEntry",
+    "LedgerError",
+    "OutputRef",
     "Problem",
+    "RecordError",
     "SiteKey",
     "VerifyReport",
     "activity_section",
@@ -68,6 +78,7 @@ __all__ = [
     "preprocessing_section",
     "record_explanation",
     "record_sha256",
+    "resolve_inside",
     "runtime_section",
     "seal_record",
     "sha256_file",

@@ -30,17 +30,27 @@ from typing import Any
 
 from icam_med.audit.hashing import ZERO_HASH, canonical_json, sha256_file, sha256_json
 from icam_med.audit.phi import check_no_phi, scrub_paths
-from icam_med.audit.record import record_sha256, safe_name, seal_record, utc_now
-from icam_med.audit.schema import validate_record
+from icam_med.audit.record import (
+    OutputRef,
+    parse_json_bytes,
+    record_sha256,
+    safe_name,
+    seal_record,
+    utc_now,
+)
+from icam_med.audit.schema import LedgerError, validate_entry, validate_record
 from icam_med.io.atomic import atomic_write_text
 
-__all__ = ["LEDGER_NAME", "LOCK_NAME", "FolderLock", "Ledger", "LedgerEntry", "entry_sha256"]
+__all__ = ["LEDGER_NAME", "LOCK_NAME", "FolderLock", "Ledger", "LedgerEntry", "LedgerError",
+           "entry_sha256"]
 
 log = logging.getLogger(__name__)
 
 LEDGER_NAME = "ledger.jsonl"
 LOCK_NAME = ".icam-med.lock"
 LEDGER_SCHEMA = "icam-med.ledger-entry/1"
+#: An entry names a record and its outputs; a line far longer than this is not an entry.
+MAX_ENTRY_BYTES = 4 * 1024 * 1024
 
 
 def entry_sha256(entry: Mapping[str, Any]) -> str:
@@ -50,19 +60,103 @@ def entry_sha256(entry: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One parsed ledger line."""
+    """One ledger entry, parsed and checked against the ledger-entry schema.
+
+    Build it with :meth:`parse` (a line of ``ledger.jsonl``): the one parser that
+    :class:`Ledger`, :func:`~icam_med.audit.verify.verify_folder`, the batch summary and the
+    report all use.
+
+    Attributes:
+        seq: its sequence number (1 for the first line).
+        kind: ``scan``, ``failure``, ``run-start`` or ``run-end``.
+        data: the entry's JSON object as written (its hash is over this).
+        line: the 1-based line it was read from, when read from a file.
+    """
 
     seq: int
     kind: str
     data: dict[str, Any]
+    line: int | None = None
+
+    @classmethod
+    def parse(cls, line: bytes | str, lineno: int | None = None, *,
+              path: str | Path | None = None) -> LedgerEntry:
+        """Parse one line of a ledger.
+
+        Args:
+            line: the line's bytes (or text), without or with its newline.
+            lineno: its 1-based line number, named in errors.
+            path: the ledger file, named in errors.
+
+        Raises:
+            LedgerError: the line is not JSON, not an object, or not an entry of the schema
+                (the error names the file, the line and the field).
+        """
+        raw = line.encode("utf-8") if isinstance(line, str) else bytes(line)
+        if len(raw) > MAX_ENTRY_BYTES:
+            raise LedgerError(f"not a valid ledger entry ({len(raw)} bytes, too long for one)",
+                              path=path, field="<entry>", line=lineno)
+        try:
+            data = parse_json_bytes(raw, what="the line")
+        except ValueError as exc:
+            raise LedgerError(f"not a valid ledger entry ({exc}; changed bytes?)",
+                              path=path, field="<entry>", line=lineno) from None
+        if not isinstance(data, dict):
+            raise LedgerError(f"not a valid ledger entry (a JSON {type(data).__name__}, not "
+                              "an object)", path=path, field="<entry>", line=lineno)
+        validate_entry(data, path=path, line=lineno)
+        return cls(data["seq"], data["kind"], data, lineno)
 
     @property
     def sha256(self) -> str:
+        """The ``entry_sha256`` the entry states for itself."""
         return self.data["entry_sha256"]
+
+    @property
+    def previous_sha256(self) -> str:
+        return self.data["previous_entry_sha256"]
+
+    def hash_ok(self) -> bool:
+        """Whether the entry still hashes to its own ``entry_sha256``."""
+        return entry_sha256(self.data) == self.sha256
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    @property
+    def time_utc(self) -> str:
+        return self.data["time_utc"]
 
     @property
     def scan_id(self) -> str | None:
         return self.data.get("scan_id")
+
+    @property
+    def record(self) -> OutputRef | None:
+        """The record a ``scan`` entry pins (role ``record``)."""
+        ref = self.data.get("record")
+        return None if ref is None else OutputRef(ref["path"], "record", ref["sha256"],
+                                                  ref["size"])
+
+    @property
+    def record_sha256(self) -> str | None:
+        return self.data.get("record_sha256")
+
+    @property
+    def outputs(self) -> tuple[OutputRef, ...]:
+        """The outputs a ``scan`` entry pins."""
+        return tuple(OutputRef.from_dict(o) for o in self.data.get("outputs") or ())
+
+    @property
+    def reason(self) -> str | None:
+        """A ``failure`` entry's reason."""
+        return self.data.get("reason")
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """A ``run-start``/``run-end`` entry's details."""
+        return dict(self.data.get("details") or {})
 
 
 class Ledger:
@@ -100,19 +194,35 @@ class Ledger:
         except FileNotFoundError:
             return b""
 
-    def entries(self) -> list[LedgerEntry]:
-        """All complete entries, in file order. Does not verify them (see verify)."""
-        out = []
-        for line in self._read_bytes().split(b"\n"):
-            if not line.strip():
+    def read(self) -> tuple[list[LedgerEntry], list[LedgerError]]:
+        """Every line parsed: ``(entries, errors)``, each in file order.
+
+        A line that is not an entry becomes a :class:`LedgerError` naming its line; a torn
+        last line (no newline) is one too. Hashes and the chain are not checked here (see
+        :func:`~icam_med.audit.verify.verify_folder`).
+        """
+        data = self._read_bytes()
+        lines = data.split(b"\n")
+        torn = bool(data) and not data.endswith(b"\n")
+        entries: list[LedgerEntry] = []
+        errors: list[LedgerError] = []
+        for i, raw in enumerate(lines, start=1):
+            if i == len(lines) and torn:
+                errors.append(LedgerError("the last line is incomplete (torn write)",
+                                          path=self.path, field="<entry>", line=i))
+                break
+            if not raw.strip():
                 continue
             try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(d, dict) and isinstance(d.get("seq"), int):
-                out.append(LedgerEntry(d["seq"], str(d.get("kind")), d))
-        return out
+                entries.append(LedgerEntry.parse(raw, i, path=self.path))
+            except LedgerError as exc:
+                errors.append(exc)
+        return entries, errors
+
+    def entries(self) -> list[LedgerEntry]:
+        """All well-formed entries, in file order (malformed lines are left out: see
+        :meth:`read`). Does not verify them (see verify)."""
+        return self.read()[0]
 
     def head(self) -> tuple[int, str]:
         """``(sequence, entry_sha256)`` of the last entry, ``(0, ZERO_HASH)`` when empty.
@@ -145,13 +255,12 @@ class Ledger:
             )
         last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
         try:
-            d = json.loads(last)
-            return int(d["seq"]), str(d["entry_sha256"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(
-                f"the last line of ledger {self.path} is not a ledger entry; run "
-                "`icam-med verify` on the folder."
-            ) from None
+            entry = LedgerEntry.parse(last, path=self.path)
+        except LedgerError as exc:
+            raise LedgerError(
+                f"the last line is not a ledger entry ({exc.detail}); run `icam-med verify` "
+                "on the folder.", path=self.path, field=exc.field) from None
+        return entry.seq, entry.sha256
 
     def repair_torn_tail(self) -> bool:
         """Cut a partial last line left by an interrupted append. Returns whether it did.
@@ -203,7 +312,7 @@ class Ledger:
             assert self._fd is not None
             os.write(self._fd, line)  # one write of one line, O_APPEND
             os.fsync(self._fd)
-            return LedgerEntry(entry["seq"], kind, entry)
+            return LedgerEntry(entry["seq"], kind, entry)  # parse(line) would give the same
 
     def commit_record(self, record: Mapping[str, Any], record_path: str | Path, *,
                       identifiers: tuple[str, ...] = ()) -> tuple[dict[str, Any], LedgerEntry]:

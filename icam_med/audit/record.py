@@ -10,18 +10,20 @@ section once the record's place in the ledger is known.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icam_med.audit.hashing import sha256_file, sha256_json, voxel_sha256
 from icam_med.audit.phi import SiteKey, hash_uid, scrub_paths
-from icam_med.audit.schema import RECORD_SCHEMA_VERSION
+from icam_med.audit.schema import RECORD_SCHEMA_VERSION, RecordError, validate_record
 from icam_med.paths import RECORD_SUFFIX
 
 if TYPE_CHECKING:  # audit never imports the model loader at run time
@@ -29,6 +31,13 @@ if TYPE_CHECKING:  # audit never imports the model loader at run time
 
 __all__ = [
     "RECORD_SUFFIX",
+    "AuditRecord",
+    "ClassRef",
+    "OutputRef",
+    "RecordAnalysis",
+    "RecordError",
+    "RecordInput",
+    "RecordMethod",
     "activity_section",
     "build_record",
     "file_ref",
@@ -37,8 +46,10 @@ __all__ = [
     "input_section",
     "method_section",
     "model_section",
+    "parse_json_bytes",
     "preprocessing_section",
     "record_sha256",
+    "resolve_inside",
     "runtime_section",
     "safe_name",
     "seal_record",
@@ -390,3 +401,310 @@ def seal_record(record: Mapping[str, Any], sequence: int,
     }
     sealed["integrity"]["record_sha256"] = record_sha256(sealed)
     return sealed
+
+
+# ---------------------------------------------------------------------------------------
+# Reading records: the one typed reader every consumer uses
+# ---------------------------------------------------------------------------------------
+_KEEP_EVIDENCE = "keep the folder as evidence and run `icam-med verify` on it"
+#: A record is a few kilobytes; anything far larger is not one (and is not read whole).
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+
+def parse_json_bytes(raw: bytes, *, what: str) -> Any:
+    """``json.loads`` that fails with a ``ValueError`` on every bad input (deep nesting too).
+
+    Args:
+        raw: the bytes.
+        what: how to name the document in the error (``"record x.icam.json"``).
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be JSON written by icam-med") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} is not valid JSON ({exc})") from None
+
+
+def resolve_inside(root: str | Path, rel: Any) -> Path | None:
+    """``root / rel`` for a relative POSIX path that stays inside ``root``, else ``None``.
+
+    Absolute paths, ``..``, backslashes and NUL in a record or ledger are never followed,
+    and neither is a symbolic link (of the file or of any folder on the way) that leads
+    outside ``root``: the path is resolved and must still lie inside the resolved root.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        return None
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel:
+        return None
+    base = Path(root).resolve()
+    try:
+        target = (base / p).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    if not target.is_relative_to(base):
+        return None
+    return base / p
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """One file a record (or ledger entry) names: a path relative to the audit folder,
+    what it is, and its fingerprint."""
+
+    path: str
+    role: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OutputRef:
+        return cls(str(d["path"]), str(d.get("role", "")), str(d["sha256"]), int(d["size"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "role": self.role, "sha256": self.sha256, "size": self.size}
+
+
+@dataclass(frozen=True)
+class ClassRef:
+    """A class by index and label (either may be unknown)."""
+
+    class_index: int | None
+    label: str | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ClassRef:
+        d = d or {}
+        return cls(d.get("class_index"), d.get("label"))
+
+    @property
+    def name(self) -> str | None:
+        """The label, else the index as text, else ``None``."""
+        if self.label:
+            return self.label
+        return None if self.class_index is None else str(self.class_index)
+
+
+@dataclass(frozen=True)
+class RecordInput:
+    """The record's ``input`` section: what was explained, by content."""
+
+    format: str
+    modality: str | None
+    voxel_sha256: str
+    voxel_dtype: str
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...] | None
+    orientation: str | None
+
+
+@dataclass(frozen=True)
+class RecordMethod:
+    """The record's ``method`` section: how the map was computed and what the model said."""
+
+    name: str
+    options: Mapping[str, Any]
+    layers: tuple[str, ...]
+    layer_weights: Mapping[str, float]
+    target: ClassRef
+    predicted: ClassRef
+    score: float | None
+    logits: tuple[float, ...] | None
+    map_range: tuple[float, float]
+
+    def ordered_layer_weights(self) -> dict[str, float]:
+        """Layer weights in the network's order (records store sorted JSON)."""
+        order = [n for n in self.layers if n in self.layer_weights]
+        rest = [k for k in self.layer_weights if k not in order]
+        return {n: float(self.layer_weights[n]) for n in [*order, *rest]}
+
+
+@dataclass(frozen=True)
+class RecordAnalysis:
+    """The record's ``analysis`` section (batch audits only)."""
+
+    expected_label: str | None = None
+    disagrees: bool | None = None
+    map_stats: Mapping[str, Any] = field(default_factory=dict)
+    mask_fraction: float | None = None
+    mask_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A sealed audit record, read and validated: the one way to read a ``*.icam.json``.
+
+    Attributes:
+        scan_id: the scan's name in the audit folder.
+        input: what was explained (voxel hash, format, geometry summary).
+        model_name, model_architecture, weights_sha256, labels: the model's identity.
+        method: the CAM method, its options, the classes and per-layer weights.
+        run_id: the run that wrote it.
+        outputs: every file it pins, with its role (``cam_nifti``, ``parametric_map``,
+            ``layer_map:<layer>``, ``summary``).
+        analysis: batch figures, or ``None``.
+        sequence, previous_entry_sha256, record_sha256: its place in the ledger.
+        data: the validated JSON object itself (for hashing and for showing whole sections).
+        path: the file it was read from, or ``None``.
+        root: the folder its paths are relative to (the one holding ``ledger.jsonl``), or
+            ``None`` when unknown.
+    """
+
+    scan_id: str
+    input: RecordInput
+    model_name: str
+    model_architecture: str
+    weights_sha256: str | None
+    labels: tuple[str, ...]
+    method: RecordMethod
+    run_id: str
+    outputs: tuple[OutputRef, ...]
+    analysis: RecordAnalysis | None
+    sequence: int
+    previous_entry_sha256: str
+    record_sha256: str
+    data: Mapping[str, Any] = field(repr=False)
+    path: Path | None = None
+    root: Path | None = None
+
+    # -- reading -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, *, path: str | Path | None = None,
+                  root: str | Path | None = None) -> AuditRecord:
+        """Validate a parsed record against the schema and type it.
+
+        Raises:
+            RecordError: the object is not a record of the schema (names the field).
+        """
+        if not isinstance(data, dict):
+            raise RecordError(
+                f"must be a JSON object, found a JSON {type(data).__name__}: the file was "
+                f"replaced or damaged; {_KEEP_EVIDENCE}", path=path, field="<record>")
+        if not data:
+            raise RecordError(f"is empty ({{}}): the file was emptied or replaced; "
+                              f"{_KEEP_EVIDENCE}", path=path, field="<record>")
+        validate_record(data, path=path)
+        inp, geo, model = data["input"], data["input"]["geometry"], data["model"]
+        meth, integ = data["method"], data["integrity"]
+        analysis = data.get("analysis")
+        return cls(
+            scan_id=data["scan_id"],
+            input=RecordInput(
+                format=inp["format"], modality=inp["modality"],
+                voxel_sha256=inp["voxel_sha256"], voxel_dtype=inp["voxel_dtype"],
+                shape=tuple(int(s) for s in geo["shape"]),
+                spacing=None if geo["spacing"] is None else tuple(float(s) for s in geo["spacing"]),
+                orientation=geo["orientation"]),
+            model_name=model["name"], model_architecture=model["architecture"],
+            weights_sha256=model["weights_sha256"], labels=tuple(model["labels"]),
+            method=RecordMethod(
+                name=meth["name"], options=dict(meth["options"]), layers=tuple(meth["layers"]),
+                layer_weights={str(k): float(v) for k, v in meth["layer_weights"].items()},
+                target=ClassRef.from_dict(meth["target"]),
+                predicted=ClassRef.from_dict(meth["predicted"]),
+                score=None if meth["score"] is None else float(meth["score"]),
+                logits=tuple(float(v) for v in meth["logits"]) if "logits" in meth else None,
+                map_range=(float(meth["map_range"][0]), float(meth["map_range"][1]))),
+            run_id=data["activity"]["run_id"],
+            outputs=tuple(OutputRef.from_dict(o) for o in data["outputs"]),
+            analysis=None if analysis is None else RecordAnalysis(
+                expected_label=analysis.get("expected_label"),
+                disagrees=analysis.get("disagrees"),
+                map_stats=dict(analysis.get("map_stats") or {}),
+                mask_fraction=analysis.get("mask_fraction"),
+                mask_sha256=analysis.get("mask_sha256")),
+            sequence=integ["sequence"], previous_entry_sha256=integ["previous_entry_sha256"],
+            record_sha256=integ["record_sha256"],
+            data=data, path=Path(path) if path is not None else None,
+            root=Path(root) if root is not None else None,
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, path: str | Path | None = None,
+                   root: str | Path | None = None) -> AuditRecord:
+        """Parse and validate a record's bytes (see :meth:`load`)."""
+        if len(raw) > MAX_RECORD_BYTES:
+            raise RecordError(f"is over {MAX_RECORD_BYTES} bytes, far too large for an audit "
+                              f"record: it was replaced or damaged; {_KEEP_EVIDENCE}",
+                              path=path, field="<record>")
+        try:
+            data = parse_json_bytes(raw, what="the file")
+        except ValueError as exc:
+            raise RecordError(f"{exc}; {_KEEP_EVIDENCE}", path=path, field="<record>") from None
+        return cls.from_dict(data, path=path, root=root)
+
+    @classmethod
+    def load(cls, path: str | Path, *, root: str | Path | None = None) -> AuditRecord:
+        """Read, validate against the JSON Schema and type one record file.
+
+        Args:
+            path: the ``*.icam.json`` file.
+            root: the audit folder its paths are relative to; by default it is inferred
+                from where the record lies and where its map says it lies (the map and its
+                record are always side by side).
+
+        Raises:
+            RecordError: the file is missing, unreadable, not JSON, not an object, empty or
+                not a record of the schema; the message names the file and the field.
+        """
+        p = Path(path)
+        try:
+            with open(p, "rb") as fh:
+                raw = fh.read(MAX_RECORD_BYTES + 1)
+        except OSError as exc:
+            raise RecordError(f"cannot be read ({exc.strerror or exc})", path=p,
+                              field="<record>") from None
+        record = cls.from_bytes(raw, path=p, root=root)
+        if root is None:
+            record = replace(record, root=record._infer_root())
+        return record
+
+    def _infer_root(self) -> Path | None:
+        """The folder the record's paths are relative to: its own folder, less as many
+        levels as its map's relative path has folders (``scans/x/cam.nii.gz`` -> two)."""
+        if self.path is None:
+            return None
+        ref = self.map_ref
+        if ref is None:
+            return None
+        parents = PurePosixPath(ref.path).parts[:-1]
+        folder = self.path.absolute().parent
+        for name in reversed(parents):
+            if folder.name != name:
+                return None  # the record was moved away from the layout it names
+            folder = folder.parent
+        return folder
+
+    # -- using -----------------------------------------------------------------------------
+    def output(self, role: str) -> OutputRef | None:
+        """The output with this role (``cam_nifti``, ``parametric_map``, ``summary``...)."""
+        return next((o for o in self.outputs if o.role == role), None)
+
+    @property
+    def map_ref(self) -> OutputRef | None:
+        """The fused map (role ``cam_nifti``)."""
+        return self.output("cam_nifti")
+
+    @property
+    def layer_refs(self) -> dict[str, OutputRef]:
+        """Layer name -> its map (roles ``layer_map:<layer>``), in the record's order."""
+        return {o.role.split(":", 1)[1]: o for o in self.outputs
+                if o.role.startswith("layer_map:")}
+
+    def file(self, ref: OutputRef | str | None) -> Path | None:
+        """Where an output lies on disk, resolved inside :attr:`root` (symlinks included);
+        ``None`` when the root is unknown or the path would leave it."""
+        if ref is None or self.root is None:
+            return None
+        rel = ref.path if isinstance(ref, OutputRef) else ref
+        return resolve_inside(self.root, rel)
+
+    @property
+    def map_path(self) -> Path | None:
+        """The fused map's file (see :meth:`file`)."""
+        return self.file(self.map_ref)
+
+    def self_hash_ok(self) -> bool:
+        """Whether the record still hashes to its own ``integrity.record_sha256``."""
+        return record_sha256(self.data) == self.record_sha256

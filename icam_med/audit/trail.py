@@ -31,8 +31,8 @@ from icam_med.audit.record import (
 )
 from icam_med.paths import record_path_for
 
-__all__ = ["AuditContext", "check_before_writing", "provenance", "record_explanation",
-           "record_path_for"]
+__all__ = ["AuditContext", "Provenance", "check_before_writing", "provenance",
+           "record_explanation", "record_path_for"]
 
 _UNSET: Any = object()
 
@@ -66,19 +66,41 @@ class AuditContext:
     warnings: Sequence[str] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What the record needs from the moment a scan is explained.
+
+    Attributes:
+        voxel_sha256, voxel_dtype: the loaded volume's voxel hash (before preprocessing).
+        started_utc: when explaining started.
+        device: where the model ran.
+        audit_config: the config's ``audit`` section (site key location...).
+        config_dir: the config file's folder (relative key paths start there).
+    """
+
+    voxel_sha256: str
+    voxel_dtype: str
+    started_utc: str
+    device: str
+    audit_config: Mapping[str, Any] = field(default_factory=dict)
+    config_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"voxel_sha256": self.voxel_sha256, "voxel_dtype": self.voxel_dtype,
+                "started_utc": self.started_utc, "device": self.device,
+                "audit_config": dict(self.audit_config), "config_dir": self.config_dir}
+
+
 def provenance(image: Any, *, device: Any, audit_config: Mapping[str, Any] | None,
-               config_path: Path | None) -> dict[str, Any]:
-    """What the record needs from the moment a scan is explained: the voxel hash of the
-    loaded volume (before preprocessing), the start time, the device and audit settings."""
+               config_path: Path | None) -> Provenance:
+    """The :class:`Provenance` of a scan being explained now: the voxel hash of the loaded
+    volume (before preprocessing), the start time, the device and audit settings."""
     digest, dtype = voxel_digest(image)
-    return {
-        "voxel_sha256": digest,
-        "voxel_dtype": dtype,
-        "started_utc": utc_now(),
-        "device": str(device),
-        "audit_config": dict(audit_config or {}),
-        "config_dir": str(Path(config_path).parent) if config_path else None,
-    }
+    return Provenance(
+        voxel_sha256=digest, voxel_dtype=dtype, started_utc=utc_now(), device=str(device),
+        audit_config=dict(audit_config or {}),
+        config_dir=str(Path(config_path).parent) if config_path else None,
+    )
 
 
 def _root(ctx: AuditContext, map_path: Path) -> Path:
@@ -126,15 +148,15 @@ def record_explanation(explanation: Any, written: Sequence[Any], map_path: str |
     ctx = ctx or AuditContext()
     map_path = Path(map_path)
     root = _root(ctx, map_path).resolve()
-    prov = getattr(explanation, "provenance", None) or {}
-    if "voxel_sha256" not in prov:
+    prov = getattr(explanation, "provenance", None)
+    if not isinstance(prov, Provenance):
         raise ValueError(
             "this explanation carries no provenance (voxel hash, start time, device), so no "
             "audit record can be written for it; build it with icam_med.explain.explain_volume."
         )
     site_key = ctx.site_key
     if site_key is _UNSET:
-        site_key = load_site_key(prov.get("audit_config"), base_dir=prov.get("config_dir"))
+        site_key = load_site_key(dict(prov.audit_config), base_dir=prov.config_dir)
     info = explanation.scan_info
     result = explanation.result
     fused = explanation.fused
@@ -145,20 +167,20 @@ def record_explanation(explanation: Any, written: Sequence[Any], map_path: str |
     ]
     record = build_record(
         scan_id=ctx.scan_id or safe_name(map_path.parent.name),
-        input=input_from_scan(info, voxel_hash=prov["voxel_sha256"],
-                              voxel_dtype=prov["voxel_dtype"], site_key=site_key),
+        input=input_from_scan(info, voxel_hash=prov.voxel_sha256,
+                              voxel_dtype=prov.voxel_dtype, site_key=site_key),
         preprocessing=preprocessing_section(explanation.preprocessing),
         model=model_section(explanation.model_info),
         method=method_section(
-            result["method"], result.get("options") or {},
-            layer_weights=result.get("layer_weights") or {},
-            target_class=result.get("target_class"), score=result.get("score"),
-            predicted_class=result.get("predicted_class"),
+            result.method, result.options,
+            layer_weights=result.layer_weights,
+            target_class=result.target_class, score=result.score,
+            predicted_class=result.predicted_class,
             map_range=(float(fused.min()), float(fused.max())),
-            labels=explanation.labels, logits=result.get("logits")),
-        runtime=runtime_section(prov["device"], seed=ctx.seed),
+            labels=explanation.labels, logits=result.logits),
+        runtime=runtime_section(prov.device, seed=ctx.seed),
         activity=activity_section(
-            ctx.run_id or uuid.uuid4().hex, prov["started_utc"], operator=ctx.operator,
+            ctx.run_id or uuid.uuid4().hex, prov.started_utc, operator=ctx.operator,
             warnings=[*info.warnings, *ctx.warnings], command=ctx.command),
         outputs=outputs,
         analysis=ctx.analysis,

@@ -8,15 +8,19 @@ evidence stops holding.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 from icam_med.audit.hashing import ZERO_HASH, sha256_file
-from icam_med.audit.ledger import LEDGER_NAME, entry_sha256
-from icam_med.audit.record import RECORD_SUFFIX, record_sha256
-from icam_med.audit.schema import validate_record
+from icam_med.audit.ledger import LEDGER_NAME, LedgerEntry
+from icam_med.audit.record import (
+    RECORD_SUFFIX,
+    AuditRecord,
+    OutputRef,
+    RecordError,
+    resolve_inside,
+)
+from icam_med.audit.schema import LedgerError
 
 __all__ = ["Problem", "VerifyReport", "resolve_inside", "verify_folder"]
 
@@ -73,61 +77,46 @@ class VerifyReport:
         return f"BROKEN {self.folder}: {self.first_problem}{more}"
 
 
-def resolve_inside(root: Path, rel: Any) -> Path | None:
-    """``root / rel`` for a relative POSIX path that stays inside ``root``, else ``None``
-    (absolute paths, ``..`` and backslashes in a record or ledger are never followed)."""
-    if not isinstance(rel, str) or not rel:
-        return None
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or "\\" in rel:
-        return None
-    return root / p
-
-
-def _check_file(root: Path, ref: Any, what: str) -> str | None:
+def _check_file(root: Path, ref: OutputRef | None, what: str) -> str | None:
     """None if the file matches its reference, else what is wrong."""
-    if not isinstance(ref, dict):
-        return f"{what}: malformed file reference"
-    path = resolve_inside(root, ref.get("path"))
+    if ref is None:
+        return f"{what}: no file reference"
+    path = resolve_inside(root, ref.path)
     if path is None:
-        return f"{what}: path {ref.get('path')!r} is not a relative path inside the folder"
+        return (f"{what}: path {ref.path!r} is not a relative path inside the folder "
+                "(absolute, '..', or a symbolic link leading out of it)")
     if not path.is_file():
-        return f"{what} '{ref['path']}' is missing"
-    if path.stat().st_size != ref.get("size"):
-        return f"{what} '{ref['path']}' was changed (size {path.stat().st_size}, recorded {ref.get('size')})"
-    if sha256_file(path) != ref.get("sha256"):
-        return f"{what} '{ref['path']}' was changed (its SHA-256 differs from the ledger's)"
+        return f"{what} '{ref.path}' is missing"
+    size = path.stat().st_size
+    if size != ref.size:
+        return f"{what} '{ref.path}' was changed (size {size}, recorded {ref.size})"
+    if sha256_file(path) != ref.sha256:
+        return f"{what} '{ref.path}' was changed (its SHA-256 differs from the ledger's)"
     return None
 
 
-def _check_record(root: Path, entry: dict[str, Any]) -> list[str]:
+def _check_record(root: Path, entry: LedgerEntry) -> list[str]:
     """Problems with a scan entry's record and outputs."""
-    problems = []
-    ref = entry.get("record")
+    ref = entry.record
     bad = _check_file(root, ref, "record")
     if bad:
         return [bad]
-    path = resolve_inside(root, ref["path"])
+    assert ref is not None
+    path = resolve_inside(root, ref.path)
+    assert path is not None
     try:
-        record = json.loads(path.read_text("utf-8"))
-    except ValueError as exc:
-        return [f"record '{ref['path']}' is not valid JSON ({exc})"]
-    integrity = record.get("integrity") or {}
-    if record_sha256(record) != integrity.get("record_sha256") or \
-            integrity.get("record_sha256") != entry.get("record_sha256"):
-        problems.append(f"record '{ref['path']}' does not match its own hash or the ledger's")
-    if integrity.get("sequence") != entry.get("seq") or \
-            integrity.get("previous_entry_sha256") != entry.get("previous_entry_sha256"):
-        problems.append(f"record '{ref['path']}' belongs to another ledger position")
-    try:
-        validate_record(record)
-    except ValueError as exc:
-        problems.append(f"record '{ref['path']}': {exc}")
-    if record.get("outputs") != entry.get("outputs"):
-        problems.append(f"record '{ref['path']}' lists other outputs than its ledger entry")
-    for out in entry.get("outputs") or []:
-        bad = _check_file(root, out, f"output ({out.get('role', '?')})"
-                          if isinstance(out, dict) else "output")
+        record = AuditRecord.load(path, root=root)
+    except RecordError as exc:
+        return [f"record '{ref.path}' {exc.detail}"]
+    problems = []
+    if not record.self_hash_ok() or record.record_sha256 != entry.record_sha256:
+        problems.append(f"record '{ref.path}' does not match its own hash or the ledger's")
+    if record.sequence != entry.seq or record.previous_entry_sha256 != entry.previous_sha256:
+        problems.append(f"record '{ref.path}' belongs to another ledger position")
+    if record.outputs != entry.outputs:
+        problems.append(f"record '{ref.path}' lists other outputs than its ledger entry")
+    for out in entry.outputs:
+        bad = _check_file(root, out, f"output ({out.role or '?'})")
         if bad:
             problems.append(bad)
     return problems
@@ -146,9 +135,12 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
     Returns:
         A report; ``report.ok`` is true when everything holds, and ``report.head_sha256``
         is the last entry's hash (keep it elsewhere to anchor the chain). Problems come in ledger
-        order, so ``report.first_problem`` names the first broken entry. Records
-        (``*.icam.json``) in the folder that no entry names are problems too: an entry was
-        removed, or a run was interrupted before logging them.
+        order, so ``report.first_problem`` names the first broken entry. A line that is not
+        a ledger entry (changed bytes, wrong field types, deep nesting) is a problem on its
+        line, never an exception. Records (``*.icam.json``) in the folder that no entry
+        names are problems too: an entry was removed, or a run was interrupted before
+        logging them. Every path an entry names must stay inside the folder, symbolic links
+        included.
 
     Raises:
         FileNotFoundError: the folder or its ledger does not exist.
@@ -170,50 +162,44 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
     elif data:
         report.problems.append(Problem(len(lines), "the last line is incomplete (torn write)"))
         lines.pop()
-    prev = ZERO_HASH
+    prev: str | None = ZERO_HASH
     referenced: set[str] = set()
     seen_hashes: set[str] = set()
     for i, raw in enumerate(lines, start=1):
         report.n_entries += 1
         try:
-            entry = json.loads(raw)
-            if not isinstance(entry, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            report.problems.append(Problem(i, "not a valid ledger entry (changed bytes?)"))
+            entry = LedgerEntry.parse(raw, i, path=ledger)
+        except LedgerError as exc:
+            report.problems.append(Problem(i, exc.detail))
             prev = None  # the chain cannot be followed past this line
+            report.head_sha256 = None
             continue
-        seq = entry.get("seq")
-        if entry_sha256(entry) != entry.get("entry_sha256"):
+        seq = entry.seq
+        if not entry.hash_ok():
             report.problems.append(Problem(i, f"entry {seq} was changed: its hash does not match"))
         if seq != i:
             report.problems.append(Problem(
                 i, f"holds entry {seq}, expected {i}: entries were removed, inserted or reordered"))
-        elif prev is not None and entry.get("previous_entry_sha256") != prev:
+        elif prev is not None and entry.previous_sha256 != prev:
             report.problems.append(Problem(
                 i, f"entry {seq} does not chain to the entry before it (removed or reordered)"))
-        prev = entry.get("entry_sha256")
-        report.head_sha256 = prev if isinstance(prev, str) else None
-        if entry_sha256(entry) == prev:
+        prev = entry.sha256
+        report.head_sha256 = prev
+        if entry.hash_ok():
             seen_hashes.add(prev)
-        kind = entry.get("kind")
-        if kind == "scan":
+        if entry.kind == "scan":
             report.n_scans += 1
-            ref = entry.get("record") or {}
-            if isinstance(ref, dict) and isinstance(ref.get("path"), str):
-                referenced.add(ref["path"])
-            for out in entry.get("outputs") or []:
-                if isinstance(out, dict) and isinstance(out.get("path"), str):
-                    referenced.add(out["path"])
+            if entry.record is not None:
+                referenced.add(entry.record.path)
+            referenced.update(o.path for o in entry.outputs)
             if check_files:
                 found = _check_record(root, entry)
                 report.problems.extend(Problem(i, f"entry {seq}: {m}", "outputs",
-                                               entry.get("scan_id")) for m in found)
-                n_out = len(entry.get("outputs") or [])
-                report.n_files += 1 + n_out
-                if not found and isinstance(entry.get("scan_id"), str):
-                    report.verified_scans[entry["scan_id"]] = seq
-        elif kind == "failure":
+                                               entry.scan_id) for m in found)
+                report.n_files += 1 + len(entry.outputs)
+                if not found and entry.scan_id is not None:
+                    report.verified_scans[entry.scan_id] = seq
+        elif entry.kind == "failure":
             report.n_failures += 1
     if anchor is not None and anchor.lower() not in seen_hashes:
         report.problems.append(Problem(

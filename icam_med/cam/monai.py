@@ -15,7 +15,8 @@ Example::
 The map is written under ``{key}{cam_postfix}`` as a MetaTensor that shares (a copy of) the
 image's metadata and applied operations, so MONAI's ``Invertd`` and ``SaveImaged`` place it
 exactly where the image is. The engine's summary (method, options, target class, score and
-per-layer weights) is stored in the map's ``meta["icam"]``; MONAI's ``Invertd`` rebuilds
+per-layer weights: :meth:`icam_med.cam.summary.CAMSummary.to_dict`) is stored in the map's
+``meta["icam"]``; MONAI's ``Invertd`` rebuilds
 the metadata from the image's, so read that summary before inverting.
 """
 
@@ -30,29 +31,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["ComputeCAMd", "cam_summary"]
+from icam_med.cam.summary import CAMSummary
 
-
-def cam_summary(result: Any, index: int = 0) -> dict[str, Any]:
-    """JSON-safe summary of sample ``index`` of a :class:`~icam_med.cam.CAMResult`."""
-    logits = result.logits[index].detach().float().cpu()
-    d: dict[str, Any] = {
-        "method": result.method,
-        "options": copy.deepcopy(result.options),
-        "score": float(result.scores[index]),
-        "target_class": (None if result.target_classes is None
-                         else int(result.target_classes[index])),
-        "layer_weights": {k: float(v[index]) for k, v in result.layer_weights.items()},
-        "layer_scores": {k: float(v[index]) for k, v in getattr(result, "layer_scores", {}).items()},
-    }
-    if logits.ndim == 1:
-        d["logits"] = [float(v) for v in logits]
-        d["probabilities"] = [float(v) for v in torch.softmax(logits, 0)]
-        d["predicted_class"] = int(logits.argmax())
-    else:
-        d["logits"] = None
-        d["predicted_class"] = None
-    return d
+__all__ = ["ComputeCAMd"]
 
 
 class ComputeCAMd(MapTransform):
@@ -99,7 +80,7 @@ class ComputeCAMd(MapTransform):
                                  applied_operations=copy.deepcopy(img.applied_operations))
             else:
                 out = MetaTensor(fused)
-            out.meta["icam"] = cam_summary(result)
+            out.meta["icam"] = CAMSummary.from_result(result).to_dict()
             d[f"{key}{self.cam_postfix}"] = out
             if self.layer_maps:
                 d[f"{key}{self.cam_postfix}_layers"] = {

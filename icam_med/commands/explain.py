@@ -62,12 +62,12 @@ def run(args: argparse.Namespace) -> int:
           f"spacing {[round(s, 3) for s in info.spacing]} mm, orientation {info.orientation}")
     for warning in info.warnings:
         echo(f"warning: {warning}", file=sys.stderr)
-    predicted = explanation.predicted_label or r.get("predicted_class")
-    target = explanation.target_label or r.get("target_class")
-    echo(f"method: {r['method']}; predicted: {predicted}; explained: {target}; "
-          f"score {r['score']:.4g}")
+    predicted = explanation.predicted_label or r.predicted_class
+    target = explanation.target_label or r.target_class
+    echo(f"method: {r.method}; predicted: {predicted}; explained: {target}; "
+          f"score {r.score:.4g}")
     stats = explanation.map_statistics()
-    echo(f"map peak at voxel {stats['peak_voxel']}, RAS {stats['peak_world_ras_mm']} mm")
+    echo(f"map peak at voxel {list(stats.peak_voxel)}, RAS {list(stats.peak_world_ras_mm)} mm")
     for w in written:
         echo(f"wrote {w.path}  ({w.role}, sha256 {w.sha256[:12]}...)")
     return 0

@@ -6,11 +6,20 @@ generator, so progress is reported and a cancel takes effect between steps); the
 come from the pure :func:`napari_plugin._layers.explanation_layers`; "Save audit" calls
 :func:`icam_med.explain.write_explanation`, the CLI's own writer.
 
+Its choices come from the library, never from lists of its own: the configs are the packaged
+ones (:func:`icam_med.resources.packaged_configs`), the methods are ``icam_med.cam.METHODS``,
+the layer presets ``LAYER_PRESETS``, and every other registry that ``icam_med.cam`` exports
+(``ALPHA_FUNCTIONS``, ``BIAS_MODES``, ``LAYER_WEIGHTINGS``, and any added later) becomes a
+drop-down for the engine option it lists, enabled for the methods that take that option.
+
 (No ``from __future__ import annotations`` here: magicgui reads annotations at run time.)
 """
 
+import inspect
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +37,109 @@ from magicgui.widgets import (
     PushButton,
 )
 
+from icam_med import cam as _engine
+from icam_med.paths import MAP_STEM, audit_folder_for, class_stem, map_path, record_path_for
+from icam_med.resources import packaged_configs
 from napari_plugin._layers import (
     METADATA_KEY,
-    audit_name_for,
     contour_layer,
     explanation_layers,
     from_napari_array,
     ras_affine,
 )
 
-__all__ = ["CONFIG_DIR", "METHOD_CHOICES", "ExplainWidget", "layer_to_volume"]
+__all__ = ["ExplainJobResult", "ExplainWidget", "engine_choice_options", "layer_to_volume",
+           "method_options_accepted"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-METHOD_CHOICES = [
-    ("Integrative CAM", "integrative"),
-    ("Grad-CAM", "gradcam"),
-    ("Grad-CAM++", "gradcam++"),
-    ("LayerCAM", "layercam"),
-    ("HiResCAM", "hirescam"),
-]
-_ALPHA_METHODS = ("integrative", "gradcam++")
 _MAP_KINDS = ("fused", "contrast")
 _OTHER_FILE = "other file..."
+_CUSTOM_LAYERS = "custom names..."
+_METHOD_DEFAULT = "method default"
+# Registries of icam_med.cam that are not the values of one engine option.
+_NOT_OPTIONS = ("METHODS", "LAYER_PRESETS")
+# A registry named ``<OPTION>S`` lists the values of the option ``<option>``
+# (BIAS_MODES -> bias_mode, LAYER_WEIGHTINGS -> layer_weighting, FUSIONS -> fusion);
+# the exceptions to that naming rule:
+_OPTION_OF_REGISTRY = {"ALPHA_FUNCTIONS": "alpha_fn"}
 # Errors the library raises for bad input (bad geometry, wrong channels, missing files...):
 # shown as notifications with the library's message, never raised into Qt.
 _USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
+
+
+def method_options_accepted(method: str) -> dict[str, Any]:
+    """The keyword options a CAM method of ``icam_med.cam.METHODS`` takes, with defaults.
+
+    Read from the signatures of the method class and its bases, so a new option of the
+    engine is seen without a widget edit.
+    """
+    cls = _engine.METHODS[method]
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        for name, param in inspect.signature(init).parameters.items():
+            if name in ("self", "model") or param.kind in (param.VAR_POSITIONAL,
+                                                          param.VAR_KEYWORD):
+                continue
+            found[name] = param.default
+    return found
+
+
+def engine_choice_options() -> dict[str, tuple[str, ...]]:
+    """Engine option -> its allowed values, from the registries ``icam_med.cam`` exports.
+
+    A registry is an upper-case name in ``icam_med.cam.__all__`` bound to a mapping or a
+    sequence of strings; it is offered when some method takes the option it names.
+    """
+    accepted: set[str] = set()
+    for method in _engine.METHODS:
+        accepted.update(method_options_accepted(method))
+    options: dict[str, tuple[str, ...]] = {}
+    for name in getattr(_engine, "__all__", ()):
+        if not name.isupper() or name in _NOT_OPTIONS:
+            continue
+        registry = getattr(_engine, name, None)
+        if isinstance(registry, Mapping):
+            values = tuple(registry)
+        elif isinstance(registry, (tuple, list, frozenset, set)):
+            values = tuple(registry) if not isinstance(registry, (set, frozenset)) \
+                else tuple(sorted(registry))
+        else:
+            continue
+        if not values or not all(isinstance(v, str) for v in values):
+            continue
+        option = _OPTION_OF_REGISTRY.get(name, name.lower()[:-1] if name.endswith("S")
+                                         else name.lower())
+        if option in accepted:
+            options[option] = values
+    return options
+
+
+@dataclass(frozen=True)
+class ExplainJobResult:
+    """What one run of the widget's worker produced.
+
+    Attributes:
+        first: the explanation of the target class (``None`` when the run failed).
+        second: the contrast class's explanation, if one was asked for and differs.
+        prepared: the loaded model and pipeline (kept for the next run).
+        warning: a message for the user when the run succeeded with a caveat.
+        error: the library's message when the input was refused (then ``first`` is None).
+    """
+
+    first: Any = None
+    second: Any = None
+    prepared: Any = None
+    warning: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when there is an explanation to show and save."""
+        return self.error is None and self.first is not None
 
 
 def layer_to_volume(layer: Any) -> tuple[Any, Any]:
@@ -117,7 +202,8 @@ def _devices() -> list:
 def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any, *,
                  method: str, options: dict, target: Any, contrast: Any, layer_maps: bool,
                  device: str = "cpu"):
-    """The worker's generator: yields ``(step, total, text)``; returns the results."""
+    """The worker's generator: yields ``(step, total, text)``; returns an
+    :class:`ExplainJobResult`."""
     from icam_med.explain import explain_volume, prepare
 
     total = 4 if contrast is None else 5
@@ -136,9 +222,10 @@ def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any,
                                targets=target, layer_maps=layer_maps)
         second = None
         if contrast is not None and contrast == first.result.get("target_class"):
-            return {"first": first, "second": None, "prepared": prepared,
-                    "warning": f"the contrast class ({contrast}) is the explained class; "
-                               "choose another class to compare with."}
+            return ExplainJobResult(
+                first=first, prepared=prepared,
+                warning=f"the contrast class ({contrast}) is the explained class; "
+                        "choose another class to compare with.")
         if contrast is not None:
             yield 3, total, "explaining the contrast class..."
             second = explain_volume(image, info, prepared, method=method,
@@ -146,8 +233,8 @@ def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any,
         yield total - 1, total, "building layers..."
     except _USER_ERRORS as exc:
         log.info("explain failed: %s", exc)
-        return {"error": str(exc)}
-    return {"first": first, "second": second, "prepared": prepared}
+        return ExplainJobResult(error=str(exc))
+    return ExplainJobResult(first=first, second=second, prepared=prepared)
 
 
 class ExplainWidget(Container):
@@ -158,7 +245,7 @@ class ExplainWidget(Container):
         self.viewer = napari_viewer
         self._prepared_cache: dict = {}
         self.worker: Any = None
-        self.result: dict | None = None
+        self.result: ExplainJobResult | None = None
         self.result_layers: list = []
         self.contour: Any = None
         self.scan_copy: Any = None
@@ -168,19 +255,42 @@ class ExplainWidget(Container):
         self.config = ComboBox(label="config", choices=self._config_choices)
         self.config_file = FileEdit(label="config file", mode="r", filter="*.yaml *.yml",
                                     visible=False)
-        self.method = ComboBox(label="method", choices=METHOD_CHOICES, value="integrative")
+        methods = list(_engine.METHODS)
+        self.method = ComboBox(label="method", choices=methods,
+                               value="integrative" if "integrative" in methods else methods[0])
+        presets = list(_engine.LAYER_PRESETS)
+        default_layers = method_options_accepted(self.method.value).get("target_layers")
+        self.layer_preset = ComboBox(
+            label="target layers", choices=[*presets, _CUSTOM_LAYERS],
+            value=default_layers if default_layers in presets else presets[0],
+            tooltip="a preset of the engine (icam_med.cam.LAYER_PRESETS: 'stages' is the "
+                    "last layer of each resolution), or your own module names")
         self.target_layers = LineEdit(
-            label="target layers", value="stages",
-            tooltip="'stages' (last layer of each resolution), 'all', 'last', or "
-                    "comma-separated module names (model.named_modules()).")
+            label="layer names", value=self.layer_preset.value, visible=False,
+            tooltip="comma-separated module names (model.named_modules()), or a preset: "
+                    + ", ".join(presets))
         self.target_class = ComboBox(label="target class", choices=self._class_choices,
                                      tooltip="the class to explain; default: the prediction")
         self.contrast_class = ComboBox(
             label="contrast class", choices=self._contrast_choices,
             tooltip="also explain this class: why the target and not this one")
-        self.alpha_fn = ComboBox(label="alpha function",
-                                 choices=["exp", "sigmoid", "softmax", "identity"], value="exp")
-        self.bias_mode = ComboBox(label="bias mode", choices=["signed", "abs"], value="signed")
+        # one drop-down per engine option that has a registry (alpha_fn, bias_mode,
+        # layer_weighting, ...), its default the method's own
+        self.engine_options: dict[str, ComboBox] = {}
+        signatures = [method_options_accepted(m) for m in methods]
+        defaults = method_options_accepted(self.method.value)
+        for option, values in engine_choice_options().items():
+            choices: list = [(v, v) for v in values]
+            # a method whose default is None picks its own (e.g. score weighting)
+            if any(s[option] not in values for s in signatures if option in s):
+                choices.insert(0, (_METHOD_DEFAULT, None))
+            default = defaults.get(option)
+            if default not in values:
+                default = choices[0][1]
+            self.engine_options[option] = ComboBox(
+                label=option.replace("_", " "), choices=choices, value=default,
+                tooltip=f"engine option '{option}' (icam_med.cam); '{_METHOD_DEFAULT}' leaves "
+                        "it to the method")
         self.bias_weight = FloatSpinBox(label="bias weight", value=1.0, min=0.0, max=10.0,
                                         step=0.1)
         self.device = ComboBox(label="device", choices=_devices(), value="cpu")
@@ -205,9 +315,9 @@ class ExplainWidget(Container):
         self.audit_folder = FileEdit(label="audit folder", mode="d", value="",
                                      tooltip="empty: '<scan>_icam' beside the scan")
         self.save_button = PushButton(text="Save audit", enabled=False)
-        self.extend([self.image, self.config, self.config_file, self.method, self.target_layers,
-                     self.target_class, self.contrast_class, self.alpha_fn, self.bias_mode,
-                     self.bias_weight, self.device, self.layer_maps, self.explain_button,
+        self.extend([self.image, self.config, self.config_file, self.method, self.layer_preset,
+                     self.target_layers, self.target_class, self.contrast_class,
+                     *self.engine_options.values(), self.bias_weight, self.device, self.layer_maps, self.explain_button,
                      self.cancel_button, self.progress, self.status, self.prediction,
                      self.scores, self.side_by_side, self.threshold, self.opacity,
                      self.show_contour,
@@ -219,6 +329,7 @@ class ExplainWidget(Container):
         self.config.changed.connect(self._on_config)
         self.config_file.changed.connect(self._on_config)
         self.method.changed.connect(self._on_method)
+        self.layer_preset.changed.connect(self._on_layer_preset)
         self.explain_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.threshold.changed.connect(self._apply_display)
@@ -244,10 +355,13 @@ class ExplainWidget(Container):
                 and (lay.metadata.get(METADATA_KEY) or {}).get("kind", "scan") == "scan"]
 
     def _config_choices(self, _w: Any = None) -> list:
-        found = sorted(CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-        demo = [p for p in found if p.name == "demo.yaml"]
-        return [(p.name, str(p)) for p in demo + [p for p in found if p not in demo]] + [
-            (_OTHER_FILE, _OTHER_FILE)]
+        """The packaged configs (demo first), then "other file..." for one of the user's."""
+        try:
+            found = packaged_configs()
+        except RuntimeError as exc:  # package data missing from a broken installation
+            log.warning("%s", exc)
+            found = []
+        return [(p.name, str(p)) for p in found] + [(_OTHER_FILE, _OTHER_FILE)]
 
     def _model_labels(self) -> tuple:
         try:
@@ -278,7 +392,22 @@ class ExplainWidget(Container):
         self.contrast_class.reset_choices()
 
     def _on_method(self, *_: Any) -> None:
-        self.alpha_fn.enabled = self.method.value in _ALPHA_METHODS
+        """Enable the options the chosen method takes (e.g. alpha_fn for Grad-CAM++)."""
+        accepted = method_options_accepted(self.method.value)
+        for option, box in self.engine_options.items():
+            box.enabled = option in accepted
+        self.bias_weight.enabled = "bias_weight" in accepted
+        # the bias weight starts at the method's own (0 for Grad-CAM, 1 for Integrative CAM)
+        default = accepted.get("bias_weight")
+        if not isinstance(default, (int, float)):
+            default = getattr(_engine.METHODS[self.method.value], "default_bias_weight", 0.0)
+        self.bias_weight.value = float(default)
+
+    def _on_layer_preset(self, *_: Any) -> None:
+        custom = self.layer_preset.value == _CUSTOM_LAYERS
+        self.target_layers.visible = custom
+        if not custom:
+            self.target_layers.value = self.layer_preset.value
 
     def _on_layers_changed(self, *_: Any) -> None:
         self.image.reset_choices()
@@ -327,10 +456,13 @@ class ExplainWidget(Container):
         target_layers: Any = layers
         if "," in layers:
             target_layers = [s.strip() for s in layers.split(",") if s.strip()]
-        opts: dict = {"target_layers": target_layers, "bias_mode": self.bias_mode.value,
-                      "bias_weight": float(self.bias_weight.value)}
-        if self.method.value in _ALPHA_METHODS:
-            opts["alpha_fn"] = self.alpha_fn.value
+        accepted = method_options_accepted(self.method.value)
+        opts: dict = {"target_layers": target_layers}
+        if "bias_weight" in accepted:
+            opts["bias_weight"] = float(self.bias_weight.value)
+        for option, box in self.engine_options.items():
+            if option in accepted and box.value is not None:
+                opts[option] = box.value
         return opts
 
     def _notify_error(self, message: str) -> None:
@@ -353,8 +485,9 @@ class ExplainWidget(Container):
             return None
         config_path = self.config_path()
         if not config_path.is_file():
-            self._notify_error(f"config file {config_path} does not exist; choose one of "
-                               f"{CONFIG_DIR} or a YAML file of your own.")
+            names = ", ".join(p.stem for p in packaged_configs())
+            self._notify_error(f"config file {config_path} does not exist; choose a packaged "
+                               f"config ({names}) or a YAML file of your own.")
             return None
         try:
             image, info = layer_to_volume(layer)
@@ -399,8 +532,9 @@ class ExplainWidget(Container):
     def _closed(self) -> None:
         self._is_closed = True
         self._cancel_requested = True
-        if self.worker is not None:
-            self.worker.quit()
+        worker = getattr(self, "worker", None)  # (gone when Python tore the widget down first)
+        if worker is not None:
+            worker.quit()
 
     def _on_progress(self, step: tuple) -> None:
         if not self._alive():
@@ -427,20 +561,20 @@ class ExplainWidget(Container):
         self.explain_button.enabled = True
         self.cancel_button.enabled = False
 
-    def _on_returned(self, out: dict) -> None:
+    def _on_returned(self, out: ExplainJobResult) -> None:
         if self._cancel_requested:  # finished before the cancel reached it: drop the result
             if self._alive():
                 self.status.value = "cancelled"
             return
-        if "error" in out:
-            self._notify_error(out["error"])
+        if out.error is not None:
+            self._notify_error(out.error)
             return
-        if out.get("warning"):
+        if out.warning:
             from napari.utils.notifications import show_warning
 
-            show_warning(out["warning"])
+            show_warning(out.warning)
         self.result = out
-        first, second = out["first"], out["second"]
+        first, second = out.first, out.second
         scan = self._scan_layer
         tuples = explanation_layers(first, scan_name=scan.name, contrast=second,
                                     threshold=float(self.threshold.value),
@@ -555,12 +689,12 @@ class ExplainWidget(Container):
         chosen = str(self.audit_folder.value or "").strip()
         if chosen and chosen != ".":
             return Path(chosen)
-        info = self.result["first"].scan_info
+        info = self.result.first.scan_info
         if info.format == "array":
             raise ValueError(
                 f"layer '{info.path}' was not opened from a file, so there is no scan to save "
                 "the audit beside; choose an 'audit folder'.")
-        return audit_name_for(info.path)
+        return audit_folder_for(info.path)
 
     def save_audit(self, *_: Any) -> list:
         """Write map(s), record(s) and ledger entries with the CLI's writer; returns the files."""
@@ -573,20 +707,20 @@ class ExplainWidget(Container):
             return []
         try:
             folder = self.audit_target()
-            first, second = self.result["first"], self.result["second"]
+            first, second = self.result.first, self.result.second
             written = write_explanation(first, folder)
             if second is not None:
                 c = second.result.get("target_class")
-                written += write_explanation(second, folder, stem=f"cam_class{c}")
+                written += write_explanation(second, folder, stem=class_stem(c))
         except _USER_ERRORS as exc:
             self._notify_error(str(exc))
             return []
         records = {w.path.name: w.path for w in written if w.role == "audit_record"}
         for lay in self.result_layers:
             meta = lay.metadata.get(METADATA_KEY) or {}
-            stem = ("cam" if meta.get("kind") in ("fused", "layer", "difference")
-                    else f"cam_class{meta.get('target_class')}")
-            rec = records.get(f"{stem}.icam.json")
+            stem = (MAP_STEM if meta.get("kind") in ("fused", "layer", "difference")
+                    else class_stem(meta.get("target_class")))
+            rec = records.get(record_path_for(map_path(folder, stem)).name)
             if rec is not None:
                 meta["record"] = json.loads(rec.read_text(encoding="utf-8"))
                 meta["record_path"] = str(rec)

@@ -324,3 +324,73 @@ def test_widget_opens_from_the_plugin_menu_contribution(make_napari_viewer, scan
     assert fused.metadata[METADATA_KEY]["summary"]["scan"]["format"] == "array"
     # configs/ is offered, demo first
     assert widget.config.choices[0] == str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+
+
+def test_choices_come_from_the_engine_registries(make_napari_viewer, scan, tmp_path, notes):
+    import dataclasses
+
+    from icam_med import cam
+    from icam_med.resources import packaged_configs
+    from napari_plugin._widget import ExplainJobResult
+
+    _, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    assert list(widget.method.choices) == list(cam.METHODS)
+    assert list(widget.layer_preset.choices)[:-1] == list(cam.LAYER_PRESETS)
+    boxes = widget.engine_options
+    assert tuple(boxes["alpha_fn"].choices) == tuple(cam.ALPHA_FUNCTIONS)
+    assert tuple(boxes["bias_mode"].choices) == tuple(cam.BIAS_MODES)
+    assert tuple(boxes["layer_weighting"].choices) == (None, *cam.LAYER_WEIGHTINGS)
+    # the packaged configs, demo first, found through importlib.resources
+    assert list(widget.config.choices)[:-1] == [str(p) for p in packaged_configs()]
+    # Grad-CAM takes no alpha and no bias term by default: the widget passes neither
+    widget.method.value = "gradcam"
+    assert not boxes["alpha_fn"].enabled and widget.bias_weight.value == 0.0
+    opts = widget.method_options()
+    assert "alpha_fn" not in opts and opts["bias_weight"] == 0.0
+    # integrative with chosen options: they reach the engine and its summary
+    widget.method.value = "integrative"
+    assert boxes["alpha_fn"].enabled and widget.bias_weight.value == 1.0
+    boxes["alpha_fn"].value = "sigmoid"
+    boxes["layer_weighting"].value = "uniform"
+    widget.layer_preset.value = "last"
+    assert widget.method_options()["target_layers"] == "last"
+    widget.run()
+    wait_for_worker(widget)
+    assert errors(notes) == []
+    assert isinstance(widget.result, ExplainJobResult) and widget.result.ok
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        widget.result.first = None
+    options = widget.result.first.result["options"]
+    assert options["alpha_fn"] == "sigmoid" and options["layer_weighting"] == "uniform"
+    assert len(widget.result.first.result["layer_weights"]) == 1  # 'last': one layer
+    # custom layer names: typed, comma separated
+    widget.layer_preset.value = "custom names..."
+    assert not widget.target_layers.native.isHidden()  # (the viewer is not shown)
+    widget.target_layers.value = "features.2, features.6"
+    assert widget.method_options()["target_layers"] == ["features.2", "features.6"]
+
+
+def test_a_new_engine_registry_appears_without_widget_edits(make_napari_viewer, monkeypatch):
+    from icam_med import cam
+    from napari_plugin._widget import ExplainWidget
+
+    class BlendingCAM(cam.IntegrativeCAM):
+        def __init__(self, model, *, blend_rule: str = "soft", **kwargs):
+            super().__init__(model, **kwargs)
+            self.blend_rule = blend_rule
+
+    monkeypatch.setattr(cam, "BLEND_RULES", ("soft", "hard"), raising=False)
+    monkeypatch.setattr(cam, "__all__", [*cam.__all__, "BLEND_RULES"])
+    monkeypatch.setitem(cam.METHODS, "blending", BlendingCAM)
+    viewer = make_napari_viewer()
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert "blending" in widget.method.choices
+    box = widget.engine_options["blend_rule"]
+    assert tuple(box.choices) == ("soft", "hard") and not box.enabled  # integrative: no such option
+    widget.method.value = "blending"
+    assert box.enabled and box.value == "soft"
+    box.value = "hard"
+    assert widget.method_options()["blend_rule"] == "hard"
+    widget.method.value = "integrative"
+    assert "blend_rule" not in widget.method_options()

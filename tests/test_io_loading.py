@@ -178,9 +178,19 @@ def test_enhanced_multiframe_ct_with_per_frame_positions():
     image, info = load_volume(path)
     ds = pydicom.dcmread(path)
     assert image.shape == (1, 512, 512, 2) and not info.warnings
-    # The functional groups' rescale (intercept -1024) is applied, frame by frame.
-    np.testing.assert_array_equal(image[0].numpy().transpose(2, 1, 0),
-                                  ds.pixel_array.astype(np.float32) - 1024)
-    for k, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        ipp = np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
-        np.testing.assert_allclose(world_of(image.affine, (0, 0, k)), ipp * [-1, -1, 1], atol=1e-3)
+    # Slices are in spatial order along the normal (row x column = -z here, so the file's
+    # second frame comes first); each loaded slice sits at its frame's position and holds
+    # that frame's pixels with the functional groups' rescale (intercept -1024) applied.
+    ipps = [np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
+            for fg in ds.PerFrameFunctionalGroupsSequence]
+    loaded = image[0].numpy().transpose(2, 1, 0)
+    matched = set()
+    for k in range(2):
+        world_lps = world_of(image.affine, (0, 0, k)) * [-1, -1, 1]
+        frame = next(i for i, ipp in enumerate(ipps) if np.allclose(ipp, world_lps, atol=1e-3))
+        np.testing.assert_array_equal(loaded[k], ds.pixel_array[frame].astype(np.float32) - 1024)
+        matched.add(frame)
+    assert matched == {0, 1}
+    normal = np.array([0.0, 0.0, -1.0])  # cross(row (-1, 0, 0), column (0, 1, 0))
+    assert [float(world_of(image.affine, (0, 0, k)) * [-1, -1, 1] @ normal) for k in (0, 1)] \
+        == sorted(float(ipp @ normal) for ipp in ipps)

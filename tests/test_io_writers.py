@@ -8,7 +8,15 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from io_helpers import blob_volume, dciodvfy, dicomdir_series, listing, nibabel_file, pydicom_file
+from io_helpers import (
+    blob_volume,
+    dciodvfy,
+    dicomdir_series,
+    listing,
+    nibabel_file,
+    pydicom_file,
+    world_of,
+)
 from monai.data import MetaTensor
 
 from icam_med.evaluation.dicom_series import write_dicom_series
@@ -181,6 +189,11 @@ def test_parametric_map_on_real_enhanced_multiframe_ct(tmp_path):
     assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == info.series_instance_uid
     frames = _frames_by_position(pm)
     src = pydicom.dcmread(path, stop_before_pixels=True)
-    for k, fg in enumerate(src.PerFrameFunctionalGroupsSequence):
-        pos = tuple(round(float(v), 3) for v in fg.PlanePositionSequence[0].ImagePositionPatient)
+    source_positions = {tuple(round(float(v), 3) for v in fg.PlanePositionSequence[0]
+                              .ImagePositionPatient)
+                        for fg in src.PerFrameFunctionalGroupsSequence}
+    assert set(frames) == source_positions
+    for k in range(info.shape[2]):  # each map slice at the world position of its voxels
+        pos = tuple(round(float(v), 3) for v in world_of(image.affine, (0, 0, k)) * [-1, -1, 1])
         np.testing.assert_array_equal(frames[pos], cam[0, :, :, k].numpy().T)
+    assert not np.array_equal(cam[0, :, :, 0].numpy(), cam[0, :, :, 1].numpy())

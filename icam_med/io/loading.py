@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ import numpy as np
 
 from icam_med.io.reader import SimpleITKDICOMReader
 from icam_med.io.validation import (
+    DicomSelection,
     GeometryCheck,
     GeometryError,
     GeometryOptions,
     check_finite,
     check_readable,
+    nifti_affine,
     validate_dicom,
     validate_nifti,
 )
@@ -207,6 +210,88 @@ def _axcodes(affine: np.ndarray) -> str:
     return "".join(c or "?" for c in nib.aff2axcodes(np.asarray(affine)[:4, :4]))
 
 
+def _as_metatensor(array_xyz: np.ndarray, affine: np.ndarray, path: Path) -> Any:
+    """A channel-first float32 MetaTensor with the metadata MONAI's readers give."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.utils import MetaKeys, SpaceKeys
+
+    a = np.ascontiguousarray(array_xyz, dtype=np.float32)[None]
+    aff = np.asarray(affine, dtype=np.float64)
+    meta = {
+        MetaKeys.ORIGINAL_AFFINE: aff.copy(),
+        MetaKeys.SPACE: SpaceKeys.RAS,
+        MetaKeys.SPATIAL_SHAPE: np.asarray(a.shape[1:]),
+        MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+        "spacing": np.linalg.norm(aff[:3, :3], axis=0),
+        "filename_or_obj": str(path),
+    }
+    return MetaTensor(torch.from_numpy(a), affine=torch.as_tensor(aff), meta=meta)
+
+
+def _hd_affine_ras(vol: Any) -> np.ndarray:
+    """highdicom's (slice, row, column) -> LPS affine as our (column, row, slice) -> RAS."""
+    perm = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(vol.affine, dtype=np.float64) @ perm
+
+
+def _load_multiframe(sel: DicomSelection, path: Path, tol: float) -> Any:
+    """A multi-frame image with plane positions: frames in spatial order, header affine.
+
+    Frames are read with highdicom (its modality transform applies each frame's own
+    rescale) in the order validation sorted them along the slice normal, never in file
+    order. highdicom's own volume, where it can build one, is a second opinion: the same
+    voxels and grid or a refusal.
+    """
+    import highdicom as hd
+
+    assert sel.frame_order is not None and sel.header_affine is not None
+    image = hd.imread(str(path))
+    frames = [image.get_frame(i + 1, dtype=np.float64, apply_real_world_transform=False)
+              for i in sel.frame_order]
+    array_xyz = np.transpose(np.stack(frames), (2, 1, 0))  # (k, r, c) -> (c, r, k)
+    try:
+        vol = image.get_volume(dtype=np.float64, apply_real_world_transform=False)
+    except Exception as exc:  # irregular or tilted stacks: highdicom builds no volume
+        log.debug("%s: highdicom built no volume (%s); frames sorted by position only", path, exc)
+        return _as_metatensor(array_xyz, sel.header_affine, path)
+    other = np.transpose(np.asarray(vol.array, dtype=np.float64), (2, 1, 0))
+    other_aff = _hd_affine_ras(vol)
+    if other.shape == array_xyz.shape and float(other_aff[:3, 2] @ sel.header_affine[:3, 2]) < 0:
+        other = other[:, :, ::-1]  # highdicom stacked the frames the other way round
+        last = other_aff @ np.array([0.0, 0.0, other.shape[2] - 1, 1.0])
+        other_aff[:3, 2] *= -1
+        other_aff[:3, 3] = last[:3]
+    if (other.shape != array_xyz.shape or not np.allclose(other, array_xyz, atol=1e-6)
+            or not np.allclose(other_aff, sel.header_affine, atol=tol)):
+        raise GeometryError(
+            f"{path}: the frames sorted by their plane positions do not agree with the volume "
+            "highdicom builds from the same headers; the multi-frame header is inconsistent."
+        )
+    return _as_metatensor(array_xyz, sel.header_affine, path)
+
+
+def _check_grid(loaded: np.ndarray, expected: np.ndarray | None, columns: int, source: Path,
+                tol: float) -> GeometryCheck:
+    """The loaded grid against the one recomputed from the headers: equal, or refused."""
+    if expected is None:
+        return GeometryCheck("header_geometry", "not_applicable",
+                             "the headers define no position to compare with")
+    cols = [*[0, 1, 2][:columns], 3]
+    diff = float(np.max(np.abs(np.asarray(loaded)[:3, cols] - np.asarray(expected)[:3, cols])))
+    if not math.isfinite(diff) or diff > tol:
+        raise GeometryError(
+            f"{source}: the loaded voxel grid differs from the one its headers define by up to "
+            f"{diff:.4g} mm (tolerance {tol} mm, geometry.geometry_tolerance): loaded affine "
+            f"{np.round(loaded, 4).tolist()}, headers {np.round(expected, 4).tolist()}. The "
+            "reader misplaced it; a map on it would be wrong. Check the headers or convert "
+            "the scan to NIfTI with a trusted tool."
+        )
+    what = "origin, axes and spacing" if columns == 3 else "origin and in-plane axes"
+    return GeometryCheck("header_geometry", "passed",
+                         f"loaded grid equals the headers' ({what}) within {diff:.2g} mm")
+
+
 def load_volume(
     path: str | Path,
     *,
@@ -241,19 +326,34 @@ def load_volume(
             raise ValueError(f"{p}: volume_index applies to 4-D NIfTI only, not to DICOM.")
         sel = validate_dicom(p, series_uid=series_uid, options=options)
         checks = list(sel.checks)
-        reader = SimpleITKDICOMReader(file_names=[str(f) for f in sel.files])
+        reader = SimpleITKDICOMReader(file_names=[str(f) for f in sel.files],
+                                      float_pixels=sel.float_pixels)
         source_files = sel.files
         n_volumes = 1
     else:
         if series_uid is not None:
             raise ValueError(f"{p}: series_uid applies to DICOM only, not to NIfTI.")
         nii, checks = validate_nifti(p, volume_index=volume_index, options=options)
+        header_affine, _ = nifti_affine(nii, p, options)
         n_volumes = int(nii.shape[3]) if len(nii.shape) >= 4 else 1
         reader = None
         source_files = (p,)
         source_dtype = str(nii.get_data_dtype())
+    complex_nifti = fmt == "nifti" and np.issubdtype(nii.get_data_dtype(), np.complexfloating)
     try:
-        image = _shared_loader()({data_key: str(p)}, reader)[data_key]
+        if fmt == "dicom" and sel.frame_order is not None:
+            image = _load_multiframe(sel, p, options.geometry_tolerance)
+        elif complex_nifti:  # validation refused it unless the magnitude was asked for
+            data = np.abs(np.asarray(nii.dataobj))
+            if data.ndim == 4:
+                data = data[..., volume_index or 0]
+            while data.ndim > 3:
+                data = data[..., 0]
+            if data.ndim == 2:
+                data = data[..., None]
+            image = _as_metatensor(data, header_affine, p)
+        else:
+            image = _shared_loader()({data_key: str(p)}, reader)[data_key]
     except (GeometryError, FileNotFoundError, PermissionError):
         raise
     except Exception as exc:
@@ -261,7 +361,7 @@ def load_volume(
             f"{p}: could not be decoded ({type(exc).__name__}: {exc}); the file is truncated, "
             "corrupt or uses an unsupported encoding."
         ) from exc
-    if fmt == "nifti":
+    if fmt == "nifti" and not complex_nifti:
         if image.ndim == 5:  # (1, X, Y, Z, T): NibabelReader keeps time last
             image = image[..., volume_index or 0]
             image.affine = _spatial_affine(image.affine)
@@ -286,6 +386,17 @@ def load_volume(
     checks.append(finite_check)
     image.meta["filename_or_obj"] = str(p)
     affine = np.asarray(image.affine, dtype=np.float64)
+    if fmt == "nifti":
+        if affine.shape == (4, 4) and not np.allclose(affine, header_affine, atol=1e-6):
+            # The transform validation chose (e.g. the qform, by the user's choice) is not
+            # the one nibabel handed MONAI (the sform): put the chosen one on the image.
+            image.affine = header_affine.copy()
+            image.meta["original_affine"] = header_affine.copy()
+            affine = header_affine.copy()
+        checks.append(_check_grid(affine, header_affine, 3, p, options.geometry_tolerance))
+    else:
+        checks.append(_check_grid(affine, sel.header_affine, sel.header_columns, p,
+                                  options.geometry_tolerance))
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
     h0 = sel.headers[0] if fmt == "dicom" else None

@@ -52,14 +52,18 @@ class SimpleITKDICOMReader(ImageReader):
         affine_lps_to_ras: return the affine in RAS (MONAI's default space).
         file_names: read exactly these files (already validated and ordered) instead of
             discovering the series again; used by :func:`icam_med.io.load_volume`.
+        float_pixels: read the pixels as 64-bit floats, each slice with its own Rescale
+            Slope/Intercept (needed when they differ between slices or are fractional:
+            otherwise the first slice's integer pixel type truncates the others).
     """
 
     def __init__(self, series_uid: str | None = None, affine_lps_to_ras: bool = True,
-                 file_names: Sequence[str] | None = None) -> None:
+                 file_names: Sequence[str] | None = None, float_pixels: bool = False) -> None:
         super().__init__()
         self.series_uid = series_uid
         self.affine_lps_to_ras = affine_lps_to_ras
         self.file_names = tuple(str(f) for f in file_names) if file_names else None
+        self.float_pixels = float_pixels
 
     def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
         """Accept folders (DICOM series) and DICOM files."""
@@ -104,11 +108,13 @@ class SimpleITKDICOMReader(ImageReader):
                 files = self.series_files(name)
             else:
                 files = [str(name)]
+            pixel_type = sitk.sitkFloat64 if self.float_pixels else sitk.sitkUnknown
             if len(files) == 1:
-                img = sitk.ReadImage(files[0])
+                img = sitk.ReadImage(files[0], pixel_type)
             else:
                 reader = sitk.ImageSeriesReader()
                 reader.SetFileNames(files)
+                reader.SetOutputPixelType(pixel_type)
                 img = reader.Execute()
             images.append(img)
         return images if len(names) > 1 else images[0]

@@ -215,7 +215,21 @@ class SeriesSummary:
 
 @dataclass(frozen=True)
 class DicomSelection:
-    """The validated, ordered files of one DICOM series and what was checked."""
+    """The validated, ordered files of one DICOM series and what was checked.
+
+    Attributes:
+        header_affine: the RAS voxel-to-world affine of the ``(column, row, slice)`` grid
+            recomputed from the headers (sorted positions, orientation, pixel spacing), or
+            ``None`` where the headers place nothing (a multi-frame image without plane
+            positions). The loaded grid is compared with it.
+        header_columns: how many columns of ``header_affine`` the headers determine: 3, or
+            2 where the slice axis is not fixed by them (one slice, or an accepted tilt or
+            irregular stack, which the reader resamples).
+        frame_order: for a multi-frame file, the frame indices (0-based, file order) in
+            spatial order along the slice normal; ``None`` otherwise.
+        float_pixels: some slice's Rescale Slope/Intercept is non-integer or they differ
+            between slices: read the pixels as floats, never in the first slice's type.
+    """
 
     folder: Path | None
     files: tuple[Path, ...]          # ordered along the slice normal
@@ -223,6 +237,10 @@ class DicomSelection:
     series_uid: str
     checks: tuple[GeometryCheck, ...]
     n_frames: int
+    header_affine: np.ndarray | None = None
+    header_columns: int = 3
+    frame_order: tuple[int, ...] | None = None
+    float_pixels: bool = False
 
 
 _SKIP_NAMES = {"DICOMDIR"}
@@ -325,22 +343,94 @@ def _scan_folder(folder: Path, options: GeometryOptions
 
 def _vec(ds: Any, keyword: str, n: int, path: Path) -> np.ndarray:
     value = getattr(ds, keyword, None)
-    if value is None or len(value) != n:
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64) if value is not None else None
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out.shape != (n,):
         raise GeometryError(
             f"{path}: has no valid {keyword}; its position in space is unknown, so a map could "
             "not be placed on it. Only images with Image Position/Orientation (Patient) are supported."
         )
-    return np.asarray([float(v) for v in value], dtype=np.float64)
+    if not np.all(np.isfinite(out)):
+        raise GeometryError(f"{path}: {keyword} {out.tolist()} holds NaN or Inf values; the "
+                            "header is corrupt. Export the series again.")
+    return out
+
+
+def _check_plane(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Image Orientation (orthonormal) and Pixel Spacing (finite, > 0) of one image plane.
+
+    Returns:
+        ``(iop, pixel_spacing)`` as floats.
+    """
+    iop = _vec(ds, "ImageOrientationPatient", 6, path)
+    ps = _vec(ds, "PixelSpacing", 2, path)
+    if np.any(ps <= 0):
+        raise GeometryError(
+            f"{path}: Pixel Spacing {ps.tolist()} mm is zero or negative; the voxel size is "
+            "unknown and no size may be assumed. Fix the header (or export the series again)."
+        )
+    row, col = iop[:3], iop[3:]
+    norms = np.array([np.linalg.norm(row), np.linalg.norm(col)])
+    cos = float(row @ col) / max(float(norms.prod()), 1e-12)
+    if np.any(np.abs(norms - 1) > 1e-3) or abs(cos) > 1e-3:
+        raise GeometryError(
+            f"{path}: Image Orientation (Patient) {iop.round(6).tolist()} is not two orthogonal "
+            f"unit vectors (lengths {norms.round(6).tolist()}, cosine between them "
+            f"{cos:.6f}); the image plane is undefined. Fix the header: it must hold the "
+            "direction cosines of the rows and columns."
+        )
+    return iop, ps
+
+
+def _affine_from_plane(position: np.ndarray, iop: np.ndarray, ps: np.ndarray,
+                       slice_step: np.ndarray) -> np.ndarray:
+    """RAS affine of the (column, row, slice) index from DICOM plane attributes (LPS)."""
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * ps[1]      # along a row: column index, column spacing
+    lps[:3, 1] = iop[3:] * ps[0]      # down a column: row index, row spacing
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = position
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _rescale_check(headers: list[Any], source: str) -> tuple[bool, GeometryCheck]:
+    """Whether pixels must be read as floats: any non-integer or varying slope/intercept."""
+    pairs = set()
+    for ds in headers:
+        try:
+            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+            intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        except (TypeError, ValueError) as exc:
+            raise GeometryError(f"{source}: Rescale Slope/Intercept is not a number ({exc}).") from exc
+        if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+            raise GeometryError(
+                f"{source}: Rescale Slope {slope} / Intercept {intercept} cannot map stored "
+                "values to real ones (zero or not finite); fix the header."
+            )
+        pairs.add((slope, intercept))
+    fractional = any(s != round(s) or i != round(i) for s, i in pairs)
+    if fractional or len(pairs) > 1:
+        return True, GeometryCheck(
+            "rescale", "passed",
+            f"{len(pairs)} distinct Rescale Slope/Intercept pair(s)"
+            + (", non-integer" if fractional else "") + ": pixels read as floats, per slice")
+    return False, GeometryCheck("rescale", "passed", "one integer Rescale Slope/Intercept")
 
 
 def _check_stack(items: list[tuple[Path, Any]], options: GeometryOptions
-                 ) -> tuple[list[tuple[Path, Any]], list[GeometryCheck]]:
-    """Consistency, ordering, duplicates, tilt and spacing of a multi-file series."""
+                 ) -> tuple[list[tuple[Path, Any]], list[GeometryCheck], np.ndarray, int]:
+    """Consistency, ordering, duplicates, tilt and spacing of a multi-file series.
+
+    Returns:
+        The items sorted along the slice normal, the checks, the RAS affine recomputed from
+        the sorted headers and how many of its columns the headers fix (2 or 3).
+    """
     checks = []
     p0, ds0 = items[0]
     ref_size = (int(ds0.Rows), int(ds0.Columns))
-    ref_iop = _vec(ds0, "ImageOrientationPatient", 6, p0)
-    ref_ps = _vec(ds0, "PixelSpacing", 2, p0)
+    ref_iop, ref_ps = _check_plane(ds0, p0)
     ref_for = getattr(ds0, "FrameOfReferenceUID", None)
     positions = []
     for p, ds in items:
@@ -375,7 +465,9 @@ def _check_stack(items: list[tuple[Path, Any]], options: GeometryOptions
     pos, dist = pos[order], dist[order]
     if len(items) < 2:
         checks.append(GeometryCheck("slice_spacing", "not_applicable", "single slice"))
-        return items, checks
+        thickness = float(getattr(items[0][1], "SliceThickness", 0) or 0)
+        step = normal * (thickness if math.isfinite(thickness) and thickness > 0 else 1.0)
+        return items, checks, _affine_from_plane(pos[0], ref_iop, ref_ps, step), 2
     gaps = np.diff(dist)
     median = float(np.median(gaps))
     tol = options.slice_tolerance + 1e-3 + 1e-4 * abs(median)
@@ -432,18 +524,26 @@ def _check_stack(items: list[tuple[Path, Any]], options: GeometryOptions
     else:
         checks.append(GeometryCheck("slice_spacing", "passed",
                                     f"{len(items)} slices, uniform spacing {median:.4f} mm"))
-    return items, checks
+    approximate = any(c.status == "warned" for c in checks)
+    affine = _affine_from_plane(pos[0], ref_iop, ref_ps, (pos[-1] - pos[0]) / (len(items) - 1))
+    return items, checks, affine, 2 if approximate else 3
 
 
-def _check_multiframe(path: Path, ds: Any, options: GeometryOptions) -> list[GeometryCheck]:
-    """Per-frame positions of an enhanced multi-frame image: uniform, untilted, no duplicates."""
+def _check_multiframe(path: Path, ds: Any, options: GeometryOptions
+                      ) -> tuple[list[GeometryCheck], np.ndarray | None, int, tuple[int, ...] | None]:
+    """Per-frame positions of an enhanced multi-frame image: uniform, untilted, no duplicates.
+
+    Returns:
+        The checks, the header affine (``None`` without plane positions), its fixed columns
+        and the frames' spatial order (0-based frame indices sorted along the normal).
+    """
     frames = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
     shared = getattr(ds, "SharedFunctionalGroupsSequence", [None])[0]
     if not frames:
         log.warning("%s: multi-frame image without per-frame plane positions", path)
         return [GeometryCheck("scanner_position", "warned",
                               "multi-frame image without per-frame plane positions: "
-                              "voxel grid only, scanner position unknown")]
+                              "voxel grid only, scanner position unknown")], None, 0, None
     fake = []
     for i, fg in enumerate(frames):
         pos = getattr(fg, "PlanePositionSequence", None)
@@ -465,8 +565,17 @@ def _check_multiframe(path: Path, ds: Any, options: GeometryOptions) -> list[Geo
         d.PixelSpacing = meas[0].PixelSpacing
         d.FrameOfReferenceUID = getattr(ds, "FrameOfReferenceUID", None)
         fake.append((Path(f"{path}#frame{i + 1}"), d))
-    _, checks = _check_stack(fake, options)
-    return checks
+    if len(fake) != int(getattr(ds, "NumberOfFrames", 1) or 1):
+        raise GeometryError(
+            f"{path}: has {len(fake)} per-frame functional group items for "
+            f"{int(getattr(ds, 'NumberOfFrames', 1) or 1)} frames; the header is inconsistent."
+        )
+    ordered, checks, affine, ncols = _check_stack(fake, options)
+    order = tuple(int(str(p).rsplit("#frame", 1)[1]) - 1 for p, _ in ordered)
+    if order != tuple(range(len(order))):
+        checks.append(GeometryCheck("frame_order", "passed",
+                                    "frames stored out of spatial order: sorted along the normal"))
+    return checks, affine, ncols, order
 
 
 def validate_dicom(path: str | Path, *, series_uid: str | None = None,
@@ -490,12 +599,25 @@ def validate_dicom(path: str | Path, *, series_uid: str | None = None,
         ds = _read_header(p)
         n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         checks = [check_voxel_limit(int(ds.Rows) * int(ds.Columns) * n_frames, str(p), options)]
+        float_pixels, rescale = _rescale_check([ds], str(p))
+        checks.append(rescale)
+        order = None
         if n_frames > 1:
-            checks += _check_multiframe(p, ds, options)
+            more, affine, ncols, order = _check_multiframe(p, ds, options)
+            checks += more
         else:
+            if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+                raise GeometryError(
+                    f"{p}: is a single 2-D image without Image Position/Orientation (Patient) "
+                    f"(modality {getattr(ds, 'Modality', '?')}, e.g. CR, DX or a secondary "
+                    "capture): it has no place in 3-D space, and the models here need a 3-D "
+                    "volume. Give a CT/MR series folder or a multi-frame volume instead."
+                )
+            _, _, affine, ncols = _check_stack([(p, ds)], options)
             checks.append(GeometryCheck("slice_spacing", "not_applicable", "single image"))
         return DicomSelection(None, (p,), (ds,), str(getattr(ds, "SeriesInstanceUID", "")),
-                              tuple(checks), n_frames)
+                              tuple(checks), n_frames, header_affine=affine,
+                              header_columns=ncols, frame_order=order, float_pixels=float_pixels)
 
     series, checks = _scan_folder(p, options)
     if series_uid is not None:
@@ -525,13 +647,18 @@ def validate_dicom(path: str | Path, *, series_uid: str | None = None,
         )
     checks.append(check_voxel_limit(int(ds0.Rows) * int(ds0.Columns) * n_frames * len(items),
                                     str(p), options))
+    order = None
     if n_frames > 1:
-        checks += _check_multiframe(items[0][0], ds0, options)
+        more, affine, ncols, order = _check_multiframe(items[0][0], ds0, options)
+        checks += more
     else:
-        items, stack_checks = _check_stack(items, options)
+        items, stack_checks, affine, ncols = _check_stack(items, options)
         checks += stack_checks
+    float_pixels, rescale = _rescale_check([d for _, d in items], str(p))
+    checks.append(rescale)
     return DicomSelection(p, tuple(f for f, _ in items), tuple(d for _, d in items), uid,
-                          tuple(checks), n_frames)
+                          tuple(checks), n_frames, header_affine=affine, header_columns=ncols,
+                          frame_order=order, float_pixels=float_pixels)
 
 
 # ---------------------------------------------------------------------------------------
@@ -594,14 +721,110 @@ def validate_nifti(path: str | Path, *, volume_index: int | None = None,
         )
     checks.append(GeometryCheck("volume_selection", "passed" if n_vol > 1 else "not_applicable",
                                 f"volume {volume_index} of {n_vol}" if n_vol > 1 else "3-D"))
-    sform = int(img.header["sform_code"]) if "sform_code" in img.header else 0
-    qform = int(img.header["qform_code"]) if "qform_code" in img.header else 0
-    if sform == 0 and qform == 0:
-        log.warning("%s: no qform/sform; the position in scanner space is unknown", p)
-        checks.append(GeometryCheck(
-            "scanner_position", "warned",
-            "no qform/sform in the header: voxel spacing only, scanner position unknown"))
-    else:
-        checks.append(GeometryCheck("scanner_position", "passed",
-                                    f"sform_code {sform}, qform_code {qform}"))
+    dtype = img.header.get_data_dtype()
+    if np.issubdtype(dtype, np.complexfloating):
+        msg = (f"{p}: holds complex values ({dtype}); a CAM needs real intensities and the "
+               "imaginary part would be lost")
+        if options.complex_values != "magnitude":
+            raise GeometryError(
+                msg + ". Convert it to magnitude (or phase) first, or set "
+                "geometry.complex_values: magnitude to use the magnitude (recorded as a warning)."
+            )
+        log.warning("%s; using the magnitude (geometry.complex_values)", msg)
+        checks.append(GeometryCheck("complex_values", "warned",
+                                    f"complex {dtype} values: magnitude used"))
+    _, transform_checks = nifti_affine(img, p, options)
+    checks += transform_checks
     return img, checks
+
+
+def _usable_affine(a: np.ndarray) -> str | None:
+    """Why a voxel-to-world affine cannot place voxels (None if it can)."""
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        return "holds NaN or Inf values"
+    zooms = np.linalg.norm(a[:3, :3], axis=0)
+    if np.any(zooms <= 1e-9):
+        return f"has a zero voxel size (column lengths {zooms.round(6).tolist()} mm)"
+    if abs(float(np.linalg.det(a[:3, :3]))) <= 1e-9 * float(np.prod(zooms)):
+        return "is singular (its axes are not independent)"
+    unit = a[:3, :3] / zooms
+    off = unit.T @ unit - np.eye(3)
+    if float(np.max(np.abs(off))) > 1e-3:
+        return (f"is sheared (axes not orthogonal: largest cosine {float(np.max(np.abs(off))):.4f})"
+                "; a map could not be written with the same geometry")
+    return None
+
+
+def nifti_affine(img: Any, path: str | Path, options: GeometryOptions | None = None
+                 ) -> tuple[np.ndarray, list[GeometryCheck]]:
+    """The voxel-to-world (RAS) affine a NIfTI's header defines, checked.
+
+    The sform is used when set, else the qform, else the voxel sizes (position unknown,
+    a recorded warning), as nibabel does. A transform that is singular, has zero, negative
+    or non-finite voxel sizes, or is sheared is refused; an sform and a qform that disagree
+    by more than ``geometry_tolerance`` (mm) are refused unless ``options.nifti_transform``
+    names the one to use (a recorded warning). The check records which one was used.
+
+    Raises:
+        GeometryError: as above; the message names the file, the transform and the fix.
+    """
+    options = GeometryOptions.from_mapping(options)
+    hdr = img.header
+    p = Path(path)
+    sform_code = int(hdr["sform_code"]) if "sform_code" in hdr else 0
+    qform_code = int(hdr["qform_code"]) if "qform_code" in hdr else 0
+    zooms = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+    if sform_code == 0 and qform_code == 0:
+        if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+            raise GeometryError(
+                f"{p}: has no qform/sform and its voxel sizes (pixdim {zooms.tolist()}) are "
+                "zero, negative or not finite: the voxel size is unknown and none may be "
+                "assumed. Fix the header."
+            )
+        log.warning("%s: no qform/sform; the position in scanner space is unknown", p)
+        return np.asarray(img.affine, dtype=np.float64), [GeometryCheck(
+            "scanner_position", "warned",
+            "no qform/sform in the header: voxel spacing only, scanner position unknown")]
+    candidates: dict[str, np.ndarray] = {}
+    problems: dict[str, str] = {}
+    if sform_code > 0:
+        candidates["sform"] = np.asarray(hdr.get_sform(), dtype=np.float64)
+    if qform_code > 0:
+        candidates["qform"] = np.asarray(hdr.get_qform(), dtype=np.float64)
+        if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+            problems["qform"] = f"has zero, negative or non-finite voxel sizes (pixdim {zooms.tolist()})"
+    for name, a in candidates.items():
+        why = _usable_affine(a)
+        if why and name not in problems:
+            problems[name] = why
+    chosen = "sform" if "sform" in candidates else "qform"
+    conflict = ""
+    if len(candidates) == 2 and not problems:
+        diff = float(np.max(np.abs(candidates["sform"] - candidates["qform"])))
+        if diff > options.geometry_tolerance:
+            conflict = (f"its sform and qform disagree by up to {diff:.4g} mm (readers that "
+                        "prefer the qform, such as SimpleITK, would place it elsewhere)")
+    elif len(candidates) == 2 and len(problems) == 1:
+        bad = next(iter(problems))
+        conflict = f"its {bad} {problems[bad]} while its {'qform' if bad == 'sform' else 'sform'} is usable"
+    if len(problems) == len(candidates):
+        detail = "; ".join(f"its {k} {v}" for k, v in problems.items())
+        raise GeometryError(f"{p}: {detail}. The voxels cannot be placed in space; fix the header.")
+    if conflict:
+        pick = options.nifti_transform
+        if pick == "refuse" or pick not in candidates or pick in problems:
+            usable = [k for k in candidates if k not in problems]
+            raise GeometryError(
+                f"{p}: {conflict}. Fix the header, or set geometry.nifti_transform to "
+                f"{' or '.join(repr(u) for u in usable)} to choose the transform to use "
+                "(recorded as a warning)."
+            )
+        log.warning("%s: %s; using the %s (geometry.nifti_transform)", p, conflict, pick)
+        return candidates[pick], [GeometryCheck(
+            "nifti_transform", "warned", f"{conflict}; the {pick} was used (as chosen)")]
+    if chosen in problems:
+        raise GeometryError(f"{p}: its {chosen} {problems[chosen]}. Fix the header.")
+    other = " (the qform agrees)" if len(candidates) == 2 else ""
+    return candidates[chosen], [GeometryCheck(
+        "nifti_transform", "passed",
+        f"{chosen} used (sform_code {sform_code}, qform_code {qform_code}){other}")]

@@ -6,7 +6,11 @@
 * :func:`write_parametric_map`: a DICOM Parametric Map (highdicom) with float pixel data,
   one frame per source slice, referencing the source series, its quantity coded as a
   class-activation map, and the algorithm (name, version, method and parameters) identified
-  in the Contributing Equipment and the frames' derivation description.
+  in the Contributing Equipment and the frames' derivation description. Each frame's plane
+  position and orientation come from the loaded grid (slices sorted along the normal, for
+  multi-frame sources too), the Frame Anatomy is shared by all frames (dcmqi needs it), the
+  series-level Laterality is written only where the source states one, and a de-identified
+  source whose Type 2 patient/study attributes are missing or empty gives them empty.
 
 Both write atomically (temporary file, fsync, rename) and refuse to overwrite unless asked.
 No output path is ever built from a DICOM tag value.
@@ -133,6 +137,110 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from the
+# first source image: de-identification often removes them; DICOM then wants them empty.
+_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                      "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                      "AccessionNumber")
+
+# BodyPartExamined -> SNOMED CT anatomic region (CID 4031) for the Frame Anatomy.
+_BODY_PART_SCT = {
+    "HEAD": ("69536005", "Head"), "BRAIN": ("12738006", "Brain"),
+    "SKULL": ("89546000", "Skull"), "NECK": ("45048000", "Neck"),
+    "CHEST": ("51185008", "Chest"), "THORAX": ("51185008", "Chest"),
+    "LUNG": ("39607008", "Lung"), "HEART": ("80891009", "Heart"),
+    "BREAST": ("76752008", "Breast"), "ABDOMEN": ("818981001", "Abdomen"),
+    "LIVER": ("10200004", "Liver"), "KIDNEY": ("64033007", "Kidney"),
+    "PELVIS": ("816092008", "Pelvis"), "PROSTATE": ("41216001", "Prostate"),
+    "SPINE": ("421060004", "Spine"), "KNEE": ("72696002", "Knee"),
+}
+_WHOLE_BODY = ("38266002", "Entire body")
+_PAIRED_LATERALITY = {"R", "L"}
+
+
+def _deidentified_safe(datasets: list[Any]) -> list[Any]:
+    """Copies of the source headers with missing Type 2 patient/study attributes empty and
+    a Patient's Sex outside DICOM's enumeration (M, F, O) emptied (the originals are kept)."""
+    import copy
+
+    out = []
+    for ds in datasets:
+        d = copy.copy(ds)  # shallow: only top-level attributes are replaced
+        for keyword in _TYPE2_FROM_SOURCE:
+            if keyword not in d or d.get(keyword) is None:
+                setattr(d, keyword, "")
+        if str(d.PatientSex or "").upper() not in {"M", "F", "O", ""}:
+            d.PatientSex = ""
+        elif d.PatientSex:
+            d.PatientSex = str(d.PatientSex).upper()
+        out.append(d)
+    return out
+
+
+def _frame_anatomy(src: Any) -> Any:
+    """The Frame Anatomy functional group item: the source's anatomic region where it has
+    one (or its Body Part Examined), else the entire body; its laterality, else unpaired."""
+    from pydicom import Dataset
+
+    region = None
+    shared = getattr(src, "SharedFunctionalGroupsSequence", None)
+    for holder in ([shared[0]] if shared else []) + [src]:
+        fa = getattr(holder, "FrameAnatomySequence", None)
+        if fa and "AnatomicRegionSequence" in fa[0]:
+            region = fa[0].AnatomicRegionSequence[0]
+            break
+        if "AnatomicRegionSequence" in holder:
+            region = holder.AnatomicRegionSequence[0]
+            break
+    if region is None or not all(k in region for k in ("CodeValue", "CodingSchemeDesignator",
+                                                       "CodeMeaning")):
+        value, meaning = _BODY_PART_SCT.get(str(getattr(src, "BodyPartExamined", "") or "")
+                                            .upper(), _WHOLE_BODY)
+        region = Dataset()
+        region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = value, "SCT", meaning
+    else:
+        code = Dataset()
+        code.CodeValue = region.CodeValue
+        code.CodingSchemeDesignator = region.CodingSchemeDesignator
+        code.CodeMeaning = region.CodeMeaning
+        region = code
+    laterality = str(getattr(src, "Laterality", "") or getattr(src, "ImageLaterality", "")
+                     or "").upper()
+    item = Dataset()
+    item.AnatomicRegionSequence = [region]
+    item.FrameLaterality = laterality if laterality in {"R", "L", "B", "U"} else "U"
+    return item
+
+
+def _plane_geometry(affine: np.ndarray, n_slices: int) -> tuple[Any, Any, list[Any]]:
+    """highdicom pixel measures, plane orientation and per-frame positions of the grid
+    ``affine`` (RAS, index (column, row, slice)) in DICOM patient coordinates (LPS)."""
+    import highdicom as hd
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+    col_step, row_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    col_sp, row_sp = float(np.linalg.norm(col_step)), float(np.linalg.norm(row_step))
+    normal = np.cross(col_step / col_sp, row_step / row_sp)
+    gap = abs(float(slice_step @ normal))
+    measures = hd.PixelMeasuresSequence(
+        pixel_spacing=[row_sp, col_sp], slice_thickness=gap if gap > 0 else None,
+        spacing_between_slices=gap if n_slices > 1 and gap > 0 else None)
+    orientation = hd.PlaneOrientationSequence(
+        hd.CoordinateSystemNames.PATIENT,
+        [float(v) for v in (*(col_step / col_sp), *(row_step / row_sp))])
+    positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                          [float(v) for v in (lps @ [0.0, 0.0, k, 1.0])[:3]])
+                 for k in range(n_slices)]
+    return measures, orientation, positions
+
+
+class _NoHeaderValues:
+    """A logging filter dropping highdicom's warnings that quote header values (a name)."""
+
+    def filter(self, record: Any) -> bool:
+        return "patient_name" not in str(record.msg)
+
+
 def write_parametric_map(
     cam_map: Any,
     scan_info: Any,
@@ -168,7 +276,6 @@ def write_parametric_map(
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import ExplicitVRLittleEndian
 
     p = check_writable(path, overwrite=overwrite)
     if scan_info.format != "dicom":
@@ -179,7 +286,7 @@ def write_parametric_map(
             f"the map (shape {data.shape}) is not on the source grid {tuple(scan_info.shape)}; "
             "invert the preprocessing first."
         )
-    sources = scan_info.source_datasets()
+    sources = _deidentified_safe(scan_info.source_datasets())
     if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         src = sources[0]
         if "PerFrameFunctionalGroupsSequence" not in src or not any(
@@ -219,7 +326,47 @@ def write_parametric_map(
         software_versions=__version__,
         contribution_description=description,
     )
-    pm = hd.pm.ParametricMap(
+    measures, orientation, positions = _plane_geometry(scan_info.affine, frames.shape[0])
+    quiet = _NoHeaderValues()
+    hd_logs = [logging.getLogger(name) for name in ("highdicom", "highdicom.base")]
+    for lg in hd_logs:
+        lg.addFilter(quiet)
+    try:
+        pm = _parametric_map(hd, sources, frames, rwvm, equipment, method, int(series_number),
+                             measures, orientation, positions)
+    finally:
+        for lg in hd_logs:
+            lg.removeFilter(quiet)
+    pm.SeriesDescription = _truncate(series_description, 64)
+    if "ContentCreatorName" not in pm:
+        pm.ContentCreatorName = ""  # Type 2 in Content Identification: present, empty
+    # General Series Laterality (Type 2C) only where the source states a paired side:
+    # an empty value is flagged by dciodvfy once Frame Anatomy is present.
+    laterality = str(getattr(sources[0], "Laterality", "") or "").upper()
+    if laterality in _PAIRED_LATERALITY:
+        pm.Laterality = laterality
+    elif "Laterality" in pm:
+        del pm.Laterality
+    pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [_frame_anatomy(sources[0])]
+    for fg in pm.PerFrameFunctionalGroupsSequence:
+        for item in getattr(fg, "DerivationImageSequence", []):
+            item.DerivationDescription = description
+    pm.preamble = b"\x00" * 128
+    import io
+
+    buf = io.BytesIO()
+    pm.save_as(buf, enforce_file_format=True)
+    atomic_write_bytes(p, buf.getvalue(), overwrite=overwrite)
+    log.info("wrote DICOM Parametric Map %s (%d frames)", p, frames.shape[0])
+    return p
+
+
+def _parametric_map(hd: Any, sources: list[Any], frames: np.ndarray, rwvm: Any,
+                    equipment: Any, method: str, series_number: int, measures: Any,
+                    orientation: Any, positions: list[Any]) -> Any:
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    return hd.pm.ParametricMap(
         source_images=sources,
         pixel_array=frames,
         series_instance_uid=hd.UID(),
@@ -238,18 +385,7 @@ def write_parametric_map(
         content_creator_name=None,
         content_label="ICAM",
         contributing_equipment=[equipment],
+        pixel_measures=measures,
+        plane_orientation=orientation,
+        plane_positions=positions,
     )
-    pm.SeriesDescription = _truncate(series_description, 64)
-    # General Series Laterality is Type 2C; carry the source's, else send it empty (unknown).
-    pm.Laterality = str(getattr(sources[0], "Laterality", "") or "")
-    for fg in pm.PerFrameFunctionalGroupsSequence:
-        for item in getattr(fg, "DerivationImageSequence", []):
-            item.DerivationDescription = description
-    pm.preamble = b"\x00" * 128
-    import io
-
-    buf = io.BytesIO()
-    pm.save_as(buf, enforce_file_format=True)
-    atomic_write_bytes(p, buf.getvalue(), overwrite=overwrite)
-    log.info("wrote DICOM Parametric Map %s (%d frames)", p, frames.shape[0])
-    return p

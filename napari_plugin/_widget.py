@@ -48,8 +48,8 @@ from napari_plugin._layers import (
     ras_affine,
 )
 
-__all__ = ["ExplainJobResult", "ExplainWidget", "engine_choice_options", "layer_to_volume",
-           "method_options_accepted"]
+__all__ = ["ExplainJobResult", "ExplainWidget", "config_choices", "engine_choice_options",
+           "layer_to_volume", "method_options_accepted"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,16 @@ def engine_choice_options() -> dict[str, tuple[str, ...]]:
         if option in accepted:
             options[option] = values
     return options
+
+
+def config_choices() -> list[tuple[str, str]]:
+    """The config drop-down: the packaged configs (demo first), then "other file..."."""
+    try:
+        found = packaged_configs()
+    except RuntimeError as exc:  # package data missing from a broken installation
+        log.warning("%s", exc)
+        found = []
+    return [(p.name, str(p)) for p in found] + [(_OTHER_FILE, _OTHER_FILE)]
 
 
 @dataclass(frozen=True)
@@ -355,13 +365,7 @@ class ExplainWidget(Container):
                 and (lay.metadata.get(METADATA_KEY) or {}).get("kind", "scan") == "scan"]
 
     def _config_choices(self, _w: Any = None) -> list:
-        """The packaged configs (demo first), then "other file..." for one of the user's."""
-        try:
-            found = packaged_configs()
-        except RuntimeError as exc:  # package data missing from a broken installation
-            log.warning("%s", exc)
-            found = []
-        return [(p.name, str(p)) for p in found] + [(_OTHER_FILE, _OTHER_FILE)]
+        return config_choices()
 
     def _model_labels(self) -> tuple:
         try:

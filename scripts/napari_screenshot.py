@@ -11,6 +11,7 @@ captures the whole window. Run under a display (or `xvfb-run -a`):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="accept a config without weights (the map is then meaningless)")
     args = parser.parse_args(argv)
 
+    # the checkout's sample scans (as make demo), not the user cache
+    os.environ.setdefault("ICAM_MED_SAMPLE_DIR", str(REPO / "sample_data" / "scans"))
     from icam_med.config import load_config
 
     cfg = load_config(args.config)

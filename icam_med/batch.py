@@ -37,21 +37,35 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from icam_med._version import __version__
-from icam_med.audit import Ledger, sha256_file, verify_folder, voxel_sha256
+from icam_med.audit import (
+    AuditRecord,
+    Ledger,
+    LedgerEntry,
+    RecordError,
+    resolve_inside,
+    sha256_file,
+    verify_folder,
+    voxel_sha256,
+)
 from icam_med.audit.ledger import FolderLock
 from icam_med.audit.phi import load_site_key
+from icam_med.audit.record import RecordAnalysis
+from icam_med.audit.trail import AuditContext
+from icam_med.cam.summary import map_statistics
 from icam_med.config import ICAMConfig, load_config
 from icam_med.discovery import ScanSpec, collect_scans
 
-__all__ = ["BatchResult", "map_analysis", "run_batch", "write_summary"]
+__all__ = ["MODEL_CACHE", "BatchResult", "ModelCache", "ResumePlan", "ScanOutcome", "WorkerTask",
+           "choose_backend", "commit_outcome", "explain_task", "map_analysis", "plan_resume",
+           "run_batch", "summary_rows", "worker_task", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +82,87 @@ SUMMARY_COLUMNS = (
 # ---------------------------------------------------------------------------------------
 # Work done by a worker (this process, a local process, or a Dask worker)
 # ---------------------------------------------------------------------------------------
-_PREPARED: dict[str, Any] = {}
-_PREPARE_COUNT = 0
-_WORKER_LOCK = threading.Lock()  # one model per process: scans go through it one at a time
+class ModelCache:
+    """The prepared model of one process, loaded once and kept for every scan it explains.
+
+    One config at a time: asking for another key drops the old model first. The lock makes
+    scans go through the one model one at a time (Dask runs tasks on threads).
+
+    Attributes:
+        prepare_count: how many times this process prepared a model.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.prepare_count = 0
+        self._key: str | None = None
+        self._prepared: Any = None
+
+    def get(self, key: str, config: ICAMConfig, device: str) -> Any:
+        """The prepared model for ``key`` (call with :attr:`lock` held)."""
+        if key != self._key:
+            from icam_med.explain import prepare
+
+            self._key, self._prepared = None, None  # don't keep an old model alive
+            self._prepared = prepare(config, device)
+            self._key = key
+            self.prepare_count += 1
+            log.info("process %d prepared model '%s'", os.getpid(), config.model.name)
+        return self._prepared
 
 
-def _prepared(key: str, config: ICAMConfig, device: str) -> Any:
-    """The prepared model for ``key``, loaded once per process and kept."""
-    global _PREPARE_COUNT
-    if key not in _PREPARED:
-        from icam_med.explain import prepare
+#: This process's model cache: the module's only state (each worker process has its own).
+MODEL_CACHE = ModelCache()
 
-        _PREPARED.clear()  # one config at a time: don't keep old models alive
-        _PREPARED[key] = prepare(config, device)
-        _PREPARE_COUNT += 1
-        log.info("process %d prepared model '%s'", os.getpid(), config.model.name)
-    return _PREPARED[key]
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """What every worker needs for every scan of a run.
+
+    Attributes:
+        key: identifies the config and the weights' hash (the model cache's key).
+        config: the run config, its weights pinned to the hash the run recorded.
+        device: torch device.
+        seed: torch seed set before each scan, or ``None``.
+    """
+
+    key: str
+    config: ICAMConfig
+    device: str
+    seed: int | None
+
+
+@dataclass
+class ScanOutcome:
+    """What a worker sends back for one scan: an explanation to write, or why it failed.
+
+    Attributes:
+        scan_id: the scan.
+        pid: the worker process (``None`` when the worker died).
+        explanation: the :class:`~icam_med.explain.Explanation` (engine internals dropped).
+        analysis: the record's ``analysis`` section (see :func:`map_analysis`).
+        error: ``"<ExceptionType>: <message>"`` when the scan failed.
+        prepare_count: how many times that worker had prepared a model.
+        seconds: time spent on the worker.
+    """
+
+    scan_id: str
+    pid: int | None = None
+    explanation: Any = None
+    analysis: dict[str, Any] | None = None
+    error: str | None = None
+    prepare_count: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.explanation is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe view (the explanation itself stays in memory)."""
+        return {"scan_id": self.scan_id, "pid": self.pid, "ok": self.ok, "error": self.error,
+                "analysis": self.analysis, "prepare_count": self.prepare_count,
+                "seconds": self.seconds}
 
 
 def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: str | None = None,
@@ -102,26 +181,11 @@ def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: s
     Raises:
         ValueError: the mask's shape differs from the map's.
     """
-    a = fused.detach().cpu().numpy() if hasattr(fused, "detach") else np.asarray(fused)
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim == 4:
-        a = a[0]
-    total = float(a.sum())
-    peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(a)), a.shape))
-    world = np.asarray(affine, dtype=float) @ np.r_[np.asarray(peak, float), 1.0]
-    if total > 0:
-        grids = np.indices(a.shape, dtype=np.float64)
-        centroid = [round(float((g * a).sum() / total), 3) for g in grids]
-    else:
-        centroid = None
-    stats = {
-        "min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()),
-        "std": float(a.std()), "frac_above_0.5": float((a > 0.5).mean()),
-        "peak_voxel": list(peak), "peak_world_ras_mm": [round(float(v), 3) for v in world[:3]],
-        "centroid_voxel": centroid,
-    }
+    stats = map_statistics(fused, affine)
     mask_fraction = mask_sha = None
     if mask is not None:
+        a = fused.detach().cpu().numpy() if hasattr(fused, "detach") else np.asarray(fused)
+        a = np.asarray(a, dtype=np.float64).reshape(stats.shape)
         m = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
         m = m[0] if m.ndim == a.ndim + 1 else m
         if m.shape != a.shape:
@@ -129,63 +193,68 @@ def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: s
                 f"mask has shape {m.shape} but the scan's map has {a.shape}; the mask must be "
                 "on the scan's own grid."
             )
+        total = float(a.sum())
         mask_sha = voxel_sha256(m)
         mask_fraction = float((a * (m != 0)).sum() / total) if total > 0 else None
     disagrees = None
     if expected_label is not None:
         disagrees = str(expected_label) not in {str(predicted_label), str(predicted_class)}
-    return {"expected_label": expected_label, "disagrees": disagrees, "map_stats": stats,
-            "mask_fraction": mask_fraction, "mask_sha256": mask_sha}
+    return {"expected_label": expected_label, "disagrees": disagrees,
+            "map_stats": stats.to_dict(), "mask_fraction": mask_fraction,
+            "mask_sha256": mask_sha}
 
 
-def _explain_task(key: str, config: ICAMConfig, device: str, spec: ScanSpec,
-                  seed: int | None) -> dict[str, Any]:
-    """Load and explain one scan on a worker; never raises (failures are results)."""
+def _load_mask(spec: ScanSpec, info: Any, geometry: Any) -> Any:
+    """The scan's mask, refused unless it lies on the scan's grid."""
+    from icam_med.io import load_volume
+
+    mask, mask_info = load_volume(spec.mask, geometry=geometry)
+    if not np.allclose(np.asarray(mask_info.affine), np.asarray(info.affine), atol=1e-3):
+        raise ValueError(
+            f"mask {spec.mask} is not on the grid of scan {spec.path} (different affine); "
+            "give a mask resampled to the scan."
+        )
+    return mask
+
+
+def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
+    """Load and explain one scan on a worker; never raises (failures are outcomes)."""
     started = time.perf_counter()
-    outcome: dict[str, Any] = {"scan_id": spec.scan_id, "pid": os.getpid()}
+    outcome = ScanOutcome(scan_id=spec.scan_id, pid=os.getpid())
     try:
         import torch
 
         from icam_med.explain import explain_volume
         from icam_med.io import load_volume
 
-        with _WORKER_LOCK:
-            prepared = _prepared(key, config, device)
-            image, info = load_volume(spec.path, geometry=config.geometry)
-            if seed is not None:
-                torch.manual_seed(seed)
+        with MODEL_CACHE.lock:
+            prepared = MODEL_CACHE.get(task.key, task.config, task.device)
+            image, info = load_volume(spec.path, geometry=task.config.geometry)
+            if task.seed is not None:
+                torch.manual_seed(task.seed)
             explanation = explain_volume(image, info, prepared)
-            mask = None
-            if spec.mask is not None:
-                mask, mask_info = load_volume(spec.mask, geometry=config.geometry)
-                if not np.allclose(np.asarray(mask_info.affine), np.asarray(info.affine),
-                                   atol=1e-3):
-                    raise ValueError(
-                        f"mask {spec.mask} is not on the grid of scan {spec.path} (different "
-                        "affine); give a mask resampled to the scan."
-                    )
+            mask = _load_mask(spec, info, task.config.geometry) if spec.mask else None
             analysis = map_analysis(
                 explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,
-                predicted_class=explanation.result.get("predicted_class"),
+                predicted_class=explanation.result.predicted_class,
                 predicted_label=explanation.predicted_label)
         # What the coordinator needs to write; the engine's internals stay here.
         explanation.cam_result = None
         explanation.preprocessed = None
-        outcome.update(explanation=explanation, analysis=analysis)
+        outcome.explanation, outcome.analysis = explanation, analysis
     except Exception as exc:  # a bad scan fails alone; the reason travels back
-        outcome["error"] = f"{type(exc).__name__}: {exc}"
-    outcome["prepare_count"] = _PREPARE_COUNT
-    outcome["seconds"] = time.perf_counter() - started
+        outcome.error = f"{type(exc).__name__}: {exc}"
+    outcome.prepare_count = MODEL_CACHE.prepare_count
+    outcome.seconds = time.perf_counter() - started
     return outcome
 
 
 # ---------------------------------------------------------------------------------------
 # Backends: each yields outcomes as they complete
 # ---------------------------------------------------------------------------------------
-def _run_local(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
-               seed: int | None) -> Iterator[dict[str, Any]]:
+def _run_local(task: WorkerTask, scans: Sequence[ScanSpec]) -> Iterator[ScanOutcome]:
     for spec in scans:
-        yield _explain_task(key, cfg, device, spec, seed)
+        yield explain_task(task, spec)
 
 
 def _set_threads(n: int) -> None:
@@ -194,8 +263,13 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _run_processes(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
-                   seed: int | None, workers: int) -> Iterator[dict[str, Any]]:
+def _lost(spec: ScanSpec, exc: BaseException) -> ScanOutcome:
+    """The outcome of a scan whose worker died (killed by the OOM killer, say)."""
+    return ScanOutcome(scan_id=spec.scan_id, pid=None, error=f"{type(exc).__name__}: {exc}")
+
+
+def _run_processes(task: WorkerTask, scans: Sequence[ScanSpec],
+                   workers: int) -> Iterator[ScanOutcome]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -203,21 +277,19 @@ def _run_processes(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanS
     threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscription of the cores
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(_explain_task, key, cfg, device, s, seed): s for s in scans}
+        futures = {pool.submit(explain_task, task, s): s for s in scans}
         try:
             for fut in as_completed(futures):
                 try:
                     yield fut.result()
-                except Exception as exc:  # e.g. a worker killed by the OOM killer
-                    yield {"scan_id": futures[fut].scan_id, "pid": None,
-                           "error": f"{type(exc).__name__}: {exc}"}
+                except Exception as exc:
+                    yield _lost(futures[fut], exc)
         finally:
             for fut in futures:
                 fut.cancel()
 
 
-def _run_dask(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
-              seed: int | None, cluster: Any) -> Iterator[dict[str, Any]]:
+def _run_dask(task: WorkerTask, scans: Sequence[ScanSpec], cluster: Any) -> Iterator[ScanOutcome]:
     from distributed import Client, as_completed
 
     if isinstance(cluster, Client):
@@ -225,8 +297,8 @@ def _run_dask(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
     else:  # an address or a cluster object
         client, own = Client(cluster), True
     try:
-        [cfg_future] = client.scatter([cfg], broadcast=True)
-        futures = {client.submit(_explain_task, key, cfg_future, device, s, seed, pure=False,
+        [task_future] = client.scatter([task], broadcast=True)
+        futures = {client.submit(explain_task, task_future, s, pure=False,
                                  key=f"icam-med-{s.scan_id}-{uuid.uuid4().hex[:8]}"): s
                    for s in scans}
         try:
@@ -234,13 +306,23 @@ def _run_dask(key: str, cfg: ICAMConfig, device: str, scans: Sequence[ScanSpec],
                 try:
                     yield fut.result()
                 except Exception as exc:  # a worker died: the scan fails, the batch goes on
-                    yield {"scan_id": futures[fut].scan_id, "pid": None,
-                           "error": f"{type(exc).__name__}: {exc}"}
+                    yield _lost(futures[fut], exc)
         finally:
             client.cancel(list(futures))
     finally:
         if own:
             client.close()
+
+
+def choose_backend(task: WorkerTask, todo: Sequence[ScanSpec], *, workers: int = 0,
+                   cluster: Any = None) -> tuple[str, Iterator[ScanOutcome]]:
+    """``(backend name, outcomes)``: Dask when a cluster is given, else ``workers`` local
+    processes, else this process. Outcomes come as scans complete."""
+    if cluster is not None:
+        return "dask", _run_dask(task, todo, cluster)
+    if workers and workers > 0:
+        return f"processes:{workers}", _run_processes(task, todo, workers)
+    return "local", _run_local(task, todo)
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,14 +379,31 @@ def _check_output_folder(out: Path) -> Path:
     return out.resolve()
 
 
-def _config_key(cfg: ICAMConfig) -> str:
+def _weights_sha256(cfg: ICAMConfig) -> str | None:
+    """The run's one hash of the weights file (refused here if the config pins another)."""
+    weights = cfg.model.weights
+    if not weights or not Path(weights).is_file():
+        return None  # the workers report the missing file, scan by scan
+    sha = sha256_file(weights)
+    if cfg.model.weights_sha256 is not None and sha != cfg.model.weights_sha256:
+        raise ValueError(
+            f"weights file {weights} has SHA-256 {sha}, but the config expects "
+            f"{cfg.model.weights_sha256}: refusing to load weights that are not the audited "
+            "ones. Nothing was processed."
+        )
+    return sha
+
+
+def worker_task(cfg: ICAMConfig, weights_sha256: str | None, device: str,
+                seed: int | None) -> WorkerTask:
+    """The task every worker gets: the config with its weights pinned to the hash this run
+    records, so a worker that reads other bytes refuses them instead of using them."""
     from icam_med.audit import sha256_json
 
-    weights = cfg.model.weights
-    return sha256_json({
-        "raw": cfg.raw, "path": str(cfg.path),
-        "weights": sha256_file(weights) if weights and Path(weights).is_file() else None,
-    })
+    if weights_sha256 is not None:
+        cfg = replace(cfg, model=replace(cfg.model, weights_sha256=weights_sha256))
+    key = sha256_json({"raw": cfg.raw, "path": str(cfg.path), "weights": weights_sha256})
+    return WorkerTask(key=key, config=cfg, device=device, seed=seed)
 
 
 def _without_input_paths(text: str, spec: ScanSpec) -> str:
@@ -325,11 +424,110 @@ def _clean_leftovers(out: Path, scan_id: str) -> None:
         shutil.rmtree(folder)
 
 
+@dataclass
+class ResumePlan:
+    """Which scans a run does.
+
+    Attributes:
+        todo: scans to explain now.
+        skipped: scans whose logged outputs still verify (done by an earlier run).
+        refused: scan id -> why it is neither done nor redone (its logged outputs no longer
+            verify: they are kept as evidence).
+    """
+
+    todo: list[ScanSpec] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec]) -> ResumePlan:
+    """Sort the scans into done, refused and to do, from the folder's verification.
+
+    Raises:
+        ValueError: the ledger's chain is broken (nothing is done in such a folder).
+    """
+    ledger.repair_torn_tail()
+    done: dict[str, int] = {}
+    tampered: dict[str, str] = {}
+    if ledger.path.exists():
+        report = verify_folder(out)
+        broken = [p for p in report.problems if p.kind == "ledger"]
+        if broken:
+            raise ValueError(
+                f"the ledger of {out} is broken ({broken[0]}); run `icam-med verify {out}`, "
+                "keep the folder as evidence and audit into a new folder."
+            )
+        done = dict(report.verified_scans)
+        for p in report.problems:
+            if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
+                tampered.setdefault(p.scan_id, str(p))
+    plan = ResumePlan()
+    for spec in scans:
+        if spec.scan_id in done:
+            plan.skipped.append(spec.scan_id)
+        elif spec.scan_id in tampered:
+            plan.refused[spec.scan_id] = (
+                f"its logged outputs no longer verify ({tampered[spec.scan_id]}); they are "
+                "kept as evidence and not redone: audit into a new folder")
+        else:
+            plan.todo.append(spec)
+    return plan
+
+
+def commit_outcome(out: Path, ledger: Ledger, spec: ScanSpec, outcome: ScanOutcome,
+                   ctx: AuditContext, result: BatchResult) -> None:
+    """Write one scan's outputs, record and ledger entry, or log its failure (never both)."""
+    from icam_med.explain import write_explanation
+
+    if outcome.pid is not None and outcome.prepare_count is not None:
+        result.prepare_counts[outcome.pid] = outcome.prepare_count
+    error = outcome.error
+    if error is None:
+        try:
+            write_explanation(outcome.explanation, out / SCANS_DIR / spec.scan_id,
+                              audit=replace(ctx, scan_id=spec.scan_id,
+                                            analysis=outcome.analysis))
+            result.done.append(spec.scan_id)
+            return
+        except Exception as exc:  # a scan that cannot be written fails alone
+            error = f"{type(exc).__name__}: {exc}"
+            _clean_leftovers(out, spec.scan_id)
+    entry = ledger.log_failure(spec.scan_id, _without_input_paths(error, spec),
+                               run_id=result.run_id)
+    result.failed[spec.scan_id] = entry.data["reason"]
+    log.warning("scan %s failed: %s", spec.scan_id, entry.data["reason"])
+
+
+def _commit_all(out: Path, ledger: Ledger, todo: Sequence[ScanSpec],
+                outcomes: Iterator[ScanOutcome], ctx: AuditContext, result: BatchResult,
+                progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    by_id = {s.scan_id: s for s in todo}
+    bar = tqdm(total=len(todo), unit="scan", desc="icam-med audit", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for outcome in outcomes:
+            commit_outcome(out, ledger, by_id[outcome.scan_id], outcome, ctx, result)
+            bar.update(1)
+            bar.set_postfix(failed=len(result.failed), refresh=False)
+    finally:
+        bar.close()
+        close = getattr(outcomes, "close", None)
+        if close is not None:
+            close()
+
+
 def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
               out_dir: str | Path, *, workers: int = 0, cluster: Any = None,
               device: str = "cpu", operator: str | None = None, seed: int | None = 0,
               progress: bool = True) -> BatchResult:
     """Explain many scans into one audited output folder (resumable).
+
+    The steps: check the inputs (folder, config, site key, scan list, weights hash), take
+    the folder's lock, :func:`plan_resume`, log ``run-start``, :func:`choose_backend`, run,
+    :func:`commit_outcome` for each scan as it completes, log ``run-end``, rewrite
+    ``summary.csv``.
 
     Args:
         inputs: see :func:`collect_scans`.
@@ -349,12 +547,9 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     Raises:
         PermissionError: the output folder cannot be written (checked before any work).
         FileExistsError: another run holds the folder's lock.
-        ValueError / FileNotFoundError: bad config (site key included), bad scan list, or a
-            damaged ledger.
+        ValueError / FileNotFoundError: bad config (site key included), weights that differ
+            from the config's pin, bad scan list, or a damaged ledger.
     """
-    from icam_med.audit.trail import AuditContext
-    from icam_med.explain import write_explanation
-
     t0 = time.perf_counter()
     if cluster is not None:
         try:
@@ -368,91 +563,28 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     scans = collect_scans(inputs)
     if operator is not None and (not operator.strip() or len(operator) > 64):
         raise ValueError(f"--operator {operator!r}: give a short pseudonymous id (1-64 chars).")
+    weights_sha = _weights_sha256(cfg)  # the run's one read of the weights file
+    task = worker_task(cfg, weights_sha, device, seed)
     result = BatchResult(out_dir=out, run_id=uuid.uuid4().hex, n_scans=len(scans))
     with FolderLock(out):
         ledger = Ledger(out)
-        ledger.repair_torn_tail()
-        done: dict[str, int] = {}
-        tampered: dict[str, str] = {}
-        if ledger.path.exists():
-            report = verify_folder(out)
-            broken = [p for p in report.problems if p.kind == "ledger"]
-            if broken:
-                raise ValueError(
-                    f"the ledger of {out} is broken ({broken[0]}); run `icam-med verify {out}`, "
-                    "keep the folder as evidence and audit into a new folder."
-                )
-            done = dict(report.verified_scans)
-            for p in report.problems:
-                if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
-                    tampered.setdefault(p.scan_id, str(p))
-        todo = []
-        for spec in scans:
-            if spec.scan_id in done:
-                result.skipped.append(spec.scan_id)
-            elif spec.scan_id in tampered:
-                result.failed[spec.scan_id] = (
-                    f"its logged outputs no longer verify ({tampered[spec.scan_id]}); they are "
-                    "kept as evidence and not redone: audit into a new folder")
-            else:
-                todo.append(spec)
+        plan = plan_resume(out, ledger, scans)
+        result.skipped, result.failed = list(plan.skipped), dict(plan.refused)
+        backend, outcomes = choose_backend(task, plan.todo, workers=workers, cluster=cluster)
         ledger.append("run-start", run_id=result.run_id, details={
             "command": "audit", "icam_med_version": __version__, "n_scans": len(scans),
-            "n_todo": len(todo), "n_already_done": len(result.skipped),
+            "n_todo": len(plan.todo), "n_already_done": len(plan.skipped),
             "config_sha256": sha256_file(cfg.path) if cfg.path else None,
-            "model_weights_sha256": (sha256_file(cfg.model.weights)
-                                     if cfg.model.weights and Path(cfg.model.weights).is_file()
-                                     else None),
-            "backend": "dask" if cluster is not None else
-                       (f"processes:{workers}" if workers else "local"),
+            "model_weights_sha256": weights_sha, "backend": backend,
             "device": device, "seed": seed, "operator": operator,
         })
-        for scan_id, reason in result.failed.items():
+        for scan_id, reason in plan.refused.items():
             ledger.log_failure(scan_id, reason, run_id=result.run_id)
-        for spec in todo:
+        for spec in plan.todo:
             _clean_leftovers(out, spec.scan_id)
-        key = _config_key(cfg)
-        if cluster is not None:
-            outcomes = _run_dask(key, cfg, device, todo, seed, cluster)
-        elif workers and workers > 0:
-            outcomes = _run_processes(key, cfg, device, todo, seed, workers)
-        else:
-            outcomes = _run_local(key, cfg, device, todo, seed)
-        by_id = {s.scan_id: s for s in todo}
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), unit="scan", desc="icam-med audit", disable=not progress,
-                   dynamic_ncols=True)
-        try:
-            for outcome in outcomes:
-                spec = by_id[outcome["scan_id"]]
-                if outcome.get("pid") is not None and "prepare_count" in outcome:
-                    result.prepare_counts[outcome["pid"]] = outcome["prepare_count"]
-                error = outcome.get("error")
-                if error is None:
-                    try:
-                        ctx = AuditContext(
-                            root=out, run_id=result.run_id, scan_id=spec.scan_id,
-                            operator=operator, command="audit", seed=seed,
-                            site_key=site_key, analysis=outcome["analysis"])
-                        write_explanation(outcome["explanation"], out / SCANS_DIR / spec.scan_id,
-                                          audit=ctx)
-                        result.done.append(spec.scan_id)
-                    except Exception as exc:  # a scan that cannot be written fails alone
-                        error = f"{type(exc).__name__}: {exc}"
-                        _clean_leftovers(out, spec.scan_id)
-                if error is not None:
-                    entry = ledger.log_failure(spec.scan_id, _without_input_paths(error, spec),
-                                               run_id=result.run_id)
-                    result.failed[spec.scan_id] = entry.data["reason"]
-                    log.warning("scan %s failed: %s", spec.scan_id, entry.data["reason"])
-                bar.update(1)
-                bar.set_postfix(failed=len(result.failed), refresh=False)
-        finally:
-            bar.close()
-            close = getattr(outcomes, "close", None)
-            if close is not None:
-                close()
+        ctx = AuditContext(root=out, run_id=result.run_id, operator=operator,
+                           command="audit", seed=seed, site_key=site_key)
+        _commit_all(out, ledger, plan.todo, outcomes, ctx, result, progress)
         result.seconds = time.perf_counter() - t0
         ledger.append("run-end", run_id=result.run_id, details={
             "n_done": len(result.done), "n_failed": len(result.failed),
@@ -479,48 +611,53 @@ def summary_rows(out_dir: str | Path) -> list[dict[str, str]]:
 
     A scan's last event decides its row: a ``scan`` entry is ``ok``, a ``failure`` gives the
     reason (a failure after a ``scan`` entry means its outputs stopped verifying). Rows come
-    in the order scans first appear in the ledger.
+    in the order scans first appear in the ledger. Records are read through
+    :meth:`~icam_med.audit.AuditRecord.load` inside the folder only: a record that is missing,
+    outside the folder, or not a valid record gives an ``unreadable`` row saying why.
     """
-    import json
-
-    out = Path(out_dir)
-    latest: dict[str, Mapping[str, Any]] = {}
+    out = Path(out_dir).resolve()
+    latest: dict[str, LedgerEntry] = {}
     for entry in Ledger(out).entries():
         sid = entry.scan_id
         if entry.kind not in ("scan", "failure") or sid is None:
             continue
-        latest[sid] = entry.data  # the last event of a scan is its state
+        latest[sid] = entry  # the last event of a scan is its state
     rows = []
     for sid, e in latest.items():
         row = dict.fromkeys(SUMMARY_COLUMNS, "")
-        row.update(scan_id=sid, ledger_seq=str(e["seq"]))
-        if e["kind"] == "failure":
-            row.update(status="failed", reason=e.get("reason", ""))
+        row.update(scan_id=sid, ledger_seq=str(e.seq))
+        if e.kind == "failure":
+            row.update(status="failed", reason=e.reason or "")
             rows.append(row)
             continue
-        rec_path = out / e["record"]["path"]
+        ref = e.record
+        assert ref is not None  # the entry schema requires it for scan entries
+        path = resolve_inside(out, ref.path)
         try:
-            rec = json.loads(rec_path.read_text("utf-8"))
-        except (OSError, ValueError) as exc:
-            row.update(status="unreadable", reason=f"record {e['record']['path']}: {exc}")
+            if path is None:
+                raise RecordError(f"path {ref.path!r} leaves the audit folder", path=ref.path,
+                                  field="record.path")
+            rec = AuditRecord.load(path, root=out)
+        except RecordError as exc:
+            row.update(status="unreadable", reason=f"record {ref.path}: {exc.detail}")
             rows.append(row)
             continue
-        method = rec["method"]
-        analysis = rec.get("analysis") or {}
-        stats = analysis.get("map_stats") or {}
+        method, analysis = rec.method, rec.analysis or RecordAnalysis()
+        stats = analysis.map_stats
         row.update(
-            status="ok", record=e["record"]["path"],
-            predicted_class=_fmt(method["predicted"]["class_index"]),
-            predicted_label=_fmt(method["predicted"]["label"]),
-            target_label=_fmt(method["target"]["label"]), score=_fmt(method["score"]),
-            expected_label=_fmt(analysis.get("expected_label")),
-            disagrees=_fmt(analysis.get("disagrees")),
+            status="ok", record=ref.path,
+            predicted_class=_fmt(method.predicted.class_index),
+            predicted_label=_fmt(method.predicted.label),
+            target_label=_fmt(method.target.label), score=_fmt(method.score),
+            expected_label=_fmt(analysis.expected_label),
+            disagrees=_fmt(analysis.disagrees),
             map_min=_fmt(stats.get("min")), map_max=_fmt(stats.get("max")),
-            map_mean=_fmt(stats.get("mean")), **{"map_frac_above_0.5": _fmt(stats.get("frac_above_0.5"))},
+            map_mean=_fmt(stats.get("mean")),
+            **{"map_frac_above_0.5": _fmt(stats.get("frac_above_0.5"))},
             peak_voxel=_fmt(stats.get("peak_voxel")),
             peak_world_ras_mm=_fmt(stats.get("peak_world_ras_mm")),
             centroid_voxel=_fmt(stats.get("centroid_voxel")),
-            mask_fraction=_fmt(analysis.get("mask_fraction")),
+            mask_fraction=_fmt(analysis.mask_fraction),
         )
         rows.append(row)
     return rows

@@ -197,13 +197,17 @@ class Ledger:
     def read(self) -> tuple[list[LedgerEntry], list[LedgerError]]:
         """Every line parsed: ``(entries, errors)``, each in file order.
 
-        A line that is not an entry becomes a :class:`LedgerError` naming its line; a torn
-        last line (no newline) is one too. Hashes and the chain are not checked here (see
+        A line that is not an entry (an empty one included) becomes a :class:`LedgerError`
+        naming its line; a torn last line (no newline) is one too. Hashes and the chain are not checked here (see
         :func:`~icam_med.audit.verify.verify_folder`).
         """
         data = self._read_bytes()
+        if not data:
+            return [], []
         lines = data.split(b"\n")
-        torn = bool(data) and not data.endswith(b"\n")
+        torn = lines[-1] != b""
+        if not torn:
+            lines.pop()  # the newline ending the last entry
         entries: list[LedgerEntry] = []
         errors: list[LedgerError] = []
         for i, raw in enumerate(lines, start=1):
@@ -211,9 +215,7 @@ class Ledger:
                 errors.append(LedgerError("the last line is incomplete (torn write)",
                                           path=self.path, field="<entry>", line=i))
                 break
-            if not raw.strip():
-                continue
-            try:
+            try:  # an empty line is damage too: the ledger never writes one
                 entries.append(LedgerEntry.parse(raw, i, path=self.path))
             except LedgerError as exc:
                 errors.append(exc)

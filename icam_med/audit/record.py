@@ -662,13 +662,11 @@ class AuditRecord:
 
     def _infer_root(self) -> Path | None:
         """The folder the record's paths are relative to: its own folder, less as many
-        levels as its map's relative path has folders (``scans/x/cam.nii.gz`` -> two)."""
-        if self.path is None:
+        levels as its outputs' relative paths have folders (``scans/x/cam.nii.gz`` -> two;
+        a record always lies beside its outputs)."""
+        if self.path is None or not self.outputs:
             return None
-        ref = self.map_ref
-        if ref is None:
-            return None
-        parents = PurePosixPath(ref.path).parts[:-1]
+        parents = PurePosixPath(self.outputs[0].path).parts[:-1]
         folder = self.path.absolute().parent
         for name in reversed(parents):
             if folder.name != name:

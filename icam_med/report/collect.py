@@ -19,8 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from icam_med.audit import LEDGER_NAME, VerifyReport, sha256_file, verify_folder, voxel_sha256
-from icam_med.audit.verify import resolve_inside
+from icam_med.audit import (
+    LEDGER_NAME,
+    AuditRecord,
+    Ledger,
+    LedgerEntry,
+    RecordError,
+    VerifyReport,
+    resolve_inside,
+    sha256_file,
+    verify_folder,
+    voxel_sha256,
+)
 
 __all__ = [
     "BODY_THRESHOLD_FRACTION",
@@ -88,7 +98,7 @@ class ScanItem:
     time_utc: str | None = None
     run_id: str | None = None
     reason: str | None = None            # failure reason (already path-scrubbed by the ledger)
-    record: dict[str, Any] | None = None
+    record: AuditRecord | None = None
     record_path: str | None = None
     verified: bool = False
     problems: list[str] = field(default_factory=list)
@@ -124,7 +134,7 @@ class CohortData:
 
     folder_name: str
     verify: VerifyReport
-    entries: list[dict[str, Any]]
+    entries: list[LedgerEntry]
     unreadable_lines: int
     scans: list[ScanItem]
     runs: list[dict[str, Any]]
@@ -146,23 +156,24 @@ class CohortData:
         return [s for s in self.scans if s.status != "ok"]
 
 
-def _read_ledger(folder: Path) -> tuple[list[dict[str, Any]], int]:
-    """Ledger entries in order; lines that are not JSON objects are counted, not read (the
-    verification report names them)."""
-    entries, bad = [], 0
-    for raw in (folder / LEDGER_NAME).read_bytes().split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(entry, dict):
-            entries.append(entry)
-        else:
-            bad += 1
-    return entries, bad
+def _read_ledger(folder: Path) -> tuple[list[LedgerEntry], int]:
+    """Ledger entries in order, through the one ledger parser; lines that are not entries
+    are counted, not read (the verification report names them, by line)."""
+    entries, errors = Ledger(folder).read()
+    return entries, len(errors)
+
+
+def _load_record(folder: Path, rel: str | None) -> AuditRecord:
+    """A record named by the ledger, read inside the folder only.
+
+    Raises:
+        RecordError: the path leaves the folder, or the file is not a valid record.
+    """
+    path = resolve_inside(folder, rel)
+    if path is None:
+        raise RecordError(f"path {rel!r} is not a relative path inside the audit folder",
+                          path=rel, field="record.path")
+    return AuditRecord.load(path, root=folder)
 
 
 def _distinct(items: Iterable[Any]) -> list[Any]:
@@ -188,20 +199,18 @@ def _scan_sources(scans: Any) -> dict[str, Path]:
     return {s.scan_id: s.path for s in collect_scans(scans)}
 
 
-def _match_leftovers(folder: Path, latest: Mapping[str, Mapping[str, Any]],
+def _match_leftovers(folder: Path, latest: Mapping[str, LedgerEntry],
                      sources: dict[str, Path], geometry: Any) -> dict[str, Path]:
     """Scans given under other names than the folder's scan ids (e.g. an ``explain`` folder
     whose scan id is the folder's name) are matched to records by voxel SHA-256."""
     leftovers = [p for sid, p in sources.items() if sid not in latest]
     wanted: dict[str, str] = {}
     for sid, e in latest.items():
-        if sid in sources or e.get("kind") != "scan":
+        if sid in sources or e.kind != "scan" or e.record is None:
             continue
-        path = resolve_inside(folder, (e.get("record") or {}).get("path"))
         try:
-            rec = json.loads(path.read_text("utf-8")) if path else None
-            wanted[str(rec["input"]["voxel_sha256"])] = sid
-        except (OSError, ValueError, KeyError, TypeError):
+            wanted[_load_record(folder, e.record.path).input.voxel_sha256] = sid
+        except RecordError:
             continue
     if not leftovers or not wanted:
         return sources
@@ -219,28 +228,23 @@ def _match_leftovers(folder: Path, latest: Mapping[str, Mapping[str, Any]],
     return matched
 
 
-def _fill_from_record(item: ScanItem, rec: dict[str, Any]) -> None:
-    method = rec.get("method") or {}
-    analysis = rec.get("analysis") or {}
-    predicted = method.get("predicted") or {}
-    target = method.get("target") or {}
-    item.predicted_label = predicted.get("label") or (
-        None if predicted.get("class_index") is None else str(predicted["class_index"]))
-    item.target_label = target.get("label") or (
-        None if target.get("class_index") is None else str(target["class_index"]))
-    item.score = method.get("score")
-    probs = probabilities(method.get("logits"))
-    idx = predicted.get("class_index")
+def _fill_from_record(item: ScanItem, rec: AuditRecord) -> None:
+    method = rec.method
+    analysis = rec.analysis
+    item.predicted_label = method.predicted.name
+    item.target_label = method.target.name
+    item.score = method.score
+    probs = probabilities(list(method.logits) if method.logits else None)
+    idx = method.predicted.class_index
     if probs is not None and idx is not None:
         item.probability = probs[0] if len(probs) == 1 else probs[idx]
-    weights = {str(k): float(v) for k, v in (method.get("layer_weights") or {}).items()}
     # Records store canonical (sorted) JSON: restore the network's layer order.
-    order = [n for n in method.get("layers") or [] if n in weights]
-    item.layer_weights = {n: weights[n] for n in [*order, *(k for k in weights if k not in order)]}
-    exp = analysis.get("expected_label")
-    item.expected_label = None if exp is None else str(exp)
-    item.disagrees = analysis.get("disagrees")
-    item.mask_fraction = analysis.get("mask_fraction")
+    item.layer_weights = method.ordered_layer_weights()
+    if analysis is not None:
+        exp = analysis.expected_label
+        item.expected_label = None if exp is None else str(exp)
+        item.disagrees = analysis.disagrees
+        item.mask_fraction = analysis.mask_fraction
 
 
 def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: Any) -> None:
@@ -248,11 +252,10 @@ def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: 
     from icam_med.io import load_volume
     from icam_med.report.figures import layer_weights_png, montage_png, to_ras
 
-    rec = item.record or {}
+    rec = item.record
     if item.layer_weights:
         item.weights_png = layer_weights_png(item.layer_weights)
-    ref = next((o for o in rec.get("outputs") or [] if o.get("role") == "cam_nifti"), None)
-    map_path = resolve_inside(folder, ref.get("path")) if ref else None
+    map_path = rec.map_path if rec is not None else None
     if map_path is None or not map_path.is_file():
         item.map_state = "missing"
         return
@@ -266,7 +269,7 @@ def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: 
     item.map_state = "ok" if float(cam_np.max()) > 0 else "empty"
     scan_ras = None
     if source is not None:
-        want = (rec.get("input") or {}).get("voxel_sha256")
+        want = rec.input.voxel_sha256 if rec is not None else None
         try:
             image, info = load_volume(source, geometry=geometry)
         except Exception as exc:  # messages may name the path: keep only the type
@@ -347,19 +350,19 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
     report = verify_folder(folder, anchor=anchor)  # the library's verification, re-run now
     entries, bad = _read_ledger(folder)
     sources = _scan_sources(scans)
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[str, LedgerEntry] = {}
     runs: dict[str, dict[str, Any]] = {}
     for e in entries:
-        kind, rid = e.get("kind"), str(e.get("run_id"))
-        if kind in ("run-start", "run-end"):
+        rid = e.run_id
+        if e.kind in ("run-start", "run-end"):
             run = runs.setdefault(rid, {"run_id": rid})
-            run["started_utc" if kind == "run-start" else "ended_utc"] = e.get("time_utc")
-            run.update({f"{k}": v for k, v in (e.get("details") or {}).items()})
-        elif kind in ("scan", "failure") and isinstance(e.get("scan_id"), str):
-            latest[e["scan_id"]] = e
+            run["started_utc" if e.kind == "run-start" else "ended_utc"] = e.time_utc
+            run.update(e.details)
+        elif e.kind in ("scan", "failure") and e.scan_id is not None:
+            latest[e.scan_id] = e
             run = runs.setdefault(rid, {"run_id": rid})
-            run.setdefault("first_entry_utc", e.get("time_utc"))
-            run["last_entry_utc"] = e.get("time_utc")
+            run.setdefault("first_entry_utc", e.time_utc)
+            run["last_entry_utc"] = e.time_utc
     problems_by_scan: dict[str, list[str]] = {}
     for p in report.problems:
         if p.scan_id:
@@ -367,49 +370,43 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
     sources = _match_leftovers(folder, latest, sources, geometry)
     items: list[ScanItem] = []
     for sid, e in latest.items():
-        item = ScanItem(scan_id=sid, seq=int(e.get("seq") or 0),
-                        status="ok" if e.get("kind") == "scan" else "failed",
-                        time_utc=e.get("time_utc"), run_id=e.get("run_id"),
-                        reason=e.get("reason"), problems=problems_by_scan.get(sid, []))
+        item = ScanItem(scan_id=sid, seq=e.seq, status="ok" if e.kind == "scan" else "failed",
+                        time_utc=e.time_utc, run_id=e.run_id, reason=e.reason,
+                        problems=problems_by_scan.get(sid, []))
         item.verified = report.verified_scans.get(sid) == item.seq
-        if item.status == "ok":
-            ref = e.get("record") or {}
-            item.record_path = ref.get("path") if isinstance(ref, dict) else None
-            path = resolve_inside(folder, item.record_path)
+        if item.status == "ok" and e.record is not None:
+            item.record_path = e.record.path
             try:
-                item.record = json.loads(path.read_text("utf-8")) if path else None
-            except (OSError, ValueError):
+                item.record = _load_record(folder, item.record_path)
+            except RecordError as exc:
                 item.record = None
-            if not isinstance(item.record, dict):
-                item.record = None
-                item.problems.append("record missing or unreadable")
+                item.problems.append(f"record missing or unreadable ({exc.detail})")
                 item.verified = False
             else:
-                try:
-                    _fill_from_record(item, item.record)
-                    if figures:
+                _fill_from_record(item, item.record)
+                if figures:
+                    try:
                         _load_pictures(item, folder, sources.get(sid), geometry)
-                except Exception as exc:  # a damaged record must not stop the report
-                    log.warning("scan %s: record could not be shown (%s)", sid,
-                                type(exc).__name__)
-                    item.problems.append(f"record could not be read as expected "
-                                         f"({type(exc).__name__})")
+                    except Exception as exc:  # a damaged map must not stop the report
+                        log.warning("scan %s: map could not be shown (%s)", sid,
+                                    type(exc).__name__)
+                        item.problems.append(f"map could not be shown ({type(exc).__name__})")
         _flag(item)
         items.append(item)
-    records = [s.record for s in items if s.record]
-    models = _distinct(r.get("model") for r in records)
-    methods = _distinct({k: (r.get("method") or {}).get(k) for k in ("name", "options", "layers")}
+    records = [s.record for s in items if s.record is not None]
+    models = _distinct(dict(r.data["model"]) for r in records)
+    methods = _distinct({k: r.data["method"][k] for k in ("name", "options", "layers")}
                         for r in records)
     labels: list[str] = []
-    for m in models:
-        labels.extend(x for x in (m or {}).get("labels") or [] if x not in labels)
+    for r in records:
+        labels.extend(x for x in r.labels if x not in labels)
     return CohortData(
         folder_name=folder.name, verify=report, entries=entries, unreadable_lines=bad,
         scans=items, runs=list(runs.values()), models=models, methods=methods,
-        preprocessing=_distinct(r.get("preprocessing") for r in records),
-        versions=_distinct((r.get("runtime") or {}).get("versions") for r in records),
+        preprocessing=_distinct(list(r.data["preprocessing"]) for r in records),
+        versions=_distinct(dict(r.data["runtime"]["versions"]) for r in records),
         labels=labels,
-        head_sha256=entries[-1].get("entry_sha256") if entries else None, anchor=anchor,
+        head_sha256=entries[-1].sha256 if entries else None, anchor=anchor,
         ledger_sha256=sha256_file(folder / LEDGER_NAME),
     )
 

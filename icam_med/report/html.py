@@ -236,9 +236,7 @@ def _overview(data: CohortData, current: int) -> str:
 
 def _scan_section(s: ScanItem) -> str:
     cls = "scan flagged" if s.flags else "scan"
-    rec = s.record or {}
-    inp = rec.get("input") or {}
-    geo = inp.get("geometry") or {}
+    inp = s.record.input if s.record is not None else None
     rows = [
         ("status", s.status), ("predicted", s.predicted_label),
         ("probability of the predicted class", s.probability),
@@ -252,10 +250,10 @@ def _scan_section(s: ScanItem) -> str:
         ("scan drawn under the map", {"matched": "yes (voxel SHA-256 matches the record)",
                                       "not given": "no (scan not given to the report)"}
          .get(s.scan_shown, f"no ({s.scan_shown})")),
-        ("input", f"{inp.get('format')} {inp.get('modality') or ''}, shape "
-                  f"{geo.get('shape')}, spacing {geo.get('spacing')} mm, orientation "
-                  f"{geo.get('orientation')}" if inp else None),
-        ("input voxel SHA-256", inp.get("voxel_sha256")),
+        ("input", f"{inp.format} {inp.modality or ''}, shape {list(inp.shape)}, spacing "
+                  f"{None if inp.spacing is None else list(inp.spacing)} mm, orientation "
+                  f"{inp.orientation}" if inp else None),
+        ("input voxel SHA-256", inp.voxel_sha256 if inp else None),
         ("record", s.record_path), ("ledger entry", s.seq), ("run", s.run_id),
         ("time (UTC)", s.time_utc),
         ("verified", "yes" if s.verified else "NO: " + "; ".join(s.problems)),

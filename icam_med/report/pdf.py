@@ -99,17 +99,16 @@ def _scan(doc: _Doc, s: ScanItem) -> None:
     doc.h(f"Scan {s.scan_id}", 11)
     for f in s.flags:
         doc.p("! " + f, 8.5, bold=True, color=(161, 42, 28))
-    inp = (s.record or {}).get("input") or {}
-    geo = inp.get("geometry") or {}
+    inp = s.record.input if s.record is not None else None
     doc.kv([
         ("status", s.status), ("predicted", s.predicted_label),
         ("probability (predicted)", s.probability), ("target score (logit)", s.score),
         ("expected label", s.expected_label),
         ("salient mass outside body", None if s.outside_body is None else f"{s.outside_body:.1%}"),
         ("scan drawn under map", s.scan_shown),
-        ("input", f"{inp.get('format')}, shape {geo.get('shape')}, spacing "
-                  f"{geo.get('spacing')} mm" if inp else None),
-        ("input voxel SHA-256", inp.get("voxel_sha256")),
+        ("input", f"{inp.format}, shape {list(inp.shape)}, spacing "
+                  f"{None if inp.spacing is None else list(inp.spacing)} mm" if inp else None),
+        ("input voxel SHA-256", inp.voxel_sha256 if inp else None),
         ("record / ledger entry", f"{s.record_path} / {s.seq}"),
         ("verified", "yes" if s.verified else "NO: " + "; ".join(s.problems)),
     ])

@@ -48,7 +48,8 @@ from napari_plugin._layers import (
     ras_affine,
 )
 
-__all__ = ["ExplainJobResult", "ExplainWidget", "config_choices", "engine_choice_options",
+__all__ = ["ExplainJobResult", "ExplainWidget", "config_choices", "config_trust",
+           "engine_choice_options",
            "layer_to_volume", "method_options_accepted"]
 
 log = logging.getLogger(__name__)
@@ -118,14 +119,41 @@ def engine_choice_options() -> dict[str, tuple[str, ...]]:
     return options
 
 
+def config_trust(path: str | Path) -> str | None:
+    """Why a config's model should not be trusted, or ``None`` for pinned trained weights.
+
+    ``"untrained: random weights"`` (no ``weights``: the example templates),
+    ``"weights file missing"``, ``"weights not pinned by SHA-256"``, or
+    ``"invalid config"`` (the run will say why).
+    """
+    from icam_med.config import load_config
+
+    try:
+        model = load_config(path).model
+    except (ValueError, OSError):
+        return "invalid config"
+    if model.weights is None:
+        return "untrained: random weights"
+    if not Path(model.weights).is_file():
+        return "weights file missing"
+    if not model.weights_sha256:
+        return "weights not pinned by SHA-256"
+    return None
+
+
 def config_choices() -> list[tuple[str, str]]:
-    """The config drop-down: the packaged configs (demo first), then "other file..."."""
+    """The config drop-down: the packaged configs (demo first), each flagged when its model
+    is untrained or unpinned (:func:`config_trust`), then "other file..."."""
     try:
         found = packaged_configs()
     except RuntimeError as exc:  # package data missing from a broken installation
         log.warning("%s", exc)
         found = []
-    return [(p.name, str(p)) for p in found] + [(_OTHER_FILE, _OTHER_FILE)]
+    choices = []
+    for path in found:
+        flag = config_trust(path)
+        choices.append((f"{path.name} ({flag.upper()})" if flag else path.name, str(path)))
+    return [*choices, (_OTHER_FILE, _OTHER_FILE)]
 
 
 @dataclass(frozen=True)
@@ -265,6 +293,7 @@ class ExplainWidget(Container):
         self.config = ComboBox(label="config", choices=self._config_choices)
         self.config_file = FileEdit(label="config file", mode="r", filter="*.yaml *.yml",
                                     visible=False)
+        self.model_trust = Label(label="model", value="-")
         methods = list(_engine.METHODS)
         self.method = ComboBox(label="method", choices=methods,
                                value="integrative" if "integrative" in methods else methods[0])
@@ -325,14 +354,14 @@ class ExplainWidget(Container):
         self.audit_folder = FileEdit(label="audit folder", mode="d", value="",
                                      tooltip="empty: '<scan>_icam' beside the scan")
         self.save_button = PushButton(text="Save audit", enabled=False)
-        self.extend([self.image, self.config, self.config_file, self.method, self.layer_preset,
+        self.extend([self.image, self.config, self.config_file, self.model_trust, self.method, self.layer_preset,
                      self.target_layers, self.target_class, self.contrast_class,
                      *self.engine_options.values(), self.bias_weight, self.device, self.layer_maps, self.explain_button,
                      self.cancel_button, self.progress, self.status, self.prediction,
                      self.scores, self.side_by_side, self.threshold, self.opacity,
                      self.show_contour,
                      self.contour_level, self.audit_folder, self.save_button])
-        for label in (self.status, self.prediction, self.scores):
+        for label in (self.status, self.prediction, self.scores, self.model_trust):
             label.native.setWordWrap(True)
         self._plot = self._make_plot()
 
@@ -392,6 +421,17 @@ class ExplainWidget(Container):
     def _on_config(self, *_: Any) -> None:
         self.config_file.visible = self.config.value == _OTHER_FILE
         self._cached_labels = self._model_labels()
+        path = self.config_path()
+        flag = config_trust(path) if path.is_file() else None
+        if not path.is_file():
+            self.model_trust.value = "-"
+        elif flag is None:
+            self.model_trust.value = "trained weights, pinned by SHA-256"
+        elif flag == "invalid config":
+            self.model_trust.value = "INVALID CONFIG: Explain says why"
+        else:
+            self.model_trust.value = f"{flag.upper()}: its maps and predictions mean nothing"
+        self.model_trust.native.setStyleSheet("color: #ff8c00;" if flag else "")
         self.target_class.reset_choices()
         self.contrast_class.reset_choices()
 
@@ -418,6 +458,10 @@ class ExplainWidget(Container):
         if self.image.value is None and self.image.choices:
             self.image.value = self.image.choices[-1]  # the latest scan
         self.result_layers = [lay for lay in self.result_layers if lay in self.viewer.layers]
+        if self.result is not None and not self._map_layers(("fused",)):
+            # the result's map was deleted: nothing on screen stands for it any more
+            self._clear_result()
+            self.status.value = "the map layers were removed; press Explain again"
         if self.contour is not None and self.contour not in self.viewer.layers:
             self.contour = None
         if self.scan_copy is not None and self.scan_copy not in self.viewer.layers:
@@ -469,6 +513,28 @@ class ExplainWidget(Container):
                 opts[option] = box.value
         return opts
 
+    def _clear_result(self) -> None:
+        """Forget the last result: no prediction, no weights plot, nothing to save."""
+        self.result = None
+        self.save_button.enabled = False
+        self.side_by_side.enabled = False
+        self.prediction.value = "-"
+        self.scores.value = "-"
+        self._draw_weights({})
+
+    def _notify_unexpected(self, exc: BaseException) -> None:
+        """An error outside the library's refusals: logged with its traceback and shown as
+        napari's error notification (with its "View Traceback" action); never raised into Qt."""
+        from napari.utils.notifications import notification_manager
+
+        log.error("unexpected error in the icam-med widget: %s", exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        if self._alive():
+            self._clear_result()
+            self.status.value = f"failed: {type(exc).__name__}: {exc}"
+        if not any(getattr(n, "exception", None) is exc for n in notification_manager.records):
+            notification_manager.receive_error(type(exc), exc, exc.__traceback__)
+
     def _notify_error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
@@ -476,7 +542,19 @@ class ExplainWidget(Container):
         show_error(message)
 
     def run(self, *_: Any) -> Any:
-        """Start explaining the selected image in a worker thread; returns the worker."""
+        """Start explaining the selected image in a worker thread; returns the worker.
+
+        The previous result is dropped first (its layers stay, but the prediction, the
+        weights plot and Save audit no longer stand for it); Save is disabled until this
+        run succeeds.
+        """
+        try:
+            return self._start_run()
+        except Exception as exc:  # anything unexpected: a notification, never into Qt
+            self._notify_unexpected(exc)
+            return None
+
+    def _start_run(self) -> Any:
         from napari.qt.threading import create_worker
 
         if self.worker is not None:
@@ -500,6 +578,8 @@ class ExplainWidget(Container):
             return None
         contrast = self.contrast_class.value
         target = self.target_class.value
+        self._clear_result()
+        self._run_trust = config_trust(config_path)
         self._scan_layer = layer
         self._cancel_requested = False
         self.progress.visible = True
@@ -553,9 +633,11 @@ class ExplainWidget(Container):
             self.status.value = "cancelled"
 
     def _on_errored(self, exc: Exception) -> None:
-        # napari's worker has already shown the exception as a notification.
-        if self._alive():
-            self.status.value = f"failed: {exc}"
+        # An exception the library does not raise for bad input (those come back as
+        # ExplainJobResult.error). napari's worker classes mean to relay it to the
+        # notification manager, but their mixin is not initialised (napari 0.9), so it
+        # would vanish: shown here, once.
+        self._notify_unexpected(exc)
 
     def _on_finished(self) -> None:
         self.worker = None
@@ -566,6 +648,12 @@ class ExplainWidget(Container):
         self.cancel_button.enabled = False
 
     def _on_returned(self, out: ExplainJobResult) -> None:
+        try:
+            self._show_returned(out)
+        except Exception as exc:  # anything unexpected: a notification, never into Qt
+            self._notify_unexpected(exc)
+
+    def _show_returned(self, out: ExplainJobResult) -> None:
         if self._cancel_requested:  # finished before the cancel reached it: drop the result
             if self._alive():
                 self.status.value = "cancelled"
@@ -573,11 +661,10 @@ class ExplainWidget(Container):
         if out.error is not None:
             self._notify_error(out.error)
             return
-        if out.warning:
-            from napari.utils.notifications import show_warning
+        from napari.utils.notifications import show_warning
 
+        if out.warning:
             show_warning(out.warning)
-        self.result = out
         first, second = out.first, out.second
         scan = self._scan_layer
         tuples = explanation_layers(first, scan_name=scan.name, contrast=second,
@@ -592,6 +679,7 @@ class ExplainWidget(Container):
             meta["scan_layer"] = scan.name
             layer = self.viewer.add_image(data, **kwargs)  # (fires _on_layers_changed)
             self.result_layers.append(layer)
+        self.result = out  # only now: the layers above stand for it
         self._show_result(first, second)
         self.side_by_side.enabled = second is not None
         self.side_by_side.value = False
@@ -599,6 +687,11 @@ class ExplainWidget(Container):
         self.save_button.enabled = True
         self.status.value = (f"done in {first.timing['total']:.1f} s "
                              f"({first.result['method']})")
+        trust = getattr(self, "_run_trust", None)
+        if trust:
+            self.prediction.value += f"\nUNTRUSTED MODEL ({trust}): this means nothing"
+            show_warning(f"{self.config_path().name}: {trust}; the prediction and the map "
+                         "say nothing about the scan.")
 
     def _remove_results(self) -> None:
         self.side_by_side.value = False
@@ -706,8 +799,12 @@ class ExplainWidget(Container):
 
         from icam_med.explain import write_explanation
 
-        if not self.result:
-            self._notify_error("nothing to save yet: press Explain first.")
+        if self.worker is not None:
+            self._notify_error("an explanation is running: wait for it (or cancel it) first.")
+            return []
+        if self.result is None or not self.result.ok:
+            self._notify_error("nothing to save: press Explain first (the last run failed, was "
+                               "cancelled, or its map layers were removed).")
             return []
         try:
             folder = self.audit_target()
@@ -718,6 +815,9 @@ class ExplainWidget(Container):
                 written += write_explanation(second, folder, stem=class_stem(c))
         except _USER_ERRORS as exc:
             self._notify_error(str(exc))
+            return []
+        except Exception as exc:  # anything unexpected: a notification, never into Qt
+            self._notify_unexpected(exc)
             return []
         records = {w.path.name: w.path for w in written if w.role == "audit_record"}
         for lay in self.result_layers:

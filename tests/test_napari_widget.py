@@ -394,3 +394,137 @@ def test_a_new_engine_registry_appears_without_widget_edits(make_napari_viewer, 
     assert widget.method_options()["blend_rule"] == "hard"
     widget.method.value = "integrative"
     assert "blend_rule" not in widget.method_options()
+
+
+def _bars(widget) -> int:
+    """Bars drawn in the widget's per-layer weights plot."""
+    return sum(len(ax.patches) for ax in widget._fig.axes)
+
+
+def test_widget_state_follows_its_runs(make_napari_viewer, scan, tmp_path, notes, caplog,
+                                       monkeypatch):
+    import logging
+
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    good = widget.config_file.value
+    worker = widget.run()
+    # during a run: nothing to save (and Save refuses), Explain disabled
+    assert worker is not None and not widget.save_button.enabled
+    assert widget.save_audit() == [] and any("running" in m for m in errors(notes))
+    wait_for_worker(widget)
+    assert widget.save_button.enabled and widget.result.ok and _bars(widget) > 0
+    assert widget.prediction.value != "-"
+
+    # a failed run (missing weights) clears the previous run's prediction, plot and Save:
+    # Save can no longer write the old result under the new config
+    bad = tmp_path / "missing.yaml"
+    bad.write_text(Path(good).read_text().replace(
+        "  labels:", "  weights: nowhere.safetensors\n  labels:"))
+    widget.config_file.value = bad
+    widget.run()
+    wait_for_worker(widget)
+    assert any("nowhere.safetensors" in m for m in errors(notes))
+    assert widget.result is None and not widget.save_button.enabled
+    assert widget.prediction.value == "-" and widget.scores.value == "-" and _bars(widget) == 0
+    assert widget.save_audit() == [] and not scan.with_name("anatomical_icam").exists()
+    assert any("nothing to save" in m for m in errors(notes))
+
+    # a good run again, then its map layers deleted by the user: the state goes with them
+    widget.config_file.value = good
+    widget.run()
+    wait_for_worker(widget)
+    assert widget.save_button.enabled
+    for lay in list(widget.result_layers):
+        viewer.layers.remove(lay)
+    assert widget.result is None and not widget.save_button.enabled
+    assert widget.prediction.value == "-" and _bars(widget) == 0
+
+    # an unexpected exception in the worker: an error notification carrying the exception
+    # (napari's "View Traceback"), the traceback in the log, the state cleared
+    import icam_med.explain
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("engine blew up")
+
+    caplog.set_level(logging.ERROR, logger="napari_plugin._widget")
+    monkeypatch.setattr(icam_med.explain, "explain_volume", broken)
+    widget.run()
+    wait_for_worker(widget)
+    shown = [n for n in notes if getattr(n, "exception", None) is not None
+             and isinstance(n.exception, ZeroDivisionError)]
+    assert shown and shown[-1].exception.__traceback__ is not None
+    logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
+    assert logged and "engine blew up" in widget.status.value
+    assert widget.result is None and not widget.save_button.enabled
+    monkeypatch.undo()
+
+    # an unexpected exception on the GUI thread (building layers, saving): the same
+    import napari_plugin._widget as widget_module
+
+    def no_layers(*args, **kwargs):
+        raise TypeError("layer builder broke")
+
+    monkeypatch.setattr(widget_module, "explanation_layers", no_layers)
+    caplog.clear()
+    widget.run()
+    wait_for_worker(widget)
+    assert any(isinstance(getattr(n, "exception", None), TypeError) for n in notes)
+    assert any(r.exc_info and r.exc_info[0] is TypeError for r in caplog.records)
+    assert "TypeError" in widget.status.value and not widget.save_button.enabled
+    monkeypatch.undo()
+    widget.run()
+    wait_for_worker(widget)
+    assert widget.save_button.enabled
+
+    def no_writer(*args, **kwargs):
+        raise AttributeError("writer broke")
+
+    monkeypatch.setattr(icam_med.explain, "write_explanation", no_writer)
+    assert widget.save_audit() == []
+    assert any(isinstance(getattr(n, "exception", None), AttributeError) for n in notes)
+
+
+def test_untrained_and_unpinned_models_are_flagged(make_napari_viewer, scan, tmp_path, notes):
+    import safetensors.torch
+
+    from icam_med.audit.hashing import sha256_file
+    from icam_med.networks import LesionNet
+    from napari_plugin._widget import config_trust
+
+    untrained = tiny_config(tmp_path)
+    weights = tmp_path / "tiny.safetensors"
+    net = LesionNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8], norm="batch")
+    safetensors.torch.save_file(net.state_dict(), str(weights))
+    text = untrained.read_text()
+    unpinned = tmp_path / "unpinned.yaml"
+    unpinned.write_text(text.replace("  labels:", "  weights: tiny.safetensors\n  labels:"))
+    pinned = tmp_path / "pinned.yaml"
+    pinned.write_text(text.replace(
+        "  labels:", f"  weights: tiny.safetensors\n  weights_sha256: {sha256_file(weights)}\n"
+                     "  labels:"))
+    assert config_trust(untrained) == "untrained: random weights"
+    assert config_trust(unpinned) == "weights not pinned by SHA-256"
+    assert config_trust(pinned) is None
+
+    _, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    # the drop-down: the example templates are marked, the trained demo is not
+    combo = widget.config.native
+    texts = {Path(str(v)).name: s for v, s in
+             zip(widget.config.choices, [combo.itemText(i) for i in range(combo.count())],
+                 strict=True)}
+    assert texts["demo.yaml"] == "demo.yaml"
+    assert "UNTRAINED" in texts["example_mr.yaml"] and "UNTRAINED" in texts["example_ct.yaml"]
+    # the chosen config's state is shown in the dock, and a run says it again
+    assert "UNTRAINED" in widget.model_trust.value
+    widget.run()
+    wait_for_worker(widget)
+    assert "UNTRUSTED MODEL (untrained: random weights)" in widget.prediction.value
+    assert any("means nothing" in m or "say nothing" in m
+               for m in [n.message for n in notes])
+    widget.config_file.value = unpinned
+    assert "NOT PINNED" in widget.model_trust.value
+    widget.config_file.value = pinned
+    assert widget.model_trust.value == "trained weights, pinned by SHA-256"
+    widget.run()
+    wait_for_worker(widget)
+    assert errors(notes) == [] and "UNTRUSTED" not in widget.prediction.value

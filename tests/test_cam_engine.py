@@ -47,6 +47,55 @@ def test_batch_equals_single_runs(make_tiny, method, dims, spatial):
     assert torch.equal(batch.target_classes, torch.tensor(targets))
 
 
+@pytest.mark.parametrize("options", [
+    {"layer_weighting": "net"},
+    {"layer_weighting": "per_position"},
+    {"layer_weighting": "counterfactual"},
+    {"fusion": "multiplicative"},
+    {"activation_term": "layercam", "fusion": "multiplicative", "layer_weighting": "counterfactual"},
+])
+def test_batch_equals_single_runs_for_every_weighting_and_fusion(make_tiny, options):
+    model = make_tiny(dims=3, seed=1)
+    x = torch.randn(3, 1, 16, 12, 20, generator=torch.Generator().manual_seed(9))
+    targets = [0, 2, 1]
+    cam = IntegrativeCAM(model, **options)
+    batch = cam(x, targets=targets)
+    for key, value in options.items():
+        assert batch.options[key] == value
+    for i in range(3):
+        single = cam(x[i : i + 1], targets=[targets[i]])
+        torch.testing.assert_close(batch.fused[i : i + 1], single.fused, atol=1e-5, rtol=1e-4)
+        for name in batch.layer_maps:
+            torch.testing.assert_close(batch.layer_weights[name][i : i + 1],
+                                       single.layer_weights[name], atol=1e-5, rtol=1e-4)
+    total = torch.stack(list(batch.layer_weights.values())).sum(0)
+    torch.testing.assert_close(total, torch.ones(3))
+    assert batch.fused.min() >= 0 and batch.fused.max() <= 1
+
+
+def test_option_registries_are_exported_and_reach_make_cam(make_tiny):
+    from icam_med.cam import ACTIVATION_TERMS, BIAS_MODES, FUSIONS, LAYER_WEIGHTINGS
+
+    assert {"score", "net", "per_position", "counterfactual", "uniform", "softmax"} <= set(LAYER_WEIGHTINGS)
+    assert set(FUSIONS) == {"weighted", "multiplicative"}
+    assert {"gradcam++", "layercam"} <= set(ACTIVATION_TERMS)
+    assert {"signed", "abs"} <= set(BIAS_MODES)
+    assert all(isinstance(v, str) and v for v in (*LAYER_WEIGHTINGS.values(), *FUSIONS.values()))
+    model = make_tiny(dims=2)
+    x = torch.randn(1, 1, 16, 16)
+    for weighting in LAYER_WEIGHTINGS:
+        for fusion in FUSIONS:
+            for term in ACTIVATION_TERMS:
+                res = make_cam("integrative", model, layer_weighting=weighting, fusion=fusion,
+                               activation_term=term)(x)
+                assert (res.options["layer_weighting"], res.options["fusion"],
+                        res.options["activation_term"]) == (weighting, fusion, term)
+                assert torch.isfinite(res.fused).all()
+    # the fusion and weighting are engine options: every method has them
+    res = make_cam("layercam", model, fusion="multiplicative", layer_weighting="net")(x)
+    assert res.options["fusion"] == "multiplicative" and res.options["layer_weighting"] == "net"
+
+
 def test_model_state_restored_after_normal_and_failing_calls(make_tiny):
     model = make_tiny(dims=3)
     model.train()
@@ -115,14 +164,14 @@ def test_anisotropic_volume_keeps_exact_shape_and_axis_order(make_tiny):
 def test_stage_and_all_layer_presets(make_tiny):
     model = make_tiny(dims=3)
     cam = IntegrativeCAM(model)
-    # last non-activation layer before each change of size, plus the last spatial layer
-    assert cam.layer_names((16, 16, 16)) == ["features.1", "features.5", "features.8"]
+    # the block output (after the activation) before each change of size; the last one is
+    # the whole `features` block, whose output is its final ReLU's
+    assert cam.layer_names((16, 16, 16)) == ["features.2", "features.6", "features"]
     all_cam = IntegrativeCAM(model, target_layers="all")
-    # each conv, replaced by the BatchNorm that follows it (it carries the effective bias)
-    # (the last conv has no norm layer after it, so it is hooked itself)
-    assert all_cam.layer_names((16, 16, 16)) == ["features.1", "features.5", "features.8"]
+    # every block output: never a norm output that an activation reads next
+    assert all_cam.layer_names((16, 16, 16)) == ["features.2", "features.6", "features"]
     last = GradCAM(model, target_layers="last")
-    assert last.layer_names((16, 16, 16)) == ["features.8"]
+    assert last.layer_names((16, 16, 16)) == ["features"]
 
 
 def test_effective_bias_of_batchnorm_and_conv(make_tiny):
@@ -252,6 +301,14 @@ def test_bad_options_are_refused(make_tiny):
         make_cam("gradcam", model, alpha_fn="exp")
     with pytest.raises(ValueError, match="move the model first"):
         IntegrativeCAM(model, device="meta")
+    with pytest.raises(ValueError, match=r"fusion='sum' is not supported.*multiplicative"):
+        IntegrativeCAM(model, fusion="sum")
+    with pytest.raises(ValueError, match=r"activation_term='scorecam'.*layercam"):
+        IntegrativeCAM(model, activation_term="scorecam")
+    with pytest.raises(ValueError, match=r"counterfactual_keep=1\.5 must be a fraction"):
+        IntegrativeCAM(model, layer_weighting="counterfactual", counterfactual_keep=1.5)
+    with pytest.raises(ValueError, match="invalid option"):
+        make_cam("layercam", model, activation_term="layercam")
 
 
 def test_options_are_recorded_and_json_serialisable(make_tiny):
@@ -263,7 +320,8 @@ def test_options_are_recorded_and_json_serialisable(make_tiny):
     assert opts["method"] == "integrative" and opts["alpha_fn"] == "sigmoid"
     assert opts["bias_mode"] == "abs" and opts["bias_weight"] == 1.0
     assert opts["layer_weighting"] == "score" and opts["target_layers_spec"] == "stages"
-    assert opts["target_layers"] == ["features.1", "features.5", "features.8"]
+    assert opts["target_layers"] == ["features.2", "features.6", "features"]
+    assert opts["fusion"] == "weighted" and opts["activation_term"] == "gradcam++"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,9 +10,17 @@ Example:
 from __future__ import annotations
 
 from icam_med.cam.alpha import ALPHA_FUNCTIONS
-from icam_med.cam.base import BIAS_MODES, LAYER_WEIGHTINGS, BaseCAM, CAMResult, minmax_normalize
+from icam_med.cam.base import (
+    BIAS_MODES,
+    FUSIONS,
+    LAYER_WEIGHTINGS,
+    BaseCAM,
+    CAMResult,
+    minmax_normalize,
+)
 from icam_med.cam.layers import LAYER_PRESETS
 from icam_med.cam.methods import (
+    ACTIVATION_TERMS,
     METHODS,
     GradCAM,
     GradCAMPlusPlus,
@@ -34,8 +42,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ACTIVATION_TERMS",
     "ALPHA_FUNCTIONS",
     "BIAS_MODES",
+    "FUSIONS",
     "LAYER_PRESETS",
     "LAYER_WEIGHTINGS",
     "METHODS",

@@ -2,17 +2,22 @@
 
 A call is one forward pass and one backward pass, whatever the number of hooked layers:
 
-1. forward hooks (removed in ``finally``) keep a reference to each hooked layer's output;
+1. forward hooks (removed in ``finally``) keep a reference to each hooked layer's output
+   (a container's ``forward`` output: a block after its activation and residual add), and
+   to the outputs of the modules that carry its bias (the norm or conv feeding it);
 2. tensor hooks on those outputs receive ``G = dS/dA`` during a single
-   ``torch.autograd.grad(score, outputs)`` that computes no parameter gradients and stops
-   at the shallowest hooked layer;
-3. inside each tensor hook the layer is reduced at once to its native-resolution map and
-   its relevance score, its weighted map is added to one accumulator per native
-   resolution, and its activation is dropped. Upsampling is linear, so each resolution is
-   upsampled once, at the end, into the input-sized fused map (never L full-size copies).
+   ``torch.autograd.grad(score, edges)`` that computes no parameter gradients and stops
+   at the shallowest hooked tensor;
+3. inside each tensor hook the layer is reduced at once to its native-resolution activation
+   term and relevance score (the bias sources to their bias term), and its activation is
+   dropped;
+4. after the pass the layer weights are computed (``layer_weighting``, see
+   :data:`LAYER_WEIGHTINGS`; ``counterfactual`` adds one batched gradient-free forward pass)
+   and the maps are fused (``fusion``, see :data:`FUSIONS`). A weighted sum is taken per
+   native resolution and each resolution is upsampled once (never L full-size copies).
 
 Subclasses differ only in :meth:`BaseCAM.activation_map` (channel weights or per-position
-weighting); the bias term and the adaptive layer weights are options of the base.
+weighting); the bias term, the layer weights and the fusion are options of the base.
 """
 
 from __future__ import annotations
@@ -30,20 +35,43 @@ from torch import nn
 from icam_med.cam.layers import (
     LAYER_PRESETS,
     LayerRecord,
-    effective_bias,
+    check_supported_model,
     first_conv,
     probe_layers,
+    record_bias,
     select_layers,
     validate_layer_names,
 )
 from icam_med.cam.targets import ClassTarget, resolve_targets
 
-__all__ = ["BIAS_MODES", "LAYER_WEIGHTINGS", "BaseCAM", "CAMResult", "minmax_normalize"]
+__all__ = ["BIAS_MODES", "FUSIONS", "LAYER_WEIGHTINGS", "BaseCAM", "CAMResult", "minmax_normalize"]
 
 log = logging.getLogger(__name__)
 
-LAYER_WEIGHTINGS = ("score", "softmax", "uniform")
-BIAS_MODES = ("signed", "abs")
+#: How each layer is weighted in the fusion (option ``layer_weighting``), name -> meaning.
+LAYER_WEIGHTINGS: dict[str, str] = {
+    "score": "s_l = sum(relu(G*A)) over channels and positions; omega = s / sum(s)",
+    "net": "s_l = max(sum(G*A), 0), the layer's net first-order contribution; omega = s / sum(s)",
+    "per_position": "s_l = mean over positions of relu(sum_k G_k*A_k) (per-position net "
+                    "contribution, averaged so resolution does not inflate it); omega = s / sum(s)",
+    "softmax": "omega = softmax(log(s_l) / tau) with s_l the 'score' relevance",
+    "uniform": "omega = 1 / L",
+    "counterfactual": "one batched gradient-free forward over the input kept only inside each "
+                      "layer's top region (counterfactual_keep of the voxels, the rest set to the "
+                      "input's mean): s_l = max(S(kept_l) - S(baseline), 0); omega = s / sum(s)",
+}
+#: How the per-layer maps are fused (option ``fusion``), name -> meaning.
+FUSIONS: dict[str, str] = {
+    "weighted": "F = norm(sum_l omega_l * up(M_l))",
+    "multiplicative": "coarse to fine (Poly-CAM style): F <- norm(up(F) * M_l ** (L*omega_l)) from "
+                      "the coarsest map to the finest, then up to the input size; deep maps gate "
+                      "shallow ones",
+}
+#: The bias term of a layer's map (option ``bias_mode``), name -> meaning.
+BIAS_MODES: dict[str, str] = {
+    "signed": "relu(sum_k G_k * b_k) with b the folded bias of the norm/conv feeding the layer",
+    "abs": "sum_k |G_k * b_k| (FullGrad style)",
+}
 _NORM_EPS = 1e-12
 
 
@@ -71,13 +99,17 @@ class CAMResult:
         fused: ``(N, 1, *spatial)`` fused map at input size, float32 in ``[0, 1]``.
         layer_maps: layer name -> ``(N, 1, *s_l)`` map at the layer's own resolution, in ``[0, 1]``.
         layer_weights: layer name -> ``(N,)`` weight of that layer in the fusion (sum to 1
-            over layers, all zero when the score has no gradient at all).
-        layer_scores: layer name -> ``(N,)`` relevance ``s_l = sum(relu(G * A))``.
+            over layers; uniform where every relevance ``s_l`` is 0).
+        layer_scores: layer name -> ``(N,)`` relevance ``s_l`` of the ``layer_weighting``
+            (for ``counterfactual`` the score gain, which may be negative).
         scores: ``(N,)`` target scores.
         logits: the model output (detached).
         target_classes: ``(N,)`` class indices explained, or ``None`` for callable targets.
         method: method name.
         options: every option of the method, JSON-serialisable (for audit records).
+        cost: what the call ran: ``forward_passes`` and ``backward_passes`` of the batch,
+            and ``extra_forward_samples`` (the ``counterfactual`` weighting's batched
+            gradient-free forward, in samples; 0 otherwise).
     """
 
     fused: torch.Tensor
@@ -89,6 +121,7 @@ class CAMResult:
     target_classes: torch.Tensor | None
     method: str
     options: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, int] = field(default_factory=dict)
 
     @property
     def predicted(self) -> torch.Tensor | None:
@@ -111,6 +144,7 @@ class CAMResult:
             logits=self.logits.to(device),
             target_classes=None if self.target_classes is None else self.target_classes.to(device),
             options=dict(self.options),
+            cost=dict(self.cost),
         )
 
     def cpu(self) -> CAMResult:
@@ -125,13 +159,8 @@ class _LayerContext:
     input_size: tuple[int, ...]
     mode: str
     ratio: torch.Tensor | None = None  # generalised-alpha r per sample
-    # weighted sums of layer maps, one per native resolution (upsampling is linear, so
-    # each resolution is upsampled once at the end instead of once per layer)
-    buffers: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
-    log_max: torch.Tensor | None = None
-    denom: torch.Tensor | None = None
-    log_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # activation term, raw
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # bias term, summed over sources
     relevance: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -142,14 +171,13 @@ class _HookedLayer:
     name: str
     module: nn.Module
     strategy: str  # "hold" | "recompute" | "clone"
-    bias: torch.Tensor | None
     value: torch.Tensor | None = None
     inputs: tuple[Any, ...] | None = None
     input_version: int = 0
-    anchor: torch.Tensor | None = None
-    output_node: Any = None  # autograd node that produced the (pre-in-place) output
+    anchor: Any = None  # gradient edge of the output, taken before any later in-place change
     native_shape: tuple[int, ...] = ()
     error: str | None = None
+    calls: int = 0
 
     def activation(self, amp_dtype: torch.dtype | None) -> torch.Tensor:
         """The layer's output values, then forget them."""
@@ -174,23 +202,31 @@ class _HookedLayer:
         self.value = self.inputs = self.anchor = None
 
 
-def _covering_anchors(scores: torch.Tensor, layers: list[_HookedLayer]) -> list[torch.Tensor]:
-    """The fewest gradient anchors whose backward pass runs through every hooked layer.
+@dataclass
+class _BiasSource:
+    """A module whose output carries (part of) the bias of one or more hooked layers."""
+
+    name: str
+    module: nn.Module
+    bias: torch.Tensor
+    layers: tuple[str, ...]
+    anchor: Any = None
+    calls: int = 0
+
+
+def _covering_anchors(scores: torch.Tensor, edges: list[Any]) -> list[Any]:
+    """The fewest gradient edges whose backward pass runs through every one of ``edges``.
 
     ``autograd.grad`` returns one gradient per input and holds them all until it returns;
-    asking only for anchors that are not already upstream of another one (usually just the
-    shallowest layer) keeps that memory to one layer's size. A layer is covered when the
-    backward to a chosen anchor has to run the node that produced its output, which fires
-    its tensor hook. One memoised walk of the graph finds, for every node, the anchors
-    reachable through it.
+    asking only for edges that are not already upstream of another one (usually just the
+    shallowest layer) keeps that memory to one layer's size. An edge is covered when the
+    backward to a chosen edge has to run its node, which fires its tensor hooks. One
+    memoised walk of the graph finds, for every node, the edges reachable through it.
     """
-    from torch.autograd.graph import get_gradient_edge
-
-    edges = {}
-    for i, layer in enumerate(layers):
-        edge = get_gradient_edge(layer.anchor)
-        edges.setdefault((edge.node, edge.output_nr), 0)
-        edges[(edge.node, edge.output_nr)] |= 1 << i
+    bits_of: dict[tuple[Any, int], int] = {}
+    for i, edge in enumerate(edges):
+        key = (edge.node, edge.output_nr)
+        bits_of[key] = bits_of.get(key, 0) | (1 << i)
     reach: dict[Any, int] = {}
     root = scores.grad_fn
     stack: list[tuple[Any, bool]] = [(root, False)] if root is not None else []
@@ -205,15 +241,16 @@ def _covering_anchors(scores: torch.Tensor, layers: list[_HookedLayer]) -> list[
             continue
         bits = 0
         for child, nr in children:
-            bits |= edges.get((child, nr), 0) | reach.get(child, 0)
+            bits |= bits_of.get((child, nr), 0) | reach.get(child, 0)
         reach[node] = bits
+    # shallowest edges first (they reach no other edge), then any edge they do not cover
+    order = sorted(range(len(edges)), key=lambda i: reach.get(edges[i].node, 0) != 0)
     chosen = 0
-    anchors: list[torch.Tensor] = []
-    for i, layer in enumerate(layers):
-        covered = reach.get(layer.output_node, 0) & chosen
-        if not covered and not (chosen >> i) & 1:
-            chosen |= 1 << i
-            anchors.append(layer.anchor)
+    anchors: list[Any] = []
+    for i in order:
+        if not reach.get(edges[i].node, 0) & chosen and not (chosen >> i) & 1:
+            chosen |= bits_of[(edges[i].node, edges[i].output_nr)]
+            anchors.append(edges[i])
     return anchors
 
 
@@ -221,20 +258,23 @@ class BaseCAM:
     """Shared engine. Subclasses override :meth:`activation_map` only.
 
     Args:
-        model: a CNN with 2D or 3D convolutions. It is left exactly as it was after every
-            call (training flags, hooks, ``requires_grad``, ``.grad``).
-        target_layers: ``"stages"`` (default: the last layer before each change of spatial
-            size, plus the last spatial layer), ``"all"`` (every convolution, or the
-            normalisation layer right after it), ``"last"`` (the last spatial layer), a
-            dotted module name, or a list of them.
-        layer_weighting: how layers are weighted in the fusion: ``"score"``
-            (``s_l / sum(s)``), ``"softmax"`` (``softmax(log(s_l) / tau)``) or ``"uniform"``.
-            Default per method.
+        model: a CNN with 2D or 3D convolutions (eager: TorchScript cannot be hooked). It
+            is left exactly as it was after every call (training flags, hooks,
+            ``requires_grad``, ``.grad``).
+        target_layers: ``"stages"`` (default: the last block output before each change of
+            spatial size), ``"all"`` (every block output), ``"last"`` (the last block
+            output), a dotted module name (containers included, e.g. ``"layer4"``), or a
+            list of them. See :mod:`icam_med.cam.layers` for what a block output is.
+        layer_weighting: how layers are weighted in the fusion, a name of
+            :data:`LAYER_WEIGHTINGS`. Default per method.
         tau: temperature of ``"softmax"`` layer weighting.
+        fusion: how the per-layer maps are fused, a name of :data:`FUSIONS`
+            (default ``"weighted"``).
+        counterfactual_keep: fraction of the voxels kept inside a layer's top region by the
+            ``"counterfactual"`` weighting, in ``(0, 1)``.
         bias_weight: ``lambda_b``, weight of the bias term in each layer's map
             (0 disables it). Default per method.
-        bias_mode: ``"signed"`` (``relu(sum_k G_k b_k)``, class-discriminative) or ``"abs"``
-            (``sum_k |G_k b_k|``, FullGrad style).
+        bias_mode: the bias term, a name of :data:`BIAS_MODES`.
         device: where the computation runs; default the model's device. The model must
             already be there (it is never moved); inputs are moved to it.
         amp_dtype: optional autocast dtype for the forward pass (e.g. ``torch.bfloat16``);
@@ -254,14 +294,16 @@ class BaseCAM:
         *,
         layer_weighting: str | None = None,
         tau: float = 1.0,
+        fusion: str = "weighted",
+        counterfactual_keep: float = 0.1,
         bias_weight: float | None = None,
         bias_mode: str = "signed",
         device: str | torch.device | None = None,
         amp_dtype: torch.dtype | str | None = None,
         eval_mode: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        check_supported_model(model, presets=isinstance(target_layers, str)
+                              and target_layers in LAYER_PRESETS)
         conv = first_conv(model)
         if conv is None:
             raise ValueError(
@@ -297,6 +339,11 @@ class BaseCAM:
             )
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
             raise ValueError(f"tau={tau!r} must be a positive number (softmax temperature).")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion='{fusion}' is not supported; use one of {list(FUSIONS)}.")
+        if not (isinstance(counterfactual_keep, (int, float)) and 0 < counterfactual_keep < 1):
+            raise ValueError(f"counterfactual_keep={counterfactual_keep!r} must be a fraction of "
+                             "the voxels in (0, 1), e.g. 0.1.")
         bw = self.default_bias_weight if bias_weight is None else float(bias_weight)
         if not (math.isfinite(bw) and bw >= 0):
             raise ValueError(f"bias_weight={bias_weight!r} must be a non-negative number.")
@@ -304,6 +351,8 @@ class BaseCAM:
             raise ValueError(f"bias_mode='{bias_mode}' is not supported; use one of {list(BIAS_MODES)}.")
         self.layer_weighting = weighting
         self.tau = float(tau)
+        self.fusion = fusion
+        self.counterfactual_keep = float(counterfactual_keep)
         self.bias_weight = bw
         self.bias_mode = bias_mode
         if isinstance(amp_dtype, str):  # from a YAML config
@@ -352,6 +401,8 @@ class BaseCAM:
             "target_layers": spec if isinstance(spec, str) else list(spec),
             "layer_weighting": self.layer_weighting,
             "tau": self.tau,
+            "fusion": self.fusion,
+            "counterfactual_keep": self.counterfactual_keep,
             "bias_weight": self.bias_weight,
             "bias_mode": self.bias_mode,
             "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
@@ -377,6 +428,12 @@ class BaseCAM:
             self._probe(example)
         return list(self._layer_cache[key])
 
+    def layer_records(self, spatial_shape: Sequence[int]) -> list[LayerRecord]:
+        """What the probe saw for inputs of ``spatial_shape``: every module with a spatial
+        output, its kind, whether a preset may choose it, and the modules carrying its bias."""
+        self.layer_names(spatial_shape)
+        return list(self._probe_cache[tuple(int(s) for s in spatial_shape)][0])
+
     def __call__(self, x: torch.Tensor, targets: object = None) -> CAMResult:
         """Explain ``x`` of shape ``(N, C, *spatial)``.
 
@@ -400,15 +457,17 @@ class BaseCAM:
         records = {r.name: r for r in self._probe_cache[tuple(x.shape[2:])][0]}
         ctx = _LayerContext(input_size=tuple(x.shape[2:]),
                             mode="bilinear" if self.spatial_dims == 2 else "trilinear")
-        hooked = {name: _HookedLayer(name, modules[name], self._strategy(records.get(name), modules[name]),
-                                     effective_bias(modules[name]) if self.bias_weight > 0 else None)
+        hooked = {name: _HookedLayer(name, modules[name], self._strategy(records.get(name), modules[name]))
                   for name in layers}
+        sources = self._bias_sources(layers, records, modules) if self.bias_weight > 0 else {}
         handles = []
         try:
             if self.eval_mode:
                 self.model.eval()
             for layer in hooked.values():
                 handles.append(layer.module.register_forward_hook(self._forward_hook(layer, ctx)))
+            for source in sources.values():
+                handles.append(source.module.register_forward_hook(self._source_hook(source, ctx)))
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 if self.amp_dtype is not None:
@@ -419,7 +478,7 @@ class BaseCAM:
                 for h in handles:
                     h.remove()
                 handles.clear()
-                return self._backward(x, output, target_fn, hooked, ctx)
+                return self._backward(x, output, target_fn, hooked, sources, ctx)
         finally:
             for h in handles:
                 h.remove()
@@ -427,6 +486,8 @@ class BaseCAM:
                 m.training = flag
             for layer in hooked.values():
                 layer.release()
+            for source in sources.values():
+                source.anchor = None
 
     # ------------------------------------------------------------------ internals
     def _param_dtype(self) -> torch.dtype:
@@ -524,24 +585,41 @@ class BaseCAM:
                     f"(valid indices 0..{n_classes - 1})."
                 )
 
-    def _backward(self, x: torch.Tensor, output: torch.Tensor, target_fn: object,
-                  hooked: dict[str, _HookedLayer], ctx: _LayerContext) -> CAMResult:
-        n = x.shape[0]
-        classes: torch.Tensor | None
+    def _bias_sources(self, layers: list[str], records: dict[str, LayerRecord],
+                      modules: dict[str, nn.Module]) -> dict[str, _BiasSource]:
+        """The modules carrying each hooked layer's bias, with their folded biases."""
+        users: dict[str, list[str]] = {}
+        for name in layers:
+            rec = records.get(name)
+            for src in (rec.bias_sources if rec is not None else ()):
+                users.setdefault(src, []).append(name)
+        sources = {}
+        for src, names in users.items():
+            bias = record_bias(records[src], modules) if src in records else None
+            if bias is not None:
+                sources[src] = _BiasSource(src, modules[src], bias.to(self.device), tuple(names))
+        return sources
+
+    def _scores(self, output: torch.Tensor, target_fn: object, n: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if target_fn is None:
             classes = output.detach().argmax(1)
-            scores = output.gather(1, classes.view(-1, 1)).squeeze(1)
-        elif isinstance(target_fn, ClassTarget):
-            classes = target_fn.indices(n, output.device)
-            scores = target_fn(output)
-        else:
-            classes = None
-            scores = target_fn(output)  # type: ignore[operator]
-            if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
-                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-                raise ValueError(
-                    f"target callable returned {got}; it must return one score per sample, shape ({n},)."
-                )
+            return output.gather(1, classes.view(-1, 1)).squeeze(1), classes
+        if isinstance(target_fn, ClassTarget):
+            return target_fn(output), target_fn.indices(n, output.device)
+        scores = target_fn(output)  # type: ignore[operator]
+        if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(
+                f"target callable returned {got}; it must return one score per sample, shape ({n},)."
+            )
+        return scores, None
+
+    def _backward(self, x: torch.Tensor, output: torch.Tensor, target_fn: object,
+                  hooked: dict[str, _HookedLayer], sources: dict[str, _BiasSource],
+                  ctx: _LayerContext) -> CAMResult:
+        n = x.shape[0]
+        scores, classes = self._scores(output, target_fn, n)
         for layer in hooked.values():
             if layer.error:
                 raise ValueError(layer.error)
@@ -549,49 +627,163 @@ class BaseCAM:
                 raise ValueError(f"target layer '{layer.name}' did not run in the forward pass.")
 
         self._prepare_context(ctx, scores.detach().float(), output.detach().float(), classes)
-        ctx.log_max = torch.full((n,), -math.inf, device=x.device)
-        ctx.denom = torch.zeros((n,), device=x.device)
 
-        # One backward pass, to the hooked layers only: no parameter gradients, and the
-        # pass stops at the shallowest hooked layer. Each layer's tensor hook reduces it as
-        # soon as its gradient arrives; the returned gradients themselves are not used.
-        anchors = _covering_anchors(scores, list(hooked.values()))
+        # One backward pass, to the hooked tensors only: no parameter gradients, and the
+        # pass stops at the shallowest of them. Each tensor hook reduces its layer as soon
+        # as its gradient arrives; the returned gradients themselves are not used.
+        edges = [layer.anchor for layer in hooked.values()]
+        edges += [s.anchor for s in sources.values() if s.anchor is not None]
+        anchors = _covering_anchors(scores, edges)
         grads = torch.autograd.grad(scores.sum(), anchors, allow_unused=True)
-        del grads, anchors
+        del grads, anchors, edges
 
         for layer in hooked.values():
             if layer.name not in ctx.maps:  # no gradient reached this layer
                 log.warning("no gradient reached target layer '%s'; its map is zero", layer.name)
                 ctx.maps[layer.name] = torch.zeros((n, 1, *layer.native_shape), device=x.device)
                 ctx.relevance[layer.name] = torch.zeros((n,), device=x.device)
-                ctx.log_weights[layer.name] = torch.full((n,), -math.inf, device=x.device)
             layer.release()
-
-        fused = torch.zeros((n, 1, *ctx.input_size), device=x.device, dtype=torch.float32)
-        for buf in ctx.buffers.values():
-            fused.add_(F.interpolate(buf, size=ctx.input_size, mode=ctx.mode, align_corners=False))
-        ctx.buffers.clear()
-        fused = minmax_normalize(fused)
-        total = ctx.denom
-        weights = {}
-        for name in hooked:
-            w = torch.exp(ctx.log_weights[name] - ctx.log_max)
-            w = torch.where(total > 0, w / total.clamp_min(1e-30), torch.zeros_like(w))
-            weights[name] = torch.nan_to_num(w, nan=0.0)
-        layers = list(hooked)
+        names = list(hooked)
+        maps = {name: self._layer_map(name, ctx) for name in names}
+        ctx.maps.clear()
+        ctx.bias.clear()
+        extra_samples = 0
+        if self.layer_weighting == "counterfactual":
+            relevance, extra_samples = self._counterfactual_relevance(x, maps, target_fn, scores, ctx)
+        else:
+            relevance = ctx.relevance
+        weights = self._layer_weights(names, relevance, n, x.device)
+        if self.fusion == "multiplicative":
+            fused = self._fuse_multiplicative(names, maps, weights, ctx)
+        else:
+            fused = self._fuse_weighted(names, maps, weights, ctx)
         options = self.options
         return CAMResult(
             fused=fused,
-            layer_maps={k: ctx.maps[k] for k in layers},
+            layer_maps=maps,
             layer_weights=weights,
-            layer_scores={k: ctx.relevance[k] for k in layers},
+            layer_scores={k: relevance[k] for k in names},
             scores=scores.detach().float(),
             logits=output.detach(),
             target_classes=classes,
             method=self.method_name,
-            options={**options, "target_layers": layers,
+            options={**options, "target_layers": names,
                      "target_layers_spec": options["target_layers"], "device": str(x.device)},
+            cost={"forward_passes": 1, "backward_passes": 1,
+                  "extra_forward_samples": extra_samples},
         )
+
+    def _layer_map(self, name: str, ctx: _LayerContext) -> torch.Tensor:
+        """``M_l = norm(norm(M_act) + lambda_b * norm(M_bias))`` at native resolution."""
+        m = ctx.maps[name]
+        bias = ctx.bias.get(name)
+        if bias is not None:
+            if self.bias_mode == "signed":
+                bias = F.relu(bias)
+            m = minmax_normalize(m) + self.bias_weight * minmax_normalize(bias)
+        return minmax_normalize(m)
+
+    def _layer_weights(self, names: list[str], relevance: dict[str, torch.Tensor], n: int,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+        """``omega_l`` per sample, summing to 1 over layers (uniform where every ``s_l`` is 0)."""
+        if self.layer_weighting == "uniform":
+            w = torch.full((n,), 1.0 / len(names), device=device)
+            return {k: w.clone() for k in names}
+        s = torch.stack([relevance[k].float() for k in names], 0).clamp_min(0)  # (L, N)
+        if self.layer_weighting == "softmax":
+            logw = torch.log(s) / self.tau  # log(0) = -inf: weight 0
+            top = logw.max(0, keepdim=True).values
+            e = torch.where(torch.isfinite(top), torch.exp(logw - top), torch.zeros_like(s))
+        else:
+            e = s
+        total = e.sum(0, keepdim=True)
+        # every s_l is 0 (no layer contributes positively, no region keeps any score, or no
+        # gradient at all): weigh the layers alike rather than return an empty map
+        e = torch.where(total > 0, e, torch.ones_like(e))
+        w = torch.nan_to_num(e / e.sum(0, keepdim=True), nan=0.0)
+        return {k: w[i] for i, k in enumerate(names)}
+
+    def _fuse_weighted(self, names: list[str], maps: dict[str, torch.Tensor],
+                       weights: dict[str, torch.Tensor], ctx: _LayerContext) -> torch.Tensor:
+        # Upsampling is linear: sum the weighted maps per native resolution, upsample each once.
+        buffers: dict[tuple[int, ...], torch.Tensor] = {}
+        for name in names:
+            m = maps[name]
+            contribution = m * weights[name].view(-1, *(1,) * (m.ndim - 1))
+            key = tuple(m.shape[2:])
+            if key in buffers:
+                buffers[key].add_(contribution)
+            else:
+                buffers[key] = contribution
+        n = next(iter(maps.values())).shape[0]
+        device = next(iter(maps.values())).device
+        fused = torch.zeros((n, 1, *ctx.input_size), device=device, dtype=torch.float32)
+        for buf in buffers.values():
+            fused.add_(F.interpolate(buf, size=ctx.input_size, mode=ctx.mode, align_corners=False))
+        return minmax_normalize(fused)
+
+    def _fuse_multiplicative(self, names: list[str], maps: dict[str, torch.Tensor],
+                             weights: dict[str, torch.Tensor], ctx: _LayerContext) -> torch.Tensor:
+        """Poly-CAM-style coarse-to-fine product: the coarsest map gates every finer one.
+
+        Layers are taken from the fewest positions to the most (ties: the deeper first);
+        each map enters with exponent ``L * omega_l`` (1 for uniform weights, and a layer of
+        weight 0 gates nothing).
+        """
+        order = sorted(range(len(names)), key=lambda i: (math.prod(maps[names[i]].shape[2:]), -i))
+        big_l = float(len(names))
+        acc: torch.Tensor | None = None
+        for i in order:
+            m = maps[names[i]]
+            e = (big_l * weights[names[i]]).view(-1, *(1,) * (m.ndim - 1))
+            gate = minmax_normalize(m.clamp_min(0).pow(e))
+            if acc is None:
+                acc = gate
+            else:
+                up = F.interpolate(acc, size=m.shape[2:], mode=ctx.mode, align_corners=False)
+                acc = minmax_normalize(up * gate)
+        assert acc is not None
+        fused = F.interpolate(acc, size=ctx.input_size, mode=ctx.mode, align_corners=False)
+        total = torch.stack([weights[k] for k in names], 0).sum(0)
+        fused = fused * (total > 0).view(-1, *(1,) * (fused.ndim - 1))  # no gradient: zero map
+        return minmax_normalize(fused)
+
+    @torch.no_grad()
+    def _counterfactual_relevance(self, x: torch.Tensor, maps: dict[str, torch.Tensor],
+                                  target_fn: object, scores: torch.Tensor,
+                                  ctx: _LayerContext) -> tuple[dict[str, torch.Tensor], int]:
+        """How much keeping only each layer's top region preserves the score.
+
+        One batched gradient-free forward over ``(L + 1) * N`` inputs: for every layer, the
+        input with the voxels outside the layer's top ``counterfactual_keep`` fraction set to
+        the input's mean (per sample and channel), plus the all-mean baseline.
+        ``s_l = S(kept_l) - S(baseline)``.
+        """
+        n = x.shape[0]
+        names = list(maps)
+        base = x.flatten(2).mean(-1).view(n, x.shape[1], *(1,) * (x.ndim - 2))
+        batch = []
+        k = max(1, round(self.counterfactual_keep * math.prod(ctx.input_size)))
+        for name in names:
+            up = F.interpolate(maps[name], size=ctx.input_size, mode=ctx.mode, align_corners=False)
+            flat = up.flatten(1)
+            thr = flat.topk(k, dim=1).values[:, -1].view(n, *(1,) * (up.ndim - 1))
+            keep = ((up >= thr) & (up > 0)).to(x.dtype)
+            batch.append(base + keep * (x - base))
+        batch.append(base.expand_as(x))
+        stacked = torch.cat(batch, 0)
+        del batch
+        if self.amp_dtype is not None:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                out = self.model(stacked)
+        else:
+            out = self.model(stacked)
+        per = []
+        for j in range(len(names) + 1):
+            s, _ = self._scores(out[j * n:(j + 1) * n], target_fn, n)
+            per.append(s.float())
+        baseline = per[-1]
+        return {name: per[i] - baseline for i, name in enumerate(names)}, stacked.shape[0]
 
     def _strategy(self, record: LayerRecord | None, module: nn.Module) -> str:
         """How a layer's activation is kept until its gradient arrives.
@@ -605,12 +797,15 @@ class BaseCAM:
         """
         if record is None or not record.mutated_inplace:
             return "hold"
-        if record.input_mutated or module.training:
+        if record.input_mutated or module.training or record.is_container:
             return "clone"
         return "recompute"
 
     def _forward_hook(self, layer: _HookedLayer, ctx: _LayerContext):
+        from torch.autograd.graph import get_gradient_edge
+
         def hook(_m, inp, out):
+            layer.calls += 1
             if not isinstance(out, torch.Tensor):
                 layer.error = (f"target layer '{layer.name}' returns {type(out).__name__}, not a "
                                "tensor; choose a layer whose output is a feature map.")
@@ -619,24 +814,35 @@ class BaseCAM:
                 layer.error = (f"target layer '{layer.name}' output does not depend on the input "
                                "through autograd (it is detached inside the model); choose another layer.")
                 return None
-            if layer.anchor is not None:
+            if layer.calls > 1:
                 layer.error = (f"target layer '{layer.name}' runs more than once in a forward pass "
-                               "(a shared module); hook a module that runs once.")
+                               "(a shared module, e.g. one activation used by several layers); "
+                               "hook the block that contains it instead.")
                 return None
             layer.native_shape = tuple(out.shape[2:])
-            layer.output_node = out.grad_fn
             # Registered now, before any later in-place change, so the hook receives the
             # gradient with respect to this layer's own output.
             out.register_hook(self._grad_hook(layer, ctx))
-            if layer.strategy == "recompute" and inp and isinstance(inp[0], torch.Tensor) \
-                    and inp[0].requires_grad:
+            layer.anchor = get_gradient_edge(out)
+            if layer.strategy == "recompute" and inp and isinstance(inp[0], torch.Tensor):
                 layer.inputs = tuple(inp)
                 layer.input_version = inp[0]._version
-                layer.anchor = inp[0]  # the backward must pass through this module
                 return None
             layer.value = out
-            layer.anchor = out
             return out.clone() if layer.strategy != "hold" else None
+
+        return hook
+
+    def _source_hook(self, source: _BiasSource, ctx: _LayerContext):
+        from torch.autograd.graph import get_gradient_edge
+
+        def hook(_m, _inp, out):
+            source.calls += 1
+            if not isinstance(out, torch.Tensor) or not out.requires_grad or source.calls > 1:
+                return None
+            out.register_hook(self._bias_hook(source, ctx))
+            source.anchor = get_gradient_edge(out)
+            return None
 
         return hook
 
@@ -645,51 +851,39 @@ class BaseCAM:
             with torch.no_grad():
                 a = layer.activation(self.amp_dtype).float()
                 g = grad.detach().float()
-                m = self.activation_map(a, g, ctx)
-                if layer.bias is not None:
-                    m = minmax_normalize(m) + self.bias_weight * minmax_normalize(
-                        self._bias_map(g, layer.bias.to(g.device)))
-                m = minmax_normalize(m)
-                rel = torch.relu_(g * a).flatten(1).sum(1)
+                ctx.maps[layer.name] = self.activation_map(a, g, ctx)
+                ctx.relevance[layer.name] = self._relevance(a, g)
                 del a, g
-                self._accumulate(layer.name, m, rel, ctx)
 
         return hook
 
+    def _bias_hook(self, source: _BiasSource, ctx: _LayerContext):
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                m = self._bias_map(grad.detach().float(), source.bias.to(grad.device))
+                for name in source.layers:
+                    if name in ctx.bias:
+                        ctx.bias[name] = ctx.bias[name] + m
+                    else:
+                        ctx.bias[name] = m
+
+        return hook
+
+    def _relevance(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``s_l`` of one layer per sample (see :data:`LAYER_WEIGHTINGS`)."""
+        ga = g * a
+        if self.layer_weighting == "net":
+            return ga.flatten(1).sum(1).clamp_min_(0)
+        if self.layer_weighting == "per_position":
+            return torch.relu_(ga.sum(1)).flatten(1).mean(1)
+        return torch.relu_(ga).flatten(1).sum(1)
+
     def _bias_map(self, g: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Bias term ``relu(sum_k G_k b_k)`` (signed) or ``sum_k |G_k b_k|`` (abs), ``(N, 1, *s)``."""
+        """``sum_k G_k b_k`` (signed, ReLU applied once all sources are summed) or
+        ``sum_k |G_k b_k|`` (abs), ``(N, 1, *s)``."""
         n, k, *spatial = g.shape
         if self.bias_mode == "signed":
             summed = torch.matmul(bias.view(1, 1, k), g.flatten(2))  # (N, 1, P)
-            return F.relu(summed.view(n, 1, *spatial))
+            return summed.view(n, 1, *spatial)
         extra = (1,) * len(spatial)
         return (g * bias.view(1, k, *extra)).abs_().sum(1, keepdim=True)
-
-    def _accumulate(self, name: str, m: torch.Tensor, rel: torch.Tensor,
-                    ctx: _LayerContext) -> None:
-        ctx.maps[name] = m
-        ctx.relevance[name] = rel
-        if self.layer_weighting == "uniform":
-            logw = torch.zeros_like(rel)
-        else:
-            tau = self.tau if self.layer_weighting == "softmax" else 1.0
-            logw = torch.log(rel) / tau  # log(0) = -inf: weight 0
-        ctx.log_weights[name] = logw
-        assert ctx.log_max is not None and ctx.denom is not None
-        # streaming log-sum-exp: every buffer is kept scaled by exp(-log_max) per sample
-        new_max = torch.maximum(ctx.log_max, logw)
-        finite = torch.isfinite(new_max)
-        zero = torch.zeros_like(new_max)
-        scale_old = torch.where(finite, torch.exp(ctx.log_max - new_max), zero)
-        scale_new = torch.where(finite, torch.exp(logw - new_max), zero)
-        extra = (1,) * (m.ndim - 1)
-        for buf in ctx.buffers.values():
-            buf.mul_(scale_old.view(-1, *extra))
-        key = tuple(m.shape[2:])
-        contribution = m * scale_new.view(-1, *extra)
-        if key in ctx.buffers:
-            ctx.buffers[key].add_(contribution)
-        else:
-            ctx.buffers[key] = contribution
-        ctx.denom = ctx.denom * scale_old + scale_new
-        ctx.log_max = new_max

@@ -6,7 +6,8 @@
 | Grad-CAM++        | ``relu(sum_k w_k A_k)``, ``w_k = sum(alpha relu(G))`` | generalised alpha         |
 | HiResCAM          | ``relu(sum_k G_k * A_k)``                            | element-wise              |
 | LayerCAM          | ``relu(sum_k relu(G_k) * A_k)``                      | element-wise, positive G  |
-| Integrative CAM   | Grad-CAM++ term + bias term, adaptive layer weights  | ``score`` weights, bias 1 |
+| Integrative CAM   | any term of :data:`ACTIVATION_TERMS` + bias term,    | ``score`` weights, bias 1 |
+|                   | adaptive layer weights and a fusion                  |                           |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from icam_med.cam.base import BaseCAM, _LayerContext
 from icam_med.cam.targets import ClassTarget
 
 __all__ = [
+    "ACTIVATION_TERMS",
     "METHODS",
     "GradCAM",
     "GradCAMPlusPlus",
@@ -39,6 +41,35 @@ def _weighted_sum(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
     return F.relu(summed.view(n, 1, *spatial))
 
 
+def _gradcam_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
+    return _weighted_sum(grads.flatten(2).mean(-1), acts)
+
+
+def _hirescam_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
+    return F.relu((grads * acts).sum(1, keepdim=True))
+
+
+def _layercam_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
+    return F.relu((F.relu(grads) * acts).sum(1, keepdim=True))
+
+
+def _gradcampp_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
+    assert ctx.ratio is not None
+    weights = alpha_channel_weights(grads, acts.flatten(2).sum(-1), ctx.ratio)
+    return _weighted_sum(weights, acts)
+
+
+#: The activation term of a layer's map (Integrative CAM's option ``activation_term``):
+#: name -> (function, meaning).
+ACTIVATION_TERMS: dict[str, tuple[Any, str]] = {
+    "gradcam++": (_gradcampp_term, "relu(sum_k w_k A_k), w_k = sum(alpha * relu(G_k)) with the "
+                                   "generalised alpha of alpha_fn"),
+    "layercam": (_layercam_term, "relu(sum_k relu(G_k) * A_k), position by position"),
+    "gradcam": (_gradcam_term, "relu(sum_k mean(G_k) A_k)"),
+    "hirescam": (_hirescam_term, "relu(sum_k G_k * A_k), position by position"),
+}
+
+
 class GradCAM(BaseCAM):
     """Grad-CAM: channel weights are the spatial mean of the gradient."""
 
@@ -46,7 +77,7 @@ class GradCAM(BaseCAM):
 
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
                        ctx: _LayerContext) -> torch.Tensor:
-        return _weighted_sum(grads.flatten(2).mean(-1), acts)
+        return _gradcam_term(acts, grads, ctx)
 
 
 class HiResCAM(BaseCAM):
@@ -56,7 +87,7 @@ class HiResCAM(BaseCAM):
 
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
                        ctx: _LayerContext) -> torch.Tensor:
-        return F.relu((grads * acts).sum(1, keepdim=True))
+        return _hirescam_term(acts, grads, ctx)
 
 
 class LayerCAM(BaseCAM):
@@ -66,7 +97,7 @@ class LayerCAM(BaseCAM):
 
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
                        ctx: _LayerContext) -> torch.Tensor:
-        return F.relu((F.relu(grads) * acts).sum(1, keepdim=True))
+        return _layercam_term(acts, grads, ctx)
 
 
 class GradCAMPlusPlus(BaseCAM):
@@ -120,22 +151,46 @@ class GradCAMPlusPlus(BaseCAM):
 
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
                        ctx: _LayerContext) -> torch.Tensor:
-        assert ctx.ratio is not None
-        weights = alpha_channel_weights(grads, acts.flatten(2).sum(-1), ctx.ratio)
-        return _weighted_sum(weights, acts)
+        return _gradcampp_term(acts, grads, ctx)
 
 
 class IntegrativeCAM(GradCAMPlusPlus):
-    """Integrative CAM: generalised Grad-CAM++ maps with a bias term, fused over many layers
-    with adaptive weights from each layer's gradient-activation relevance (ICAM_SPEC 1-3).
+    """Integrative CAM: per-layer maps (an activation term plus a bias term) fused over many
+    layers with adaptive weights (ICAM_SPEC 1-3).
 
-    Defaults: ``target_layers="stages"``, ``alpha_fn="exp"``, ``bias_mode="signed"``,
-    ``bias_weight=1.0``, ``layer_weighting="score"``.
+    Args:
+        activation_term: the per-layer activation term, a name of :data:`ACTIVATION_TERMS`
+            (``"gradcam++"``: the generalised alpha of ``alpha_fn``; ``"layercam"``:
+            ``relu(G) * A`` position by position).
+        **kwargs: ``alpha_fn``, ``alpha_beta`` and the engine options of
+            :class:`~icam_med.cam.base.BaseCAM` (``layer_weighting``, ``fusion``,
+            ``bias_weight``, ``bias_mode``...).
+
+    Defaults: ``target_layers="stages"``, ``activation_term="gradcam++"``,
+    ``alpha_fn="exp"``, ``bias_mode="signed"``, ``bias_weight=1.0``,
+    ``layer_weighting="score"``, ``fusion="weighted"``.
     """
 
     method_name = "integrative"
     default_layer_weighting = "score"
     default_bias_weight = 1.0
+    default_activation_term = "gradcam++"
+
+    def __init__(self, model: nn.Module, target_layers: Any = "stages", *,
+                 activation_term: str | None = None, **kwargs: Any) -> None:
+        term = activation_term or self.default_activation_term
+        if term not in ACTIVATION_TERMS:
+            raise ValueError(f"activation_term='{term}' is not supported; use one of "
+                             f"{list(ACTIVATION_TERMS)}.")
+        self.activation_term = term
+        super().__init__(model, target_layers, **kwargs)
+
+    def method_options(self) -> dict[str, Any]:
+        return {**super().method_options(), "activation_term": self.activation_term}
+
+    def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
+                       ctx: _LayerContext) -> torch.Tensor:
+        return ACTIVATION_TERMS[self.activation_term][0](acts, grads, ctx)
 
 
 METHODS: dict[str, type[BaseCAM]] = {

@@ -372,7 +372,7 @@ def load_volume(
             image = image[idx: idx + 1]
         if image.ndim == 3:  # a 2-D NIfTI: add a singleton slice axis so maps stay 3-D
             image = image.unsqueeze(-1)
-    else:
+    elif fmt == "dicom":
         h = sel.headers[0]
         unsigned = int(getattr(h, "PixelRepresentation", 0)) == 0
         source_dtype = f"{'u' if unsigned else ''}int{int(getattr(h, 'BitsAllocated', 16))}"

@@ -395,13 +395,19 @@ def _affine_from_plane(position: np.ndarray, iop: np.ndarray, ps: np.ndarray,
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+_MULTIFRAME_RESCALE = GeometryCheck(
+    "rescale", "passed", "multi-frame: each frame's own pixel value transformation applied, as floats")
+
+
 def _rescale_check(headers: list[Any], source: str) -> tuple[bool, GeometryCheck]:
     """Whether pixels must be read as floats: any non-integer or varying slope/intercept."""
     pairs = set()
     for ds in headers:
         try:
-            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-            intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+            slope = getattr(ds, "RescaleSlope", None)
+            intercept = getattr(ds, "RescaleIntercept", None)
+            slope = 1.0 if slope is None or slope == "" else float(slope)
+            intercept = 0.0 if intercept is None or intercept == "" else float(intercept)
         except (TypeError, ValueError) as exc:
             raise GeometryError(f"{source}: Rescale Slope/Intercept is not a number ({exc}).") from exc
         if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
@@ -600,6 +606,8 @@ def validate_dicom(path: str | Path, *, series_uid: str | None = None,
         n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         checks = [check_voxel_limit(int(ds.Rows) * int(ds.Columns) * n_frames, str(p), options)]
         float_pixels, rescale = _rescale_check([ds], str(p))
+        if n_frames > 1:
+            float_pixels, rescale = True, _MULTIFRAME_RESCALE
         checks.append(rescale)
         order = None
         if n_frames > 1:
@@ -655,6 +663,8 @@ def validate_dicom(path: str | Path, *, series_uid: str | None = None,
         items, stack_checks, affine, ncols = _check_stack(items, options)
         checks += stack_checks
     float_pixels, rescale = _rescale_check([d for _, d in items], str(p))
+    if n_frames > 1:
+        float_pixels, rescale = True, _MULTIFRAME_RESCALE
     checks.append(rescale)
     return DicomSelection(p, tuple(f for f, _ in items), tuple(d for _, d in items), uid,
                           tuple(checks), n_frames, header_affine=affine, header_columns=ncols,
@@ -755,6 +765,18 @@ def _usable_affine(a: np.ndarray) -> str | None:
     return None
 
 
+def _raw_header(img: Any, path: Path) -> Any:
+    """The header as stored: nibabel's loader silently repairs it (zero pixdim becomes 1 mm,
+    negative pixdim positive), and a repaired header must not pass validation."""
+    import nibabel as nib
+
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            return type(img.header).from_fileobj(fh, check=False)
+    except Exception:  # a header nibabel cannot re-read raw: use the one it loaded
+        return img.header
+
+
 def nifti_affine(img: Any, path: str | Path, options: GeometryOptions | None = None
                  ) -> tuple[np.ndarray, list[GeometryCheck]]:
     """The voxel-to-world (RAS) affine a NIfTI's header defines, checked.
@@ -769,8 +791,8 @@ def nifti_affine(img: Any, path: str | Path, options: GeometryOptions | None = N
         GeometryError: as above; the message names the file, the transform and the fix.
     """
     options = GeometryOptions.from_mapping(options)
-    hdr = img.header
     p = Path(path)
+    hdr = _raw_header(img, p)
     sform_code = int(hdr["sform_code"]) if "sform_code" in hdr else 0
     qform_code = int(hdr["qform_code"]) if "qform_code" in hdr else 0
     zooms = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
@@ -790,7 +812,11 @@ def nifti_affine(img: Any, path: str | Path, options: GeometryOptions | None = N
     if sform_code > 0:
         candidates["sform"] = np.asarray(hdr.get_sform(), dtype=np.float64)
     if qform_code > 0:
-        candidates["qform"] = np.asarray(hdr.get_qform(), dtype=np.float64)
+        try:
+            candidates["qform"] = np.asarray(hdr.get_qform(), dtype=np.float64)
+        except Exception as exc:  # nibabel refuses e.g. negative pixdim
+            candidates["qform"] = np.full((4, 4), np.nan)
+            problems["qform"] = f"cannot be built ({exc})"
         if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
             problems["qform"] = f"has zero, negative or non-finite voxel sizes (pixdim {zooms.tolist()})"
     for name, a in candidates.items():

@@ -6,10 +6,11 @@
 * :func:`write_parametric_map`: a DICOM Parametric Map (highdicom) with float pixel data,
   one frame per source slice, referencing the source series, its quantity coded as a
   class-activation map, and the algorithm (name, version, method and parameters) identified
-  in the Contributing Equipment and the frames' derivation description. Each frame's plane
-  position and orientation come from the loaded grid (slices sorted along the normal, for
-  multi-frame sources too), the Frame Anatomy is shared by all frames (dcmqi needs it), the
-  series-level Laterality is written only where the source states one, and a de-identified
+  in the Contributing Equipment and the frames' derivation description. Frame ``i`` holds
+  the map slice at source frame ``i``'s position (checked against the loaded grid, which is
+  sorted along the normal, so a multi-frame source stored out of order is right), the Frame Anatomy (with the source's side as Frame Laterality,
+  else unpaired) is shared by all frames (dcmqi needs it) and replaces the series-level
+  Laterality, which must then be absent; a de-identified
   source whose Type 2 patient/study attributes are missing or empty gives them empty.
 
 Both write atomically (temporary file, fsync, rename) and refuse to overwrite unless asked.
@@ -155,7 +156,6 @@ _BODY_PART_SCT = {
     "SPINE": ("421060004", "Spine"), "KNEE": ("72696002", "Knee"),
 }
 _WHOLE_BODY = ("38266002", "Entire body")
-_PAIRED_LATERALITY = {"R", "L"}
 
 
 def _deidentified_safe(datasets: list[Any]) -> list[Any]:
@@ -212,26 +212,89 @@ def _frame_anatomy(src: Any) -> Any:
     return item
 
 
-def _plane_geometry(affine: np.ndarray, n_slices: int) -> tuple[Any, Any, list[Any]]:
-    """highdicom pixel measures, plane orientation and per-frame positions of the grid
-    ``affine`` (RAS, index (column, row, slice)) in DICOM patient coordinates (LPS)."""
-    import highdicom as hd
+def _source_plane_positions(sources: list[Any]) -> list[np.ndarray]:
+    """Image Position (Patient) of every source frame, in the sources' frame order."""
+    if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
+        return [np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
+                for fg in sources[0].PerFrameFunctionalGroupsSequence]
+    return [np.array([float(v) for v in ds.ImagePositionPatient]) for ds in sources]
 
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
-    col_step, row_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
-    col_sp, row_sp = float(np.linalg.norm(col_step)), float(np.linalg.norm(row_step))
-    normal = np.cross(col_step / col_sp, row_step / row_sp)
-    gap = abs(float(slice_step @ normal))
-    measures = hd.PixelMeasuresSequence(
-        pixel_spacing=[row_sp, col_sp], slice_thickness=gap if gap > 0 else None,
-        spacing_between_slices=gap if n_slices > 1 and gap > 0 else None)
-    orientation = hd.PlaneOrientationSequence(
-        hd.CoordinateSystemNames.PATIENT,
-        [float(v) for v in (*(col_step / col_sp), *(row_step / row_sp))])
-    positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
-                                          [float(v) for v in (lps @ [0.0, 0.0, k, 1.0])[:3]])
-                 for k in range(n_slices)]
-    return measures, orientation, positions
+
+def _slices_of_source_frames(scan_info: Any, sources: list[Any], n_slices: int) -> list[int]:
+    """For each source frame (file order), the slice of the loaded grid it lies on.
+
+    The Parametric Map copies each source frame's position and references it, so map
+    frame ``i`` must hold the map slice at source frame ``i``'s position: a multi-frame
+    source may store its frames in any order, and the loaded grid is always sorted along
+    the normal. Where the loaded grid is an approximation the user accepted (gantry tilt,
+    irregular slices) the nearest slice along the normal is taken; otherwise every frame
+    must lie on a slice of the grid.
+
+    Raises:
+        ValueError: a source frame lies off the grid, or two share a slice.
+    """
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(scan_info.affine, dtype=np.float64)
+    inverse = np.linalg.inv(lps)
+    approximate = any(c.status == "warned" and c.name in {"gantry_tilt", "slice_spacing",
+                                                          "missing_slices"}
+                      for c in getattr(scan_info, "checks", ()))
+    out = []
+    for i, pos in enumerate(_source_plane_positions(sources)):
+        index = (inverse @ np.r_[pos, 1.0])[:3]
+        k = round(float(index[2]))
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        off = np.abs(index - [0.0, 0.0, k]) * spacing
+        if not 0 <= k < n_slices or (not approximate and float(off.max()) > 1e-2):
+            raise ValueError(
+                f"{scan_info.path}: source frame {i + 1} at {np.round(pos, 3).tolist()} mm does "
+                f"not lie on the loaded grid (off by {float(off.max()):.3g} mm); a Parametric "
+                "Map would misplace the map. Use the NIfTI output."
+            )
+        out.append(k)
+    if sorted(out) != list(range(n_slices)):
+        raise ValueError(
+            f"{scan_info.path}: the source frames do not map one to one onto the "
+            f"{n_slices} slices of the loaded grid; a Parametric Map cannot be placed on it."
+        )
+    return out
+
+
+def _frames_ascending(pm: Any) -> None:
+    """Store the map's frames in ascending order along the normal (row x column).
+
+    highdicom sorts frames along its own normal, which runs the other way; any order is
+    legal DICOM, but dcmqi (3D Slicer's reader) stacks frames in stored order from the
+    lowest position, which would turn the map upside down along the slice axis. The
+    frames, their functional groups and the position index values are reordered together.
+    """
+    fgs = list(pm.PerFrameFunctionalGroupsSequence)
+    if len(fgs) < 2:
+        return
+    iop = np.array([float(v) for v in
+                    pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                    .ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    dist = [float(np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
+                  @ normal) for fg in fgs]
+    order = np.argsort(dist, kind="stable")
+    if list(order) == list(range(len(fgs))):
+        return
+    n, rows, cols = len(fgs), int(pm.Rows), int(pm.Columns)
+    keyword = next(k for k in ("FloatPixelData", "DoubleFloatPixelData", "PixelData") if k in pm)
+    dtype = {"FloatPixelData": "<f4", "DoubleFloatPixelData": "<f8"}.get(
+        keyword, f"<u{int(pm.BitsAllocated) // 8}")
+    frames = np.frombuffer(pm[keyword].value, dtype=dtype)[: n * rows * cols].reshape(n, rows, cols)
+    setattr(pm, keyword, np.ascontiguousarray(frames[order]).tobytes())
+    pm.PerFrameFunctionalGroupsSequence = [fgs[i] for i in order]
+    pointers = [item.DimensionIndexPointer for item in pm.DimensionIndexSequence]
+    position_dim = pointers.index(0x00200032) if 0x00200032 in pointers else None
+    if position_dim is not None:
+        for rank, fg in enumerate(pm.PerFrameFunctionalGroupsSequence, 1):
+            values = fg.FrameContentSequence[0].DimensionIndexValues
+            values = list(values) if isinstance(values, list | tuple) or hasattr(
+                values, "__iter__") else [values]
+            values[position_dim] = rank
+            fg.FrameContentSequence[0].DimensionIndexValues = values if len(values) > 1 else rank
 
 
 class _NoHeaderValues:
@@ -299,9 +362,12 @@ def write_parametric_map(
         raise ValueError(
             f"{scan_info.path}: {len(sources)} source image(s) for {data.shape[2]} slice(s)."
         )
-    # (X, Y, Z) = (column, row, slice) -> frames (slice, row, column), same slice order
-    # as the source images (sorted along the slice normal when loaded).
-    frames = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    # (X, Y, Z) = (column, row, slice) -> frames (slice, row, column), one per source frame
+    # in the source's own frame order: highdicom copies each source frame's position.
+    # (Positions passed explicitly would be re-sorted by highdicom, against the normal,
+    # an order dcmqi misreads.)
+    slices = _slices_of_source_frames(scan_info, sources, data.shape[2])
+    frames = np.ascontiguousarray(np.transpose(data[:, :, slices], (2, 1, 0)))
 
     params_json = json.dumps(dict(parameters or {}), sort_keys=True, default=str,
                              separators=(",", ":"))
@@ -326,28 +392,25 @@ def write_parametric_map(
         software_versions=__version__,
         contribution_description=description,
     )
-    measures, orientation, positions = _plane_geometry(scan_info.affine, frames.shape[0])
     quiet = _NoHeaderValues()
     hd_logs = [logging.getLogger(name) for name in ("highdicom", "highdicom.base")]
     for lg in hd_logs:
         lg.addFilter(quiet)
     try:
-        pm = _parametric_map(hd, sources, frames, rwvm, equipment, method, int(series_number),
-                             measures, orientation, positions)
+        pm = _parametric_map(hd, sources, frames, rwvm, equipment, method, int(series_number))
     finally:
         for lg in hd_logs:
             lg.removeFilter(quiet)
     pm.SeriesDescription = _truncate(series_description, 64)
     if "ContentCreatorName" not in pm:
         pm.ContentCreatorName = ""  # Type 2 in Content Identification: present, empty
-    # General Series Laterality (Type 2C) only where the source states a paired side:
-    # an empty value is flagged by dciodvfy once Frame Anatomy is present.
-    laterality = str(getattr(sources[0], "Laterality", "") or "").upper()
-    if laterality in _PAIRED_LATERALITY:
-        pm.Laterality = laterality
-    elif "Laterality" in pm:
+    # The side goes in the Frame Anatomy's Frame Laterality (Type 1). General Series
+    # Laterality is Type 2C, required only where no Frame Laterality is present: with Frame
+    # Anatomy it must be absent (dciodvfy flags it, empty or not).
+    if "Laterality" in pm:
         del pm.Laterality
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [_frame_anatomy(sources[0])]
+    _frames_ascending(pm)
     for fg in pm.PerFrameFunctionalGroupsSequence:
         for item in getattr(fg, "DerivationImageSequence", []):
             item.DerivationDescription = description
@@ -362,8 +425,7 @@ def write_parametric_map(
 
 
 def _parametric_map(hd: Any, sources: list[Any], frames: np.ndarray, rwvm: Any,
-                    equipment: Any, method: str, series_number: int, measures: Any,
-                    orientation: Any, positions: list[Any]) -> Any:
+                    equipment: Any, method: str, series_number: int) -> Any:
     from pydicom.uid import ExplicitVRLittleEndian
 
     return hd.pm.ParametricMap(
@@ -385,7 +447,4 @@ def _parametric_map(hd: Any, sources: list[Any], frames: np.ndarray, rwvm: Any,
         content_creator_name=None,
         content_label="ICAM",
         contributing_equipment=[equipment],
-        pixel_measures=measures,
-        plane_orientation=orientation,
-        plane_positions=positions,
     )

@@ -259,7 +259,7 @@ def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any,
         first = explain_volume(image, info, prepared, method=method, method_options=options,
                                targets=target, layer_maps=layer_maps)
         second = None
-        if contrast is not None and contrast == first.result.get("target_class"):
+        if contrast is not None and contrast == first.result.target_class:
             return ExplainJobResult(
                 first=first, prepared=prepared,
                 warning=f"the contrast class ({contrast}) is the explained class; "
@@ -686,7 +686,7 @@ class ExplainWidget(Container):
         self._update_contour()
         self.save_button.enabled = True
         self.status.value = (f"done in {first.timing['total']:.1f} s "
-                             f"({first.result['method']})")
+                             f"({first.result.method})")
         trust = getattr(self, "_run_trust", None)
         if trust:
             self.prediction.value += f"\nUNTRUSTED MODEL ({trust}): this means nothing"
@@ -710,20 +710,19 @@ class ExplainWidget(Container):
         def name(i: Any) -> str:
             return labels[i] if i is not None and 0 <= i < len(labels) else f"class {i}"
 
-        pred = res.get("predicted_class")
-        probs = res.get("probabilities") or []
+        pred = res.predicted_class
+        probs = res.probabilities or ()
         ptxt = f" (p={probs[pred]:.3f})" if pred is not None and pred < len(probs) else ""
-        self.prediction.value = (f"{name(pred)}{ptxt}; explained: {name(res.get('target_class'))}"
-                                 f", score {res.get('score', float('nan')):.3f}")
-        logits = res.get("logits") or []
+        self.prediction.value = (f"{name(pred)}{ptxt}; explained: {name(res.target_class)}"
+                                 f", score {res.score:.3f}")
         self.scores.value = "  ".join(
             f"{name(i)}: {v:.2f}" + (f" (p={probs[i]:.2f})" if i < len(probs) else "")
-            for i, v in enumerate(logits)) or "-"
+            for i, v in enumerate(res.logits or ())) or "-"
         if second is not None:
             r2 = second.result
-            self.scores.value += (f"\ncontrast {name(r2.get('target_class'))}: "
-                                  f"score {r2.get('score', float('nan')):.3f}")
-        self._draw_weights(dict(res.get("layer_weights") or {}))
+            self.scores.value += (f"\ncontrast {name(r2.target_class)}: "
+                                  f"score {r2.score:.3f}")
+        self._draw_weights(dict(res.layer_weights))
 
     # display --------------------------------------------------------------------------
     def _map_layers(self, kinds: tuple = _MAP_KINDS) -> list:
@@ -811,7 +810,7 @@ class ExplainWidget(Container):
             first, second = self.result.first, self.result.second
             written = write_explanation(first, folder)
             if second is not None:
-                c = second.result.get("target_class")
+                c = second.result.target_class
                 written += write_explanation(second, folder, stem=class_stem(c))
         except _USER_ERRORS as exc:
             self._notify_error(str(exc))

@@ -360,9 +360,9 @@ def test_choices_come_from_the_engine_registries(make_napari_viewer, scan, tmp_p
     assert isinstance(widget.result, ExplainJobResult) and widget.result.ok
     with pytest.raises(dataclasses.FrozenInstanceError):
         widget.result.first = None
-    options = widget.result.first.result["options"]
+    options = widget.result.first.result.options
     assert options["alpha_fn"] == "sigmoid" and options["layer_weighting"] == "uniform"
-    assert len(widget.result.first.result["layer_weights"]) == 1  # 'last': one layer
+    assert len(widget.result.first.result.layer_weights) == 1  # 'last': one layer
     # custom layer names: typed, comma separated
     widget.layer_preset.value = "custom names..."
     assert not widget.target_layers.native.isHidden()  # (the viewer is not shown)

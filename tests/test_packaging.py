@@ -80,8 +80,15 @@ def test_wheel_holds_every_package_the_configs_and_the_demo_model(installed):
             rel = py.relative_to(REPO).as_posix()
             if "__pycache__" not in rel:
                 assert rel in names, f"{rel} is missing from the wheel (pyproject packages)"
+    import yaml
+
     for config in (REPO / "configs").glob("*.yaml"):
         assert f"icam_med/configs/{config.name}" in names
+        # the weights a packaged config names ship with it (same relative layout)
+        weights = (yaml.safe_load(config.read_text()).get("model") or {}).get("weights")
+        if weights and (config.parent / weights).is_file():
+            shipped = (config.parent / weights).resolve().relative_to(REPO).as_posix()
+            assert f"icam_med/{shipped}" in names, f"{config.name}: {shipped} is not in the wheel"
     for name in ("demo_lesion_net.safetensors", "MODEL_CARD.md", "demo_lesion_net.training.json"):
         assert f"icam_med/sample_data/{name}" in names
     assert "icam_med/schemas/audit-record-v1.schema.json" in names

@@ -37,7 +37,6 @@ Every path in a config is resolved relative to the config file's folder.
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from icam_med._schema_errors import describe_error
 from icam_med.io.validation import GeometrySchema as GeometrySection
 from icam_med.resources import resolve_config
 
@@ -196,79 +196,8 @@ class ConfigSchema(BaseModel):
     audit: AuditSection = Field(default_factory=AuditSection)
 
 
-_EXPECTED = {
-    "bool_type": "true or false (a YAML boolean, unquoted)",
-    "int_type": "an integer",
-    "float_type": "a number",
-    "string_type": "a string",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "finite_number": "a finite number",
-}
-
-
-def _key_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _section_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The known keys of the section at ``loc`` (for close-match suggestions)."""
-    cls: Any = ConfigSchema
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fld = getattr(cls, "model_fields", {}).get(part)
-        if fld is None:
-            return []
-        ann = fld.annotation
-        args = getattr(ann, "__args__", ()) or ()
-        candidates = [ann, *args]
-        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
-                   None)
-        if cls is None:
-            inner = [a for c in candidates for a in getattr(c, "__args__", ()) or ()]
-            cls = next((c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)),
-                       None)
-        if cls is None:
-            return []
-    return list(getattr(cls, "model_fields", {}))
-
-
-def _describe(err: Mapping[str, Any]) -> str:
-    loc = tuple(err.get("loc", ()))
-    kind = err.get("type", "")
-    value = err.get("input")
-    where = f"'{_key_path(loc)}'"
-    got = f"got {value!r} ({type(value).__name__})"
-    if len(got) > 120:
-        got = got[:117] + "..."
-    if kind == "extra_forbidden":
-        key = str(loc[-1])
-        known = _section_keys(loc[:-1])
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        section = _key_path(loc[:-1]) if len(loc) > 1 else "the top level"
-        return (f"unknown key(s) [{key!r}] in {section}{hint} Expected some of {sorted(known)}"
-                if known else f"unknown key {where}{hint}")
-    if kind == "missing":
-        return f"missing required key {where}"
-    if kind in _EXPECTED:
-        return f"{where} must be {_EXPECTED[kind]}, {got}"
-    if kind == "string_pattern_mismatch" and loc and loc[-1] == "weights_sha256":
-        return f"{where} must be a 64-character hex string (SHA-256), {got}"
-    return f"{where}: {err.get('msg', 'invalid value')}, {got}"
-
-
 def _format_errors(exc: ValidationError, where: str) -> ConfigError:
-    lines = [_describe(e) for e in exc.errors()]
+    lines = [describe_error(e, ConfigSchema) for e in exc.errors()]
     return ConfigError(f"{where}: " + "; ".join(lines) + ".")
 
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "list_series": "validation",
     "validate_dicom": "validation",
     "validate_nifti": "validation",
+    "nifti_affine": "validation",
+    "GeometrySchema": "validation",
     "SimpleITKDICOMReader": "reader",
     "atomic_write": "atomic",
     "atomic_write_bytes": "atomic",

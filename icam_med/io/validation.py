@@ -8,12 +8,18 @@ where the user opts in through the ``geometry`` section of the config
 
 Checks (DICOM series): unreadable path; non-DICOM or truncated file; no image series;
 several series in one folder (the error lists them); mixed image size, orientation or
-frame of reference; missing Image Position/Orientation; duplicate slice positions;
-gantry tilt (slices not stacked along the image-plane normal); non-uniform slice spacing
-or missing slices; a volume larger than ``max_voxels``.
+frame of reference; missing or non-finite Image Position/Orientation; zero, negative or
+non-finite Pixel Spacing; an orientation that is not two orthogonal unit vectors;
+duplicate slice positions; gantry tilt (slices not stacked along the image-plane normal);
+non-uniform slice spacing or missing slices; a zero Rescale Slope (and whether pixels must
+be read as floats); a single 2-D image without a position; a volume larger than
+``max_voxels``. Multi-frame frames are validated like a series and put in spatial order.
 Checks (NIfTI): unreadable or non-NIfTI file; truncated file; 4-D without a chosen volume
-index; more than 4 dimensions; no qform/sform (position unknown, a warning); too large.
-Checks (both, after decoding): NaN/Inf voxels.
+index; more than 4 dimensions; complex values; the sform/qform (singular, zero or negative
+voxel size, sheared, or disagreeing; which one is used is recorded); no qform/sform
+(position unknown, a warning); too large.
+Checks (both, after decoding): NaN/Inf voxels; the loaded grid equals the grid recomputed
+from the headers (in :mod:`icam_med.io.loading`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from icam_med._schema_errors import describe_error
 
 __all__ = [
     "GeometryCheck",
@@ -140,11 +148,9 @@ class GeometryOptions:
         try:
             schema = GeometrySchema.model_validate(dict(data or {}))
         except ValidationError as exc:
-            from icam_med.config import _describe
-
             raise ValueError(
                 "geometry options: " + "; ".join(
-                    _describe({**e, "loc": ("geometry", *e["loc"])}) for e in exc.errors()) + "."
+                    describe_error(e, GeometrySchema, ("geometry",)) for e in exc.errors()) + "."
             ) from None
         return cls(**schema.model_dump())
 

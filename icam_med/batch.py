@@ -21,14 +21,16 @@ process alone writes outputs, records and the ledger, one scan at a time, so the
 stays linear and no two processes write into the folder. Workers therefore need the scans
 and the weights at the same paths; the output folder only has to exist here.
 
-Resuming: a scan is done when the ledger holds its ``scan`` entry and all its files still
-verify. A re-run skips exactly those, removes what an interrupted run left of the others
+Resuming: a scan is done when the ledger holds its ``scan`` entry, all its files still
+verify and the scan given now still has the voxel SHA-256 its record pins (a changed scan
+under an old id is refused, not skipped). A re-run skips exactly those, removes what an interrupted run left of the others
 (files no entry names) and redoes them. A scan whose logged outputs no longer verify is
 never overwritten (it is evidence): it is reported as failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -56,7 +58,7 @@ from icam_med.audit import (
     voxel_sha256,
 )
 from icam_med.audit.ledger import FolderLock
-from icam_med.audit.phi import load_site_key
+from icam_med.audit.phi import identifiers_from_scan, load_site_key
 from icam_med.audit.record import RecordAnalysis
 from icam_med.audit.trail import AuditContext
 from icam_med.cam.summary import map_statistics
@@ -144,6 +146,8 @@ class ScanOutcome:
         error: ``"<ExceptionType>: <message>"`` when the scan failed.
         prepare_count: how many times that worker had prepared a model.
         seconds: time spent on the worker.
+        identifiers: the scan's identifying header values, once it was loaded (in memory
+            only: the coordinator screens failure reasons with them; never written).
     """
 
     scan_id: str
@@ -153,6 +157,7 @@ class ScanOutcome:
     error: str | None = None
     prepare_count: int | None = None
     seconds: float = 0.0
+    identifiers: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -230,6 +235,7 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
         with MODEL_CACHE.lock:
             prepared = MODEL_CACHE.get(task.key, task.config, task.device)
             image, info = load_volume(spec.path, geometry=task.config.geometry)
+            outcome.identifiers = identifiers_from_scan(info)
             if task.seed is not None:
                 torch.manual_seed(task.seed)
             explanation = explain_volume(image, info, prepared)
@@ -406,22 +412,58 @@ def worker_task(cfg: ICAMConfig, weights_sha256: str | None, device: str,
     return WorkerTask(key=key, config=cfg, device=device, seed=seed)
 
 
-def _without_input_paths(text: str, spec: ScanSpec) -> str:
-    """Input paths (which may name a patient) shortened to their file names."""
-    for p in (spec.path, spec.mask):
-        if p is not None:
-            for form in sorted({str(p), str(p.absolute()), str(p.resolve())}, key=len,
-                               reverse=True):
-                text = text.replace(form, p.name)
-    return text
+def _failure_reason(error: str, spec: ScanSpec) -> tuple[str, tuple[str, ...]]:
+    """A failure reason that names the scan by its id, never by its path.
+
+    Every spelling of the scan's (and mask's) path becomes ``<scan ID>`` (``<mask of ID>``),
+    so what is left below it (``<scan ID>/IM0001.dcm``) is relative. Returns the text and the
+    folder and file names on those paths, which the ledger withholds from the reason too
+    (see :meth:`icam_med.audit.Ledger.log_failure`).
+    """
+    names: set[str] = set()
+    for p, label in ((spec.path, f"<scan {spec.scan_id}>"),
+                     (spec.mask, f"<mask of {spec.scan_id}>")):
+        if p is None:
+            continue
+        forms = {str(p), str(p.expanduser()), str(p.absolute())}
+        with contextlib.suppress(OSError, RuntimeError):
+            forms.add(str(p.resolve()))
+        for form in sorted(forms, key=len, reverse=True):
+            error = error.replace(form, label)
+        names.update(q.name for q in (p, *p.absolute().parents) if q.name)
+    # A name the scan id was made from is public already; withholding it would hide the id.
+    names = {n for n in names if n.lower() not in spec.scan_id.lower()}
+    return error, tuple(sorted(names))
 
 
-def _clean_leftovers(out: Path, scan_id: str) -> None:
-    """Remove what an interrupted run left of a scan that no ledger entry names."""
+def _clean_leftovers(out: Path, ledger: Ledger, scan_id: str) -> None:
+    """Remove what an interrupted run left of a scan: files no ledger entry pins.
+
+    A file an entry pins is evidence and is never removed, whichever scan it belongs to;
+    nor is anything reached through a symbolic link out of the scan's folder.
+    """
     folder = out / SCANS_DIR / scan_id
-    if folder.exists():
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.resolve().is_relative_to(out.resolve()):
+        log.warning("scan %s: its output folder is a link out of %s; left as it is",
+                    scan_id, out)
+        return
+    pinned = ledger.referenced_paths()
+    kept = [p for p in folder.rglob("*") if p.relative_to(out).as_posix() in pinned]
+    if not kept:
         log.warning("scan %s: removing partial outputs of an interrupted run", scan_id)
         shutil.rmtree(folder)
+        return
+    for p in sorted(folder.rglob("*"), reverse=True):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() or p.is_symlink():
+            if rel not in pinned:
+                p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+    log.warning("scan %s: removed unpinned leftovers; kept %d file(s) a ledger entry pins",
+                scan_id, len(kept))
 
 
 @dataclass
@@ -430,9 +472,10 @@ class ResumePlan:
 
     Attributes:
         todo: scans to explain now.
-        skipped: scans whose logged outputs still verify (done by an earlier run).
+        skipped: scans whose logged outputs still verify and whose voxels still hash to
+            their record's (done by an earlier run).
         refused: scan id -> why it is neither done nor redone (its logged outputs no longer
-            verify: they are kept as evidence).
+            verify, or the scan changed since: the old outputs are kept as evidence).
     """
 
     todo: list[ScanSpec] = field(default_factory=list)
@@ -440,8 +483,50 @@ class ResumePlan:
     refused: dict[str, str] = field(default_factory=dict)
 
 
-def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec]) -> ResumePlan:
+def _recorded_voxel_hashes(out: Path, ledger: Ledger) -> dict[str, str]:
+    """Scan id -> the input voxel SHA-256 its latest record pins (records read inside the
+    folder only; unreadable ones are left out: verify reports them)."""
+    latest: dict[str, LedgerEntry] = {}
+    for entry in ledger.entries():
+        if entry.kind == "scan" and entry.scan_id is not None:
+            latest[entry.scan_id] = entry
+    hashes = {}
+    for sid, entry in latest.items():
+        path = resolve_inside(out, entry.record.path) if entry.record else None
+        if path is None:
+            continue
+        try:
+            hashes[sid] = AuditRecord.load(path, root=out).input.voxel_sha256
+        except RecordError:
+            continue
+    return hashes
+
+
+def _same_scan(spec: ScanSpec, recorded: str | None, geometry: Any) -> str | None:
+    """None when the scan's voxels still hash to the recorded SHA-256, else why not."""
+    from icam_med.io import load_volume
+
+    if recorded is None:
+        return "its record cannot be read to confirm it is the audited scan"
+    try:
+        image, _ = load_volume(spec.path, geometry=geometry)
+    except Exception as exc:  # the reason's text may quote the path: keep its type only
+        return (f"it cannot be read now to confirm it is the audited scan "
+                f"({type(exc).__name__})")
+    if voxel_sha256(image) != recorded:
+        return ("the scan changed since it was audited (its voxel SHA-256 differs from the "
+                "record's); the old outputs are kept as evidence: audit the new scan into a "
+                "new folder or under a new id")
+    return None
+
+
+def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
+                geometry: Any = None) -> ResumePlan:
     """Sort the scans into done, refused and to do, from the folder's verification.
+
+    A scan is done (skipped) only when its logged outputs verify *and* the scan given now
+    still has the voxel SHA-256 its record pins; a changed scan under an old id is refused,
+    never reported as already done.
 
     Raises:
         ValueError: the ledger's chain is broken (nothing is done in such a folder).
@@ -461,10 +546,15 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec]) -> ResumeP
         for p in report.problems:
             if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
                 tampered.setdefault(p.scan_id, str(p))
+    recorded = _recorded_voxel_hashes(out, ledger) if done else {}
     plan = ResumePlan()
     for spec in scans:
         if spec.scan_id in done:
-            plan.skipped.append(spec.scan_id)
+            changed = _same_scan(spec, recorded.get(spec.scan_id), geometry)
+            if changed is None:
+                plan.skipped.append(spec.scan_id)
+            else:
+                plan.refused[spec.scan_id] = changed
         elif spec.scan_id in tampered:
             plan.refused[spec.scan_id] = (
                 f"its logged outputs no longer verify ({tampered[spec.scan_id]}); they are "
@@ -491,9 +581,10 @@ def commit_outcome(out: Path, ledger: Ledger, spec: ScanSpec, outcome: ScanOutco
             return
         except Exception as exc:  # a scan that cannot be written fails alone
             error = f"{type(exc).__name__}: {exc}"
-            _clean_leftovers(out, spec.scan_id)
-    entry = ledger.log_failure(spec.scan_id, _without_input_paths(error, spec),
-                               run_id=result.run_id)
+            _clean_leftovers(out, ledger, spec.scan_id)
+    reason, names = _failure_reason(error, spec)
+    entry = ledger.log_failure(spec.scan_id, reason, run_id=result.run_id,
+                               identifiers=outcome.identifiers, names=names)
     result.failed[spec.scan_id] = entry.data["reason"]
     log.warning("scan %s failed: %s", spec.scan_id, entry.data["reason"])
 
@@ -566,9 +657,9 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     weights_sha = _weights_sha256(cfg)  # the run's one read of the weights file
     task = worker_task(cfg, weights_sha, device, seed)
     result = BatchResult(out_dir=out, run_id=uuid.uuid4().hex, n_scans=len(scans))
-    with FolderLock(out):
+    with FolderLock(out) as lock:
         ledger = Ledger(out)
-        plan = plan_resume(out, ledger, scans)
+        plan = plan_resume(out, ledger, scans, cfg.geometry)
         result.skipped, result.failed = list(plan.skipped), dict(plan.refused)
         backend, outcomes = choose_backend(task, plan.todo, workers=workers, cluster=cluster)
         ledger.append("run-start", run_id=result.run_id, details={
@@ -581,9 +672,9 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
         for scan_id, reason in plan.refused.items():
             ledger.log_failure(scan_id, reason, run_id=result.run_id)
         for spec in plan.todo:
-            _clean_leftovers(out, spec.scan_id)
+            _clean_leftovers(out, ledger, spec.scan_id)
         ctx = AuditContext(root=out, run_id=result.run_id, operator=operator,
-                           command="audit", seed=seed, site_key=site_key)
+                           command="audit", seed=seed, site_key=site_key, lock=lock)
         _commit_all(out, ledger, plan.todo, outcomes, ctx, result, progress)
         result.seconds = time.perf_counter() - t0
         ledger.append("run-end", run_id=result.run_id, details={

@@ -14,6 +14,7 @@ Three steps, so callers can reuse the expensive parts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -27,9 +28,11 @@ import torch
 
 from icam_med._version import __version__
 from icam_med.audit.hashing import sha256_file
+from icam_med.audit.ledger import FolderLock
 from icam_med.audit.trail import (
     AuditContext,
     Provenance,
+    audit_root,
     check_before_writing,
     provenance,
     record_explanation,
@@ -298,16 +301,30 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is False (checked before writing),
-            or the map already has an audit record (never replaced).
+            the map already has an audit record, an output is a file the ledger pins (never
+            replaced), or another icam-med process is writing into the folder.
     """
-    from icam_med.io.writers import write_nifti, write_parametric_map
-
     info = explanation.scan_info
     paths = output_paths(out_dir, is_dicom=info.format == "dicom",
                          layer_names=list(explanation.layer_maps), stem=stem)
-    check_before_writing(paths["cam_nifti"], audit)
+    check_before_writing(paths["cam_nifti"], audit, list(paths.values()))
     _refuse_existing(paths, overwrite)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    root = audit_root(paths["cam_nifti"], audit)
+    # The folder's lock (the one `audit` holds for a whole run), from the last check to the
+    # ledger entry: two writers into one folder cannot both pass the checks, and the one
+    # refused has written nothing, so its clean-up can never remove the other's outputs.
+    held = audit is not None and audit.lock is not None and audit.lock.covers(root)
+    with contextlib.nullcontext() if held else FolderLock(root):
+        check_before_writing(paths["cam_nifti"], audit, list(paths.values()))
+        return _write_locked(explanation, paths, overwrite, audit)
+
+
+def _write_locked(explanation: Explanation, paths: Mapping[str, Path], overwrite: bool,
+                  audit: AuditContext | None) -> list[WrittenFile]:
+    from icam_med.io.writers import write_nifti, write_parametric_map
+
+    info = explanation.scan_info
     written: list[WrittenFile] = []
     notes: list[str] = []
 

@@ -51,8 +51,10 @@ def test_explain_dicom_folder_writes_maps_on_the_scan_grid(tmp_path, series, pre
     explanation, written = explain_scan(series, prepared, tmp_path / "out")
     roles = {w.role: w for w in written}
     assert {"cam_nifti", "parametric_map", "summary"} <= set(roles)
-    # Everything in the folder is a listed output, apart from the audit ledger.
-    assert set(listing(tmp_path / "out")) - {"ledger.jsonl"} == {w.path.name for w in written}
+    # Everything in the folder is a listed output, apart from the audit ledger and the
+    # folder's lock file (the one `audit` takes too).
+    assert set(listing(tmp_path / "out")) - {"ledger.jsonl", ".icam-med.lock"} == \
+        {w.path.name for w in written}
     _, info = load_volume(series)
     # NIfTI: the scan's shape and affine, values = the in-memory map.
     img = nib.load(roles["cam_nifti"].path)
@@ -120,7 +122,7 @@ def test_never_overwrites_and_audited_outputs_are_never_replaced(tmp_path, serie
     with pytest.raises(FileExistsError, match=r"cam\.icam\.json exists.*already recorded"):
         explain_scan(series, prepared, tmp_path / "out", method="gradcam", overwrite=True)
     assert {p.name: sha(p) for p in (tmp_path / "out").iterdir()} == before
-    assert len(first) == len(before) - 1  # + the ledger
+    assert len(first) == len(before) - 2  # + the ledger and the folder's lock file
 
 
 def test_unaudited_outputs_are_refused_unless_overwrite(tmp_path, series, prepared):
@@ -144,7 +146,9 @@ def test_a_failed_run_leaves_no_file(tmp_path, series, prepared, monkeypatch):
     monkeypatch.setattr(writers, "write_parametric_map", interrupted)
     with pytest.raises(KeyboardInterrupt):
         explain_scan(series, prepared, tmp_path / "out")
-    assert listing(tmp_path / "out") == []  # the NIfTI written first was removed again
+    # The NIfTI written first was removed again; only the folder's lock file stays (a lock
+    # file is never removed: that would let two writers hold the lock at once).
+    assert listing(tmp_path / "out") == [".icam-med.lock"]
 
 
 def test_weights_hash_is_recorded_and_checked(tmp_path, series):

@@ -22,7 +22,7 @@ from PIL import Image
 from render_helpers import pdf_to_pngs, screenshot_html
 
 from icam_med import cli
-from icam_med.audit import sha256_file, verify_folder
+from icam_med.audit import AuditRecord, sha256_file, verify_folder
 from icam_med.batch import run_batch
 from icam_med.report import build_report
 from icam_med.report.collect import ScanItem, _flag, body_mask, outside_fraction
@@ -123,9 +123,10 @@ def test_html_has_every_scan_embedded_images_and_nothing_external(audit):
     assert "url(" not in audit["html"] and "@import" not in audit["html"]
     # Header content a reviewer needs.
     record_model = "tiny-report-net"
+    record = AuditRecord.load(next(audit["out"].rglob("*.icam.json")))
     for needle in (record_model, "icam_med.networks:LesionNet", "integrative", "monai",
                    "Methods appendix", "Review first", "confusion matrix", "alpha_fn",
-                   "stages.0.1.norm"):
+                   *record.method.layers):
         assert needle in audit["html"], needle
     assert "FileNotFoundError" in audit["html"]  # the failure reason of the missing scan
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from icam_med.audit.hashing import ZERO_HASH, canonical_json, sha256_file, sha256_json
-from icam_med.audit.phi import check_no_phi, scrub_paths
+from icam_med.audit.phi import check_no_phi, find_phi, screen_text, scrub_paths
 from icam_med.audit.record import (
     OutputRef,
     parse_json_bytes,
@@ -221,6 +221,16 @@ class Ledger:
                 errors.append(exc)
         return entries, errors
 
+    def referenced_paths(self) -> set[str]:
+        """Every path (relative to the folder) that a well-formed entry pins: records and
+        outputs. Nothing may remove or replace these files."""
+        paths: set[str] = set()
+        for entry in self.entries():
+            if entry.record is not None:
+                paths.add(entry.record.path)
+            paths.update(o.path for o in entry.outputs)
+        return paths
+
     def entries(self) -> list[LedgerEntry]:
         """All well-formed entries, in file order (malformed lines are left out: see
         :meth:`read`). Does not verify them (see verify)."""
@@ -367,33 +377,63 @@ class Ledger:
         return sealed, entry
 
     def log_failure(self, scan_id: str, reason: str, *, run_id: str,
-                    identifiers: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> LedgerEntry:
-        """Log a scan that failed, with its reason (absolute paths scrubbed).
+                    identifiers: tuple[str, ...] = (), keep: tuple[str, ...] = (),
+                    names: tuple[str, ...] = ()) -> LedgerEntry:
+        """Log a scan that failed, with its reason, screened like a record.
 
-        Should the reason still carry an identifier, it is replaced by its exception type only.
+        Absolute paths are cut to ``<path>`` (file names can name a patient), paths inside
+        the folder become relative, and every known identifier (a whole token) becomes
+        ``<withheld>``. Should the entry still carry an identifier, the reason is replaced by
+        its exception type only.
+
+        Args:
+            scan_id: the scan's (pseudonymous) id in the folder.
+            reason: what went wrong.
+            run_id: the run.
+            identifiers: the scan's known identifiers (header values): never written.
+            keep: further folders whose paths become relative rather than cut.
+            names: folder and file names on the scan's path: withheld from the reason too
+                (they may name the patient) but, unlike ``identifiers``, not searched for
+                in the rest of the entry (the scan id may come from one of them).
         """
-        text = scrub_paths(reason, keep=(str(self.root), *keep))[:2000]
+        text = scrub_paths(reason, keep=(str(self.root), *keep), names=False)
+        text = screen_text(text, (*identifiers, *names))[:2000]
         try:
             return self.append("failure", run_id=run_id, scan_id=safe_name(scan_id),
                                identifiers=identifiers, reason=text)
         except ValueError:
-            short = text.split(":", 1)[0][:80]
+            short = screen_text(text.split(":", 1)[0][:80], identifiers)
+            if find_phi({"r": short}, identifiers):
+                short = "error"
             return self.append("failure", run_id=run_id, scan_id=safe_name(scan_id),
                                identifiers=identifiers,
                                reason=f"{short}: (message withheld: it held identifiers)")
 
 
 class FolderLock:
-    """An exclusive, non-blocking lock on an output folder for a whole batch run.
+    """An exclusive, non-blocking lock on an output folder, held by ``audit`` for a whole
+    batch run and by ``explain`` (:func:`icam_med.explain.write_explanation`) from its
+    last check to its ledger entry.
 
     The lock is an ``flock`` on ``<out>/.icam-med.lock``: the kernel releases it when the
     holding process dies, so a killed run never leaves the folder locked, while a second
-    live run is refused. (``flock`` over some network file systems is advisory only.)
+    live process (or a second lock object in this one) is refused. A caller that holds
+    the lock passes it on (:attr:`icam_med.audit.AuditContext.lock`) instead of taking it
+    again. (``flock`` over some network file systems is advisory only.)
     """
 
     def __init__(self, root: str | Path) -> None:
         self.path = Path(root) / LOCK_NAME
         self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
+
+    def covers(self, root: str | Path) -> bool:
+        """Whether this object holds the lock of folder ``root``."""
+        return self.held and self.path.resolve() == (Path(root) / LOCK_NAME).resolve()
 
     def acquire(self) -> None:
         """Take the lock.
@@ -428,4 +468,3 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-

@@ -7,9 +7,11 @@ Two tools:
   records can be linked back to the archive by whoever holds the key, and by nobody else.
   Without a key, no UID enters a record at all.
 * :func:`find_phi` / :func:`check_no_phi`: a deny-list check run on every record and ledger
-  entry before it is written: identifying DICOM attribute names as keys, raw DICOM UIDs,
-  absolute file paths, and any value the caller knows to be identifying (e.g. the patient
-  name read from the header) anywhere in the text.
+  entry (failures included) before it is written: identifying DICOM attribute names as
+  keys, raw DICOM UIDs, absolute file paths, and any value the caller knows to be
+  identifying (e.g. the patient name read from the header) as a whole token anywhere in
+  the text. Which header attributes identify someone comes from the de-identification
+  profile that the ``deid`` package ships (:func:`identifying_keywords`), not a hand list.
 
 The site key comes from the config (``audit.site_key_file``: a file holding the key, or
 ``audit.site_key_env``: the name of an environment variable) or from the environment
@@ -19,6 +21,7 @@ are shared and versioned, keys are not.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -29,14 +32,18 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BASIC_PROFILE_SUPPLEMENT",
     "DENY_KEYS",
     "SITE_KEY_ENV",
     "SiteKey",
     "check_no_phi",
     "find_phi",
     "hash_uid",
+    "identifier_pattern",
     "identifiers_from_scan",
+    "identifying_keywords",
     "load_site_key",
+    "screen_text",
     "scrub_paths",
 ]
 
@@ -45,21 +52,86 @@ SITE_KEY_ENV = "ICAM_MED_SITE_KEY"
 
 _MIN_KEY_BYTES = 16
 
-#: DICOM attribute keywords (and plain-English aliases) that must never be record keys.
-DENY_KEYS = frozenset(k.lower() for k in (
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
-    "PatientBirthTime", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
-    "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "IssuerOfPatientID",
-    "AccessionNumber", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDate",
-    "AcquisitionTime", "AcquisitionDateTime", "ContentDate", "ContentTime", "InstanceCreationDate",
-    "InstanceCreationTime", "InstitutionName", "InstitutionAddress",
-    "InstitutionalDepartmentName", "ReferringPhysicianName", "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician", "StudyID",
-    "StationName", "DeviceSerialNumber", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID", "FrameOfReferenceUID", "MediaStorageSOPInstanceUID",
-    "patient_name", "patient_id", "birth_date", "date_of_birth", "patient_sex", "patient_age",
-    "accession_number", "study_date", "institution", "referring_physician",
-))
+#: Attributes of the PS3.15 Basic Application Level Confidentiality Profile (Table E.1-1)
+#: that deid's default header recipe leaves in place (it keeps institution, station, device
+#: and patient characteristics); they are identifying too.
+BASIC_PROFILE_SUPPLEMENT = (
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "DeviceSerialNumber", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
+    "PatientBirthDate", "PatientBirthTime", "MilitaryRank", "BranchOfService",
+    "EthnicGroup", "Occupation", "MedicalRecordLocator", "PatientReligiousPreference",
+    "StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription", "ImageComments", "DerivationDescription",
+)
+#: Plain-English spellings of identifying attributes, refused as record keys too.
+_ALIASES = ("patient_name", "patient_id", "birth_date", "date_of_birth", "patient_sex",
+            "patient_age", "accession_number", "study_date", "institution",
+            "referring_physician")
+# Value representations whose values can identify someone when printed (never sequences
+# or binary data, nor numbers and codes: a delay time of 2000 or a code "YES" would make
+# every record holding 2000 or "yes" look identifying).
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "DA", "TM", "DT", "UI", "AS", "ST", "LT", "UT", "UC",
+                       "AE"})
+
+
+def _deid_header_rules() -> list[tuple[str, str]]:
+    """``(match, value)`` rules of deid's default DICOM recipe: every header field it
+    removes, blanks, replaces or jitters (``match`` is ``is``, ``startswith``, ``endswith``
+    or ``contains``). Read from the recipe file deid ships, without running deid (which
+    prints to the terminal)."""
+    from importlib import resources
+
+    text = (resources.files("deid") / "data" / "deid.dicom").read_text("utf-8")
+    rules, in_header = [], False
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("%"):
+            in_header = line == "%header"
+            continue
+        parts = line.split()
+        if not in_header or len(parts) < 2:
+            continue
+        if parts[0] in ("REMOVE", "BLANK", "REPLACE", "JITTER", "ADD"):
+            field = parts[1]
+            match, _, value = field.partition(":") if ":" in field else ("is", "", field)
+            if parts[0] == "ADD" and field == "PatientIdentityRemoved":
+                continue  # deid's own marker, not an identifier
+            rules.append((match, value))
+    return rules
+
+
+@functools.cache
+def identifying_keywords() -> frozenset[str]:
+    """DICOM keywords whose values identify a patient, from the de-identification profile.
+
+    Every keyword of pydicom's data dictionary that deid's default header recipe (which
+    follows the PS3.15 basic profile: names, IDs, every date, time and UID, addresses...)
+    removes or replaces, plus :data:`BASIC_PROFILE_SUPPLEMENT`.
+    """
+    from pydicom.datadict import keyword_dict
+
+    rules = _deid_header_rules()
+    tests = {"is": str.__eq__, "startswith": str.startswith, "endswith": str.endswith,
+             "contains": str.__contains__}
+    found = {kw for kw in keyword_dict for match, value in rules
+             if match in tests and tests[match](kw, value)}
+    return frozenset(found | set(BASIC_PROFILE_SUPPLEMENT))
+
+
+class _DenyKeys:
+    """Lower-cased identifying keywords and aliases, computed on first use."""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in _deny_keys()
+
+
+@functools.cache
+def _deny_keys() -> frozenset[str]:
+    return frozenset(k.lower() for k in (*identifying_keywords(), *_ALIASES))
+
+
+#: Record keys that are refused: identifying DICOM keywords (any case) and plain aliases.
+DENY_KEYS = _DenyKeys()
 
 # A DICOM UID: dotted decimal, at least four components, starting 0/1/2 (PS3.5 9.1).
 _UID_RE = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){3,}(?![\w.])")
@@ -147,15 +219,6 @@ def hash_uid(uid: str, key: SiteKey) -> str:
     return hmac.new(key.secret, uid.strip().encode("ascii"), hashlib.sha256).hexdigest()
 
 
-#: Header attributes whose values are collected by :func:`identifiers_from_scan`.
-IDENTIFYING_ATTRIBUTES = (
-    "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
-    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
-    "PerformingPhysicianName", "OperatorsName", "StudyID", "StudyDate", "SeriesDate",
-    "AcquisitionDate", "ContentDate", "StationName", "DeviceSerialNumber",
-)
-
-
 def identifiers_from_scan(info: Any) -> tuple[str, ...]:
     """The identifying values of a loaded scan, to forbid them in its record.
 
@@ -164,17 +227,23 @@ def identifiers_from_scan(info: Any) -> tuple[str, ...]:
             datasets and the UID attributes); NIfTI scans carry none.
 
     Returns:
-        Header values of :data:`IDENTIFYING_ATTRIBUTES` and the raw UIDs, deduplicated.
+        The text values of every attribute in :func:`identifying_keywords` present in the
+        headers (top level), and the raw UIDs, deduplicated.
     """
+    keywords = identifying_keywords()
     values: set[str] = set()
     for ds in getattr(info, "headers", ()) or ():
-        for keyword in IDENTIFYING_ATTRIBUTES:
-            value = ds.get(keyword) if hasattr(ds, "get") else None
-            if value is None:
+        try:
+            elements = list(ds) if hasattr(ds, "__iter__") else []
+        except Exception:  # a damaged header: nothing more to collect from it
+            continue
+        for elem in elements:
+            if getattr(elem, "keyword", None) not in keywords or elem.VR not in _TEXT_VRS:
                 continue
+            value = elem.value
             items = value if isinstance(value, (list, tuple)) or type(value).__name__ == \
                 "MultiValue" else [value]
-            values.update(str(v).strip() for v in items if str(v).strip())
+            values.update(str(v).strip() for v in items if v is not None and str(v).strip())
     for attr in ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid"):
         if getattr(info, attr, None):
             values.add(str(getattr(info, attr)))
@@ -182,13 +251,15 @@ def identifiers_from_scan(info: Any) -> tuple[str, ...]:
     return tuple(sorted(values))
 
 
-def scrub_paths(text: str, keep: Iterable[str | Path] = ()) -> str:
+def scrub_paths(text: str, keep: Iterable[str | Path] = (), *, names: bool = True) -> str:
     """Replace absolute paths inside free text (e.g. an error message) by ``<...>/name``.
 
     Args:
         text: the text.
         keep: absolute folders whose paths are shortened to paths relative to them instead
             (the output folder, whose relative paths are allowed in records).
+        names: keep the file name (``<...>/name``); ``False`` gives ``<path>`` alone (file
+            names can name a patient too).
     """
     roots = sorted((str(Path(k)) for k in keep), key=len, reverse=True)
 
@@ -199,6 +270,8 @@ def scrub_paths(text: str, keep: Iterable[str | Path] = ()) -> str:
                 rel = s[len(root):].lstrip("/")
                 return rel or "."
         name = re.split(r"[\\/]", s.rstrip("\\/"))[-1]
+        if not names:
+            return "<path>"
         return f"<...>/{name}" if name else "<...>"
 
     return _ABS_PATH_RE.sub(repl, text)
@@ -218,30 +291,59 @@ def _walk(value: Any, where: str) -> Iterable[tuple[str, str | None, Any]]:
         yield where, None, value
 
 
+def _needles(identifiers: Iterable[str]) -> list[str]:
+    """Lower-cased identifiers to look for: each value, and for a DICOM person name
+    (``DOE^JOHN``) also ``doe john`` and each name part; values under 3 characters are too
+    common to look for."""
+    needles = {str(s).strip().lower() for s in identifiers if s is not None}
+    for n in list(needles):
+        if "^" in n:
+            parts = [p for p in n.split("^") if p]
+            needles.add(" ".join(parts))
+            needles.update(parts)
+    return sorted((n for n in needles if len(n) >= 3), key=len, reverse=True)
+
+
+def identifier_pattern(identifiers: Iterable[str]) -> re.Pattern[str] | None:
+    """A regex that finds any identifier as a whole token, case-insensitively.
+
+    A token is bounded by anything but a letter or digit, so ``000000`` never matches inside
+    a hash of zeros, ``123`` never inside ``41234``, and ``Scale`` never inside
+    ``ScaleIntensityRanged``; ``DOE`` still matches in ``DOE_JOHN_01`` or ``doe-scan``.
+    ``None`` when there is nothing to look for.
+    """
+    needles = _needles(identifiers)
+    if not needles:
+        return None
+    body = "|".join(re.escape(n) for n in needles)
+    return re.compile(rf"(?<![0-9a-z])(?:{body})(?![0-9a-z])", re.IGNORECASE)
+
+
+def screen_text(text: str, identifiers: Iterable[str], placeholder: str = "<withheld>") -> str:
+    """``text`` with every identifier (a whole token, see :func:`identifier_pattern`)
+    replaced by ``placeholder``."""
+    pattern = identifier_pattern(identifiers)
+    return text if pattern is None else pattern.sub(placeholder, text)
+
+
 def find_phi(value: Any, identifiers: Iterable[str] = ()) -> list[str]:
     """Every place in a JSON-like value that looks like a patient identifier.
 
     Args:
         value: a record, ledger entry or any nested dict/list of JSON values.
         identifiers: values known to identify the patient (name, ID, birth date, accession
-            number, institution, raw UIDs...) that must not occur anywhere, as substrings,
-            case-insensitively. Values shorter than 3 characters are ignored (too common).
+            number, institution, raw UIDs...) that must not occur anywhere as whole tokens
+            (see :func:`identifier_pattern`), case-insensitively. Values shorter than 3
+            characters are ignored (too common).
 
     Returns:
         One message per finding, naming the location (e.g. ``input.uids.StudyInstanceUID``).
     """
-    needles = {str(s).strip().lower() for s in identifiers if s is not None}
-    needles = {n for n in needles if len(n) >= 3}
-    # DICOM person names: "DOE^JOHN" may also appear as "DOE JOHN" or "JOHN DOE".
-    for n in list(needles):
-        if "^" in n:
-            parts = [p for p in n.split("^") if p]
-            needles.add(" ".join(parts))
-            needles.update(p for p in parts if len(p) >= 3)
+    pattern = identifier_pattern(identifiers)
     found = []
     for loc, key, leaf in _walk(value, ""):
         if key is not None:
-            if key.lower() in DENY_KEYS:
+            if key in DENY_KEYS:
                 found.append(f"{loc}: identifying attribute name '{key}'")
             text = key
         elif isinstance(leaf, str):
@@ -253,8 +355,7 @@ def find_phi(value: Any, identifiers: Iterable[str] = ()) -> list[str]:
                 found.append(f"{loc}: an absolute file path")
         else:
             continue
-        low = text.lower()
-        if any(n in low for n in needles):
+        if pattern is not None and pattern.search(text):
             found.append(f"{loc}: contains a known patient identifier")
     return found
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icam_med.audit.ledger import Ledger, LedgerEntry
+from icam_med.audit.ledger import FolderLock, Ledger, LedgerEntry
 from icam_med.audit.phi import SiteKey, identifiers_from_scan, load_site_key
 from icam_med.audit.record import (
     activity_section,
@@ -31,7 +31,7 @@ from icam_med.audit.record import (
 )
 from icam_med.paths import record_path_for
 
-__all__ = ["AuditContext", "Provenance", "check_before_writing", "provenance",
+__all__ = ["AuditContext", "Provenance", "audit_root", "check_before_writing", "provenance",
            "record_explanation", "record_path_for"]
 
 _UNSET: Any = object()
@@ -53,6 +53,8 @@ class AuditContext:
         seed: the random seed in effect, if one was set.
         analysis: the record's ``analysis`` section (batch audits).
         warnings: warnings to record beside the scan's own.
+        lock: the folder's :class:`~icam_med.audit.FolderLock`, when the caller holds it
+            already (the batch runner, for its whole run); otherwise the writer takes it.
     """
 
     root: Path | None = None
@@ -64,6 +66,7 @@ class AuditContext:
     seed: int | None = None
     analysis: Mapping[str, Any] | None = None
     warnings: Sequence[str] = field(default_factory=tuple)
+    lock: FolderLock | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -107,12 +110,25 @@ def _root(ctx: AuditContext, map_path: Path) -> Path:
     return Path(ctx.root) if ctx.root is not None else map_path.parent
 
 
-def check_before_writing(map_path: str | Path, ctx: AuditContext | None = None) -> None:
+def audit_root(map_path: str | Path, ctx: AuditContext | None = None) -> Path:
+    """The folder whose ledger logs ``map_path`` (``ctx.root``, else the map's folder)."""
+    return _root(ctx or AuditContext(), Path(map_path))
+
+
+def check_before_writing(map_path: str | Path, ctx: AuditContext | None = None,
+                         outputs: Sequence[str | Path] = ()) -> None:
     """Refuse, before any output is written, what would end in a broken audit trail.
 
+    Args:
+        map_path: the fused map about to be written.
+        ctx: the audit context (its ``root`` holds the ledger).
+        outputs: every file about to be written (or overwritten); none may be a file the
+            ledger pins.
+
     Raises:
-        FileExistsError: the map already has a record: audited outputs are never replaced
-            (not even with ``overwrite``), since the ledger pins their hashes.
+        FileExistsError: the map already has a record, or an output is a file a ledger
+            entry pins: audited outputs are never replaced (not even with ``overwrite``),
+            since the ledger pins their hashes.
         ValueError: the map would lie outside the ledger's folder.
     """
     ctx = ctx or AuditContext()
@@ -126,6 +142,16 @@ def check_before_writing(map_path: str | Path, ctx: AuditContext | None = None) 
             f"{record} exists: these outputs are already recorded in {root / 'ledger.jsonl'}, "
             "and replacing them would break the audit trail. Write to a new output folder."
         )
+    planned = [Path(p).resolve() for p in (map_path, *outputs)]
+    planned = [p for p in planned if p.exists() and p.is_relative_to(root)]
+    if planned:
+        pinned = Ledger(root).referenced_paths()
+        hit = next((p for p in planned if p.relative_to(root).as_posix() in pinned), None)
+        if hit is not None:
+            raise FileExistsError(
+                f"{hit} is pinned by an entry of {root / 'ledger.jsonl'}: audited outputs are "
+                "never replaced, not even with --overwrite. Write to a new output folder."
+            )
 
 
 def record_explanation(explanation: Any, written: Sequence[Any], map_path: str | Path,

@@ -288,6 +288,92 @@ def test_complex_nifti_is_refused_or_its_magnitude_recorded(tmp_path):
     np.testing.assert_allclose(np.asarray(image.affine)[:3, 3], [-10, 20, 5])
 
 
+_entries = st.one_of(st.floats(-5, 5), st.sampled_from([0.0, -0.0, 1e-12, np.nan, np.inf]))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(sform=st.lists(_entries, min_size=12, max_size=12),
+       qform_code=st.sampled_from([0, 1]), sform_code=st.sampled_from([0, 1, 2]),
+       pixdim=st.lists(st.sampled_from([2.0, 0.0, -1.5, 0.5, np.inf]), min_size=3, max_size=3))
+def test_fuzzed_nifti_headers_load_on_their_header_grid_or_are_refused(
+        tmp_path_factory, sform, qform_code, sform_code, pixdim):
+    """Never silently wrong: either refused, or loaded on exactly the grid the stored header
+    defines (sform when set, else qform, else the voxel sizes), which is a sound grid."""
+    tmp = tmp_path_factory.mktemp("fz")
+    s_aff = np.eye(4)
+    s_aff[:3, :] = np.asarray(sform, dtype=np.float64).reshape(3, 4)
+    q_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    data = np.random.default_rng(0).random((5, 6, 4)).astype(np.float32)
+    img = nib.Nifti1Image(data, None)
+    with np.errstate(all="ignore"):
+        img.header.set_qform(q_aff, code=qform_code)
+        img.header.set_sform(s_aff, code=sform_code)
+    path = tmp / "f.nii"
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    raw[80:92] = np.asarray(pixdim, dtype="<f4").tobytes()
+    path.write_bytes(bytes(raw))
+    try:
+        image, info = load_volume(path)
+    except GeometryError:
+        return
+    loaded = np.asarray(image.affine, dtype=np.float64)
+    if sform_code > 0:
+        expected = s_aff.astype(np.float32).astype(np.float64)  # sform is stored as float32
+        if qform_code > 0:  # both set: they must have agreed
+            q = np.diag([*pixdim, 1.0])
+            assert np.allclose(q, expected, atol=1e-3)
+    elif qform_code > 0:
+        expected = np.diag([*pixdim, 1.0])
+    else:  # no transform: nibabel's centred voxel-size grid (position unknown, warned)
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape(data.shape)
+        hdr.set_zooms(pixdim)
+        expected = hdr.get_base_affine()
+        assert any(w.startswith("scanner_position") for w in info.warnings)
+    np.testing.assert_allclose(loaded, expected, atol=1e-5)
+    assert np.all(np.isfinite(loaded)) and abs(np.linalg.det(loaded[:3, :3])) > 0
+    assert np.all(np.asarray(info.spacing) > 0)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(row_scale=st.sampled_from([1.0, 1.0000001, 1.01, 2.0, 0.0]),
+       skew=st.sampled_from([0.0, 1e-7, 0.05, 0.5]),
+       spacing=st.lists(st.sampled_from([0.7, 1.0, 0.0, -0.5]), min_size=2, max_size=2),
+       steps=st.lists(st.sampled_from([2.0, 2.0, 2.0, 3.0, 0.0, -2.0]), min_size=3, max_size=3),
+       shuffle=st.permutations(range(4)))
+def test_fuzzed_dicom_planes_load_where_their_headers_say_or_are_refused(
+        tmp_path_factory, row_scale, skew, spacing, steps, shuffle):
+    tmp = tmp_path_factory.mktemp("fzd")
+    folder = tmp / "s"
+    write_dicom_series(blob_volume((4, 5, 6)), folder)
+    z = np.concatenate([[0.0], np.cumsum(steps)])
+    row = np.array([row_scale, 0.0, 0.0])
+    col = np.array([skew, 1.0, 0.0])
+    col = col / np.linalg.norm(col)
+
+    def edit(ds, k):
+        ds.ImageOrientationPatient = [f"{v:.8g}" for v in (*row, *col)]
+        ds.PixelSpacing = [f"{v:g}" for v in spacing]
+        ds.ImagePositionPatient = ["0", "0", f"{z[shuffle[k]]:g}"]
+
+    edit_series(folder, edit)
+    try:
+        image, info = load_volume(folder)
+    except GeometryError:
+        return
+    # Accepted: a sound plane, and every file's slice sits at its own header position.
+    assert abs(np.linalg.norm(row) - 1) <= 1e-3 and abs(float(row @ col)) <= 1e-3
+    assert min(spacing) > 0
+    np.testing.assert_allclose(info.spacing[:2], (spacing[1], spacing[0]), rtol=1e-5)
+    for k, f in enumerate(info.source_files):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        np.testing.assert_allclose(lps_of(image.affine, (0, 0, k)),
+                                   [float(v) for v in ds.ImagePositionPatient], atol=1e-3)
+
+
 # =========================================================================================
 # Typed configs
 # =========================================================================================
@@ -423,14 +509,12 @@ _key_names = st.sampled_from(["model", "preprocessing", "method", "geometry", "a
                               "slice_tolerance", "max_voxels", "site_key_env", "x"])
 
 
-def _mutations(draw_base):
-    return st.recursive(
-        _yaml_values,
-        lambda inner: st.dictionaries(_key_names, inner, max_size=5), max_leaves=20)
+_config_like = st.recursive(
+    _yaml_values, lambda inner: st.dictionaries(_key_names, inner, max_size=5), max_leaves=20)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.one_of(_mutations(None), st.dictionaries(_key_names, _mutations(None), max_size=5)))
+@given(data=st.one_of(_config_like, st.dictionaries(_key_names, _config_like, max_size=5)))
 def test_fuzzed_configs_are_accepted_or_refused_with_config_error(data):
     try:
         cfg = parse_config(data)

@@ -159,6 +159,11 @@ class _LayerContext:
     input_size: tuple[int, ...]
     mode: str
     ratio: torch.Tensor | None = None  # generalised-alpha r per sample
+    probs: torch.Tensor | None = None  # softmax probabilities (N, J) for the true softmax alpha
+    classes: torch.Tensor | None = None
+    stashing: bool = False  # an extra backward pass only collects per-logit gradients
+    stash: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    current: str = ""  # the layer whose activation term is being computed
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # activation term, raw
     bias: dict[str, torch.Tensor] = field(default_factory=dict)  # bias term, summed over sources
     relevance: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -390,6 +395,11 @@ class BaseCAM:
     def method_options(self) -> dict[str, Any]:
         """Options specific to a method, for :attr:`CAMResult.options`."""
         return {}
+
+    def _extra_backward_scores(self, output: torch.Tensor) -> list[torch.Tensor]:
+        """Scores whose gradients an activation term needs besides the target's (each costs
+        one more backward pass; e.g. every logit for the true softmax alpha)."""
+        return []
 
     # ------------------------------------------------------------------ public API
     @property
@@ -634,6 +644,12 @@ class BaseCAM:
         edges = [layer.anchor for layer in hooked.values()]
         edges += [s.anchor for s in sources.values() if s.anchor is not None]
         anchors = _covering_anchors(scores, edges)
+        extra = self._extra_backward_scores(output)
+        if extra:
+            ctx.stashing = True
+            for extra_score in extra:
+                torch.autograd.grad(extra_score.sum(), anchors, allow_unused=True, retain_graph=True)
+            ctx.stashing = False
         grads = torch.autograd.grad(scores.sum(), anchors, allow_unused=True)
         del grads, anchors, edges
 
@@ -669,7 +685,7 @@ class BaseCAM:
             method=self.method_name,
             options={**options, "target_layers": names,
                      "target_layers_spec": options["target_layers"], "device": str(x.device)},
-            cost={"forward_passes": 1, "backward_passes": 1,
+            cost={"forward_passes": 1, "backward_passes": 1 + len(extra),
                   "extra_forward_samples": extra_samples},
         )
 
@@ -848,10 +864,15 @@ class BaseCAM:
 
     def _grad_hook(self, layer: _HookedLayer, ctx: _LayerContext):
         def hook(grad: torch.Tensor) -> None:
+            if ctx.stashing:
+                ctx.stash.setdefault(layer.name, []).append(grad.detach().float())
+                return
             with torch.no_grad():
                 a = layer.activation(self.amp_dtype).float()
                 g = grad.detach().float()
+                ctx.current = layer.name
                 ctx.maps[layer.name] = self.activation_map(a, g, ctx)
+                ctx.stash.pop(layer.name, None)
                 ctx.relevance[layer.name] = self._relevance(a, g)
                 del a, g
 
@@ -859,6 +880,8 @@ class BaseCAM:
 
     def _bias_hook(self, source: _BiasSource, ctx: _LayerContext):
         def hook(grad: torch.Tensor) -> None:
+            if ctx.stashing:
+                return
             with torch.no_grad():
                 m = self._bias_map(grad.detach().float(), source.bias.to(grad.device))
                 for name in source.layers:

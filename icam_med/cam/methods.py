@@ -12,13 +12,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icam_med.cam.alpha import ALPHA_FUNCTIONS, alpha_channel_weights, alpha_ratio
+from icam_med.cam.alpha import (
+    ALPHA_FUNCTIONS,
+    alpha_channel_weights,
+    alpha_ratio,
+    callable_ratio,
+    softmax_channel_weights,
+)
 from icam_med.cam.base import BaseCAM, _LayerContext
 from icam_med.cam.targets import ClassTarget
 
@@ -54,6 +61,11 @@ def _layercam_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) 
 
 
 def _gradcampp_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
+    if ctx.probs is not None:  # the true softmax: every logit's gradient at this layer
+        assert ctx.classes is not None
+        per_logit = torch.stack(ctx.stash[ctx.current], 0)
+        weights = softmax_channel_weights(per_logit, acts.flatten(2).sum(-1), ctx.probs, ctx.classes)
+        return _weighted_sum(weights, acts)
     assert ctx.ratio is not None
     weights = alpha_channel_weights(grads, acts.flatten(2).sum(-1), ctx.ratio)
     return _weighted_sum(weights, acts)
@@ -105,8 +117,10 @@ class GradCAMPlusPlus(BaseCAM):
 
     Args:
         alpha_fn: the output function ``f`` of the score: ``"exp"`` (Grad-CAM++ as
-            published), ``"sigmoid"``, ``"softmax"`` (probability of the target class),
-            or ``"identity"`` (alpha = 1/2).
+            published), ``"sigmoid"`` (of the target score), ``"softmax"`` (probability of
+            the target class with every logit free: one extra backward pass per logit),
+            ``"identity"`` (alpha = 1/2), or any smooth callable ``f`` written in torch
+            (``r = f''' / f''`` by autograd on the scalar score).
         alpha_beta: temperature of ``exp(beta * S)`` (``alpha_fn="exp"`` only).
         **kwargs: engine options of :class:`~icam_med.cam.base.BaseCAM`.
     """
@@ -114,39 +128,61 @@ class GradCAMPlusPlus(BaseCAM):
     method_name = "gradcam++"
 
     def __init__(self, model: nn.Module, target_layers: Any = "stages", *,
-                 alpha_fn: str = "exp", alpha_beta: float = 1.0, **kwargs: Any) -> None:
-        if alpha_fn not in ALPHA_FUNCTIONS:
+                 alpha_fn: str | Callable[[torch.Tensor], torch.Tensor] = "exp",
+                 alpha_beta: float = 1.0, **kwargs: Any) -> None:
+        if callable(alpha_fn) and not isinstance(alpha_fn, str):
+            name = getattr(alpha_fn, "__qualname__", type(alpha_fn).__name__)
+            self._alpha_callable: Callable[[torch.Tensor], torch.Tensor] | None = alpha_fn
+            self.alpha_fn = f"callable:{name}"
+        elif alpha_fn not in ALPHA_FUNCTIONS:
             raise ValueError(
-                f"alpha_fn='{alpha_fn}' is not supported; use one of {sorted(ALPHA_FUNCTIONS)}."
+                f"alpha_fn={alpha_fn!r} is not supported; use one of {sorted(ALPHA_FUNCTIONS)} "
+                "or a smooth torch callable f(score)."
             )
+        else:
+            self._alpha_callable = None
+            self.alpha_fn = alpha_fn
         if not (isinstance(alpha_beta, (int, float)) and alpha_beta > 0):
             raise ValueError(f"alpha_beta={alpha_beta!r} must be a positive number.")
-        if alpha_beta != 1.0 and alpha_fn != "exp":
-            raise ValueError(f"alpha_beta applies to alpha_fn='exp' only (got alpha_fn='{alpha_fn}').")
-        self.alpha_fn = alpha_fn
+        if alpha_beta != 1.0 and self.alpha_fn != "exp":
+            raise ValueError(f"alpha_beta applies to alpha_fn='exp' only (got alpha_fn='{self.alpha_fn}').")
         self.alpha_beta = float(alpha_beta)
         super().__init__(model, target_layers, **kwargs)
 
     def method_options(self) -> dict[str, Any]:
         return {"alpha_fn": self.alpha_fn, "alpha_beta": self.alpha_beta}
 
+    def _uses_alpha(self) -> bool:
+        return True
+
     def _check_targets(self, target_fn: object, out_shape: tuple[int, ...]) -> None:
         super()._check_targets(target_fn, out_shape)
-        if self.alpha_fn == "softmax" and not (target_fn is None or isinstance(target_fn, ClassTarget)):
+        if self._uses_alpha() and self.alpha_fn == "softmax" and not (
+                target_fn is None or isinstance(target_fn, ClassTarget)):
             raise ValueError(
                 "alpha_fn='softmax' needs a class target on a classification output (it uses the "
                 "softmax probability of the target class); use 'sigmoid' or 'exp' for callable "
                 "or segmentation targets."
             )
 
+    def _extra_backward_scores(self, output: torch.Tensor) -> list[torch.Tensor]:
+        if not (self._uses_alpha() and self.alpha_fn == "softmax"):
+            return []
+        return [output[:, j] for j in range(output.shape[1])]
+
     def _prepare_context(self, ctx: _LayerContext, scores: torch.Tensor,
                          logits: torch.Tensor, classes: torch.Tensor | None) -> None:
-        prob = None
-        if self.alpha_fn == "sigmoid":
-            prob = torch.sigmoid(scores)
-        elif self.alpha_fn == "softmax":
+        if not self._uses_alpha():
+            return
+        if self.alpha_fn == "softmax":
             assert classes is not None
-            prob = torch.softmax(logits.float(), dim=1).gather(1, classes.view(-1, 1)).squeeze(1)
+            ctx.probs = torch.softmax(logits.float(), dim=1)
+            ctx.classes = classes
+            return
+        if self._alpha_callable is not None:
+            ctx.ratio = callable_ratio(self._alpha_callable, scores)
+            return
+        prob = torch.sigmoid(scores) if self.alpha_fn == "sigmoid" else None
         ctx.ratio = alpha_ratio(self.alpha_fn, scores, prob, self.alpha_beta)
 
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
@@ -187,6 +223,9 @@ class IntegrativeCAM(GradCAMPlusPlus):
 
     def method_options(self) -> dict[str, Any]:
         return {**super().method_options(), "activation_term": self.activation_term}
+
+    def _uses_alpha(self) -> bool:
+        return self.activation_term == "gradcam++"
 
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
                        ctx: _LayerContext) -> torch.Tensor:

@@ -176,13 +176,12 @@ class MethodSection(BaseModel):
 
 
 class AuditSection(BaseModel):
-    """``audit``: where the site key (and signing key) come from; never the keys themselves."""
+    """``audit``: where the site key comes from (see :func:`icam_med.audit.phi.load_site_key`);
+    never the key itself. A new audit setting needs its field here (unknown keys are refused)."""
 
     model_config = _STRICT
-    site_key_file: str | None = None
-    site_key_env: str | None = None
-    signing_key_file: str | None = None
-    signing_key_env: str | None = None
+    site_key_file: Annotated[str, Field(min_length=1)] | None = None
+    site_key_env: Annotated[str, Field(min_length=1)] | None = None
 
 
 class ConfigSchema(BaseModel):

@@ -186,6 +186,18 @@ def test_oblique_series_loads_on_its_header_grid(tmp_path):
     np.testing.assert_allclose(info.spacing, (0.8, 1.1, 3.0), atol=1e-6)
 
 
+def test_rounded_positions_within_slice_tolerance_load_quietly(tmp_path, capfd):
+    folder = _series(tmp_path, volume=blob_volume((4, 5, 6)))
+    z = [0.0, 0.33, 0.67, 1.0]  # 1/3 mm written with two decimals
+    edit_series(folder, lambda ds, k: setattr(ds, "ImagePositionPatient", ["0", "0", str(z[k])]))
+    with pytest.raises(GeometryError, match="non-uniform slice spacing"):
+        load_volume(folder)
+    _, info = load_volume(folder, geometry={"slice_tolerance": 0.01})
+    assert info.spacing[2] == pytest.approx(1 / 3)
+    assert any(c.name == "header_geometry" and c.status == "passed" for c in info.checks)
+    assert "WARNING" not in capfd.readouterr().err  # ITK's own stderr warning is silenced
+
+
 def test_real_gantry_tilt_is_still_reported_as_tilt(tmp_path):
     sheared = np.eye(3)
     sheared[:, 2] = [0.0, np.sin(np.radians(12)), np.cos(np.radians(12))]

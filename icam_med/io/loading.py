@@ -395,8 +395,10 @@ def load_volume(
             affine = header_affine.copy()
         checks.append(_check_grid(affine, header_affine, 3, p, options.geometry_tolerance))
     else:
+        # Positions rounded in their decimal strings, accepted by slice_tolerance, may move
+        # the mean slice step that much.
         checks.append(_check_grid(affine, sel.header_affine, sel.header_columns, p,
-                                  options.geometry_tolerance))
+                                  options.geometry_tolerance + options.slice_tolerance))
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
     h0 = sel.headers[0] if fmt == "dicom" else None

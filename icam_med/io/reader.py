@@ -109,13 +109,20 @@ class SimpleITKDICOMReader(ImageReader):
             else:
                 files = [str(name)]
             pixel_type = sitk.sitkFloat64 if self.float_pixels else sitk.sitkUnknown
-            if len(files) == 1:
-                img = sitk.ReadImage(files[0], pixel_type)
-            else:
-                reader = sitk.ImageSeriesReader()
-                reader.SetFileNames(files)
-                reader.SetOutputPixelType(pixel_type)
-                img = reader.Execute()
+            # ITK writes its own warnings (e.g. on non-uniform sampling) straight to stderr;
+            # the geometry has been validated already and what was accepted is recorded.
+            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            try:
+                if len(files) == 1:
+                    img = sitk.ReadImage(files[0], pixel_type)
+                else:
+                    reader = sitk.ImageSeriesReader()
+                    reader.SetFileNames(files)
+                    reader.SetOutputPixelType(pixel_type)
+                    img = reader.Execute()
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(shown)
             images.append(img)
         return images if len(names) > 1 else images[0]
 

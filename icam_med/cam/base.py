@@ -71,6 +71,11 @@ FUSIONS: dict[str, str] = {
 BIAS_MODES: dict[str, str] = {
     "signed": "relu(sum_k G_k * b_k) with b the folded bias of the norm/conv feeding the layer",
     "abs": "sum_k |G_k * b_k| (FullGrad style)",
+    "complete": "FullGrad's completeness: one map over every bias-carrying module of the network "
+                "(each bias b with the gradient G at its output, sum_k G_k b_k) plus the input-"
+                "gradient term x * dS/dx, whose totals sum to the score for a piecewise-linear "
+                "network (result.bias_contributions); relu of it is added to the fused map with "
+                "bias_weight. Runs the backward pass to the input",
 }
 _NORM_EPS = 1e-12
 
@@ -110,6 +115,10 @@ class CAMResult:
         cost: what the call ran: ``forward_passes`` and ``backward_passes`` of the batch,
             and ``extra_forward_samples`` (the ``counterfactual`` weighting's batched
             gradient-free forward, in samples; 0 otherwise).
+        bias_contributions: with ``bias_mode="complete"``, module name -> ``(N,)`` total
+            contribution ``sum_pos sum_k G_k b_k`` of that module's bias, and ``"input"`` ->
+            ``sum(x * dS/dx)``; for a piecewise-linear network in eval mode they sum to
+            ``scores`` (FullGrad's completeness). Empty otherwise.
     """
 
     fused: torch.Tensor
@@ -122,6 +131,7 @@ class CAMResult:
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, int] = field(default_factory=dict)
+    bias_contributions: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def predicted(self) -> torch.Tensor | None:
@@ -145,6 +155,7 @@ class CAMResult:
             target_classes=None if self.target_classes is None else self.target_classes.to(device),
             options=dict(self.options),
             cost=dict(self.cost),
+            bias_contributions=mv(self.bias_contributions),
         )
 
     def cpu(self) -> CAMResult:
@@ -164,6 +175,9 @@ class _LayerContext:
     stashing: bool = False  # an extra backward pass only collects per-logit gradients
     stash: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     current: str = ""  # the layer whose activation term is being computed
+    # bias_mode="complete": per-module totals and per-resolution sums of the bias maps
+    complete_totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    complete_maps: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # activation term, raw
     bias: dict[str, torch.Tensor] = field(default_factory=dict)  # bias term, summed over sources
     relevance: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -217,6 +231,20 @@ class _BiasSource:
     layers: tuple[str, ...]
     anchor: Any = None
     calls: int = 0
+
+
+def _all_biases(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """Every module that adds a per-channel bias of its own (``complete`` mode): convolutions
+    and linear layers with a bias, BatchNorm's ``beta - gamma * mean / sqrt(var + eps)`` (the
+    conv bias before it is counted at the conv), GroupNorm/InstanceNorm's ``beta``."""
+    from icam_med.cam.layers import own_bias
+
+    found = []
+    for name, module in model.named_modules():
+        bias = own_bias(module)
+        if bias is not None:
+            found.append((name, module, bias))
+    return found
 
 
 def _covering_anchors(scores: torch.Tensor, edges: list[Any]) -> list[Any]:
@@ -469,7 +497,9 @@ class BaseCAM:
                             mode="bilinear" if self.spatial_dims == 2 else "trilinear")
         hooked = {name: _HookedLayer(name, modules[name], self._strategy(records.get(name), modules[name]))
                   for name in layers}
-        sources = self._bias_sources(layers, records, modules) if self.bias_weight > 0 else {}
+        complete = self.bias_weight > 0 and self.bias_mode == "complete"
+        sources = self._bias_sources(layers, records, modules) \
+            if self.bias_weight > 0 and not complete else {}
         handles = []
         try:
             if self.eval_mode:
@@ -478,6 +508,10 @@ class BaseCAM:
                 handles.append(layer.module.register_forward_hook(self._forward_hook(layer, ctx)))
             for source in sources.values():
                 handles.append(source.module.register_forward_hook(self._source_hook(source, ctx)))
+            if complete:
+                for name, module, bias in _all_biases(self.model):
+                    handles.append(module.register_forward_hook(
+                        self._complete_hook(name, bias.to(self.device), ctx)))
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 if self.amp_dtype is not None:
@@ -488,7 +522,7 @@ class BaseCAM:
                 for h in handles:
                     h.remove()
                 handles.clear()
-                return self._backward(x, output, target_fn, hooked, sources, ctx)
+                return self._backward(x_in, output, target_fn, hooked, sources, ctx)
         finally:
             for h in handles:
                 h.remove()
@@ -650,8 +684,14 @@ class BaseCAM:
             for extra_score in extra:
                 torch.autograd.grad(extra_score.sum(), anchors, allow_unused=True, retain_graph=True)
             ctx.stashing = False
-        grads = torch.autograd.grad(scores.sum(), anchors, allow_unused=True)
+        complete = self.bias_weight > 0 and self.bias_mode == "complete"
+        if complete:  # FullGrad: the backward runs to the input
+            grads = torch.autograd.grad(scores.sum(), [*anchors, x], allow_unused=True)
+            input_grad = grads[-1]
+        else:
+            grads = torch.autograd.grad(scores.sum(), anchors, allow_unused=True)
         del grads, anchors, edges
+        x = x.detach()
 
         for layer in hooked.values():
             if layer.name not in ctx.maps:  # no gradient reached this layer
@@ -673,6 +713,9 @@ class BaseCAM:
             fused = self._fuse_multiplicative(names, maps, weights, ctx)
         else:
             fused = self._fuse_weighted(names, maps, weights, ctx)
+        contributions: dict[str, torch.Tensor] = {}
+        if complete:
+            fused, contributions = self._add_complete_term(fused, x, input_grad, ctx)
         options = self.options
         return CAMResult(
             fused=fused,
@@ -687,7 +730,53 @@ class BaseCAM:
                      "target_layers_spec": options["target_layers"], "device": str(x.device)},
             cost={"forward_passes": 1, "backward_passes": 1 + len(extra),
                   "extra_forward_samples": extra_samples},
+            bias_contributions=contributions,
         )
+
+    def _complete_hook(self, name: str, bias: torch.Tensor, ctx: _LayerContext):
+        """Forward hook of a bias-carrying module (``complete`` mode): its bias's contribution
+        ``sum_k G_k b_k`` is taken from the gradient at its output, per call."""
+
+        def hook(_m, _inp, out):
+            if not isinstance(out, torch.Tensor) or not out.requires_grad or out.ndim < 2 \
+                    or out.shape[1] != bias.numel():
+                return None
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                if ctx.stashing:
+                    return
+                with torch.no_grad():
+                    g = grad.detach().float()
+                    b = bias.view(1, -1, *(1,) * (g.ndim - 2))
+                    per_pos = (g * b).sum(1, keepdim=True)  # (N, 1, *s)
+                    total = per_pos.flatten(1).sum(1)
+                    ctx.complete_totals[name] = ctx.complete_totals.get(name, 0) + total
+                    if g.ndim == len(ctx.input_size) + 2:
+                        key = tuple(g.shape[2:])
+                        scale = math.prod(key) / math.prod(ctx.input_size)  # keep the sum
+                        if key in ctx.complete_maps:
+                            ctx.complete_maps[key].add_(per_pos, alpha=scale)
+                        else:
+                            ctx.complete_maps[key] = per_pos * scale
+
+            out.register_hook(grad_hook)
+            return None
+
+        return hook
+
+    def _add_complete_term(self, fused: torch.Tensor, x: torch.Tensor, input_grad: torch.Tensor,
+                           ctx: _LayerContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``F <- norm(F + lambda_b * norm(relu(B)))`` with FullGrad's complete map ``B``."""
+        gx = (x.float() * input_grad.float()).sum(1, keepdim=True)  # (N, 1, *S)
+        contributions = {"input": gx.flatten(1).sum(1)}
+        contributions.update({k: v.float() for k, v in ctx.complete_totals.items()})
+        b_map = gx
+        for buf in ctx.complete_maps.values():
+            b_map = b_map + F.interpolate(buf, size=ctx.input_size, mode=ctx.mode, align_corners=False)
+        ctx.complete_maps.clear()
+        ctx.complete_totals.clear()
+        fused = minmax_normalize(fused + self.bias_weight * minmax_normalize(F.relu(b_map)))
+        return fused, contributions
 
     def _layer_map(self, name: str, ctx: _LayerContext) -> torch.Tensor:
         """``M_l = norm(norm(M_act) + lambda_b * norm(M_bias))`` at native resolution."""

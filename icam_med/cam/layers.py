@@ -44,6 +44,7 @@ __all__ = [
     "check_supported_model",
     "effective_bias",
     "first_conv",
+    "own_bias",
     "probe_layers",
     "select_layers",
     "validate_layer_names",
@@ -502,6 +503,24 @@ def effective_bias(module: nn.Module, conv: nn.Module | None = None) -> torch.Te
                     and conv.bias.shape == mean.shape:
                 b_conv = conv.bias
             return (beta + gamma * (b_conv - mean) / torch.sqrt(var + module.eps)).detach().float()
+        if isinstance(module, (*_INSTANCENORM, nn.GroupNorm)):
+            return None if getattr(module, "bias", None) is None else module.bias.detach().float()
+    return None
+
+
+def own_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias a module adds by itself, not folded (FullGrad's per-layer bias), or ``None``.
+
+    Convolutions and linear layers: their ``bias``; BatchNorm (eval):
+    ``beta - gamma * running_mean / sqrt(running_var + eps)``; GroupNorm / InstanceNorm with
+    affine parameters: ``beta``.
+    """
+    with torch.no_grad():
+        if isinstance(module, (*_CONV, nn.Linear)):
+            return None if module.bias is None else module.bias.detach().float()
+        if isinstance(module, _BATCHNORM):
+            gamma, beta, mean, var = _batchnorm_stats(module)
+            return (beta - gamma * mean / torch.sqrt(var + module.eps)).detach().float()
         if isinstance(module, (*_INSTANCENORM, nn.GroupNorm)):
             return None if getattr(module, "bias", None) is None else module.bias.detach().float()
     return None

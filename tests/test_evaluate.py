@@ -13,112 +13,180 @@ import pytest
 import torch
 
 from icam_med.cli import main
-from icam_med.evaluation.evaluate import COLUMNS, EvalVolume, default_methods, evaluate
-from icam_med.evaluation.synthetic import LesionSynthesizer
+from icam_med.evaluation.evaluate import (
+    COLUMNS,
+    GROUPS,
+    EvalVolume,
+    MethodSpec,
+    SummaryTable,
+    evaluate,
+    method_rows,
+    rank_variants,
+    select_rows,
+    variant_grid,
+)
+from icam_med.evaluation.synthetic import EvalSynthesizer, normalise_with_twin
 from icam_med.networks import LesionNet
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS = [{"name": "NormalizeIntensityd", "nonzero": True}]
 
 
 @pytest.fixture(scope="module")
 def tiny_volumes():
+    """Four 24^3 volumes (2 dark, 2 bright) of a box 'brain' with twins and distractors."""
     rng = np.random.default_rng(0)
-    template = np.zeros((20, 20, 20), np.float32)
-    template[3:17, 3:17, 3:17] = 1.0 + 0.1 * rng.standard_normal((14, 14, 14)).astype(np.float32)
-    synth = LesionSynthesizer(template, template > 0, (4.0, 4.0, 4.0), seed=0,
-                              radius_mm=(6.0, 9.0), max_shift_mm=0.0)
+    template = np.zeros((24, 24, 24), np.float32)
+    template[4:18, 4:18, 4:18] = 100 + 10 * rng.standard_normal((14, 14, 14)).astype(np.float32)
+    synth = EvalSynthesizer(template, template > 0, (4.0, 4.0, 4.0), seed=0, radius_mm=(6.0, 9.0),
+                            distractor_radius_mm=(4.0, 5.0))
     vols = []
-    for i in range(3):
-        v = synth(i, split="test", label=1)
-        x = torch.from_numpy((v.image - v.image[v.image > 0].mean()) / v.image[v.image > 0].std())
-        vols.append(EvalVolume(x=x[None] * (torch.from_numpy(v.image) > 0), mask=torch.from_numpy(v.mask),
-                               target=1, spacing=(4.0, 4.0, 4.0),
-                               domain=torch.from_numpy(v.image > 0), name=f"tiny-{i}"))
+    for i in range(4):
+        v = synth(i, split="test", label=1, polarity=("hypo", "hyper")[i % 2])
+        x, twin = normalise_with_twin(v.image, v.twin, STEPS)
+        vols.append(EvalVolume(x=torch.from_numpy(x), mask=torch.from_numpy(v.mask), target=1,
+                               spacing=(4.0, 4.0, 4.0), twin=torch.from_numpy(twin),
+                               distractor_mask=torch.from_numpy(v.distractor_mask),
+                               polarity=v.polarity, name=f"tiny-{i}"))
     return vols
 
 
-def test_evaluate_tiny_set_end_to_end(tiny_volumes):
+def _model(dims: int = 3) -> LesionNet:
     torch.manual_seed(0)
-    model = LesionNet(spatial_dims=3, channels=(4, 8, 8)).eval()
+    return LesionNet(spatial_dims=dims, channels=(4, 8, 8)).eval()
+
+
+def test_evaluate_tiny_set_reports_every_metric_per_polarity(tiny_volumes):
+    model = _model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = evaluate(model, tiny_volumes, fractions=(0.0, 0.1, 0.5, 1.0), n_boot=200)
-    methods = default_methods()
-    assert len(result.rows) == len(tiny_volumes) * len(methods)
-    assert [r["method"] for r in result.summary] == [m.label for m in methods]
+    rows = select_rows(method_rows(model, (24, 24, 24), default_options={"layer_weighting": "net"}),
+                       ["default", "layercam[stages|uniform|sum]",
+                        "polycam-prototype[layercam|stages]", "torchcam-layercam[stages]",
+                        "layercam @ stem", "controls"])
+    result = evaluate(model, tiny_volumes, rows, fractions=(0.0, 0.05, 0.1), n_randomisation=2,
+                      n_boot=200)
+    assert len(result.rows) == len(tiny_volumes) * len(rows)
+    # Cascading randomisation: one column per block, top first (head, stages.1, stages.0, stem).
+    assert result.rho_columns == ["rho_head", "rho_stages.1", "rho_stages.0", "rho_stem"]
     for row in result.rows:
         assert row["pointing_game"] in (0.0, 1.0)
         assert 0.0 <= row["energy_in_mask"] <= 1.0
-        assert 0.0 <= row["deletion_auc"] <= 1.0 and 0.0 <= row["insertion_auc"] <= 1.0
-        assert 0.0 <= row["average_drop"] <= 1.0 and row["increase_in_confidence"] in (0.0, 1.0)
-        assert -1.0 <= row["randomisation_rho"] <= 1.0
-        assert row["runtime_ms"] > 0
-    by_label = {r["method"]: r for r in result.summary}
-    # The model-free control cannot change with the weights: caught by the sanity check.
-    control = by_label["input-edges (control)"]
-    assert control["randomisation_rho_mean"] == pytest.approx(1.0)
-    assert control["randomisation_flagged"]
+        assert 0.0 <= row["deletion_auc"] <= 1.0
+        assert row["distractor_hit"] in (0.0, 1.0)
+        assert row["runtime_ms"] >= 0 and row["wall_ms"] > 0
+        assert row["p_twin"] is not None and row["polarity"] in ("hypo", "hyper")
+        done = int(row["volume"].split("-")[1]) < 2  # only the first 2 volumes are randomised
+        assert all((row[c] is not None) == done for c in result.rho_columns)
+    # Summaries per method for all / dark / bright volumes, CIs around the mean.
+    assert [(s["method"], s["group"]) for s in result.summary] == [
+        (r.label, g) for r in rows for g in GROUPS]
+    assert {s["n"] for s in result.summary if s["group"] != "all"} == {2}
     for s in result.summary:
         m, lo, hi = s["energy_in_mask_mean"], s["energy_in_mask_ci_low"], s["energy_in_mask_ci_high"]
         assert lo <= m <= hi
+    # The model-free controls cannot change with the weights: rho = 1 at every depth.
+    for c in result.rho_columns:
+        assert result.cell("input intensity (control)", "all", c)[0] == pytest.approx(1.0)
     # The user's model is left exactly as it was.
     assert not model.training
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    # Tables: CSV with every column's mean and CI, Markdown with one row per method.
-    rows = list(csv.DictReader(io.StringIO(result.summary_csv())))
-    assert len(rows) == len(methods) and all(f"{c}_ci_low" in rows[0] for c in COLUMNS)
-    md = result.summary_markdown()
-    assert md.count("\n| ") >= len(methods) and "**flagged**" in md
-    per_volume = list(csv.DictReader(io.StringIO(result.rows_csv())))
-    assert len(per_volume) == len(result.rows)
+    # Tables: CSV per method x group with every column, Markdown with both tables.
+    table = list(csv.DictReader(io.StringIO(result.summary_csv())))
+    assert len(table) == len(rows) * len(GROUPS)
+    assert all(f"{c}_ci_low" in table[0] for c in [*COLUMNS, *result.rho_columns])
+    md = result.summary_markdown("tiny")
+    assert md.count("\n| ") >= 2 * len(rows) and "Cascading randomisation" in md
+    assert len(list(csv.DictReader(io.StringIO(result.rows_csv())))) == len(result.rows)
 
 
-def test_evaluate_2d(tiny_volumes):
-    torch.manual_seed(0)
-    model = LesionNet(spatial_dims=2, channels=(4, 8)).eval()
+def test_evaluate_2d_without_twins_or_randomisation(tiny_volumes):
+    model = _model(2)
     vols = [EvalVolume(x=v.x[:, :, :, 10], mask=v.mask[:, :, 10] | (v.mask.sum(-1) > 0),
-                       target=1, spacing=(4.0, 4.0), name=v.name) for v in tiny_volumes[:2]]
-    specs = [m for m in default_methods() if m.label in ("integrative", "gradcam")]
-    result = evaluate(model, vols, specs, fractions=(0.0, 0.5, 1.0), n_boot=100,
-                      randomisation=False)
-    assert len(result.rows) == 4
-    assert all(r["randomisation_rho"] is None for r in result.rows)
-    assert all(math.isnan(s["randomisation_rho_mean"]) for s in result.summary)
+                       target=1, spacing=(4.0, 4.0), polarity=v.polarity, name=v.name)
+            for v in tiny_volumes[:2]]
+    rows = [MethodSpec("icam", "integrative", {"layer_weighting": "uniform"}, kind="variant")]
+    result = evaluate(model, vols, rows, n_randomisation=0, n_boot=100)
+    assert len(result.rows) == 2 and not result.rho_columns
+    assert all(r["deletion_auc"] is None and r["distractor_hit"] is None for r in result.rows)
+    assert math.isnan(result.cell("icam", "all", "deletion_auc")[0])
 
 
-def test_evaluate_refuses_empty_masks_and_bad_options(tiny_volumes):
-    model = LesionNet(spatial_dims=3, channels=(4, 8, 8)).eval()
+def test_evaluate_refuses_empty_masks_duplicate_rows_and_unknown_names(tiny_volumes):
+    model = _model()
     v = tiny_volumes[0]
+    rows = [MethodSpec("a", "gradcam", {"target_layers": "last"})]
     empty = EvalVolume(x=v.x, mask=torch.zeros_like(v.mask), target=1, spacing=v.spacing)
     with pytest.raises(ValueError, match="mask is empty"):
-        evaluate(model, [empty], default_methods()[:1], fractions=(0.0, 1.0))
-    with pytest.raises(ValueError, match="baseline"):
-        evaluate(model, [v], default_methods()[:1], baseline="noise")
+        evaluate(model, [empty], rows, n_randomisation=0)
+    with pytest.raises(ValueError, match="unique"):
+        evaluate(model, [v], rows * 2, n_randomisation=0)
+    with pytest.raises(ValueError, match="unknown row"):
+        select_rows(method_rows(model, (24, 24, 24)), ["variants", "nope"])
+
+
+def test_variant_grid_and_ranking_rule():
+    grid = variant_grid()
+    # Factorial without bias (2 terms x 5 weightings x 2 fusions) + the bias screen.
+    assert len([g for g in grid if g["bias_weight"] == 0]) == 20
+    assert all(g["target_layers"] == "stages" for g in grid)
+
+    def table(values):  # label -> (pg dark, pg bright, del dark, del bright, ms)
+        rows = []
+        for label, (pd, pb, dd, db, ms) in values.items():
+            for group, pg, de in (("all", (pd + pb) / 2, (dd + db) / 2), ("hypo", pd, dd),
+                                  ("hyper", pb, db)):
+                row = {"method": label, "kind": "variant", "group": group, "n": 10}
+                for col, v in (("pointing_game", pg), ("deletion_auc", de), ("runtime_ms", ms)):
+                    row.update({f"{col}_mean": v, f"{col}_ci_low": v, f"{col}_ci_high": v})
+                rows.append(row)
+        return SummaryTable(rows)
+
+    a = table({"A": (90, 80, 0.2, 0.3, 50), "B": (50, 90, 0.5, 0.35, 10), "C": (90, 80, 0.2, 0.3, 20)})
+    ranking = rank_variants([("m1", a), ("m2", a)])
+    # A and C tie on every ranking (mean rank 1.75); C is faster, so C wins; B is last.
+    assert [r["label"] for r in ranking] == ["C", "A", "B"]
+    assert ranking[0]["mean_rank"] == pytest.approx(1.75)
+    assert len(ranking[0]["ranks"]) == 8
 
 
 def test_cli_evaluate_demo_model_on_two_volumes(tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out),
-            "--n-volumes", "2", "--steps", "4", "--n-boot", "100",
-            "--methods", "integrative,integrative-no-bias,gradcam,input-edges (control)"]
+            "--n-volumes", "2", "--n-boot", "50", "--n-randomisation", "1",
+            "--deletion-max", "0.01", "--deletion-step", "0.005", "--split", "validation",
+            "--default-options", '{"layer_weighting": "uniform", "fusion": "multiplicative"}',
+            "--methods", "default,icam[layercam|net|mult|bias0],input intensity (control)"]
     assert main(args) == 0
-    summary = list(csv.DictReader((out / "summary.csv").open()))
-    assert [r["method"] for r in summary] == ["integrative", "integrative-no-bias", "gradcam",
-                                            "input-edges (control)"]
-    assert summary[-1]["randomisation_flagged"] == "True"
-    settings = json.loads((out / "settings.json").read_text())
-    assert settings["n_volumes"] == 2 and settings["baseline"] == "blur"
-    assert settings["model"]["weights_sha256"]
-    assert "Integrative" in (out / "summary.md").read_text() or "integrative" in (out / "summary.md").read_text()
+    folder = out / "demo-lesion-cnn"
+    summary = list(csv.DictReader((folder / "summary.csv").open()))
+    assert [r["method"] for r in summary][::3] == [
+        "integrative (default)", "icam[layercam|net|mult|bias0]", "input intensity (control)"]
+    assert [r["group"] for r in summary[:3]] == ["all", "hypo", "hyper"]
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["n_volumes"] == 2 and settings["n_by_polarity"] == {"hypo": 1, "hyper": 1}
+    assert settings["deletion_fractions"] == [0.0, 0.005, 0.01]
+    assert settings["model"]["weights_sha256"] and settings["data"]["split"] == "validation"
+    default = next(m for m in settings["methods"] if m["label"] == "integrative (default)")
+    assert default["options"] == {"layer_weighting": "uniform", "fusion": "multiplicative"}
+    assert len(list(csv.DictReader((folder / "per_volume.csv").open()))) == 6
+    # The run's summary ranks the one variant row; the ranking names each ranking.
+    assert "Variants ranked" in (out / "summary.md").read_text()
+    assert (out / "ranking.csv").read_text().splitlines()[1].startswith("1,")
     # Existing outputs are refused before any work, unless --overwrite.
     capsys.readouterr()
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main([*args, "--overwrite"]) == 0
 
 
-def test_cli_evaluate_rejects_unknown_method(tmp_path, capsys):
-    rc = main(["evaluate", "--out", str(tmp_path / "e"), "--methods", "integrative,nope",
-               "--config", str(REPO / "configs" / "demo.yaml")])
-    assert rc == 2
+def test_cli_evaluate_rejects_unknown_rows_and_retired_options(tmp_path, capsys):
+    cfg = str(REPO / "configs" / "demo.yaml")
+    assert main(["evaluate", "--out", str(tmp_path / "e"), "--methods", "variants,nope",
+                 "--config", cfg]) == 2
     assert "unknown row" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(tmp_path / "e"), "--steps", "4", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "--steps was retired" in err and "--deletion-step" in err
+    assert main(["evaluate", "--out", str(tmp_path / "e"), "--default-options", "[1]",
+                 "--config", cfg]) == 2
+    assert "JSON object" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from icam_med.evaluation import metrics
-from icam_med.evaluation.evaluate import edge_map
+from icam_med.evaluation.baselines import edge_map, polycam_fusion
 
 
 def _blob_mask(shape: tuple[int, ...], centre: tuple[int, ...], radius: float) -> torch.Tensor:
@@ -247,3 +247,106 @@ def test_bootstrap_ci_contains_mean_and_shrinks_with_n():
     assert lo2 < 1.0 < hi2
     assert metrics.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
     assert all(np.isnan(v) for v in metrics.bootstrap_ci([float("nan")]))
+
+
+# ----------------------------------------------------------------------------- issue 11 metrics
+
+
+def _twin_case(shape=(12, 12, 12)):
+    """A lesion volume, its healthy twin (bright lesion removed) and a model reading the lesion."""
+    torch.manual_seed(0)
+    mask = _blob_mask(shape, tuple(n // 2 for n in shape), 2)
+    twin = torch.full((1, *shape), 0.2) + 0.01 * torch.randn(1, *shape)
+    x = torch.where(mask, torch.tensor(1.0), twin)
+    return x, twin, mask, LesionDetector(mask).eval()
+
+
+def test_counterfactual_deletion_orders_oracle_random_anti_oracle():
+    x, twin, mask, model = _twin_case()
+    fractions = metrics.deletion_fractions(0.2, 0.02)
+    oracle = mask.float()
+    anti = (~mask).float()
+    random_map = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
+    aucs = {}
+    for name, sal in (("oracle", oracle), ("random", random_map), ("anti", anti)):
+        fr, curve, auc = metrics.counterfactual_deletion(model, x[0:1], twin[0:1], sal, 1,
+                                                         fractions=fractions)
+        assert curve.shape == fr.shape and curve[0] == pytest.approx(curve.max())
+        aucs[name] = auc
+    assert aucs["oracle"] < aucs["random"] < aucs["anti"]
+    # The anti-oracle never touches the lesion within 20 % of the volume: no change at all.
+    p0 = torch.softmax(model(x[None]), 1)[0, 1].item()
+    assert aucs["anti"] == pytest.approx(p0)
+    # Removing the whole lesion gives the twin's score: the oracle ends there.
+    _, curve, _ = metrics.counterfactual_deletion(model, x, twin, oracle, 1, fractions=fractions)
+    p_twin = torch.softmax(model(twin[None]), 1)[0, 1].item()
+    assert curve[-1] == pytest.approx(p_twin)
+
+
+def test_counterfactual_deletion_refuses_bad_inputs():
+    x, twin, mask, model = _twin_case()
+    with pytest.raises(ValueError, match="twin shape"):
+        metrics.counterfactual_deletion(model, x, twin[:, :6], mask.float(), 1)
+    with pytest.raises(ValueError, match="fractions"):
+        metrics.counterfactual_deletion(model, x, twin, mask.float(), 1, fractions=(0.1, 0.2))
+    with pytest.raises(ValueError, match="step"):
+        metrics.deletion_fractions(0.01, 0.05)
+    assert metrics.deletion_fractions(0.05, 0.0025)[-1] == pytest.approx(0.05)
+    assert len(metrics.deletion_fractions(0.05, 0.0025)) == 21
+
+
+def test_distractor_hit_peak_on_the_distractor_only():
+    shape = (16, 16, 16)
+    distractor = _blob_mask(shape, (3, 3, 3), 1.5)
+    on = distractor.float()
+    off = _blob_mask(shape, (12, 12, 12), 2).float()
+    assert metrics.distractor_hit(on, distractor) == 1.0
+    assert metrics.distractor_hit(off, distractor) == 0.0
+    # Within the tolerance counts: a peak one voxel beside the distractor (1 mm spacing).
+    beside = torch.zeros(shape)
+    beside[3, 3, 6] = 1.0
+    assert metrics.distractor_hit(beside, distractor) == 0.0
+    assert metrics.distractor_hit(beside, distractor, (1.0, 1.0, 1.0), tolerance_mm=2.0) == 1.0
+    assert np.isnan(metrics.distractor_hit(on, torch.zeros(shape, dtype=torch.bool)))
+
+
+def test_cascading_randomisation_goes_top_down_and_leaves_the_model():
+    from icam_med.networks import LesionNet
+
+    torch.manual_seed(0)
+    model = LesionNet(spatial_dims=3, channels=(4, 8, 8, 8)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = metrics.cascade_groups(model)
+    assert [g[0] for g in groups] == ["head", "stages.2", "stages.1", "stages.0", "stem"]
+    cascade = metrics.cascading_randomisation(model, seed=1)
+    assert [label for label, _ in cascade] == [g[0] for g in groups]
+    order = ["head", "stages.2", "stages.1", "stages.0", "stem"]
+    for depth, (_, copy_) in enumerate(cascade):
+        state = copy_.state_dict()
+        for block_index, block in enumerate(order):
+            keys = [k for k in state if k.startswith(block + ".") and "num_batches" not in k]
+            changed = any(not torch.equal(state[k], before[k]) for k in keys)
+            # Blocks above and at this depth are re-initialised, the ones below are not.
+            assert changed == (block_index <= depth), (depth, block)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again = metrics.cascading_randomisation(model, seed=1)
+    assert torch.equal(again[2][1].stages[1][0].conv.weight, cascade[2][1].stages[1][0].conv.weight)
+
+
+def test_cascade_groups_of_a_monai_resnet():
+    from monai.networks.nets import resnet10
+
+    model = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.25)
+    labels = [g[0] for g in metrics.cascade_groups(model)]
+    assert labels == ["fc", "layer4", "layer3", "layer2", "layer1", "stem"]
+
+
+def test_polycam_fusion_gates_fine_maps_with_coarse_ones():
+    fine = torch.zeros(1, 1, 8, 8)
+    fine[0, 0, 1, 1] = 1.0  # a fine detail where the coarse map says nothing
+    fine[0, 0, 6, 6] = 0.5  # a weaker one inside the coarse map's region
+    coarse = torch.zeros(1, 1, 2, 2)
+    coarse[0, 0, 1, 1] = 1.0
+    fused = polycam_fusion({"fine": fine, "coarse": coarse}, (8, 8))
+    assert fused.shape == (1, 1, 8, 8)
+    assert fused[0, 0, 6, 6] == pytest.approx(1.0) and fused[0, 0, 1, 1] == pytest.approx(0.0)

@@ -100,3 +100,111 @@ def test_input_space_synthesizer_matches_the_config_input():
     assert x.shape == (1, *cfg.model.spatial_size)
     brain = vol.image != 0
     assert abs(float(x[0][brain].mean())) < 1e-3 and abs(float(x[0][brain].std()) - 1) < 1e-2
+
+
+# ----------------------------------------------------------------------------- issue 11 benchmark
+
+
+@pytest.fixture(scope="module")
+def eval_synth():
+    from icam_med.evaluation.synthetic import EvalSynthesizer
+
+    cfg = load_config(REPO / "configs" / "eval_lesionnet.yaml")
+    synth, intensity = input_space_synthesizer(cfg.preprocessing, seed=0,
+                                               synthesizer=EvalSynthesizer)
+    return synth, intensity
+
+
+def test_eval_generator_draws_both_polarities_one_or_two_lesions(eval_synth):
+    synth, _ = eval_synth
+    vols = [synth(i, split="validation", label=1, with_twin=False) for i in range(40)]
+    polarities = [v.polarity for v in vols]
+    assert 12 <= polarities.count("hypo") <= 28 and polarities.count("hyper") == 40 - polarities.count("hypo")
+    assert {v.n_lesions for v in vols} == {1, 2}
+    brain_mean = synth.template[synth.brain_mask].mean()
+    for v in vols[:12]:
+        inside = v.image[v.mask].mean()
+        # Dark lesions are darker than the brain, bright ones brighter.
+        assert (inside < brain_mean) if v.polarity == "hypo" else (inside > brain_mean)
+    # Forcing the polarity flips the lesion only; the label may be forced too.
+    a = synth(3, split="validation", label=1, polarity="hypo")
+    b = synth(3, split="validation", label=1, polarity="hyper")
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.twin, b.twin)
+    assert a.image[a.mask].mean() < a.twin[a.mask].mean() < b.image[b.mask].mean()
+    with pytest.raises(ValueError, match="polarity"):
+        synth(0, polarity="grey")
+
+
+def test_eval_twin_differs_only_at_the_lesion(eval_synth):
+    from scipy import ndimage
+
+    synth, _ = eval_synth
+    for i in range(6):
+        v = synth(i, split="test", label=1)
+        diff = v.image != v.twin
+        assert diff[v.mask].mean() > 0.9  # the lesion itself changed
+        # Nothing changes beyond the lesion's soft rim and the blur's reach (5 voxels).
+        assert not (diff & ~ndimage.binary_dilation(v.mask, iterations=5)).any()
+        assert np.abs(v.image - v.twin)[v.mask].sum() > 0.6 * np.abs(v.image - v.twin).sum()
+        healthy = synth(i, split="test", label=0)
+        assert healthy.label == 0 and not healthy.mask.any()
+        assert np.array_equal(healthy.image, v.twin)  # the twin is the healthy volume
+
+
+def test_eval_distractors_lie_outside_the_brain_and_ignore_the_label(eval_synth):
+    from scipy import ndimage
+
+    synth, _ = eval_synth
+    near_brain = ndimage.binary_dilation(synth.brain_mask, iterations=1)
+    counts = []
+    for i in range(10):
+        with_lesion = synth(i, split="train", label=1, with_twin=False)
+        without = synth(i, split="train", label=0, with_twin=False)
+        assert with_lesion.distractor_mask.any()
+        assert not (with_lesion.distractor_mask & near_brain).any()
+        # Same distractors whatever the label (their own random stream).
+        assert np.array_equal(with_lesion.distractor_mask, without.distractor_mask)
+        assert with_lesion.params["distractors"] == without.params["distractors"]
+        # As bright as a bright lesion: above the brain's mean by >= 2 SD at their centre.
+        assert with_lesion.image[with_lesion.distractor_mask].max() > \
+            synth.brain_mean + 2 * synth.brain_sd
+        counts.append(len(with_lesion.params["distractors"]))
+    assert set(counts) == {1, 2}
+
+
+def test_eval_splits_are_disjoint_streams(eval_synth):
+    synth, _ = eval_synth
+    a = synth(7, split="train", label=1, with_twin=False)
+    b = synth(7, split="validation", label=1, with_twin=False)
+    c = synth(7, split="test", label=1, with_twin=False)
+    assert not np.array_equal(a.image, b.image) and not np.array_equal(b.image, c.image)
+    again = synth(7, split="test", label=1, with_twin=False)
+    assert np.array_equal(c.image, again.image)
+
+
+def test_fast_normalise_and_twin_normalisation_match_monai(eval_synth):
+    from icam_med.evaluation.synthetic import normalise_with_twin
+    from icam_med.evaluation.training import fast_normalise
+
+    synth, intensity = eval_synth
+    v = synth(2, split="test", label=1)
+    monai_x = normalise(v.image, intensity)
+    np.testing.assert_allclose(fast_normalise(v.image, intensity), monai_x, atol=1e-5)
+    x, twin = normalise_with_twin(v.image, v.twin, intensity)
+    assert np.array_equal(x, monai_x)
+    # Where the raw volumes agree, the normalised ones are identical (shared statistics).
+    assert not ((x != twin)[0] & (v.image == v.twin)).any()
+    assert (x != twin)[0][v.mask].all()
+
+
+def test_eval_training_two_steps_is_deterministic(repo_script, tmp_path):
+    script = repo_script("train_eval_models")
+    cfg = REPO / "configs" / "eval_resnet.yaml"
+    reports = [script.train(cfg, tmp_path / n, steps=2, batch_size=2, n_validation=4, n_test=4,
+                            recalibration_batches=1) for n in ("a", "b")]
+    assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
+    test = reports[0]["test"]
+    assert test["n_hypo"] == 1 and test["n_hyper"] == 1
+    assert set(test) >= {"accuracy", "sensitivity_hypo", "sensitivity_hyper", "specificity"}
+    with pytest.raises(FileExistsError):
+        script.train(cfg, tmp_path / "a", steps=1, batch_size=2)

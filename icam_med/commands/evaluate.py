@@ -12,126 +12,231 @@ from pathlib import Path
 from icam_med.commands import _args
 from icam_med.commands._output import echo
 
-HELP = ("compare Integrative CAM, its ablations and single-layer CAMs on held-out synthetic "
-        "lesions: localisation, deletion/insertion, confidence, randomisation, runtime")
+HELP = ("compare Integrative CAM variants, baselines and controls on held-out synthetic dark "
+        "and bright lesions with distractors: pointing game, counterfactual deletion, energy, "
+        "distractor hits, cascading randomisation, runtime; one or more models")
 
 log = logging.getLogger(__name__)
 
+#: Files written per model (in ``<out>/<model name>/``) and for the whole run (``<out>/``).
 OUTPUTS = ("summary.csv", "summary.md", "per_volume.csv", "settings.json")
+RUN_OUTPUTS = ("summary.md", "ranking.csv", "settings.json")
+DEFAULT_CONFIGS = (Path("configs/eval_lesionnet.yaml"), Path("configs/eval_resnet.yaml"))
+#: Options retired with issue 11 (the blurred-baseline deletion could not tell an oracle
+#: map from a random one), with what replaces them.
+RETIRED = {
+    "baseline": "deletion now copies voxels from each volume's healthy twin (no baseline image)",
+    "blur_sigma_mm": "deletion now copies voxels from each volume's healthy twin (no blur)",
+    "baseline_value": "deletion now copies voxels from each volume's healthy twin",
+    "steps": "use --deletion-step and --deletion-max (fractions of the volume)",
+    "no_control": "name the rows to run with --methods (e.g. 'default,baselines')",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
-                        help="run configuration with the model and its preprocessing "
-                             "(default: configs/demo.yaml)")
+    parser.add_argument("--config", type=Path, action="append", default=None,
+                        help="run configuration with the model and its preprocessing; repeat for "
+                             "several models (default: configs/eval_lesionnet.yaml and "
+                             "configs/eval_resnet.yaml)")
     parser.add_argument("--out", type=Path, required=True,
-                        help="output folder for summary.csv, summary.md, per_volume.csv, settings.json")
+                        help="output folder: <model name>/{summary.csv, summary.md, "
+                             "per_volume.csv, settings.json} per model, and summary.md, "
+                             "ranking.csv, settings.json for the run")
     parser.add_argument("--n-volumes", type=_args.positive_int, default=100,
-                        help="held-out volumes with a lesion to evaluate (default 100)")
-    parser.add_argument("--split", default="test",
-                        help="synthetic split to draw from (default 'test', never used in training)")
+                        help="volumes with lesions per model, alternately dark and bright "
+                             "(default 100)")
+    parser.add_argument("--split", choices=("validation", "test"), default="test",
+                        help="synthetic split: 'validation' to choose, 'test' (held out) for the "
+                             "table (default test)")
     parser.add_argument("--seed", type=_args.non_negative_int, default=0,
-                        help="synthesizer seed; must match the training seed for the 'test' "
-                             "split to be held out (default 0)")
+                        help="synthesizer seed; must match the training seed for the splits to "
+                             "be held out (default 0)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated subset of rows (default: all; see docs/evaluation.md)")
-    parser.add_argument("--no-control", action="store_true",
-                        help="leave out the model-free input-edges control row")
-    parser.add_argument("--baseline", choices=("blur", "constant"), default="blur",
-                        help="what removed voxels become (default: a blurred copy of the input)")
-    parser.add_argument("--blur-sigma-mm", type=_args.positive_float, default=16.0)
-    parser.add_argument("--baseline-value", type=float, default=0.0)
-    parser.add_argument("--steps", type=_args.positive_int, default=None,
-                        help="evenly spaced perturbation steps instead of the default "
-                             "start-dense schedule")
+                        help="comma-separated row labels or groups (default, variants, "
+                             "baselines, single-layer, controls); default: all rows")
+    parser.add_argument("--default-options", default=None,
+                        help="JSON options of the 'integrative (default)' row, e.g. "
+                             "'{\"layer_weighting\": \"net\", \"fusion\": \"multiplicative\"}'")
+    parser.add_argument("--variant-bias", default="signed,complete",
+                        help="bias modes screened at score weighting in the variant grid "
+                             "(default 'signed,complete'; modes the engine lacks are skipped)")
+    parser.add_argument("--deletion-max", type=_args.positive_float, default=0.05,
+                        help="counterfactual deletion runs over this fraction of the volume "
+                             "(default 0.05)")
+    parser.add_argument("--deletion-step", type=_args.positive_float, default=0.0025,
+                        help="deletion step, a fraction of the volume (default 0.0025)")
     parser.add_argument("--tolerance-mm", type=_args.positive_float, default=4.0,
-                        help="pointing-game tolerance (default 4 mm, one model voxel)")
+                        help="pointing-game and distractor tolerance (default 4 mm, one model "
+                             "voxel)")
+    parser.add_argument("--n-randomisation", type=_args.non_negative_int, default=10,
+                        help="volumes (the first ones) that get the cascading randomisation "
+                             "check; 0 skips it (default 10)")
     parser.add_argument("--no-randomisation", action="store_true",
-                        help="skip the model-parameter randomisation check")
+                        help="skip the randomisation check (same as --n-randomisation 0)")
     parser.add_argument("--n-boot", type=_args.positive_int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cpu", type=_args.device, help="torch device (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    # Retired options: still parsed (with their old type checks) so that using one gives
+    # a clear message instead of argparse's "unrecognized arguments".
+    parser.add_argument("--baseline", choices=("blur", "constant"), default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--blur-sigma-mm", type=_args.positive_float, default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-value", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=_args.positive_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-control", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from icam_med.config import load_config
-    from icam_med.evaluation.evaluate import EvalVolume, default_methods, evaluate
-    from icam_med.evaluation.metrics import DEFAULT_FRACTIONS
-    from icam_med.evaluation.synthetic import input_space_synthesizer, normalise
+    from icam_med.evaluation import metrics
+    from icam_med.evaluation.evaluate import (
+        EvalVolume,
+        SummaryTable,
+        evaluate,
+        method_rows,
+        rank_variants,
+        ranking_markdown,
+        select_rows,
+        variant_grid,
+    )
+    from icam_med.evaluation.synthetic import (
+        POLARITIES,
+        EvalSynthesizer,
+        input_space_synthesizer,
+        normalise_with_twin,
+    )
     from icam_med.io.atomic import atomic_write_text, check_writable
     from icam_med.models import load_model
 
-    if args.n_volumes < 1:
-        raise ValueError(f"--n-volumes must be at least 1, got {args.n_volumes}.")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}.")
+    for name, replacement in RETIRED.items():
+        if getattr(args, name, None) not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} was retired with the evaluation of issue 11: {replacement}. "
+                             "See docs/evaluation.md.")
+    default_options = None
+    if args.default_options:
+        try:
+            default_options = json.loads(args.default_options)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--default-options is not valid JSON ({exc}); give an object such "
+                             "as '{\"layer_weighting\": \"net\"}'.") from exc
+        if not isinstance(default_options, dict):
+            raise ValueError(f"--default-options must be a JSON object, got {args.default_options!r}.")
+    if args.deletion_step > args.deletion_max or args.deletion_max > 1:
+        raise ValueError(f"need 0 < --deletion-step <= --deletion-max <= 1, got "
+                         f"{args.deletion_step} and {args.deletion_max}.")
+    bias = [b.strip() for b in args.variant_bias.split(",") if b.strip()]
+    fractions = metrics.deletion_fractions(args.deletion_max, args.deletion_step)
+    n_random = 0 if args.no_randomisation else args.n_randomisation
+    configs = list(args.config or DEFAULT_CONFIGS)
+    cfgs = [load_config(c) for c in configs]
+    names = [c.model.name for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the configs name the same model twice ({names}); each model needs its "
+                         "own name (its outputs go to <out>/<model name>/).")
     out = Path(args.out)
-    targets = [out / name for name in OUTPUTS]
+    targets = [out / n / f for n in names for f in OUTPUTS] + [out / f for f in RUN_OUTPUTS]
     for path in targets:  # refuse before any work
         check_writable(path, overwrite=args.overwrite)
-    cfg = load_config(args.config)
-    methods = default_methods(include_control=not args.no_control)
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        known = {m.label: m for m in default_methods()}
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise ValueError(f"--methods: unknown row(s) {unknown}; choose from {sorted(known)}.")
-        methods = [known[w] for w in wanted]
-    fractions = (tuple(np.linspace(0.0, 1.0, args.steps + 1)) if args.steps
-                 else DEFAULT_FRACTIONS)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    variants = variant_grid(bias_screen=bias)
 
-    model, info = load_model(cfg.model, device=args.device)
-    synth, intensity = input_space_synthesizer(cfg.preprocessing, seed=args.seed)
-    if info.spatial_size and tuple(info.spatial_size) != synth.shape:
-        raise ValueError(
-            f"{args.config}: the preprocessing yields {synth.shape} but the model expects "
-            f"{tuple(info.spatial_size)}."
-        )
-    target = info.labels.index("present") if "present" in info.labels else 1
-    spacing = tuple(float(s) for s in synth.spacing)
+    loaded = []
+    for cfg_path, cfg in zip(configs, cfgs, strict=True):  # every model and row set checked first
+        model, info = load_model(cfg.model, device=args.device)
+        synth, intensity = input_space_synthesizer(cfg.preprocessing, seed=args.seed,
+                                                   synthesizer=EvalSynthesizer)
+        if info.spatial_size and tuple(info.spatial_size) != synth.shape:
+            raise ValueError(f"{cfg_path}: the preprocessing yields {synth.shape} but the model "
+                             f"expects {tuple(info.spatial_size)}.")
+        rows = method_rows(model, synth.shape, default_options=default_options, variants=variants)
+        if wanted is not None:
+            rows = select_rows(rows, wanted)
+        if not rows:
+            raise ValueError(f"--methods {args.methods!r} selects no row for {cfg.model.name}.")
+        loaded.append((cfg_path, cfg, model, info, synth, intensity, rows))
 
-    def volumes():
-        for i in range(args.n_volumes):
-            vol = synth(i, split=args.split, label=1)
-            x = torch.from_numpy(normalise(vol.image, intensity))
-            yield EvalVolume(x=x, mask=torch.from_numpy(vol.mask), target=target, spacing=spacing,
-                             domain=torch.from_numpy(vol.image != 0),
-                             name=f"{args.split}-{i:04d}")
+    t_run = time.perf_counter()
+    tables, sections, run_models = [], [], []
+    for cfg_path, cfg, model, info, synth, intensity, rows in loaded:
+        target = info.labels.index("present") if "present" in info.labels else 1
+        spacing = tuple(float(s) for s in synth.spacing)
 
-    def progress(i: int, name: str) -> None:
-        echo(f"[{i + 1}/{args.n_volumes}] {name}", file=sys.stderr, flush=True)
+        def volumes(synth=synth, intensity=intensity, target=target, spacing=spacing):
+            for i in range(args.n_volumes):
+                vol = synth(i, split=args.split, label=1, polarity=POLARITIES[i % 2])
+                x, twin = normalise_with_twin(vol.image, vol.twin, intensity)
+                yield EvalVolume(x=torch.from_numpy(x), mask=torch.from_numpy(vol.mask),
+                                 target=target, spacing=spacing, twin=torch.from_numpy(twin),
+                                 distractor_mask=torch.from_numpy(vol.distractor_mask),
+                                 polarity=vol.polarity, name=f"{args.split}-{i:04d}")
 
-    t0 = time.perf_counter()
-    result = evaluate(model, volumes(), methods, fractions=fractions, baseline=args.baseline,
-                      blur_sigma_mm=args.blur_sigma_mm, baseline_value=args.baseline_value,
-                      tolerance_mm=args.tolerance_mm, randomisation=not args.no_randomisation,
-                      n_boot=args.n_boot, seed=args.seed, progress=progress)
-    elapsed = time.perf_counter() - t0
-    n_correct = sum(1 for r in result.rows if r["method"] == methods[0].label
-                    and r["predicted"] == r["target"])
-    result.settings.update({
-        "config": str(args.config),
-        "model": info.to_dict(),
-        "data": {"generator": "icam_med.evaluation.synthetic.LesionSynthesizer on the MNI152 2009 template",
-                 "split": args.split, "seed": args.seed, "label": "present",
-                 "input_spacing_mm": list(spacing), "input_shape": list(synth.shape),
-                 "domain": "non-zero (brain) voxels of each volume"},
-        "model_correct_on_evaluated": n_correct,
-        "elapsed_seconds": round(elapsed, 1),
-        "command": "icam-med evaluate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None,
-    })
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(targets[0], result.summary_csv(), overwrite=args.overwrite)
-    atomic_write_text(targets[1], result.summary_markdown(), overwrite=args.overwrite)
-    atomic_write_text(targets[2], result.rows_csv(), overwrite=args.overwrite)
-    atomic_write_text(targets[3], json.dumps(result.settings, indent=2, default=str) + "\n",
+        def progress(i: int, name: str, model_name: str = cfg.model.name) -> None:
+            echo(f"[{model_name} {i + 1}/{args.n_volumes}] {name}", file=sys.stderr, flush=True)
+
+        t0 = time.perf_counter()
+        result = evaluate(model, volumes(), rows, fractions=fractions,
+                          tolerance_mm=args.tolerance_mm, n_randomisation=n_random,
+                          n_boot=args.n_boot, seed=args.seed, progress=progress)
+        elapsed = time.perf_counter() - t0
+        first = rows[0].label
+        n_correct = sum(1 for r in result.rows if r["method"] == first
+                        and r["predicted"] == r["target"])
+        result.settings.update({
+            "config": str(cfg_path),
+            "model": info.to_dict(),
+            "data": {"generator": "icam_med.evaluation.synthetic.EvalSynthesizer on the MNI152 "
+                                  "2009 template", "split": args.split, "seed": args.seed,
+                     "label": "present", "polarity": "volume i: ('hypo', 'hyper')[i % 2]",
+                     "input_spacing_mm": list(spacing), "input_shape": list(synth.shape)},
+            "model_correct_on_evaluated": n_correct,
+            "elapsed_seconds": round(elapsed, 1),
+            "command": "icam-med evaluate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None,
+        })
+        folder = out / cfg.model.name
+        folder.mkdir(parents=True, exist_ok=True)
+        title = (f"{cfg.model.name} ({args.split} split, {result.settings['n_volumes']} volumes; "
+                 f"model correct on {n_correct})")
+        md = result.summary_markdown(title)
+        for fname, text in (("summary.csv", result.summary_csv()), ("summary.md", md),
+                            ("per_volume.csv", result.rows_csv()),
+                            ("settings.json", json.dumps(result.settings, indent=2, default=str)
+                             + "\n")):
+            atomic_write_text(folder / fname, text, overwrite=args.overwrite)
+        tables.append((cfg.model.name, SummaryTable.from_result(result)))
+        sections.append(md)
+        run_models.append({"name": cfg.model.name, "config": str(cfg_path),
+                           "weights_sha256": info.to_dict().get("weights_sha256"),
+                           "elapsed_seconds": round(elapsed, 1), "model_correct": n_correct})
+        echo(md)
+        echo(f"{cfg.model.name}: model correct on {n_correct}/{result.settings['n_volumes']} "
+             f"volumes; {elapsed:.0f} s")
+
+    ranking = []
+    if any(tables[0][1].labels(("variant",))):
+        ranking = rank_variants(tables)
+    ranking_csv = "rank,label,mean_rank,runtime_ms\n" + "".join(
+        f"{i},\"{r['label']}\",{r['mean_rank']:.4f},{r['runtime_ms']:.1f}\n"
+        for i, r in enumerate(ranking, 1))
+    text = "\n".join(sections)
+    if ranking:
+        text += ("\n### Variants ranked (mean rank over pointing game and counterfactual deletion "
+                 "AUC, dark and bright, every model; ties broken by runtime)\n\n"
+                 + ranking_markdown(ranking))
+    run_settings = {"models": run_models, "split": args.split, "n_volumes": args.n_volumes,
+                    "seed": args.seed, "default_options": default_options,
+                    "variant_bias": bias, "deletion_fractions": list(fractions),
+                    "n_randomisation": n_random, "elapsed_seconds":
+                    round(time.perf_counter() - t_run, 1),
+                    "torch_threads": torch.get_num_threads()}
+    atomic_write_text(out / "summary.md", text, overwrite=args.overwrite)
+    atomic_write_text(out / "ranking.csv", ranking_csv, overwrite=args.overwrite)
+    atomic_write_text(out / "settings.json", json.dumps(run_settings, indent=2) + "\n",
                       overwrite=args.overwrite)
-    echo(result.summary_markdown())
-    echo(f"model correct on {n_correct}/{result.settings['n_volumes']} evaluated volumes; "
-          f"{elapsed:.0f} s")
-    echo(f"wrote {', '.join(str(p) for p in targets)}")
+    if ranking:
+        echo(ranking_markdown(ranking, top=10))
+    echo(f"wrote {out}/ ({', '.join(names)})")
     return 0

@@ -7,14 +7,21 @@ order matters to the perturbation metrics.
 
 Localisation (needs a ground-truth mask)
     :func:`pointing_game`, :func:`energy_inside_mask`.
+    :func:`distractor_hit` (the peak on a structure the model must ignore).
 Faithfulness (needs the model)
-    :func:`perturbation_curve` with :func:`area_under_curve` gives the deletion and
-    insertion AUCs (Petsiuk et al., RISE, 2018); :func:`confidence_change` gives the
-    average drop and the increase in confidence (Chattopadhay et al., Grad-CAM++, 2018).
+    :func:`counterfactual_deletion` (the evaluation's deletion metric): the map's top
+    voxels are replaced by the same voxels of the volume's healthy twin, in fine steps
+    over the first few percent of the volume. :func:`perturbation_curve` with
+    :func:`area_under_curve` gives the classic deletion and insertion AUCs (Petsiuk et
+    al., RISE, 2018) against a blurred or constant baseline; :func:`confidence_change`
+    gives the average drop and the increase in confidence (Chattopadhay et al.,
+    Grad-CAM++, 2018).
 Sanity (needs the model)
-    :func:`randomize_parameters` and :func:`rank_correlation` implement the
-    model-parameter randomisation test (Adebayo et al., 2018): a map that stays the same
-    when the weights are re-initialised does not explain the model.
+    :func:`cascade_groups` and :func:`cascading_randomisation` implement the cascading
+    model-parameter randomisation test of Adebayo et al. (2018), from the top layer down;
+    :func:`randomize_parameters` re-initialises a whole model; :func:`rank_correlation`
+    compares maps. A map that stays the same when the weights are re-initialised does not
+    explain the model.
 Aggregation
     :func:`bootstrap_ci` (percentile bootstrap of the mean).
 
@@ -40,8 +47,13 @@ __all__ = [
     "area_under_curve",
     "blurred_baseline",
     "bootstrap_ci",
+    "cascade_groups",
+    "cascading_randomisation",
     "confidence_change",
     "constant_baseline",
+    "counterfactual_deletion",
+    "deletion_fractions",
+    "distractor_hit",
     "energy_inside_mask",
     "perturbation_curve",
     "pointing_game",
@@ -128,6 +140,27 @@ def energy_inside_mask(saliency: torch.Tensor | np.ndarray, mask: torch.Tensor |
     if total <= 0:
         return 0.0
     return float((s * m).sum()) / total
+
+
+def distractor_hit(saliency: torch.Tensor | np.ndarray, distractor_mask: torch.Tensor | np.ndarray,
+                   spacing: Sequence[float] | None = None, tolerance_mm: float = 0.0) -> float:
+    """Is the map's peak on a distractor (a structure the model must ignore)?
+
+    1.0 when any voxel holding the map's maximum lies within ``tolerance_mm`` of the
+    distractor mask, else 0.0; NaN when the volume has no distractor (nothing to hit).
+    A constant map (its plateau covers everything) hits every distractor.
+    """
+    from scipy import ndimage
+
+    s, m = _spatial(saliency, distractor_mask, name="saliency")
+    if not m.any():
+        return math.nan
+    sp = tuple(float(v) for v in spacing) if spacing is not None else (1.0,) * s.ndim
+    peak = (s == s.max()).cpu().numpy()
+    m_np = m.cpu().numpy()
+    near = (ndimage.distance_transform_edt(~m_np, sampling=sp) <= tolerance_mm + 1e-6
+            if tolerance_mm > 0 else m_np)
+    return float(bool(near[peak].any()))
 
 
 # ----------------------------------------------------------------------------- faithfulness
@@ -275,6 +308,89 @@ def perturbation_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor
     return fr, torch.cat(scores).numpy()
 
 
+def deletion_fractions(max_fraction: float = 0.05, step: float = 0.001) -> tuple[float, ...]:
+    """Evenly spaced deletion fractions ``0, step, ..., max_fraction`` of the volume."""
+    if not 0 < step <= max_fraction <= 1:
+        raise ValueError(f"need 0 < step <= max_fraction <= 1, got step={step}, "
+                         f"max_fraction={max_fraction}.")
+    n = round(max_fraction / step)
+    return tuple(float(v) for v in np.linspace(0.0, n * step, n + 1))
+
+
+@torch.no_grad()
+def counterfactual_deletion(model: nn.Module, x: torch.Tensor, twin: torch.Tensor,
+                            saliency: torch.Tensor, target: int, *,
+                            fractions: Sequence[float] | None = None, score: str = "probability",
+                            batch_size: int = 32, seed: int = 0
+                            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Counterfactual deletion: the map's top voxels are copied from the healthy twin.
+
+    Voxels are taken in order of decreasing saliency (ties in a seeded random order, over
+    the whole volume); at each fraction ``f`` the top ``round(f * n_voxels)`` voxels of
+    ``x`` are replaced by those of ``twin`` (the same scan without the lesion) and the
+    target's score is read. A faithful map removes the lesion first, so the score falls
+    to the twin's at once. Unlike a blurred or constant baseline, the replacement is what
+    the scan would look like without the evidence: no artificial structure is painted.
+
+    Only voxels where ``x`` and ``twin`` differ change anything, so each distinct count of
+    such voxels removed is scored once (a map that removes the lesion in the first step
+    costs two forward passes, not one per fraction).
+
+    Args:
+        model: the classifier (eval mode is used; it is not modified).
+        x: ``(C, *spatial)`` input as the model sees it.
+        twin: ``(C, *spatial)`` the healthy twin, preprocessed the same way.
+        saliency: ``(*spatial)`` map.
+        target: class index whose score is followed.
+        fractions: increasing fractions starting at 0 (default :func:`deletion_fractions`:
+            0 to 5 % in 0.1 % steps).
+        score: ``"probability"`` (softmax of the target) or ``"logit"``.
+        batch_size: perturbed copies per forward pass.
+        seed: tie-breaking seed.
+
+    Returns:
+        ``(fractions, scores, auc)``: ``auc`` is the trapezoid area divided by the last
+        fraction, i.e. the mean score over ``[0, max fraction]`` (lower is better).
+    """
+    fr = np.asarray(deletion_fractions() if fractions is None else fractions, dtype=np.float64)
+    if fr.ndim != 1 or fr.size < 2 or fr[0] != 0 or np.any(np.diff(fr) <= 0) or fr[-1] > 1:
+        raise ValueError("fractions must increase strictly from 0, within [0, 1].")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.as_tensor(x).float().to(device)
+    twin = torch.as_tensor(twin).float().to(device)
+    if twin.shape != x.shape:
+        raise ValueError(f"twin shape {tuple(twin.shape)} differs from the input's {tuple(x.shape)}.")
+    s, _ = _spatial(saliency)
+    s = s.to(device)
+    if tuple(s.shape) != tuple(x.shape[1:]):
+        raise ValueError(f"saliency shape {tuple(s.shape)} does not match the input's spatial "
+                         f"shape {tuple(x.shape[1:])}.")
+    order = saliency_order(s, seed=seed)
+    n = order.numel()
+    counts = np.round(fr * n).astype(np.int64)
+    differs = (x != twin).any(0).reshape(-1)[order]  # in deletion order
+    removed = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
+                         differs.long().cumsum(0)]).cpu().numpy()[counts]
+    unique, inverse = np.unique(removed, return_inverse=True)
+    # For each distinct number of differing voxels removed, the shortest prefix doing it.
+    first_k = [int(counts[np.flatnonzero(removed == u)[0]]) for u in unique]
+    rank = torch.full((s.numel(),), n + 1, dtype=torch.long, device=device)
+    rank[order] = torch.arange(n, device=device)
+    rank = rank.view(1, *s.shape)
+    was_training = model.training
+    model.eval()
+    values = []
+    try:
+        for i in range(0, len(first_k), batch_size):
+            batch = torch.stack([torch.where(rank < k, twin, x) for k in first_k[i:i + batch_size]])
+            values.append(_scores(model, batch, target, score).double().cpu())
+    finally:
+        model.train(was_training)
+    curve = torch.cat(values).numpy()[inverse]
+    auc = area_under_curve(fr, curve) / float(fr[-1]) if fr[-1] > 0 else float(curve[0])
+    return fr, curve, auc
+
+
 def area_under_curve(fractions: Sequence[float], scores: Sequence[float]) -> float:
     """Trapezoid-rule area under a perturbation curve on ``[0, 1]``."""
     f = np.asarray(fractions, dtype=np.float64)
@@ -345,6 +461,69 @@ def randomize_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
                 reset_stats()
     clone.train(model.training)
     return clone
+
+
+def cascade_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """The model's parameter blocks from the output down, for cascading randomisation.
+
+    Known layouts: LesionNet (``head``, ``stages.N-1`` ... ``stages.0``, ``stem``) and
+    MONAI ResNets (``fc``, ``layer4`` ... ``layer1``, ``conv1`` + ``bn1``). Otherwise the
+    top-level children that hold parameters, last first.
+
+    Returns:
+        ``[(label, [module names]), ...]``, the top block first.
+    """
+    children = dict(model.named_children())
+    if {"stem", "stages", "head"} <= children.keys():
+        stages = [f"stages.{name}" for name, _ in children["stages"].named_children()]
+        return [("head", ["head"])] + [(n, [n]) for n in reversed(stages)] + [("stem", ["stem"])]
+    if {"layer1", "fc", "conv1"} <= children.keys():
+        layers = [n for n in ("layer4", "layer3", "layer2", "layer1") if n in children]
+        stem = [n for n in ("conv1", "bn1") if n in children]
+        return [("fc", ["fc"])] + [(n, [n]) for n in layers] + [("stem", stem)]
+    groups = [(name, [name]) for name, mod in children.items()
+              if any(True for _ in mod.parameters())]
+    return list(reversed(groups))
+
+
+def cascading_randomisation(model: nn.Module, groups: Sequence[tuple[str, Sequence[str]]]
+                            | None = None, *, seed: int = 0) -> list[tuple[str, nn.Module]]:
+    """Copies of ``model`` randomised cumulatively from the top block down (Adebayo et al.).
+
+    Copy ``d`` has the top ``d`` blocks of ``groups`` (default :func:`cascade_groups`)
+    re-initialised (``reset_parameters``; normalisation layers also reset their running
+    statistics), the rest as trained. Seeded and reproducible; ``model`` is untouched.
+
+    Returns:
+        ``[(label of the deepest block randomised so far, model copy), ...]``.
+    """
+    groups = cascade_groups(model) if groups is None else list(groups)
+    if not groups:
+        raise ValueError(f"{type(model).__name__}: no parameter blocks to randomise.")
+    modules = dict(model.named_modules())
+    for _, names in groups:
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"cascading randomisation: no module named {missing} in "
+                             f"{type(model).__name__}.")
+    out = []
+    current = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for label, names in groups:
+            current = copy.deepcopy(current)
+            mods = dict(current.named_modules())
+            for name in names:
+                for module in mods[name].modules():
+                    reset = getattr(module, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
+                    reset_stats = getattr(module, "reset_running_stats", None)
+                    if callable(reset_stats):
+                        reset_stats()
+            current.train(model.training)
+            out.append((label, current))
+    return out
 
 
 def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

@@ -1,0 +1,248 @@
+"""Training of the evaluation models on the harder benchmark (:class:`EvalSynthesizer`).
+
+Used by ``scripts/train_eval_models.py``. Deterministic on a CPU: fixed seeds,
+``torch.use_deterministic_algorithms(True)``, a fixed thread count and a fixed data order.
+Training step ``s`` sees volumes ``s * batch_size ... (s + 1) * batch_size - 1`` of the
+``"train"`` split; volume ``i`` has label ``i % 2`` and, when it holds lesions, polarity
+``POLARITIES[(i // 2) % 2]``, so both classes and both polarities are exactly balanced.
+The validation and test splits follow the same rule on their own streams.
+
+Deep supervision (training only, as for the demo model): a 1x1 convolution on the last
+stage's features predicts the lesion mask max-pooled to that grid (distractors are
+negatives). It is discarded after training; the saved model is the plain classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from icam_med.evaluation.synthetic import POLARITIES, EvalSynthesizer, normalise
+
+__all__ = [
+    "atomic_write",
+    "evaluate_split",
+    "fast_normalise",
+    "feature_module",
+    "make_batch",
+    "recalibrate_batchnorm",
+    "train_model",
+    "volume_plan",
+    "weights_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def weights_bytes(state: dict[str, torch.Tensor], info: dict[str, Any]) -> bytes:
+    """A safetensors file whose bytes depend only on the tensors and ``info``.
+
+    The metadata is one key holding sorted JSON (safetensors writes a metadata map in an
+    arbitrary key order, so several keys would make equal weights hash differently).
+    """
+    from safetensors.torch import save
+
+    return save(state, metadata={"icam_med": json.dumps(info, sort_keys=True)})
+
+
+def fast_normalise(image: np.ndarray, intensity_steps: Sequence[Any]) -> np.ndarray:
+    """:func:`normalise`, with a numpy shortcut for the evaluation configs' only step.
+
+    MONAI's ``NormalizeIntensityd(nonzero=True)`` costs about 80 ms per 40x48x48 volume
+    here (MetaTensor dispatch), more than the generator; training draws thousands of
+    volumes. The shortcut computes the same z-score over the non-zero voxels
+    (``tests/test_training.py`` checks it against MONAI); any other steps go through MONAI.
+    """
+    steps = [dict(s) for s in intensity_steps]
+    if steps != [{"name": "NormalizeIntensityd", "nonzero": True}]:
+        return normalise(image, intensity_steps)
+    out = np.asarray(image, dtype=np.float32).copy()
+    nz = out != 0
+    if nz.any():
+        vals = out[nz]
+        sd = float(vals.std())
+        out[nz] = (vals - vals.mean()) / (sd if sd > 0 else 1.0)
+    return out[None]
+
+
+def volume_plan(index: int) -> tuple[int, str | None]:
+    """Label and lesion polarity of volume ``index`` in training and in the accuracy checks."""
+    label = index % 2
+    return label, (POLARITIES[(index // 2) % 2] if label else None)
+
+
+def make_batch(synth: EvalSynthesizer, intensity_steps: Sequence[Any], split: str,
+               indices: Sequence[int] | range
+               ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[str | None]]:
+    """Volumes ``indices`` of ``split`` as a normalised batch.
+
+    Returns:
+        ``(x, labels, masks, polarities)``; masks is a bool ``(N, *spatial)`` array.
+    """
+    images, labels, masks, polarities = [], [], [], []
+    for i in indices:
+        label, polarity = volume_plan(int(i))
+        vol = synth(int(i), split=split, label=label, polarity=polarity, with_twin=False)
+        images.append(fast_normalise(vol.image, intensity_steps))
+        labels.append(vol.label)
+        masks.append(vol.mask)
+        polarities.append(vol.polarity)
+    return (torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long),
+            np.stack(masks), polarities)
+
+
+def feature_module(model: nn.Module) -> nn.Module:
+    """The last feature stage of a LesionNet (``stages[-1]``) or a MONAI ResNet (``layer4``)."""
+    if hasattr(model, "stages"):
+        return model.stages[-1]
+    if hasattr(model, "layer4"):
+        return model.layer4
+    raise ValueError(f"{type(model).__name__}: no 'stages' or 'layer4' to supervise; the "
+                     "evaluation trainer supports LesionNet and MONAI ResNets.")
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Sequence[Any],
+                          *, batches: int = 16, batch_size: int = 16) -> None:
+    """Re-estimate BatchNorm running statistics with the final weights ("precise BN").
+
+    Uses ``batches`` batches of the ``"train"`` split drawn far past the training volumes.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches < 1:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    start = 10_000_000
+    for b in range(batches):
+        x, _, _, _ = make_batch(synth, intensity_steps, "train",
+                                range(start + b * batch_size, start + (b + 1) * batch_size))
+        model(x)
+    for m, mom in zip(norms, saved, strict=True):
+        m.momentum = mom
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Sequence[Any],
+                   split: str, n: int, batch_size: int = 16) -> dict[str, Any]:
+    """Accuracy, specificity, and sensitivity overall and per polarity on ``n`` volumes."""
+    model.eval()
+    preds, labels, pols = [], [], []
+    for start in range(0, n, batch_size):
+        x, y, _, p = make_batch(synth, intensity_steps, split,
+                                range(start, min(n, start + batch_size)))
+        preds.append(model(x).argmax(1))
+        labels.append(y)
+        pols.extend(p)
+    pred, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    pol = np.asarray([p or "" for p in pols])
+
+    def rate(sel: np.ndarray, want: int) -> float | None:
+        return float((pred[sel] == want).mean()) if sel.any() else None
+
+    return {
+        "split": split,
+        "n": int(y.size),
+        "n_present": int((y == 1).sum()),
+        "accuracy": float((pred == y).mean()),
+        "sensitivity": rate(y == 1, 1),
+        "sensitivity_hypo": rate(pol == "hypo", 1),
+        "sensitivity_hyper": rate(pol == "hyper", 1),
+        "n_hypo": int((pol == "hypo").sum()),
+        "n_hyper": int((pol == "hyper").sum()),
+        "specificity": rate(y == 0, 0),
+    }
+
+
+def train_model(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Sequence[Any], *,
+                steps: int, batch_size: int = 16, lr: float = 2e-3, aux_weight: float = 1.0,
+                log_every: int = 0, n_probe: int = 64) -> dict[str, Any]:
+    """Train ``model`` in place (seed and determinism are the caller's) and return a history.
+
+    Returns:
+        ``{"loss_first_25", "loss_last_25", "train_seconds", "probes"}``; ``probes`` lists
+        the validation checks made every ``log_every`` steps on ``n_probe`` volumes.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
+    feats: dict[str, torch.Tensor] = {}
+    aux_head = hook = None
+    if aux_weight > 0:
+        stage = feature_module(model)
+        hook = stage.register_forward_hook(lambda _m, _i, out: feats.__setitem__("last", out))
+        x0 = torch.zeros(1, 1, *synth.shape)
+        model.eval()
+        with torch.no_grad():
+            model(x0)
+        width, ndim = feats["last"].shape[1], feats["last"].ndim
+        feats.clear()
+        aux_head = (nn.Conv3d if ndim == 5 else nn.Conv2d)(width, 1, kernel_size=1)
+    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss()
+    history: list[float] = []
+    probes: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        x, y, masks, _ = make_batch(synth, intensity_steps, "train",
+                                    range(step * batch_size, (step + 1) * batch_size))
+        loss = loss_fn(model(x), y)
+        if aux_head is not None:
+            f = feats.pop("last")
+            target = torch.from_numpy(masks[:, None].astype(np.float32))
+            pool = nn.functional.adaptive_max_pool3d if f.ndim == 5 else \
+                nn.functional.adaptive_max_pool2d
+            loss = loss + aux_weight * nn.functional.binary_cross_entropy_with_logits(
+                aux_head(f), pool(target, f.shape[2:]), pos_weight=torch.tensor(10.0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            log.info("step %d/%d  loss %.4f (mean of last 25: %.4f)  %.0f s", step + 1, steps,
+                     history[-1], float(np.mean(history[-25:])), time.perf_counter() - t0)
+        if log_every and (step + 1) % log_every == 0 and step + 1 < steps:
+            probe = evaluate_split(model, synth, intensity_steps, "validation", n_probe)
+            model.train()
+            probe["step"] = step + 1
+            probes.append(probe)
+            log.info("step %d: validation (%d volumes) accuracy %.3f, sensitivity hypo %.3f "
+                     "hyper %.3f, specificity %.3f", step + 1, n_probe, probe["accuracy"],
+                     probe["sensitivity_hypo"], probe["sensitivity_hyper"], probe["specificity"])
+    if hook is not None:
+        hook.remove()
+    return {"loss_first_25": float(np.mean(history[:25])),
+            "loss_last_25": float(np.mean(history[-25:])),
+            "train_seconds": round(time.perf_counter() - t0, 1), "probes": probes}

@@ -60,6 +60,7 @@ from icam_med.audit import (
 from icam_med.audit.ledger import FolderLock
 from icam_med.audit.phi import identifiers_from_scan, load_site_key
 from icam_med.audit.record import RecordAnalysis
+from icam_med.audit.signing import check_key_outside, load_signing_key, sign_head
 from icam_med.audit.trail import AuditContext
 from icam_med.cam.summary import map_statistics
 from icam_med.config import ICAMConfig, load_config
@@ -617,8 +618,8 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
 
     The steps: check the inputs (folder, config, site key, scan list, weights hash), take
     the folder's lock, :func:`plan_resume`, log ``run-start``, :func:`choose_backend`, run,
-    :func:`commit_outcome` for each scan as it completes, log ``run-end``, rewrite
-    ``summary.csv``.
+    :func:`commit_outcome` for each scan as it completes, log ``run-end``, sign the run's
+    head when a signing key is configured, rewrite ``summary.csv``.
 
     Args:
         inputs: see :func:`collect_scans`.
@@ -638,7 +639,8 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     Raises:
         PermissionError: the output folder cannot be written (checked before any work).
         FileExistsError: another run holds the folder's lock.
-        ValueError / FileNotFoundError: bad config (site key included), weights that differ
+        ValueError / FileNotFoundError: bad config (site or signing key included, or a
+            signing key inside the output folder), weights that differ
             from the config's pin, bad scan list, or a damaged ledger.
     """
     t0 = time.perf_counter()
@@ -651,6 +653,8 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     out = _check_output_folder(Path(out_dir))
     cfg = config if isinstance(config, ICAMConfig) else load_config(config)
     site_key = load_site_key(cfg.audit, base_dir=cfg.path.parent if cfg.path else None)
+    signing_key = load_signing_key(cfg.audit, base_dir=cfg.path.parent if cfg.path else None)
+    check_key_outside(signing_key, out)
     scans = collect_scans(inputs)
     if operator is not None and (not operator.strip() or len(operator) > 64):
         raise ValueError(f"--operator {operator!r}: give a short pseudonymous id (1-64 chars).")
@@ -668,6 +672,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
             "config_sha256": sha256_file(cfg.path) if cfg.path else None,
             "model_weights_sha256": weights_sha, "backend": backend,
             "device": device, "seed": seed, "operator": operator,
+            "signing_key_id": signing_key.key_id if signing_key else None,
         })
         for scan_id, reason in plan.refused.items():
             ledger.log_failure(scan_id, reason, run_id=result.run_id)
@@ -677,9 +682,11 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
                            command="audit", seed=seed, site_key=site_key, lock=lock)
         _commit_all(out, ledger, plan.todo, outcomes, ctx, result, progress)
         result.seconds = time.perf_counter() - t0
-        ledger.append("run-end", run_id=result.run_id, details={
+        end = ledger.append("run-end", run_id=result.run_id, details={
             "n_done": len(result.done), "n_failed": len(result.failed),
             "n_skipped": len(result.skipped), "seconds": round(result.seconds, 3)})
+        if signing_key is not None:  # the run's head, signed (see icam_med.audit.signing)
+            sign_head(out, signing_key, result.run_id, end.seq, end.sha256)
         write_summary(out)
     return result
 

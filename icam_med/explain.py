@@ -29,6 +29,7 @@ import torch
 from icam_med._version import __version__
 from icam_med.audit.hashing import sha256_file
 from icam_med.audit.ledger import FolderLock
+from icam_med.audit.signing import check_key_outside, load_signing_key, sign_head
 from icam_med.audit.trail import (
     AuditContext,
     Provenance,
@@ -315,13 +316,29 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
     # ledger entry: two writers into one folder cannot both pass the checks, and the one
     # refused has written nothing, so its clean-up can never remove the other's outputs.
     held = audit is not None and audit.lock is not None and audit.lock.covers(root)
+    # A write on its own is a run: its head is signed with the site's key, if one is
+    # configured (a batch signs once, at the end of its run).
+    signing_key = None if held else _signing_key(explanation, root)
     with contextlib.nullcontext() if held else FolderLock(root):
         check_before_writing(paths["cam_nifti"], audit, list(paths.values()))
-        return _write_locked(explanation, paths, overwrite, audit)
+        written, entry = _write_locked(explanation, paths, overwrite, audit)
+        if signing_key is not None:
+            sign_head(root, signing_key, entry.run_id, entry.seq, entry.sha256)
+        return written
+
+
+def _signing_key(explanation: Explanation, root: Path) -> Any:
+    """The configured signing key (checked before anything is written), or ``None``."""
+    prov = explanation.provenance
+    if prov is None:
+        return None
+    key = load_signing_key(dict(prov.audit_config), base_dir=prov.config_dir)
+    check_key_outside(key, root)
+    return key
 
 
 def _write_locked(explanation: Explanation, paths: Mapping[str, Path], overwrite: bool,
-                  audit: AuditContext | None) -> list[WrittenFile]:
+                  audit: AuditContext | None) -> tuple[list[WrittenFile], Any]:
     from icam_med.io.writers import write_nifti, write_parametric_map
 
     info = explanation.scan_info
@@ -361,13 +378,14 @@ def _write_locked(explanation: Explanation, paths: Mapping[str, Path], overwrite
                           overwrite=overwrite)
         record(paths["summary"], "summary")
         # Audit seam: the record (listing every file above) and its ledger entry, last.
-        _, _, record_path = record_explanation(explanation, written, paths["cam_nifti"], audit)
+        _, entry, record_path = record_explanation(explanation, written, paths["cam_nifti"],
+                                                   audit)
     except BaseException:
         for w in written:
             w.path.unlink(missing_ok=True)
         raise
     record(record_path, "audit_record")
-    return written
+    return written, entry
 
 
 def explain_scan(

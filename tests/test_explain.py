@@ -89,8 +89,8 @@ def test_explain_nifti_and_layer_maps(tmp_path, prepared):
     image, info = load_volume(scan)
     explanation = explain_volume(image, info, prepared, method="gradcam++", targets="present",
                                  layer_maps=True)
-    assert explanation.result["method"] == "gradcam++"
-    assert explanation.result["target_class"] == 1 and explanation.target_label == "present"
+    assert explanation.result.method == "gradcam++"
+    assert explanation.result.target_class == 1 and explanation.target_label == "present"
     assert explanation.layer_maps
     for m in explanation.layer_maps.values():
         assert tuple(m.shape) == (1, *info.shape)

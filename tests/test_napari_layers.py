@@ -299,7 +299,7 @@ def test_explanation_layers_build_overlay_layer_maps_and_contrast(audit_folder):
     assert fkw["name"] == "s integrative [absent]" and ckw["name"] == "s integrative [present]"
     assert fkw["metadata"][METADATA_KEY]["summary"]["result"]["target_class"] == 0
     assert ckw["metadata"][METADATA_KEY]["summary"]["result"]["target_class"] == 1
-    weights = first.result["layer_weights"]
+    weights = first.result.layer_weights
     for _, kw, _ in layers[1:-2]:
         m = kw["metadata"][METADATA_KEY]
         assert m["layer_weight"] == weights[m["layer"]] and "w=" in kw["name"]

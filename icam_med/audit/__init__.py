@@ -43,12 +43,19 @@ from icam_med.audit.record import (
     voxel_digest,
 )
 from icam_med.audit.schema import load_record_schema, validate_record
+from icam_med.audit.signing import (
+    SIGNATURES_NAME,
+    generate_signing_key,
+    load_public_key,
+    load_signing_key,
+)
 from icam_med.audit.trail import AuditContext, record_explanation
 from icam_med.audit.verify import Problem, VerifyReport, verify_folder
 
 __all__ = [
     "LEDGER_NAME",
     "RECORD_SUFFIX",
+    "SIGNATURES_NAME",
     "AuditContext",
     "AuditRecord",
     "FolderLock",
@@ -66,12 +73,15 @@ __all__ = [
     "check_no_phi",
     "file_ref",
     "find_phi",
+    "generate_signing_key",
     "geometry_summary",
     "hash_uid",
     "identifiers_from_scan",
     "input_from_scan",
     "input_section",
+    "load_public_key",
     "load_record_schema",
+    "load_signing_key",
     "load_site_key",
     "method_section",
     "model_section",

@@ -291,6 +291,13 @@ def _walk(value: Any, where: str) -> Iterable[tuple[str, str | None, Any]]:
         yield where, None, value
 
 
+#: Fixed values of the record and ledger formats (algorithm names, document types): they
+#: come from the tool, not from any input, so an identifier that happens to equal one of
+#: their tokens (a patient ID "256" and "SHA-256") is not taken for a leak.
+_FORMAT_CONSTANTS = frozenset({"SHA-256", "HMAC-SHA256", "Ed25519", "icam-med.audit-record",
+                               "icam-med.ledger-entry/1", "icam-med.ledger-signature/1"})
+
+
 def _needles(identifiers: Iterable[str]) -> list[str]:
     """Lower-cased identifiers to look for: each value, and for a DICOM person name
     (``DOE^JOHN``) also ``doe john`` and each name part; values under 3 characters are too
@@ -355,6 +362,8 @@ def find_phi(value: Any, identifiers: Iterable[str] = ()) -> list[str]:
                 found.append(f"{loc}: an absolute file path")
         else:
             continue
+        if text in _FORMAT_CONSTANTS:
+            continue  # written by the tool itself, never from an input
         if pattern is not None and pattern.search(text):
             found.append(f"{loc}: contains a known patient identifier")
     return found

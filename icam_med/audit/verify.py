@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from icam_med.audit.hashing import ZERO_HASH, sha256_file
 from icam_med.audit.ledger import LEDGER_NAME, LedgerEntry
@@ -21,6 +22,7 @@ from icam_med.audit.record import (
     resolve_inside,
 )
 from icam_med.audit.schema import LedgerError
+from icam_med.audit.signing import SIGNATURES_NAME, read_signatures
 
 __all__ = ["Problem", "VerifyReport", "resolve_inside", "verify_folder"]
 
@@ -33,7 +35,8 @@ class Problem:
         line: the ledger line (1-based), ``None`` for folder-level problems.
         message: what is wrong.
         kind: ``"ledger"`` (the chain itself), ``"outputs"`` (a logged scan's record or
-            outputs changed or missing) or ``"unlogged"`` (a record no entry names).
+            outputs changed or missing), ``"unlogged"`` (a record no entry names) or
+            ``"signature"`` (a run's signed head is missing or does not verify).
         scan_id: the scan concerned, for ``"outputs"`` problems.
     """
 
@@ -58,6 +61,9 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     verified_scans: dict[str, int] = field(default_factory=dict)
     head_sha256: str | None = None
+    signed_runs: list[str] = field(default_factory=list)
+    unsigned_runs: list[str] = field(default_factory=list)
+    signatures_checked: bool = False
 
     @property
     def ok(self) -> bool:
@@ -72,9 +78,57 @@ class VerifyReport:
         if self.ok:
             return (f"OK {self.folder}: {self.n_entries} ledger entries chained, "
                     f"{self.n_scans} scan record(s), {self.n_failures} failure(s) logged, "
-                    f"{self.n_files} file(s) re-hashed; head {self.head_sha256}")
+                    f"{self.n_files} file(s) re-hashed; head {self.head_sha256}; "
+                    f"{self.signature_line()}")
         more = f" (+{len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else ""
         return f"BROKEN {self.folder}: {self.first_problem}{more}"
+
+
+    def signature_line(self) -> str:
+        """How many runs carry a signed head, and whether signatures were checked."""
+        n_signed, n_unsigned = len(self.signed_runs), len(self.unsigned_runs)
+        text = f"run(s): {n_signed} signed, {n_unsigned} unsigned"
+        if n_unsigned:
+            text += f" ({', '.join(self.unsigned_runs[:5])}{', ...' if n_unsigned > 5 else ''})"
+        if not self.signatures_checked:
+            text += " (signatures not checked: give --public-key)"
+        return text
+
+
+def _check_signatures(root: Path, report: VerifyReport, heads: dict[str, LedgerEntry],
+                      by_seq: dict[int, LedgerEntry], public_key: Any) -> None:
+    """Match ``ledger.sig.jsonl`` to the runs' heads; with a key, check every signature and
+    require one per run."""
+    sigs, bad = read_signatures(root)
+    for line, what in bad:
+        report.problems.append(Problem(None, f"{SIGNATURES_NAME} line {line}: {what}",
+                                       "signature"))
+    signed: set[str] = set()
+    for sig in sigs:
+        entry = by_seq.get(sig.seq)
+        if entry is None or entry.sha256 != sig.entry_sha256 or entry.run_id != sig.run_id:
+            report.problems.append(Problem(
+                None, f"{SIGNATURES_NAME} line {sig.line}: signs entry {sig.seq} of run "
+                      f"{sig.run_id}, which the ledger does not hold (rewritten ledger?)",
+                "signature"))
+            continue
+        if public_key is not None and not sig.valid_for(public_key):
+            report.problems.append(Problem(
+                None, f"{SIGNATURES_NAME} line {sig.line}: the signature of run {sig.run_id} "
+                      "does not verify with the given public key", "signature"))
+            continue
+        if heads.get(sig.run_id) is not None and heads[sig.run_id].seq == sig.seq:
+            signed.add(sig.run_id)
+    report.signed_runs = [r for r in heads if r in signed]
+    report.unsigned_runs = [r for r in heads if r not in signed]
+    report.signatures_checked = public_key is not None
+    if public_key is not None:
+        for rid in report.unsigned_runs:
+            report.problems.append(Problem(
+                heads[rid].line, f"run {rid} (entries up to {heads[rid].seq}) has no valid "
+                                 "signature of its head by the given key: it was written "
+                                 "without the site key, interrupted, or rewritten",
+                "signature"))
 
 
 def _check_file(root: Path, ref: OutputRef | None, what: str) -> str | None:
@@ -123,7 +177,7 @@ def _check_record(root: Path, entry: LedgerEntry) -> list[str]:
 
 
 def verify_folder(folder: str | Path, *, check_files: bool = True,
-                  anchor: str | None = None) -> VerifyReport:
+                  anchor: str | None = None, public_key: Any = None) -> VerifyReport:
     """Verify an output folder.
 
     Args:
@@ -131,6 +185,9 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
         check_files: re-hash outputs and records (``False``: the chain only).
         anchor: an ``entry_sha256`` kept outside the folder (an earlier ``head``); it must
             be one of the chain's entries, else the ledger was rewritten or truncated.
+        public_key: the site's Ed25519 public key (see :mod:`icam_med.audit.signing`):
+            every run must then carry a valid signature of its head by it; without it, runs
+            are only counted as signed or unsigned.
 
     Returns:
         A report; ``report.ok`` is true when everything holds, and ``report.head_sha256``
@@ -163,6 +220,8 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
         report.problems.append(Problem(len(lines), "the last line is incomplete (torn write)"))
         lines.pop()
     prev: str | None = ZERO_HASH
+    heads: dict[str, LedgerEntry] = {}
+    by_seq: dict[int, LedgerEntry] = {}
     referenced: set[str] = set()
     seen_hashes: set[str] = set()
     for i, raw in enumerate(lines, start=1):
@@ -185,6 +244,8 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
                 i, f"entry {seq} does not chain to the entry before it (removed or reordered)"))
         prev = entry.sha256
         report.head_sha256 = prev
+        heads[entry.run_id] = entry  # a run's last entry is its head
+        by_seq.setdefault(entry.seq, entry)
         if entry.hash_ok():
             seen_hashes.add(prev)
         if entry.kind == "scan":
@@ -201,6 +262,7 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
                     report.verified_scans[entry.scan_id] = seq
         elif entry.kind == "failure":
             report.n_failures += 1
+    _check_signatures(root, report, heads, by_seq, public_key)
     if anchor is not None and anchor.lower() not in seen_hashes:
         report.problems.append(Problem(
             None, f"anchor {anchor} is not in the ledger: it was rewritten or truncated"))

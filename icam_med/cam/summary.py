@@ -89,15 +89,6 @@ class CAMSummary:
         d["predicted_class"] = self.predicted_class
         return d
 
-    # Read access by key, for callers written against the former summary dict (the napari
-    # widget); new code reads the attributes.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """``self.to_dict().get(key, default)``."""
-        return self.to_dict().get(key, default)
-
 
 @dataclass(frozen=True)
 class MapStatistics:

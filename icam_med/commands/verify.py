@@ -8,7 +8,8 @@ import sys
 from icam_med.commands import _args
 from icam_med.commands._output import echo
 
-HELP = "verify an output folder: every map, record and the hash-chained ledger"
+HELP = ("verify an output folder: every map, record, the hash-chained ledger and (with "
+        "--public-key) every run's signed head")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,14 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor", metavar="SHA256", type=_args.sha256_hex,
                         help="a head hash printed by an earlier verify and kept elsewhere: "
                              "it must still be in the chain")
+    parser.add_argument("--public-key", metavar="PEM",
+                        help="the site's Ed25519 public key: every run must carry a valid "
+                             "signature of its ledger head by it (unsigned runs fail)")
     parser.add_argument("--all", action="store_true",
                         help="list every problem found, not only the first")
 
 
 def run(args: argparse.Namespace) -> int:
     from icam_med.audit import verify_folder
+    from icam_med.audit.signing import load_public_key
 
-    report = verify_folder(args.folder, check_files=not args.chain_only, anchor=args.anchor)
+    public_key = load_public_key(args.public_key) if args.public_key else None
+    report = verify_folder(args.folder, check_files=not args.chain_only, anchor=args.anchor,
+                           public_key=public_key)
     if report.ok:
         echo(report.summary())
         return 0

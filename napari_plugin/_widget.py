@@ -89,16 +89,18 @@ def method_options_accepted(method: str) -> dict[str, Any]:
     return found
 
 
-def engine_choice_options() -> dict[str, tuple[str, ...]]:
-    """Engine option -> its allowed values, from the registries ``icam_med.cam`` exports.
+def engine_choice_options() -> dict[str, dict[str, str]]:
+    """Engine option -> {allowed value: its meaning}, from the registries of ``icam_med.cam``.
 
     A registry is an upper-case name in ``icam_med.cam.__all__`` bound to a mapping or a
-    sequence of strings; it is offered when some method takes the option it names.
+    sequence of strings; it is offered when some method takes the option it names. A
+    mapping's string values (``LAYER_WEIGHTINGS["net"]``: what it computes) are the
+    meanings shown as the drop-down items' tooltips; otherwise the meaning is ``""``.
     """
     accepted: set[str] = set()
     for method in _engine.METHODS:
         accepted.update(method_options_accepted(method))
-    options: dict[str, tuple[str, ...]] = {}
+    options: dict[str, dict[str, str]] = {}
     for name in getattr(_engine, "__all__", ()):
         if not name.isupper() or name in _NOT_OPTIONS:
             continue
@@ -115,7 +117,9 @@ def engine_choice_options() -> dict[str, tuple[str, ...]]:
         option = _OPTION_OF_REGISTRY.get(name, name.lower()[:-1] if name.endswith("S")
                                          else name.lower())
         if option in accepted:
-            options[option] = values
+            meanings = registry if isinstance(registry, Mapping) else {}
+            options[option] = {v: meanings[v] if isinstance(meanings.get(v), str) else ""
+                               for v in values}
     return options
 
 
@@ -326,10 +330,17 @@ class ExplainWidget(Container):
             default = defaults.get(option)
             if default not in values:
                 default = choices[0][1]
-            self.engine_options[option] = ComboBox(
+            box = ComboBox(
                 label=option.replace("_", " "), choices=choices, value=default,
                 tooltip=f"engine option '{option}' (icam_med.cam); '{_METHOD_DEFAULT}' leaves "
-                        "it to the method")
+                        "it to the method; hover an item for what it does")
+            from qtpy.QtCore import Qt
+
+            for i in range(box.native.count()):  # each value's meaning, from the registry
+                meaning = values.get(box.native.itemText(i), "")
+                if meaning:
+                    box.native.setItemData(i, meaning, Qt.ItemDataRole.ToolTipRole)
+            self.engine_options[option] = box
         self.bias_weight = FloatSpinBox(label="bias weight", value=1.0, min=0.0, max=10.0,
                                         step=0.1)
         self.device = ComboBox(label="device", choices=_devices(), value="cpu")

@@ -340,6 +340,13 @@ def test_choices_come_from_the_engine_registries(make_napari_viewer, scan, tmp_p
     assert tuple(boxes["alpha_fn"].choices) == tuple(cam.ALPHA_FUNCTIONS)
     assert tuple(boxes["bias_mode"].choices) == tuple(cam.BIAS_MODES)
     assert tuple(boxes["layer_weighting"].choices) == (None, *cam.LAYER_WEIGHTINGS)
+    # a registry's meanings are the items' tooltips
+    from qtpy.QtCore import Qt
+
+    native = boxes["layer_weighting"].native
+    tips = {native.itemText(i): native.itemData(i, Qt.ItemDataRole.ToolTipRole)
+            for i in range(native.count())}
+    assert tips["uniform"] == cam.LAYER_WEIGHTINGS["uniform"]
     # the packaged configs, demo first, found through importlib.resources
     assert list(widget.config.choices)[:-1] == [str(p) for p in packaged_configs()]
     # Grad-CAM takes no alpha and no bias term by default: the widget passes neither

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from icam_med._version import __version__
@@ -70,11 +71,47 @@ def _one_line(exc: BaseException) -> str:
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError)
 
 
+# Library messages that quote a DICOM header value (pydicom's "Invalid value for VR DA:
+# '19800231'", highdicom's remark on a one-word Patient's Name): the value may identify the
+# patient, so the terminal gets the fact without the value.
+_QUOTES_HEADER_VALUES = re.compile(r"Invalid value for VR|intended person name|potentially invalid")
+_WITHHELD = "a DICOM header value does not conform to its value representation (value withheld)"
+
+
+class _WithholdHeaderValues(logging.Filter):
+    """Rewrites log records (Python warnings included) that quote header values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _QUOTES_HEADER_VALUES.search(str(record.msg)) or any(
+                _QUOTES_HEADER_VALUES.search(str(a)) for a in (record.args or ())
+                if isinstance(a, str)):
+            record.msg, record.args = _WITHHELD, ()
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # One stderr handler for this run: library log records and Python warnings both pass
+    # through it, and through the filter that withholds quoted header values.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_WithholdHeaderValues())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    try:
+        return _dispatch(parser, args)
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -705,6 +705,30 @@ def test_one_word_patient_name_is_not_logged(tmp_path, caplog):
     assert "Kowalczyk" not in caplog.text
 
 
+def test_header_values_never_reach_the_terminal(tmp_path):
+    """A one-word name and invalid date/sex values: libraries quote them in warnings; the
+    terminal of a real `icam-med explain` run shows none of them, and the map is written."""
+    folder = _series(tmp_path, volume=blob_volume((8, 10, 12)), modality="CT",
+                     patient_name="Kowalczyk", patient_birth_date="19801332")
+    edit_series(folder, lambda ds, k: setattr(ds, "PatientSex", "x"))
+    cfg = write_tiny_config(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "icam_med", "explain", str(folder), "--config",
+                           str(cfg), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    terminal = proc.stdout + proc.stderr
+    for value in ("Kowalczyk", "19801332"):
+        assert value not in terminal, terminal
+    assert "Traceback" not in terminal
+    pm = next(p for p in (tmp_path / "o").iterdir() if p.suffix == ".dcm")
+    ds = pydicom.dcmread(pm)
+    assert ds.PatientBirthDate == "" and ds.PatientSex == ""
+    assert str(ds.PatientName) == "Kowalczyk"  # the DICOM object keeps its patient, as it must
+    # the source files are untouched by the writer
+    src = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+    assert src["PatientBirthDate"].value == "19801332"
+
+
 def test_explain_cli_on_a_deidentified_series(tmp_path, capsys):
     from icam_med import cli
 

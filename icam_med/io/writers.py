@@ -19,10 +19,12 @@ No output path is ever built from a DICOM tag value.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,20 +161,46 @@ _WHOLE_BODY = ("38266002", "Entire body")
 
 
 def _deidentified_safe(datasets: list[Any]) -> list[Any]:
-    """Copies of the source headers with missing Type 2 patient/study attributes empty and
-    a Patient's Sex outside DICOM's enumeration (M, F, O) emptied (the originals are kept)."""
-    import copy
+    """Copies of the source headers with missing Type 2 patient/study attributes empty, and
+    an invalid birth date, study date/time or a Patient's Sex outside DICOM's enumeration
+    (M, F, O) emptied. The originals are never changed (new element objects replace the
+    shared ones), and values are never logged."""
+    import pydicom
+    from pydicom.valuerep import DA, TM
 
-    out = []
+    def replace(d: Any, keyword: str, value: str) -> None:
+        if keyword in d:
+            del d[keyword]  # drop the element shared with the original, then add a new one
+        setattr(d, keyword, value)
+
+    out, warned = [], set()
     for ds in datasets:
-        d = copy.copy(ds)  # shallow: only top-level attributes are replaced
+        # A new top-level mapping of the same (raw, undecoded) elements: replacing one below
+        # never touches the original; nested sequences stay shared and are only read.
+        # (``ds.keys()``: iterating a Dataset itself would decode every element)
+        d = pydicom.Dataset({tag: ds.get_item(tag) for tag in ds.keys()})  # noqa: SIM118
+        if hasattr(ds, "file_meta"):
+            d.file_meta = ds.file_meta
         for keyword in _TYPE2_FROM_SOURCE:
             if keyword not in d or d.get(keyword) is None:
-                setattr(d, keyword, "")
-        if str(d.PatientSex or "").upper() not in {"M", "F", "O", ""}:
-            d.PatientSex = ""
-        elif d.PatientSex:
-            d.PatientSex = str(d.PatientSex).upper()
+                replace(d, keyword, "")
+        for keyword, parse in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+            value = d.get(keyword)
+            if not value:
+                continue
+            try:
+                parse(str(value))
+            except (ValueError, TypeError):
+                if keyword not in warned:
+                    log.warning("source %s is not a valid DICOM %s; written empty in the map "
+                                "(value withheld)", keyword, parse.__name__)
+                    warned.add(keyword)
+                replace(d, keyword, "")
+        sex = str(d.get("PatientSex") or "")
+        if sex.upper() not in {"M", "F", "O", ""}:
+            replace(d, "PatientSex", "")
+        elif sex != sex.upper():
+            replace(d, "PatientSex", sex.upper())
         out.append(d)
     return out
 
@@ -297,11 +325,34 @@ def _frames_ascending(pm: Any) -> None:
             fg.FrameContentSequence[0].DimensionIndexValues = values if len(values) > 1 else rank
 
 
-class _NoHeaderValues:
-    """A logging filter dropping highdicom's warnings that quote header values (a name)."""
+# Library messages that quote a header value (a name, a birth date...): withheld.
+_QUOTES_VALUES = ("Invalid value for VR", "intended person name", "patient_name",
+                  "potentially invalid")
 
-    def filter(self, record: Any) -> bool:
-        return "patient_name" not in str(record.msg)
+
+class _NoHeaderValues(logging.Filter):
+    """A logging filter dropping pydicom's and highdicom's messages that quote header values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not any(q in text for q in _QUOTES_VALUES)
+
+
+@contextlib.contextmanager
+def _header_values_withheld() -> Iterator[None]:
+    """No warning or log record quoting a header value reaches a terminal meanwhile."""
+    quiet = _NoHeaderValues()
+    loggers = [logging.getLogger(name) for name in ("pydicom", "highdicom", "highdicom.base")]
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            for q in _QUOTES_VALUES:
+                warnings.filterwarnings("ignore", message=f".*{q}.*")
+            yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)
 
 
 def write_parametric_map(
@@ -349,7 +400,8 @@ def write_parametric_map(
             f"the map (shape {data.shape}) is not on the source grid {tuple(scan_info.shape)}; "
             "invert the preprocessing first."
         )
-    sources = _deidentified_safe(scan_info.source_datasets())
+    with _header_values_withheld():
+        sources = _deidentified_safe(scan_info.source_datasets())
     if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         src = sources[0]
         if "PerFrameFunctionalGroupsSequence" not in src or not any(
@@ -392,15 +444,8 @@ def write_parametric_map(
         software_versions=__version__,
         contribution_description=description,
     )
-    quiet = _NoHeaderValues()
-    hd_logs = [logging.getLogger(name) for name in ("highdicom", "highdicom.base")]
-    for lg in hd_logs:
-        lg.addFilter(quiet)
-    try:
+    with _header_values_withheld():  # highdicom quotes e.g. an unusual Patient's Name
         pm = _parametric_map(hd, sources, frames, rwvm, equipment, method, int(series_number))
-    finally:
-        for lg in hd_logs:
-            lg.removeFilter(quiet)
     pm.SeriesDescription = _truncate(series_description, 64)
     if "ContentCreatorName" not in pm:
         pm.ContentCreatorName = ""  # Type 2 in Content Identification: present, empty
@@ -418,7 +463,8 @@ def write_parametric_map(
     import io
 
     buf = io.BytesIO()
-    pm.save_as(buf, enforce_file_format=True)
+    with _header_values_withheld():
+        pm.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(p, buf.getvalue(), overwrite=overwrite)
     log.info("wrote DICOM Parametric Map %s (%d frames)", p, frames.shape[0])
     return p

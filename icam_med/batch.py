@@ -264,10 +264,38 @@ def _run_local(task: WorkerTask, scans: Sequence[ScanSpec]) -> Iterator[ScanOutc
         yield explain_task(task, spec)
 
 
-def _set_threads(n: int) -> None:
+def _die_with(parent: int) -> None:
+    """End this worker process when ``parent`` (its coordinator) dies, even by SIGKILL.
+
+    On Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); on every
+    system a daemon thread also checks once a second that the parent is still there.
+    """
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="icam-med-parent-watch", daemon=True).start()
+
+
+def _init_worker(threads: int, parent: int) -> None:
     import torch
 
-    torch.set_num_threads(n)
+    _die_with(parent)
+    torch.set_num_threads(threads)
 
 
 def _lost(spec: ScanSpec, exc: BaseException) -> ScanOutcome:
@@ -282,8 +310,10 @@ def _run_processes(task: WorkerTask, scans: Sequence[ScanSpec],
 
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads
     threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscription of the cores
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
-                             initargs=(threads,)) as pool:
+    # Workers die with this process (even when it is killed), so a killed run leaves no
+    # orphans behind.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads, os.getpid())) as pool:
         futures = {pool.submit(explain_task, task, s): s for s in scans}
         try:
             for fut in as_completed(futures):

@@ -7,12 +7,16 @@ reported, never trusted; a rebuilt chain is caught by the site's signature.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing as mp
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -478,3 +482,50 @@ def test_signature_file_damage_is_reported(ws, tmp_path, site_key):
     report = verify_folder(out, public_key=load_public_key(public))
     assert any(f"{SIGNATURES_NAME} line 2" in p.message for p in report.problems)
     assert report.signed_runs  # the intact signature still counts
+
+
+# -- SIGKILL of a coordinator with --workers 2: no orphans ---------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids |= {int(x) for x in (task / "children").read_text().split()}
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_killed_coordinator_leaves_no_worker_processes(ws, tmp_path):
+    scans = [_scan(tmp_path / "many" / f"case{i:02d}.nii.gz", i) for i in range(12)]
+    assert len(scans) == 12
+    for round_ in range(10):
+        out = tmp_path / f"audit{round_}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "icam_med", "audit", str(tmp_path / "many"), "--config",
+             str(ws["config"]), "--out", str(out), "--workers", "2", "--no-progress",
+             "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        workers: set[int] = set()
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                workers = {k for k in _children(proc.pid) if _alive(k)}
+                if len(workers) >= 2:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None and len(workers) >= 2, "no workers to orphan"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], f"round {round_}: orphans {workers}"

@@ -9,12 +9,20 @@
   unpickling.
 * The weights' SHA-256 is computed on every load and, where the config gives one,
   checked before anything is imported, built or parsed: a mismatch is refused.
+* Checkpoints in the common wrappings load: a state dict under ``state_dict``, ``model``
+  or ``network`` (MONAI's ``CheckpointSaver``, Lightning, training scripts), with the
+  ``module.`` (DataParallel/DDP), ``model.`` (Lightning) or ``_orig_mod.``
+  (``torch.compile``) prefix stripped when the architecture's own keys lack it. What was
+  unwrapped is recorded (:attr:`ModelInfo.weights_unwrapped`).
+* TorchScript archives are refused with the reason (CAM hooks need the eager module) and
+  the fix (the architecture plus a state dict).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +34,8 @@ from torch import nn
 from icam_med.audit.hashing import sha256_file
 from icam_med.config import ModelConfig, check_architecture_allowed
 
-__all__ = ["ModelInfo", "build_architecture", "check_input_contract", "load_model"]
+__all__ = ["ModelInfo", "build_architecture", "check_input_contract", "load_model",
+           "unwrap_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +58,16 @@ class ModelInfo:
     spatial_size: tuple[int, ...] | None
     dtype: str
     n_parameters: int
+    #: How the state dict was found in the file, in order: ``"key:state_dict"`` (taken from
+    #: that key of a checkpoint mapping), ``"prefix:module."`` (prefix stripped). Empty
+    #: for a bare state dict.
+    weights_unwrapped: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = list(self.labels)
         d["spatial_size"] = list(self.spatial_size) if self.spatial_size else None
+        d["weights_unwrapped"] = list(self.weights_unwrapped)
         return d
 
 
@@ -112,12 +126,38 @@ def build_architecture(architecture: str, args: dict[str, Any] | None = None) ->
         ) from exc
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+_WRAPPER_KEYS = ("state_dict", "model", "network")
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+_TORCHSCRIPT_FIX = (
+    "CAM methods hook the layers of the eager nn.Module, and a TorchScript archive has none "
+    "to hook. Give the architecture instead ('model.architecture' + 'model.args', or a MONAI "
+    "bundle's network_def) and a state dict of the same network: in Python, "
+    "torch.save(torch.jit.load(path).state_dict(), 'weights.pt') or "
+    "safetensors.torch.save_file(...) writes one."
+)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """True for a TorchScript archive (a zip with ``constants.pkl`` and a ``code/`` folder)."""
+    if path.suffix.lower() in {".ts", ".torchscript", ".jit"}:
+        return True
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _read_state_dict(path: Path) -> tuple[Any, str]:
+    """The file's content (a state dict or a checkpoint mapping holding one) and its format."""
     suffix = path.suffix.lower()
     if suffix in _SAFE_SUFFIXES:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu"), "safetensors"
+    if _is_torchscript(path):
+        raise ValueError(f"weights file {path} is a TorchScript archive. {_TORCHSCRIPT_FIX}")
     if suffix in _STATE_DICT_SUFFIXES:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -127,15 +167,83 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
                 f"weights_only=True ({exc}). Convert it to .safetensors; full unpickling "
                 "of untrusted files is never done."
             ) from exc
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"weights file {path} does not hold a state dict of tensors.")
         return state, "torch-state-dict"
     raise ValueError(
         f"weights file {path} has suffix '{suffix}'; expected .safetensors (preferred) or a "
-        ".pt/.pth state dict."
+        ".pt/.pth state dict (a bare one, or a checkpoint holding it under 'state_dict', "
+        "'model' or 'network')."
     )
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def unwrap_state_dict(obj: Any, expected_keys: set[str] | list[str],
+                      source: str = "weights") -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """Find the state dict in a checkpoint and strip wrapper prefixes from its keys.
+
+    A checkpoint mapping is entered through its ``state_dict``, ``model`` or ``network``
+    key (repeatedly: ``{"model": {"state_dict": ...}}``). A key prefix ``module.``,
+    ``model.`` or ``_orig_mod.`` is removed (with torch's
+    ``consume_prefix_in_state_dict_if_present``) only when every key carries it and
+    removing it makes more keys match the architecture's own (``expected_keys``), so a
+    network whose attribute is itself called ``model`` (MONAI's UNet) keeps its keys.
+
+    Returns:
+        The state dict and the steps taken (``"key:<name>"``, ``"prefix:<prefix>"``).
+
+    Raises:
+        ValueError: no state dict of tensors is found; the message lists the keys seen.
+    """
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    steps: list[str] = []
+    state = obj
+    for _ in range(4):
+        if _is_state_dict(state):
+            break
+        key = next((k for k in _WRAPPER_KEYS if isinstance(state, Mapping)
+                    and isinstance(state.get(k), Mapping)), None)
+        if key is None:
+            break
+        steps.append(f"key:{key}")
+        state = state[key]
+    if not _is_state_dict(state):
+        seen = (sorted(str(k) for k in state)[:12] if isinstance(state, Mapping)
+                else type(state).__name__)
+        raise ValueError(
+            f"{source} does not hold a state dict of tensors (found {seen}"
+            + (f" after unwrapping {steps}" if steps else "") + "). Expected a bare state dict "
+            "or a checkpoint with it under 'state_dict', 'model' or 'network'; save "
+            "model.state_dict() instead."
+        )
+    state = dict(state)
+    expected = set(expected_keys)
+
+    def fit(keys: Any) -> int:
+        return len(set(keys) & expected)
+
+    # The shortest sequence of wrapper prefixes whose removal fits the architecture best
+    # (with no architecture keys given: every prefix all keys carry).
+    best: tuple[int, tuple[str, ...]] = (fit(state), ())
+    frontier: list[tuple[list[str], tuple[str, ...]]] = [(list(state), ())]
+    for _ in range(4):
+        nxt = []
+        for keys, seq in frontier:
+            for prefix in _PREFIXES:
+                if keys and all(k.startswith(prefix) for k in keys):
+                    stripped = [k[len(prefix):] for k in keys]
+                    nxt.append((stripped, (*seq, prefix)))
+                    score = fit(stripped) if expected else len(seq) + 1
+                    if score > best[0]:
+                        best = (score, (*seq, prefix))
+        frontier = nxt
+    for prefix in best[1]:
+        consume_prefix_in_state_dict_if_present(state, prefix)
+        steps.append(f"prefix:{prefix}")
+    return state, tuple(steps)
 
 
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
@@ -150,6 +258,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
     # build and parse. Nothing is imported or built for weights that are not the pinned ones.
     check_architecture_allowed(cfg.architecture)
     sha = fmt = wfile = None
+    unwrapped: tuple[str, ...] = ()
     path = None
     if cfg.weights is not None:
         path = Path(cfg.weights)
@@ -166,7 +275,11 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
             )
     model = build_architecture(cfg.architecture, cfg.args)
     if path is not None:
-        state, fmt = _read_state_dict(path)
+        raw, fmt = _read_state_dict(path)
+        state, unwrapped = unwrap_state_dict(raw, model.state_dict().keys(),
+                                             source=f"weights file {path}")
+        if unwrapped:
+            log.info("weights file %s: state dict unwrapped (%s)", path.name, ", ".join(unwrapped))
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -191,6 +304,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
         spatial_size=cfg.spatial_size,
         dtype=cfg.dtype,
         n_parameters=sum(p.numel() for p in model.parameters()),
+        weights_unwrapped=unwrapped,
     )
     return model, info
 

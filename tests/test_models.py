@@ -154,3 +154,69 @@ def test_input_contract(trained):
         check_input_contract(info, (2, 8, 8, 8), source="scan.nii.gz")
     with pytest.raises(ValueError, match=r"spatial size after preprocessing is \(8, 8, 9\)"):
         check_input_contract(info, (1, 8, 8, 9))
+
+
+@pytest.mark.parametrize(("wrap", "steps"), [
+    (lambda sd: {"state_dict": sd, "epoch": 3}, ("key:state_dict",)),
+    (lambda sd: {"model": sd, "optimizer": {"lr": torch.tensor(0.1)}}, ("key:model",)),
+    (lambda sd: {"network": sd}, ("key:network",)),
+    (lambda sd: {f"module.{k}": v for k, v in sd.items()}, ("prefix:module.",)),
+    # Lightning: the LightningModule's attribute `model`, under `state_dict`.
+    (lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "global_step": 7},
+     ("key:state_dict", "prefix:model.")),
+    # DataParallel around a Lightning-style wrapper, inside {"model": {"state_dict": ...}}.
+    (lambda sd: {"model": {"state_dict": {f"module.model.{k}": v for k, v in sd.items()}}},
+     ("key:model", "key:state_dict", "prefix:module.", "prefix:model.")),
+])
+def test_checkpoint_wrappings_are_unwrapped_and_recorded(trained, tmp_path, wrap, steps):
+    net, _ = trained
+    pt = tmp_path / "ckpt.pth"
+    torch.save(wrap(net.state_dict()), pt)
+    model, info = load_model(_cfg(pt))
+    assert info.weights_unwrapped == steps
+    assert info.to_dict()["weights_unwrapped"] == list(steps)
+    x = torch.randn(1, 1, 8, 8, 8)
+    net.eval()
+    torch.testing.assert_close(model(x), net(x))
+
+
+def test_safetensors_with_module_prefix(trained, tmp_path):
+    net, _ = trained
+    path = tmp_path / "dp.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    model, info = load_model(_cfg(path))
+    assert info.weights_unwrapped == ("prefix:module.",) and info.weights_format == "safetensors"
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+
+
+def test_prefix_kept_when_the_architecture_has_it():
+    """A network whose own attribute is `model` keeps its keys."""
+    from icam_med.models import unwrap_state_dict
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Conv3d(1, 2, 3)
+
+    w = Wrapper()
+    sd, steps = unwrap_state_dict({"state_dict": w.state_dict()}, w.state_dict().keys())
+    assert steps == ("key:state_dict",) and set(sd) == set(w.state_dict())
+
+
+def test_checkpoint_without_a_state_dict_names_what_it_found(tmp_path):
+    pt = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "weights": {"a": torch.zeros(1)}, "lr": 0.1}, pt)
+    with pytest.raises(ValueError, match=r"does not hold a state dict.*'epoch'.*'weights'"):
+        load_model(_cfg(pt))
+
+
+def test_torchscript_is_refused_with_the_reason_and_the_fix(trained, tmp_path):
+    net, _ = trained
+    scripted = torch.jit.trace(net.eval(), torch.zeros(1, 1, 8, 8, 8))
+    for name in ("model.pt", "model.ts"):
+        path = tmp_path / name
+        torch.jit.save(scripted, str(path))
+        with pytest.raises(ValueError, match=r"TorchScript archive.*hooks? the layers of the eager"
+                                             r".*state_dict\(\)"):
+            load_model(_cfg(path))

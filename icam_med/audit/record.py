@@ -227,6 +227,7 @@ def model_section(info: ModelInfo) -> dict[str, Any]:
         "weights_file": Path(info.weights_file).name if info.weights_file else None,
         "weights_sha256": info.weights_sha256,
         "weights_format": info.weights_format,
+        "weights_unwrapped": list(getattr(info, "weights_unwrapped", ())),
         "labels": list(info.labels),
         "n_parameters": int(info.n_parameters),
         "input_contract": {

@@ -15,6 +15,11 @@ napari's axis order (z, y, x)**: world axis 0 = S (superior), 1 = P (posterior),
 usual radiological orientation (patient's left on the screen's right, anterior up), and
 any two layers built from grids of the same scanner space overlay exactly, in 2D slices
 along any axis and in 3D.
+
+Every layer names its world axes anatomically (:data:`AXIS_LABELS`: ``S-I``, ``A-P``,
+``R-L``) and its units as millimetres, so napari's sliders and scale bar read in patient
+terms; :func:`napari_plugin._view.radiological_view` turns the 2D camera so superior is up in
+coronal and sagittal planes.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import numpy as np
 from icam_med.paths import AUDIT_FOLDER_SUFFIX, RECORD_SUFFIX, audit_folder_for, scan_stem
 
 __all__ = [
+    "AXIS_LABELS",
     "METADATA_KEY",
+    "UNITS",
     "audit_folder_layers",
     "audit_name_for",
     "contour_layer",
@@ -46,6 +53,12 @@ __all__ = [
 
 METADATA_KEY = "icam_med"
 """Every layer this plugin makes keeps its provenance under ``layer.metadata["icam_med"]``."""
+
+AXIS_LABELS = ("S-I", "A-P", "R-L")
+"""napari world axes (z, y, x) in anatomical terms: 0 runs inferior -> superior, 1 anterior ->
+posterior, 2 right -> left (LPS)."""
+UNITS = ("mm", "mm", "mm")
+"""World units of every layer this plugin makes."""
 
 _REVERSE = np.eye(4)[[2, 1, 0, 3]]       # (i, j, k, 1) <-> (k, j, i, 1)
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -141,6 +154,8 @@ def scan_layer(image: Any, info: Any, *, name: str | None = None) -> tuple:
     kwargs = {
         "name": label,
         "affine": napari_affine(aff),
+        "axis_labels": AXIS_LABELS,
+        "units": UNITS,
         "colormap": "gray",
         "contrast_limits": _percentile_limits(data),
         "metadata": {METADATA_KEY: {
@@ -161,6 +176,8 @@ def _map_kwargs(name: str, affine_ras: np.ndarray, meta: Mapping[str, Any], *,
     return {
         "name": name,
         "affine": napari_affine(affine_ras),
+        "axis_labels": AXIS_LABELS,
+        "units": UNITS,
         "colormap": colormap if colormap is not None else map_colormap(),
         "contrast_limits": contrast_limits,
         "opacity": opacity,
@@ -268,6 +285,8 @@ def contour_layer(map_data: np.ndarray, level: float, *, name: str, affine: Any,
         "name": name,
         "colormap": DirectLabelColormap(color_dict={1: "cyan", None: "transparent"}),
         "affine": np.asarray(affine, dtype=np.float64),
+        "axis_labels": AXIS_LABELS,
+        "units": UNITS,
         "opacity": 1.0,
         "blending": "translucent_no_depth",
         "metadata": {METADATA_KEY: {"kind": "contour", "level": float(level),

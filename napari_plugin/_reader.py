@@ -16,6 +16,15 @@ from napari_plugin._layers import audit_folder_layers, is_audit_folder, scan_lay
 __all__ = ["get_reader", "read_audit_folder", "read_scan"]
 
 
+def _radiological_current_viewer() -> None:
+    """Superior up in the viewer the layers go to (napari's current one, if any)."""
+    import napari
+
+    from napari_plugin._view import radiological_view
+
+    viewer = napari.current_viewer()
+    if viewer is not None:
+        radiological_view(viewer)
 
 def _single(path: Any) -> str | None:
     if isinstance(path, (list, tuple)):
@@ -67,6 +76,7 @@ def read_scan(path: Any) -> list[tuple]:
     from icam_med.io import load_volume
 
     p = _single(path)
+    _radiological_current_viewer()
     n = _n_volumes(p)
     if n == 1:
         image, info = load_volume(p)
@@ -87,4 +97,5 @@ def read_scan(path: Any) -> list[tuple]:
 
 def read_audit_folder(path: Any) -> list[tuple]:
     """The scan (when found beside the folder) and its maps, with records in metadata."""
+    _radiological_current_viewer()
     return audit_folder_layers(_single(path))

@@ -41,12 +41,15 @@ from icam_med import cam as _engine
 from icam_med.paths import MAP_STEM, audit_folder_for, class_stem, map_path, record_path_for
 from icam_med.resources import packaged_configs
 from napari_plugin._layers import (
+    AXIS_LABELS,
     METADATA_KEY,
+    UNITS,
     contour_layer,
     explanation_layers,
     from_napari_array,
     ras_affine,
 )
+from napari_plugin._view import radiological_view
 
 __all__ = ["ExplainJobResult", "ExplainWidget", "config_choices", "config_trust",
            "engine_choice_options",
@@ -393,6 +396,7 @@ class ExplainWidget(Container):
         self._on_config()
         self._on_method()
         self._on_layers_changed()
+        radiological_view(self.viewer)  # superior up in coronal and sagittal planes
         # closing the viewer (or the dock) while a run is under way cancels it
         self.native.destroyed.connect(lambda *_: self._closed())
 
@@ -779,7 +783,7 @@ class ExplainWidget(Container):
         self.show_contour.value = False  # one overlay per panel
         copy = self.viewer.add_image(
             scan.data, name=f"{scan.name} (beside)", affine=scan.affine.affine_matrix,
-            colormap=scan.colormap, contrast_limits=scan.contrast_limits,
+            axis_labels=AXIS_LABELS, units=UNITS, colormap=scan.colormap, contrast_limits=scan.contrast_limits,
             metadata={METADATA_KEY: {"kind": "scan_copy", "of": scan.name}})
         self.scan_copy = copy
         contrast[0].visible = True

@@ -535,3 +535,47 @@ def test_untrained_and_unpinned_models_are_flagged(make_napari_viewer, scan, tmp
     widget.run()
     wait_for_worker(widget)
     assert errors(notes) == [] and "UNTRUSTED" not in widget.prediction.value
+
+
+def _marked_scan(folder: Path) -> Path:
+    """A RAS 1 mm scan, grey inside, with a bright block near its superior end (high k)
+    and nothing at its inferior end."""
+    data = np.zeros((40, 44, 48), np.float32)
+    data[8:32, 8:36, 6:42] = 100.0
+    data[16:24, 18:26, 34:40] = 1000.0  # the superior marker
+    path = folder / "marked.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), str(path))
+    return path
+
+
+def test_coronal_and_sagittal_planes_show_superior_up(make_napari_viewer, tmp_path, notes):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 900)
+    viewer.open(str(_marked_scan(tmp_path)), plugin="icam-med")
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget, area="right")
+    layer = viewer.layers["marked"]
+    assert tuple(viewer.dims.axis_labels) == ("S-I", "A-P", "R-L")
+    assert [str(u) for u in layer.units] == ["millimeter"] * 3
+    layer.contrast_limits = (0.0, 1000.0)
+    marker_world = layer.data_to_world((37, 22, 20))  # (k, j, i) in the marker
+    for order, plane in (((1, 0, 2), "coronal"), ((2, 0, 1), "sagittal")):
+        viewer.dims.order = order
+        viewer.dims.set_point(order[0], marker_world[order[0]])
+        viewer.reset_view()
+        shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float).sum(-1)
+        rows = np.nonzero((shot > 600).any(axis=1))[0]
+        body = np.nonzero((shot > 60).any(axis=1))[0]
+        assert rows.size and body.size, f"{plane}: the marker was not drawn"
+        body_mid = (body.min() + body.max()) / 2
+        assert rows.mean() < body_mid, (
+            f"{plane}: the superior marker is drawn at rows {rows.min()}-{rows.max()}, below "
+            f"the middle of the body ({body_mid}): superior is not up")
+        assert _camera(viewer).orientation2d[0] == "up"
+    viewer.dims.order = (0, 1, 2)  # axial: anterior up, as napari draws it
+    assert _camera(viewer).orientation2d[0] == "down"
+    assert errors(notes) == []
+
+
+def _camera(viewer):
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera

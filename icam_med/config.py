@@ -2,7 +2,7 @@
 
 A config file has up to five top-level sections::
 
-    model:            # see ModelSection
+    model:            # see ModelSection (or: {bundle: PATH, bundle_config: inference.json})
       name: demo-lesion-cnn
       architecture: icam_med.networks:LesionNet   # MONAI network name or "module:Class"
       args: {spatial_dims: 3, in_channels: 1, out_channels: 2}
@@ -148,11 +148,14 @@ class InputSection(BaseModel):
 
 
 class ModelSection(BaseModel):
-    """``model``: what network to build and which weights to load."""
+    """``model``: what network to build and which weights to load: an ``architecture``
+    (+ ``args``), or a MONAI ``bundle`` folder (+ ``bundle_config``), one of the two."""
 
     model_config = _STRICT
-    name: Annotated[str, Field(min_length=1)]
-    architecture: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)] | None = None
+    architecture: Annotated[str, Field(min_length=1)] | None = None
+    bundle: Annotated[str, Field(min_length=1)] | None = None
+    bundle_config: Annotated[str, Field(min_length=1)] | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     weights: Annotated[str, Field(min_length=1)] | None = None
     weights_sha256: _Sha256 | None = None
@@ -195,6 +198,28 @@ class ConfigSchema(BaseModel):
     audit: AuditSection = Field(default_factory=AuditSection)
 
 
+def _bundle_spec(m: ModelSection, schema: ConfigSchema, resolve: Any, where: str) -> Any:
+    """The bundle's model and preprocessing (:func:`icam_med.bundles.read_bundle`), after
+    refusing settings the bundle itself gives."""
+    if m.architecture is not None or m.args:
+        raise ConfigError(
+            f"{where}: 'model.bundle' and 'model.architecture'/'model.args' are both set; a "
+            "bundle's network comes from its network_def: remove architecture and args."
+        )
+    if schema.preprocessing:
+        raise ConfigError(
+            f"{where}: 'model.bundle' and 'preprocessing' are both set; a bundle's "
+            "preprocessing comes from its inference config: remove the 'preprocessing' "
+            "section (or drop 'bundle' and name the architecture)."
+        )
+    from icam_med.bundles import read_bundle
+
+    try:
+        return read_bundle(resolve(m.bundle), m.bundle_config or "inference.json", where=where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _format_errors(exc: ValidationError, where: str) -> ConfigError:
     lines = [describe_error(e, ConfigSchema) for e in exc.errors()]
     return ConfigError(f"{where}: " + "; ".join(lines) + ".")
@@ -217,6 +242,8 @@ class ModelConfig:
     in_channels: int = 1
     spatial_size: tuple[int, ...] | None = None
     dtype: str = "float32"
+    #: For a MONAI bundle: its name, version, config, hashes and metadata (for the record).
+    bundle: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -277,33 +304,62 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
         schema = ConfigSchema.model_validate(dict(data))
     except ValidationError as exc:
         raise _format_errors(exc, where) from None
-    try:
-        check_architecture_allowed(schema.model.architecture)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: 'model.architecture': {exc}") from None
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
     m = schema.model
-    weights_path = None
-    if m.weights is not None:
-        weights_path = Path(m.weights).expanduser()
-        if not weights_path.is_absolute():
-            weights_path = (base / weights_path).resolve()
+    if m.bundle_config is not None and m.bundle is None:
+        raise ConfigError(f"{where}: 'model.bundle_config' is set without 'model.bundle'; "
+                          "name the bundle folder too.")
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    pre = tuple(step.model_dump() for step in schema.preprocessing)
+    spec = _bundle_spec(m, schema, resolve, where) if m.bundle is not None else None
+    if spec is None:
+        if m.architecture is None or m.name is None:
+            missing = "model.architecture" if m.architecture is None else "model.name"
+            raise ConfigError(
+                f"{where}: '{missing}' is missing; a model is named by 'name' and "
+                "'architecture' (+ 'args'), or given as a MONAI bundle ('bundle: PATH')."
+            )
+        architecture, args = m.architecture, copy.deepcopy(m.args)
+    else:
+        architecture, args = spec.architecture, copy.deepcopy(spec.args)
+        pre = spec.preprocessing
+    try:
+        check_architecture_allowed(architecture)
+    except ConfigError as exc:
+        item = "the bundle's network_def" if spec is not None else "'model.architecture'"
+        raise ConfigError(f"{where}: {item}: {exc}") from None
+    weights_path = resolve(m.weights) if m.weights is not None else None
+    if spec is not None and weights_path is None:
+        if spec.weights is None:
+            raise ConfigError(str(spec.info.get("weights_error")))
+        weights_path = spec.weights
     in_channels = m.input.channels
+    if in_channels is None and spec is not None:
+        in_channels = spec.in_channels
     if in_channels is None:
-        arg = m.args.get("in_channels", 1)
+        arg = args.get("in_channels", 1)
         in_channels = arg if isinstance(arg, int) and not isinstance(arg, bool) else 1
+    spatial = tuple(m.input.spatial_size) if m.input.spatial_size else None
+    if spatial is None and spec is not None:
+        spatial = spec.spatial_size
+    labels = tuple(m.labels) if m.labels or spec is None else spec.labels
+    name = m.name or (spec.info["name"] if spec is not None else "")
     model = ModelConfig(
-        name=m.name,
-        architecture=m.architecture,
-        args=copy.deepcopy(m.args),
+        name=name,
+        architecture=architecture,
+        args=args,
         weights=weights_path,
         weights_sha256=m.weights_sha256.lower() if m.weights_sha256 else None,
-        labels=tuple(m.labels),
+        labels=labels,
         in_channels=int(in_channels),
-        spatial_size=tuple(m.input.spatial_size) if m.input.spatial_size else None,
+        spatial_size=spatial,
         dtype=m.input.dtype,
+        bundle=copy.deepcopy(spec.info) if spec is not None else None,
     )
-    pre = tuple(step.model_dump() for step in schema.preprocessing)
     method_opts = dict(schema.method.model_extra or {})
     method = MethodConfig(name=schema.method.name, options=copy.deepcopy(method_opts))
     geometry = schema.geometry.model_dump(exclude_unset=True)

@@ -62,6 +62,9 @@ class ModelInfo:
     #: that key of a checkpoint mapping), ``"prefix:module."`` (prefix stripped). Empty
     #: for a bare state dict.
     weights_unwrapped: tuple[str, ...] = ()
+    #: For a MONAI bundle: name, version, config name, SHA-256 of the inference config and
+    #: metadata, the network_def's target, the dropped transforms, descriptive metadata.
+    bundle: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -305,6 +308,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
         dtype=cfg.dtype,
         n_parameters=sum(p.numel() for p in model.parameters()),
         weights_unwrapped=unwrapped,
+        bundle=dict(cfg.bundle) if getattr(cfg, "bundle", None) else None,
     )
     return model, info
 

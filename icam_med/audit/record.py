@@ -228,6 +228,7 @@ def model_section(info: ModelInfo) -> dict[str, Any]:
         "weights_sha256": info.weights_sha256,
         "weights_format": info.weights_format,
         "weights_unwrapped": list(getattr(info, "weights_unwrapped", ())),
+        "bundle": _scrub(_jsonable(getattr(info, "bundle", None))),
         "labels": list(info.labels),
         "n_parameters": int(info.n_parameters),
         "input_contract": {

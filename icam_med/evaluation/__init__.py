@@ -1,6 +1,8 @@
-"""Evaluation and development tools: synthetic lesion volumes, a synthetic DICOM series
-writer, map-quality metrics, the method evaluation (``icam-med evaluate``) and the speed and
-memory benchmark (``icam-med bench``).
+"""Evaluation and development tools: synthetic lesion volumes (the demo's generator and the
+harder benchmark of issue 11 with dark and bright lesions, distractors and healthy twins), a
+synthetic DICOM series writer, map-quality metrics, reference maps (baselines and controls),
+the method evaluation (``icam-med evaluate``), the training of the evaluation models, and the
+speed and memory benchmark (``icam-med bench``).
 
 Nothing in the explain/audit path imports this subpackage; it is for measuring the
 method, building sample data and testing.

@@ -173,13 +173,18 @@ def alpha_channel_weights(grad: torch.Tensor, act_sum: torch.Tensor, ratio: torc
 
     Equal to ``(generalized_alpha(G, sum_pos(A), r) * relu(G)).flatten(2).sum(-1)`` but in
     fewer passes over the (large) gradient: only positions with ``G > 0`` contribute, and
-    there the denominator ``2 + r * g * sum_pos(A)`` can be formed from ``relu(G)``.
+    there the denominator ``2 + r * g * sum_pos(A)`` can be formed from ``relu(G)``. Where
+    every ``r * sum_pos(A_k) >= 0`` (post-ReLU activations with ``exp``: the published
+    method) the denominator is at least 2, the guard never acts, and
+    ``w_k = sum_pos(relu(g) / (2 + c_k relu(g)))`` is taken in four passes.
     """
     gp = torch.relu(grad.float())
     n, k = gp.shape[:2]
     coef = (ratio.view(-1, 1) * act_sum.float()).view(n, k, *(1,) * (gp.ndim - 2))
     denom = gp * coef
     denom.add_(2.0)
+    if bool((coef >= 0).all()):
+        return gp.div_(denom).flatten(2).sum(-1)
     return alpha_from_denominator(denom).mul_(gp).flatten(2).sum(-1)
 
 

@@ -409,6 +409,7 @@ class BaseCAM:
             )
         self._probe_cache: dict[tuple[int, ...], tuple[list[LayerRecord], tuple[int, ...]]] = {}
         self._layer_cache: dict[tuple[int, ...], list[str]] = {}
+        self._anchor_cache: dict[tuple[Any, ...], tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ method hooks
     def activation_map(self, acts: torch.Tensor, grads: torch.Tensor,
@@ -675,9 +676,17 @@ class BaseCAM:
         # One backward pass, to the hooked tensors only: no parameter gradients, and the
         # pass stops at the shallowest of them. Each tensor hook reduces its layer as soon
         # as its gradient arrives; the returned gradients themselves are not used.
-        edges = [layer.anchor for layer in hooked.values()]
-        edges += [s.anchor for s in sources.values() if s.anchor is not None]
-        anchors = _covering_anchors(scores, edges)
+        owners = [(name, layer.anchor) for name, layer in hooked.items()]
+        owners += [(f"bias:{k}", s.anchor) for k, s in sources.items() if s.anchor is not None]
+        edges = [edge for _, edge in owners]
+        # Which edges cover the others is a property of the architecture and input shape:
+        # the graph walk runs once per (shape, hooked tensors), later calls reuse its choice.
+        key = (ctx.input_size, tuple(name for name, _ in owners))
+        if key not in self._anchor_cache:
+            chosen = {id(e) for e in _covering_anchors(scores, edges)}
+            self._anchor_cache[key] = tuple(name for name, e in owners if id(e) in chosen)
+        wanted = set(self._anchor_cache[key])
+        anchors = [edge for name, edge in owners if name in wanted]
         extra = self._extra_backward_scores(output)
         if extra:
             ctx.stashing = True
@@ -982,13 +991,17 @@ class BaseCAM:
         return hook
 
     def _relevance(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``s_l`` of one layer per sample (see :data:`LAYER_WEIGHTINGS`)."""
-        ga = g * a
-        if self.layer_weighting == "net":
-            return ga.flatten(1).sum(1).clamp_min_(0)
+        """``s_l`` of one layer per sample (see :data:`LAYER_WEIGHTINGS`). The ``uniform``
+        and ``counterfactual`` weightings do not use it: they report the net contribution
+        ``max(sum(G*A), 0)``, which needs no full-size temporary."""
+        n = a.shape[0]
+        if self.layer_weighting in ("score", "softmax"):
+            ga = g * a
+            return torch.relu_(ga).flatten(1).sum(1)
         if self.layer_weighting == "per_position":
-            return torch.relu_(ga.sum(1)).flatten(1).mean(1)
-        return torch.relu_(ga).flatten(1).sum(1)
+            return torch.relu_((g * a).sum(1)).flatten(1).mean(1)
+        net = torch.bmm(g.reshape(n, 1, -1), a.reshape(n, -1, 1)).view(n)
+        return net.clamp_min_(0)
 
     def _bias_map(self, g: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``sum_k G_k b_k`` (signed, ReLU applied once all sources are summed) or

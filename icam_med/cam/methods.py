@@ -57,7 +57,9 @@ def _hirescam_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) 
 
 
 def _layercam_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
-    return F.relu((F.relu(grads) * acts).sum(1, keepdim=True))
+    weighted = torch.relu(grads)  # one temporary, reused in place
+    weighted.mul_(acts)
+    return F.relu(weighted.sum(1, keepdim=True))
 
 
 def _gradcampp_term(acts: torch.Tensor, grads: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:

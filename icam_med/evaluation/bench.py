@@ -1,13 +1,22 @@
-"""Benchmark of the CAM engine against a plain forward+backward and MONAI's Grad-CAM.
+"""Benchmark of the CAM engine against a plain forward+backward, MONAI's Grad-CAM and
+TorchCAM's fused LayerCAM.
 
-Run as ``icam-med bench``. In one process it times, for a 3D MONAI ``DenseNet121`` at
-96^3 and a 2D ``DenseNet121`` at 224^2:
+Run as ``icam-med bench``. In one process per network it times, on the networks of
+:data:`NETWORKS` (MONAI ``DenseNet121`` 3D at 96^3 and 2D at 224^2, ``resnet18`` and
+``SEResNet50`` 3D at 96^3, a 3D ``UNet`` at 96^3 explained for a segmentation target):
 
-* ``fwd+bwd``: a plain training-style forward and backward (parameter gradients);
-* ``floor``: forward plus ``autograd.grad`` to the shallowest hooked activation (no
+* ``fwd+bwd``: a plain training-style forward and backward of the explained score
+  (parameter gradients);
+* ``floor``: forward plus ``autograd.grad`` to the shallowest ``stages`` layer (no
   parameter gradients), the cost floor of any gradient CAM;
-* ``monai-gradcam``: MONAI's ``GradCAM.compute_map`` on the last stage;
-* every icam-med method with ``target_layers="stages"`` and ``"all"``.
+* ``monai-gradcam``: MONAI's ``GradCAM.compute_map`` on the last stage (classifiers);
+* ``torchcam-layercam/stages``: TorchCAM's ``LayerCAM`` on the same ``stages`` layers,
+  its maps fused by ``fuse_cams`` (an external peer);
+* every icam-med method with ``target_layers="stages"`` and ``"all"``;
+* option variants that cost extra passes (:data:`VARIANTS`): ``integrative+counterfactual``
+  (one more batched gradient-free forward of ``L + 1`` samples), ``integrative+complete``
+  (the backward runs to the input), ``integrative+softmax`` (one backward per logit), and
+  the multiplicative fusion of LayerCAM maps (``layercam+multiplicative``).
 
 Times are medians over ``repeats`` interleaved rounds after a warm-up (each round runs\nevery case once), so drift on a shared machine hits every case alike; ratios are to\n``fwd+bwd``.
 Peak memory is measured per case in a fresh subprocess, on the second call (the first one
@@ -37,10 +46,27 @@ from icam_med.cam import METHODS, make_cam
 
 log = logging.getLogger(__name__)
 
-CASES = ["fwd+bwd", "floor", "monai-gradcam"] + [
+#: option variants timed besides the plain methods: case prefix -> (method, options)
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "integrative+counterfactual": ("integrative", {"layer_weighting": "counterfactual"}),
+    "integrative+complete": ("integrative", {"bias_mode": "complete"}),
+    "integrative+softmax": ("integrative", {"alpha_fn": "softmax"}),
+    "layercam+multiplicative": ("layercam", {"fusion": "multiplicative"}),
+}
+CASES = ["fwd+bwd", "floor", "monai-gradcam", "torchcam-layercam/stages"] + [
     f"{m}/{p}" for m in METHODS for p in ("stages", "all")
-]
-MONAI_LAST_STAGE = "class_layers.relu"
+] + [f"{v}/stages" for v in VARIANTS]
+#: network name -> spatial dims, default input size, segmentation output
+NETWORKS: dict[str, tuple[int, int, bool]] = {
+    "densenet121-3d": (3, 96, False),
+    "densenet121-2d": (2, 224, False),
+    "resnet18-3d": (3, 96, False),
+    "seresnet50-3d": (3, 96, False),
+    "unet-3d": (3, 96, True),
+}
+# cases that need a classifier output (MONAI's GradCAM scores logits[:, class]; the
+# softmax alpha needs class probabilities)
+_CLASSIFIER_ONLY = ("monai-gradcam", "integrative+softmax/stages")
 
 
 @dataclass
@@ -48,39 +74,70 @@ class BenchRow:
     network: str
     case: str
     median_s: float
+    best_s: float
     ratio: float
     peak_mb: float | None
     mem_ratio: float | None
 
 
-def build(network: str, device: torch.device, batch: int) -> tuple[nn.Module, torch.Tensor]:
-    """The benchmark model and a seeded input batch."""
-    from monai.networks.nets import DenseNet121
+def build(network: str, device: torch.device, batch: int,
+          size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """The benchmark model and a seeded input batch (``size``: the input's edge length,
+    default per network)."""
+    from monai.networks import nets
 
+    if network not in NETWORKS:
+        raise ValueError(f"unknown benchmark network '{network}'; use one of {list(NETWORKS)}.")
+    dims, default, _seg = NETWORKS[network]
+    edge = size or default
     torch.manual_seed(0)
-    if network == "densenet121-3d":
-        model = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
-        x = torch.randn(batch, 1, 96, 96, 96)
-    elif network == "densenet121-2d":
-        model = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
-        x = torch.randn(batch, 1, 224, 224)
+    if network.startswith("densenet121"):
+        model: nn.Module = nets.DenseNet121(spatial_dims=dims, in_channels=1, out_channels=2)
+    elif network == "resnet18-3d":
+        model = nets.resnet18(spatial_dims=3, n_input_channels=1, num_classes=2)
+    elif network == "seresnet50-3d":
+        model = nets.SEResNet50(spatial_dims=3, in_channels=1, num_classes=2)
     else:
-        raise ValueError(f"unknown benchmark network '{network}'; use densenet121-3d or densenet121-2d.")
+        model = nets.UNet(spatial_dims=3, in_channels=1, out_channels=2,
+                          channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    x = torch.randn(batch, 1, *(edge,) * dims)
     return model.eval().to(device), x.to(device)
 
 
-def make_case(case: str, model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def bench_target(network: str, x: torch.Tensor) -> object:
+    """What a case explains: class 0 of a classifier, or channel 1 of a segmentation output
+    inside a central box (a fixed mask, so every case explains the same score)."""
+    if not NETWORKS[network][2]:
+        return 0
+    from icam_med.cam import SegmentationTarget
+
+    mask = torch.zeros(x.shape[0], *x.shape[2:], device=x.device)
+    box = tuple(slice(s // 4, s - s // 4) for s in x.shape[2:])
+    mask[(slice(None), *box)] = 1
+    return SegmentationTarget(1, mask)
+
+
+def _score(output: torch.Tensor, target: object) -> torch.Tensor:
+    return output[:, 0].sum() if isinstance(target, int) else target(output).sum()  # type: ignore[operator]
+
+
+def applicable(network: str, case: str) -> bool:
+    """Whether a case runs on a network (classifier-only cases skip segmentation nets)."""
+    return not (NETWORKS[network][2] and case in _CLASSIFIER_ONLY)
+
+
+def make_case(case: str, model: nn.Module, x: torch.Tensor,
+              target: object = 0) -> Callable[[], object]:
     """A zero-argument callable running one benchmark case once."""
+    shape = tuple(x.shape[2:])
     if case == "fwd+bwd":
         def run():
             model.zero_grad(set_to_none=True)
-            out = model(x)
-            out[:, 0].sum().backward()
+            _score(model(x), target).backward()
         run.reset = lambda: model.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         return run
     if case == "floor":
-        cam = make_cam("gradcam", model, target_layers="all")
-        first = cam.layer_names(tuple(x.shape[2:]))[0]
+        first = make_cam("gradcam", model, target_layers="stages").layer_names(shape)[0]
         module = dict(model.named_modules())[first]
 
         def run():
@@ -90,24 +147,44 @@ def make_case(case: str, model: nn.Module, x: torch.Tensor) -> Callable[[], obje
                 out = model(x)
             finally:
                 h.remove()
-            torch.autograd.grad(out[:, 0].sum(), store["a"])
+            torch.autograd.grad(_score(out, target), store["a"])
         return run
     if case == "monai-gradcam":
         from monai.visualize import GradCAM as MonaiGradCAM
 
+        last = make_cam("gradcam", model, target_layers="last").layer_names(shape)[0]
         # MONAI flips in-place flags and leaves hooks behind: give it its own copy.
         monai_model = copy.deepcopy(model)
-        monai_cam = MonaiGradCAM(nn_module=monai_model, target_layers=MONAI_LAST_STAGE)
+        monai_cam = MonaiGradCAM(nn_module=monai_model, target_layers=last)
 
         def run():
             monai_cam.compute_map(x, class_idx=0)
         run.reset = lambda: monai_model.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         return run
-    method, _, preset = case.partition("/")
-    cam = make_cam(method, model, target_layers=preset)
+    if case == "torchcam-layercam/stages":
+        from torchcam.methods import LayerCAM as TorchCAMLayerCAM
+
+        layers = make_cam("layercam", model, target_layers="stages").layer_names(shape)
+
+        def run():
+            # built per call and its hooks removed after it, so it does not tax other cases
+            extractor = TorchCAMLayerCAM(model, target_layer=layers, input_shape=tuple(x.shape[1:]))
+            try:
+                out = model(x)
+                if isinstance(target, int):
+                    cams = extractor(class_idx=target, scores=out)
+                else:  # TorchCAM applies a target to each sample's output (no batch axis)
+                    cams = extractor(scores=out, targets=lambda o: target(o[None])[0])
+                return extractor.fuse_cams(cams)
+            finally:
+                extractor.remove_hooks()
+        return run
+    name, _, preset = case.partition("/")
+    method, options = VARIANTS.get(name, (name, {}))
+    cam = make_cam(method, model, target_layers=preset, **options)
 
     def run():
-        cam(x, targets=0)
+        cam(x, targets=target)
     return run
 
 
@@ -131,11 +208,12 @@ def _reset_peak_rss() -> None:
         fh.write("5")
 
 
-def measure_memory(network: str, case: str, device: str, batch: int) -> float:
+def measure_memory(network: str, case: str, device: str, batch: int,
+                   size: int | None = None) -> float:
     """Peak memory (MB) of one case above the loaded model and input. Call in a fresh process."""
     dev = torch.device(device)
-    model, x = build(network, dev, batch)
-    fn = make_case(case, model, x)
+    model, x = build(network, dev, batch, size)
+    fn = make_case(case, model, x, bench_target(network, x))
     if dev.type == "cuda":
         fn()  # warm-up, as on the CPU
         getattr(fn, "reset", lambda: None)()
@@ -158,8 +236,10 @@ def measure_memory(network: str, case: str, device: str, batch: int) -> float:
     return _status_mb("VmHWM") - base
 
 
-def _memory_in_subprocess(network: str, case: str, device: str, batch: int) -> float | None:
-    cmd = [sys.executable, "-m", "icam_med.evaluation.bench", "--memory", network, case, device, str(batch)]
+def _memory_in_subprocess(network: str, case: str, device: str, batch: int,
+                          size: int | None = None) -> float | None:
+    cmd = [sys.executable, "-m", "icam_med.evaluation.bench", "--memory", network, case, device,
+           str(batch), str(size or 0)]
     # A fixed mmap threshold makes glibc return every large block on free, so the resident
     # set follows the live tensors and its peak is the peak of the case itself.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
@@ -172,18 +252,22 @@ def _memory_in_subprocess(network: str, case: str, device: str, batch: int) -> f
 
 def run_benchmark(networks: list[str], device: str = "cpu", repeats: int = 5,
                   batch: int = 1, memory: bool = True, cases: list[str] | None = None,
-                  progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+                  progress: Callable[[str], None] | None = None,
+                  size: int | None = None) -> list[BenchRow]:
     """Time (and optionally measure memory of) every case on every network.
 
     Timings are interleaved: each round runs every case once, in turn, so a slow spell of
-    a shared machine hits all cases alike instead of the few that ran during it.
+    a shared machine hits all cases alike instead of the few that ran during it. Cases that
+    do not apply to a network (MONAI's Grad-CAM on a segmentation output) are skipped.
     """
     dev = torch.device(device)
-    cases = cases or CASES
+    wanted = cases or CASES
     rows: list[BenchRow] = []
     for network in networks:
-        model, x = build(network, dev, batch)
-        fns = {case: make_case(case, model, x) for case in cases}
+        cases = [c for c in wanted if applicable(network, c)]
+        model, x = build(network, dev, batch, size)
+        target = bench_target(network, x)
+        fns = {case: make_case(case, model, x, target) for case in cases}
         for case, fn in fns.items():  # warm-up (and the one-off layer probe of presets)
             if progress:
                 progress(f"{network}: warm-up {case}")
@@ -203,14 +287,14 @@ def run_benchmark(networks: list[str], device: str = "cpu", repeats: int = 5,
             for case in cases:
                 if progress:
                     progress(f"{network}: memory {case}")
-                mem[case] = _memory_in_subprocess(network, case, device, batch)
+                mem[case] = _memory_in_subprocess(network, case, device, batch, size)
         base_t = statistics.median(times["fwd+bwd"]) if "fwd+bwd" in times else None
         base_m = mem.get("fwd+bwd")
         for case in cases:
             t = statistics.median(times[case])
             m = mem.get(case)
             rows.append(BenchRow(
-                network=network, case=case, median_s=t,
+                network=network, case=case, median_s=t, best_s=min(times[case]),
                 ratio=t / base_t if base_t else float("nan"),
                 peak_mb=m,
                 mem_ratio=(m / base_m) if (m is not None and base_m) else None,
@@ -226,12 +310,20 @@ def machine_description(device: str) -> str:
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    lines = ["| network | case | median (s) | x fwd+bwd | peak mem (MB) | mem x fwd+bwd |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| network | case | median (s) | best (s) | x fwd+bwd | best x fwd+bwd | x torchcam "
+             "| peak mem (MB) | mem x fwd+bwd |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    peer = {(r.network): r for r in rows if r.case == "torchcam-layercam/stages"}
+    base = {(r.network): r for r in rows if r.case == "fwd+bwd"}
     for r in rows:
         mem = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
         mr = f"{r.mem_ratio:.2f}" if r.mem_ratio is not None else "-"
-        lines.append(f"| {r.network} | {r.case} | {r.median_s:.3f} | {r.ratio:.2f} | {mem} | {mr} |")
+        tc = peer.get(r.network)
+        vs_peer = f"{r.median_s / tc.median_s:.2f}" if tc else "-"
+        b = base.get(r.network)
+        best = f"{r.best_s / b.best_s:.2f}" if b else "-"
+        lines.append(f"| {r.network} | {r.case} | {r.median_s:.3f} | {r.best_s:.3f} | {r.ratio:.2f} "
+                     f"| {best} | {vs_peer} | {mem} | {mr} |")
     return "\n".join(lines)
 
 
@@ -240,10 +332,12 @@ def rows_to_json(rows: list[BenchRow]) -> str:
 
 
 if __name__ == "__main__":  # worker entry for one memory measurement
-    if len(sys.argv) == 6 and sys.argv[1] == "--memory":
+    if len(sys.argv) == 7 and sys.argv[1] == "--memory":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        value = measure_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        value = measure_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                               int(sys.argv[6]) or None)
         sys.stdout.write(f"{value:.3f}\n")
     else:
-        sys.stderr.write("usage: python -m icam_med.evaluation.bench --memory NETWORK CASE DEVICE BATCH\n")
+        sys.stderr.write("usage: python -m icam_med.evaluation.bench --memory NETWORK CASE DEVICE "
+                         "BATCH SIZE\n")
         sys.exit(2)

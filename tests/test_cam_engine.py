@@ -122,6 +122,22 @@ def test_model_state_restored_after_normal_and_failing_calls(make_tiny):
         assert torch.equal(v, state[k]), k
 
 
+def test_costly_options_also_leave_the_model_as_it_was(make_tiny):
+    model = make_tiny(dims=3, inplace=True)
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 1, 16, 16, 16)
+    for options in ({"bias_mode": "complete"}, {"layer_weighting": "counterfactual"},
+                    {"alpha_fn": "softmax"}, {"fusion": "multiplicative", "target_layers": "all"}):
+        res = IntegrativeCAM(model, **options)(x)
+        assert torch.isfinite(res.fused).all(), options
+        assert _all_hooks(model) == 0, options
+        assert model.training and all(m.training for m in model.modules()), options
+        assert all(p.grad is None for p in model.parameters()), options
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), (options, k)
+
+
 def test_inplace_relu_model_gives_same_maps(make_tiny):
     plain = make_tiny(dims=3, inplace=False)
     inplace = make_tiny(dims=3, inplace=True)

@@ -577,8 +577,31 @@ def _map_for(image, info) -> MetaTensor:
     return MetaTensor(values, affine=image.affine)
 
 
-def _read_back_everywhere(pm_path: Path, cam: MetaTensor, image, tmp_path: Path) -> None:
-    """dciodvfy, pydicom, highdicom, dcmqi's paramap2itkimage and dcm2niix all agree."""
+def _real_values(ds) -> tuple[np.ndarray, float, float]:
+    """pydicom's pixels through the map's Real World Value Mapping: (values, slope, intercept)."""
+    rwvm = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    slope, intercept = float(rwvm.RealWorldValueSlope), float(rwvm.RealWorldValueIntercept)
+    pixels = ds.pixel_array if ds.pixel_array.ndim == 3 else ds.pixel_array[None]
+    return pixels.astype(np.float64) * slope + intercept, slope, intercept
+
+
+def _read_back_everywhere(pm_path: Path, cam: MetaTensor, image, tmp_path: Path, info) -> None:
+    """dciodvfy, pydicom, highdicom, dcmqi's paramap2itkimage and dcm2niix all agree.
+
+    The default uint16 map (values within the stated quantisation 1/65535 of the float map)
+    is checked by all but dcmqi, which reads float pixel data only (dcmqi 1.5.7 crashes on
+    integer maps); for dcmqi a float32 map of the same source is written next to it and
+    checked by every reader, exactly."""
+    _read_back(pm_path, cam, image, tmp_path / "uint16", dcmqi=False)
+    ds = pydicom.dcmread(pm_path)
+    assert ds.BitsAllocated == 16 and "PixelData" in ds
+    float_path = write_parametric_map(cam, info, tmp_path / "pm_float32.dcm",
+                                      method="integrative", pixel_type="float32")
+    _read_back(float_path, cam, image, tmp_path / "float32", dcmqi=True)
+
+
+def _read_back(pm_path: Path, cam: MetaTensor, image, tmp_path: Path, *, dcmqi: bool) -> None:
+    tmp_path.mkdir()
     errors, warnings = dciodvfy(pm_path)
     assert errors == [], errors
     assert not any("Laterality" in w for w in warnings), warnings
@@ -586,19 +609,30 @@ def _read_back_everywhere(pm_path: Path, cam: MetaTensor, image, tmp_path: Path)
     # pydicom + highdicom: every frame at the world position of its map slice
     ds = pydicom.dcmread(pm_path)
     pm = hd.pm.ParametricMap.from_dataset(ds)
+    real, slope, intercept = _real_values(ds)
+    atol = 0.0 if "FloatPixelData" in ds else 1 / 65535
     anatomy = pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
     region = anatomy.AnatomicRegionSequence[0]
     assert region.CodeValue and region.CodeMeaning
     # the source's own anatomic region where it has one (eCT: SNOMED RT), else SNOMED CT
     assert region.CodingSchemeDesignator in {"SCT", "SRT", "SNM3"}
     assert anatomy.FrameLaterality in {"R", "L", "U", "B"}
-    pixels = pm.pixel_array if pm.pixel_array.ndim == 3 else pm.pixel_array[None]
     for j, fg in enumerate(pm.PerFrameFunctionalGroupsSequence):
         ipp = np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
         k = int(np.argmin([np.linalg.norm(lps_of(image.affine, (0, 0, i)) - ipp)
                            for i in range(truth_xyz.shape[2])]))
         np.testing.assert_allclose(lps_of(image.affine, (0, 0, k)), ipp, atol=1e-3)
-        np.testing.assert_array_equal(pixels[j], truth_xyz[:, :, k].T)
+        np.testing.assert_allclose(real[j], truth_xyz[:, :, k].T, rtol=0, atol=atol)
+        if atol:  # highdicom applies the mapping itself: the same values
+            np.testing.assert_allclose(
+                pm.get_frame(j + 1, dtype=np.float64, apply_real_world_transform=True),
+                truth_xyz[:, :, k].T, rtol=0, atol=atol)
+    if dcmqi:
+        _read_back_dcmqi(pm_path, image, truth_xyz, tmp_path)
+    _read_back_dcm2niix(pm_path, image, truth_xyz, tmp_path, slope, intercept, atol)
+
+
+def _read_back_dcmqi(pm_path: Path, image, truth_xyz: np.ndarray, tmp_path: Path) -> None:
     # dcmqi (3D Slicer's reader): needs Frame Anatomy; NRRD in LPS with the same grid
     exe = Path(sys.executable).parent / "paramap2itkimage"
     if not exe.exists():
@@ -620,7 +654,12 @@ def _read_back_everywhere(pm_path: Path, cam: MetaTensor, image, tmp_path: Path)
                             for i in range(truth_xyz.shape[2])]))
         np.testing.assert_allclose(lps_of(image.affine, (0, 0, kk)), world, atol=1e-3)
         np.testing.assert_allclose(arr[k], truth_xyz[:, :, kk].T, rtol=1e-6)
-    # dcm2niix: converts it, same voxel count and values
+
+
+def _read_back_dcm2niix(pm_path: Path, image, truth_xyz: np.ndarray, tmp_path: Path,
+                        slope: float, intercept: float, atol: float) -> None:
+    # dcm2niix: converts it, same voxel count and values (stored values; the map's RWVM
+    # gives their meaning, which dcm2niix does not apply)
     exe = Path(sys.executable).parent / "dcm2niix"
     if not exe.exists():
         pytest.skip("dcm2niix (pip dcm2niix) not installed")
@@ -630,9 +669,10 @@ def _read_back_everywhere(pm_path: Path, cam: MetaTensor, image, tmp_path: Path)
                            str(pm_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     nii = nib.load(str(nout / "pm.nii"))
-    data = np.asarray(nii.dataobj, dtype=np.float64).squeeze()
+    data = np.asarray(nii.dataobj, dtype=np.float64).squeeze() * slope + intercept
     assert data.size == truth_xyz.size
-    np.testing.assert_allclose(np.sort(data.ravel()), np.sort(truth_xyz.ravel()), atol=1e-6)
+    np.testing.assert_allclose(np.sort(data.ravel()), np.sort(truth_xyz.ravel()),
+                               atol=max(atol, 1e-6))
     np.testing.assert_allclose(sorted(nii.header.get_zooms()[:3]),
                                sorted(np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)),
                                atol=1e-4)
@@ -657,7 +697,7 @@ def test_parametric_map_is_read_by_real_readers(tmp_path, kind, caplog):
     cam = _map_for(image, info)
     with caplog.at_level(logging.DEBUG):
         out = write_parametric_map(cam, info, tmp_path / "pm.dcm", method="integrative")
-    _read_back_everywhere(out, cam, image, tmp_path)
+    _read_back_everywhere(out, cam, image, tmp_path, info)
     ds = pydicom.dcmread(out)
     assert "Laterality" not in ds  # no side stated by the source: none claimed
     if kind == "type2_removed":
@@ -673,7 +713,7 @@ def test_parametric_map_on_multiframe_out_of_order(tmp_path):
     image, info = load_volume(path)
     cam = _map_for(image, info)
     out = write_parametric_map(cam, info, tmp_path / "pm.dcm", method="gradcam")
-    _read_back_everywhere(out, cam, image, tmp_path)
+    _read_back_everywhere(out, cam, image, tmp_path, info)
 
 
 @pytest.mark.parametrize(("side", "expected"), [("L", "L"), ("R", "R")])

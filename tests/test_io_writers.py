@@ -91,8 +91,9 @@ def test_interrupted_atomic_write_leaves_nothing(tmp_path):
 
 # -- DICOM Parametric Map ---------------------------------------------------------------------
 
-def _frames_by_position(pm) -> dict[tuple, np.ndarray]:
-    pixels = pm.pixel_array if pm.pixel_array.ndim == 3 else pm.pixel_array[None]
+def _frames_by_position(pm, pixels=None) -> dict[tuple, np.ndarray]:
+    pixels = pm.pixel_array if pixels is None else pixels
+    pixels = pixels if pixels.ndim == 3 else pixels[None]
     out = {}
     for k, fg in enumerate(pm.PerFrameFunctionalGroupsSequence):
         pos = tuple(round(float(v), 3) for v in fg.PlanePositionSequence[0].ImagePositionPatient)
@@ -100,12 +101,23 @@ def _frames_by_position(pm) -> dict[tuple, np.ndarray]:
     return out
 
 
-def check_parametric_map(tmp_path, scan):
+def real_frames(pm) -> np.ndarray:
+    """Every frame's real-world values, through highdicom's own Real World Value Mapping
+    (float pixel data, mapped 1:1, as stored: highdicom 0.28 reads no stored float frame)."""
+    if "FloatPixelData" in pm:
+        rwvm = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        assert (rwvm.RealWorldValueSlope, rwvm.RealWorldValueIntercept) == (1, 0)
+        return pm.pixel_array if pm.pixel_array.ndim == 3 else pm.pixel_array[None]
+    return np.stack([pm.get_frame(j + 1, dtype=np.float64, apply_real_world_transform=True)
+                     for j in range(int(pm.NumberOfFrames))])
+
+
+def check_parametric_map(tmp_path, scan, pixel_type="uint16"):
     image, info = load_volume(scan)
     cam = MetaTensor(ramp_map(info.shape), affine=image.affine)
     path = write_parametric_map(cam, info, tmp_path / "pm" / "cam_pm.dcm", method="integrative",
                                 parameters={"alpha_fn": "exp", "bias_weight": 1.0},
-                                target_label="present")
+                                target_label="present", pixel_type=pixel_type)
     errors, _warnings = dciodvfy(path)
     assert errors == [], errors
     raw = path.read_bytes()
@@ -121,8 +133,15 @@ def check_parametric_map(tmp_path, scan):
     assert pm.FrameOfReferenceUID == info.frame_of_reference_uid
     new_uids = {pm.SOPInstanceUID, pm.SeriesInstanceUID}
     assert not new_uids & ({info.series_instance_uid} | set(info.sop_instance_uids))
-    assert "FloatPixelData" in pm and pm.BitsAllocated == 32
     rwvm = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    if pixel_type == "float32":
+        assert "FloatPixelData" in pm and pm.BitsAllocated == 32
+    else:  # integer pixels, their meaning in the RWVM: 0..65535 -> 0..1
+        assert "PixelData" in pm and pm.BitsAllocated == 16 and pm.PixelRepresentation == 0
+        assert (rwvm.RealWorldValueFirstValueMapped, rwvm.RealWorldValueLastValueMapped) == (
+            0, 65535)
+        assert rwvm.RealWorldValueSlope == pytest.approx(1 / 65535)
+        assert rwvm.RealWorldValueIntercept == 0
     quantity = rwvm.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
     assert (quantity.CodeValue, quantity.CodingSchemeDesignator,
             quantity.CodeMeaning) == CAM_QUANTITY_CODE
@@ -134,18 +153,24 @@ def check_parametric_map(tmp_path, scan):
     assert equipment.Manufacturer == "icam-med" and equipment.SoftwareVersions
     assert "integrative" in equipment.ContributionDescription
     assert '"alpha_fn":"exp"' in equipment.ContributionDescription
-    # Values: every frame sits at its source slice's position and holds that slice's map.
-    frames = _frames_by_position(pm)
+    # Values: every frame sits at its source slice's position and holds that slice's map
+    # (exactly as float32; within the stated quantisation 1/65535 as uint16 + RWVM).
+    frames = _frames_by_position(pm, real_frames(pm))
     for k, ds in enumerate(info.source_datasets()):
         pos = tuple(round(float(v), 3) for v in ds.ImagePositionPatient)
-        np.testing.assert_array_equal(frames[pos], cam[0, :, :, k].numpy().T)
+        truth = cam[0, :, :, k].numpy().T
+        if pixel_type == "float32":
+            np.testing.assert_array_equal(frames[pos], truth)
+        else:
+            np.testing.assert_allclose(frames[pos], truth, rtol=0, atol=1 / 65535)
     return pm
 
 
-def test_parametric_map_on_written_series(tmp_path):
+@pytest.mark.parametrize("pixel_type", ["uint16", "float32"])
+def test_parametric_map_on_written_series(tmp_path, pixel_type):
     write_dicom_series(blob_volume((4, 6, 7)), tmp_path / "s", spacing=(0.8, 1.1, 3.0),
                        origin=(-10, 5, 40), modality="CT", patient_name="Doe^Jane")
-    pm = check_parametric_map(tmp_path, tmp_path / "s")
+    pm = check_parametric_map(tmp_path, tmp_path / "s", pixel_type)
     assert str(pm.PatientName) == "Doe^Jane"  # same patient as its source, as DICOM requires
 
 
@@ -187,7 +212,7 @@ def test_parametric_map_on_real_enhanced_multiframe_ct(tmp_path):
     assert dciodvfy(out)[0] == []
     pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(out))
     assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == info.series_instance_uid
-    frames = _frames_by_position(pm)
+    frames = _frames_by_position(pm, real_frames(pm))
     src = pydicom.dcmread(path, stop_before_pixels=True)
     source_positions = {tuple(round(float(v), 3) for v in fg.PlanePositionSequence[0]
                               .ImagePositionPatient)
@@ -195,5 +220,33 @@ def test_parametric_map_on_real_enhanced_multiframe_ct(tmp_path):
     assert set(frames) == source_positions
     for k in range(info.shape[2]):  # each map slice at the world position of its voxels
         pos = tuple(round(float(v), 3) for v in world_of(image.affine, (0, 0, k)) * [-1, -1, 1])
-        np.testing.assert_array_equal(frames[pos], cam[0, :, :, k].numpy().T)
+        np.testing.assert_allclose(frames[pos], cam[0, :, :, k].numpy().T, rtol=0,
+                                   atol=1 / 65535)
     assert not np.array_equal(cam[0, :, :, 0].numpy(), cam[0, :, :, 1].numpy())
+
+
+def test_parametric_map_jpeg_ls_lossless(tmp_path):
+    """compress=True: JPEG-LS lossless uint16 frames, dciodvfy clean, the same values through
+    pydicom and highdicom, and smaller than the uncompressed map."""
+    write_dicom_series(blob_volume((6, 32, 30)), tmp_path / "s", spacing=(0.8, 1.1, 3.0),
+                       origin=(-10, 5, 40), modality="CT")
+    image, info = load_volume(tmp_path / "s")
+    zz, yy, xx = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in info.shape], indexing="ij")
+    smooth = torch.exp(-(zz**2 + yy**2 + xx**2) * 2.0)[None]
+    cam = MetaTensor(smooth, affine=image.affine)
+    plain = write_parametric_map(cam, info, tmp_path / "plain.dcm", method="gradcam")
+    packed = write_parametric_map(cam, info, tmp_path / "packed.dcm", method="gradcam",
+                                  compress=True)
+    assert dciodvfy(packed)[0] == []
+    ds = pydicom.dcmread(packed)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+    np.testing.assert_array_equal(ds.pixel_array, pydicom.dcmread(plain).pixel_array)
+    frames = _frames_by_position(ds, real_frames(hd.pm.ParametricMap.from_dataset(ds)))
+    for k, src in enumerate(info.source_datasets()):
+        pos = tuple(round(float(v), 3) for v in src.ImagePositionPatient)
+        np.testing.assert_allclose(frames[pos], smooth[0, :, :, k].numpy().T, rtol=0,
+                                   atol=1 / 65535)
+    assert packed.stat().st_size < plain.stat().st_size
+    with pytest.raises(ValueError, match="needs pixel_type='uint16'"):
+        write_parametric_map(cam, info, tmp_path / "f.dcm", method="gradcam",
+                             pixel_type="float32", compress=True)

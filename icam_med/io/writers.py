@@ -3,8 +3,10 @@
 * :func:`write_nifti`: float32 NIfTI-1 with the map's (= the source's) RAS affine as both
   sform and qform, the source's qform/sform codes (scanner-anatomical for DICOM input),
   millimetre units and ``cal_min``/``cal_max`` 0..1; never an identity affine by accident.
-* :func:`write_parametric_map`: a DICOM Parametric Map (highdicom) with float pixel data,
-  one frame per source slice, referencing the source series, its quantity coded as a
+* :func:`write_parametric_map`: a DICOM Parametric Map (highdicom) with unsigned 16-bit
+  pixel data and a Real World Value Mapping (slope 1/65535: values within 1/65535),
+  uncompressed (float32 and JPEG-LS lossless on request: dcmqi 1.5.7 reads float pixel
+  data only, and no compressed syntax), one frame per source slice, referencing the source series, its quantity coded as a
   class-activation map, and the algorithm (name, version, method and parameters) identified
   in the Contributing Equipment and the frames' derivation description. Frame ``i`` holds
   the map slice at source frame ``i``'s position (checked against the loaded grid, which is
@@ -34,9 +36,14 @@ import torch
 from icam_med._version import __version__
 from icam_med.io.atomic import atomic_write_bytes, check_writable
 
-__all__ = ["CAM_QUANTITY_CODE", "write_nifti", "write_parametric_map"]
+__all__ = ["CAM_QUANTITY_CODE", "quantise_uint16", "write_nifti", "write_parametric_map"]
 
 log = logging.getLogger(__name__)
+
+#: gzip level of ``.nii.gz`` maps, chosen by measurement (scripts/bench_outputs.py): on a
+#: smooth 256x256x150 float32 map every level from 1 to 9 gives 0.75-0.754 of the raw
+#: bytes (the low mantissa bits do not compress), and level 1 is the fastest.
+NIFTI_GZIP_LEVEL = 1
 
 # No standard code exists for a class-activation map: a private (99-prefixed) coding scheme.
 CAM_CODING_SCHEME = "99ICAMMED"
@@ -130,7 +137,7 @@ def write_nifti(
     hdr["cal_min"], hdr["cal_max"] = 0.0, max(1.0, float(data.max()))
     payload = img.to_bytes()
     if name.endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+        payload = gzip.compress(payload, compresslevel=NIFTI_GZIP_LEVEL, mtime=0)
     atomic_write_bytes(p, payload, overwrite=overwrite)
     log.info("wrote NIfTI map %s (shape %s)", p, data.shape)
     return p
@@ -366,8 +373,19 @@ def write_parametric_map(
     series_description: str = "icam-med CAM",
     series_number: int = 9001,
     overwrite: bool = False,
+    pixel_type: str = "uint16",
+    compress: bool = False,
 ) -> Path:
     """Write a map on the grid of a DICOM source as a DICOM Parametric Map.
+
+    Pixel data are unsigned 16-bit with a Real World Value Mapping (slope ``1/65535``,
+    intercept 0 for a map in [0, 1]: values within ``1/65535``: half a step plus float32
+    rounding), Explicit VR Little
+    Endian: half the bytes of float32; dciodvfy, pydicom, highdicom and dcm2niix read it.
+    dcmqi 1.5.7 (3D Slicer's reader) reads float pixel data only: ``pixel_type="float32"``
+    writes that. ``compress=True`` stores uint16 frames JPEG-LS lossless (about a third again
+    on a smooth map; pydicom, highdicom and dcm2niix read it, dcmqi reads no encapsulated
+    pixel data).
 
     Args:
         cam_map: ``(1, X, Y, Z)`` map on the source grid (as from
@@ -379,6 +397,10 @@ def write_parametric_map(
         target_label: class explained (e.g. ``"present"``), for the LUT explanation.
         series_description, series_number: of the new series.
         overwrite: replace an existing file.
+        pixel_type: ``"uint16"`` (default: integer pixels + RWVM) or ``"float32"`` (float
+            pixel data, twice the bytes; the one dcmqi 1.5.7, 3D Slicer's reader, reads).
+        compress: JPEG-LS lossless transfer syntax (uint16 only; not read by dcmqi);
+            default uncompressed.
 
     Returns:
         The written path.
@@ -428,13 +450,24 @@ def write_parametric_map(
         + (f" for class '{target_label}'" if target_label else "")
         + f"; parameters {params_json}", 1024)
     quantity = hd.sr.CodedConcept(*CAM_QUANTITY_CODE)
+    if pixel_type not in ("uint16", "float32"):
+        raise ValueError(f"pixel_type {pixel_type!r}: expected 'uint16' or 'float32'.")
+    if compress and pixel_type != "uint16":
+        raise ValueError("compress=True needs pixel_type='uint16' (DICOM defines no "
+                         "compression for float pixel data).")
+    if pixel_type == "uint16":
+        stored, slope, intercept = quantise_uint16(frames)
+        value_range: tuple[Any, Any] = (0, _UINT16_MAX)
+        window = (32767.5, 65536.0)  # the window applies to stored values: all of them
+    else:
+        stored, slope, intercept, value_range, window = frames, 1.0, 0.0, (0.0, 1.0), (0.5, 1.0)
     rwvm = hd.pm.RealWorldValueMapping(
         lut_label="ICAM",
         lut_explanation=_truncate(f"{method} CAM" + (f" {target_label}" if target_label else ""), 64),
         unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
-        value_range=(0.0, 1.0),
-        slope=1.0,
-        intercept=0.0,
+        value_range=value_range,
+        slope=slope,
+        intercept=intercept,
         quantity_definition=quantity,
     )
     equipment = hd.ContributingEquipment(
@@ -445,7 +478,8 @@ def write_parametric_map(
         contribution_description=description,
     )
     with _header_values_withheld():  # highdicom quotes e.g. an unusual Patient's Name
-        pm = _parametric_map(hd, sources, frames, rwvm, equipment, method, int(series_number))
+        pm = _parametric_map(hd, sources, stored, rwvm, equipment, method, int(series_number),
+                             window)
     pm.SeriesDescription = _truncate(series_description, 64)
     if "ContentCreatorName" not in pm:
         pm.ContentCreatorName = ""  # Type 2 in Content Identification: present, empty
@@ -459,6 +493,13 @@ def write_parametric_map(
     for fg in pm.PerFrameFunctionalGroupsSequence:
         for item in getattr(fg, "DerivationImageSequence", []):
             item.DerivationDescription = description
+    if compress:
+        from pydicom.uid import JPEGLSLossless
+
+        # Lossless JPEG-LS (CharLS via pyjpegls, a highdicom dependency): read by pydicom,
+        # highdicom and dcm2niix, not by dcmqi 1.5.7 (no encapsulated pixel data; neither RLE
+        # nor Deflate is read by all four). Frames are encoded once their order is final.
+        pm.compress(JPEGLSLossless, encoding_plugin="pyjpegls")
     pm.preamble = b"\x00" * 128
     import io
 
@@ -466,12 +507,40 @@ def write_parametric_map(
     with _header_values_withheld():
         pm.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(p, buf.getvalue(), overwrite=overwrite)
-    log.info("wrote DICOM Parametric Map %s (%d frames)", p, frames.shape[0])
+    log.info("wrote DICOM Parametric Map %s (%d frames, %s, RWVM slope %.6g%s)", p,
+             frames.shape[0], pixel_type, slope, ", JPEG-LS lossless" if compress else "")
     return p
 
 
+_UINT16_MAX = 65535
+
+
+def quantise_uint16(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Map values to unsigned 16-bit stored values and their Real World Value Mapping.
+
+    The range is ``[min(0, lo), max(1, hi)]`` (a CAM map in [0, 1] gets slope ``1/65535``,
+    intercept 0); stored ``v`` means ``v * slope + intercept``, within ``slope / 2`` of the
+    float value (plus float32 rounding: within ``slope`` in all).
+
+    Returns:
+        ``(stored, slope, intercept)``.
+    """
+    a = np.asarray(values, dtype=np.float32)
+    lo = min(0.0, float(a.min())) if a.size else 0.0
+    hi = max(1.0, float(a.max())) if a.size else 1.0
+    slope = (hi - lo) / _UINT16_MAX
+    stored = np.empty(a.shape, dtype=np.uint16)
+    chunk = max(1, 4_000_000 // max(1, int(np.prod(a.shape[1:]))))
+    for i in range(0, a.shape[0], chunk):  # slab by slab: no float64 copy of the whole map
+        part = (a[i:i + chunk] - np.float32(lo)) * np.float32(1.0 / slope)
+        np.clip(np.rint(part, out=part), 0, _UINT16_MAX, out=part)
+        stored[i:i + chunk] = part
+    return stored, float(slope), float(lo)
+
+
 def _parametric_map(hd: Any, sources: list[Any], frames: np.ndarray, rwvm: Any,
-                    equipment: Any, method: str, series_number: int) -> Any:
+                    equipment: Any, method: str, series_number: int,
+                    window: tuple[float, float]) -> Any:
     from pydicom.uid import ExplicitVRLittleEndian
 
     return hd.pm.ParametricMap(
@@ -487,7 +556,8 @@ def _parametric_map(hd: Any, sources: list[Any], frames: np.ndarray, rwvm: Any,
         device_serial_number="none",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[rwvm],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=window[0],
+                                                         window_width=window[1])],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_description=_truncate(f"{method} class-activation map", 64),
         content_creator_name=None,

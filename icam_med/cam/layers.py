@@ -32,7 +32,7 @@ import logging
 import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "effective_bias",
     "first_conv",
     "own_bias",
+    "record_bias",
     "probe_layers",
     "select_layers",
     "validate_layer_names",
@@ -182,10 +183,6 @@ def _is_activation_node(node: Any) -> bool:
     return False
 
 
-def _ancestor_of(outer: str, inner: str) -> bool:
-    return outer == "" or inner.startswith(outer + ".")
-
-
 @dataclass
 class _Call:
     name: str
@@ -307,7 +304,7 @@ def _describe(model: nn.Module, last: dict[str, _Call], calls: dict[str, int], o
         if not any(True for _ in c.module.children()) and c.node is not None:
             leaf_of_node.setdefault(c.node, c)
 
-    def kind_of(node: Any, members: list[_Call]) -> str:
+    def kind_of(node: Any) -> str:
         leaf = leaf_of_node.get(node)
         if leaf is not None:
             if isinstance(leaf.module, _ACTIVATION):
@@ -387,7 +384,7 @@ def _describe(model: nn.Module, last: dict[str, _Call], calls: dict[str, int], o
     for members in by_group.values():
         members.sort(key=lambda m: m.order)
         node = members[0].node
-        kind = kind_of(node, members)
+        kind = kind_of(node)
         readers = reads(node)
         pre_activation = any(_is_activation_node(r) for r in readers) or (
             kind != "add" and any(
@@ -531,8 +528,3 @@ def record_bias(record: LayerRecord, modules: dict[str, nn.Module]) -> torch.Ten
     module = modules[record.name]
     conv = modules.get(record.fold_from) if record.fold_from else None
     return effective_bias(module, conv)
-
-
-def describe_records(records: list[LayerRecord]) -> list[dict[str, Any]]:
-    """JSON-safe summary of the probe (for debugging a preset's choice)."""
-    return [replace(r).__dict__ for r in records]

@@ -45,8 +45,8 @@ __all__ = [
     "effective_bias",
     "first_conv",
     "own_bias",
-    "record_bias",
     "probe_layers",
+    "record_bias",
     "select_layers",
     "validate_layer_names",
 ]

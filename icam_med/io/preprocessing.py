@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Preprocessor", "build_preprocessing"]
+__all__ = ["Preprocessor", "build_preprocessing", "resample_to_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,22 @@ class Preprocessor:
             ValueError: the map does not match the preprocessed grid, or the pipeline holds
                 a spatial step that cannot be inverted (the result misses the source grid).
         """
+        m = torch.as_tensor(cam_map).detach().to(dtype=torch.float32)
+        if (source_shape is not None and source_affine is not None
+                and _fast_head(preprocessed.applied_operations)):
+            out = self._invert_fast(m, preprocessed, source_shape, source_affine, mode)
+            if out is not None:
+                return self._checked(out, source_shape, source_affine)
+        return self.invert_reference(m.cpu(), preprocessed, source_shape=source_shape,
+                                     source_affine=source_affine, mode=mode)
+
+    def invert_reference(self, cam_map: torch.Tensor, preprocessed: Any, *,
+                         source_shape: Sequence[int] | None = None,
+                         source_affine: np.ndarray | torch.Tensor | None = None,
+                         mode: str = "bilinear") -> Any:
+        """:meth:`invert` by MONAI's own inverse of every step (``Compose.inverse``), each
+        at its own grid: the reference the one-pass inverse is tested against, and the way
+        back for pipelines the one-pass inverse does not cover."""
         from monai.data import MetaTensor
         from monai.utils import TraceKeys
 
@@ -184,7 +200,61 @@ class Preprocessor:
         out = self.compose.inverse({IMAGE_KEY: cam})[IMAGE_KEY]
         if not isinstance(out, MetaTensor):  # pragma: no cover
             out = MetaTensor(out)
-        out = out.float()
+        return self._checked(out.float(), source_shape, source_affine)
+
+    def _invert_fast(self, m: torch.Tensor, preprocessed: Any, source_shape: Sequence[int],
+                     source_affine: Any, mode: str) -> Any:
+        """MONAI's inverse for the steps after the first resampling (at the model's
+        resolution), then one trilinear pass from the composed affine onto the scan's grid
+        for the orientation and resampling steps before it. ``None`` when MONAI's inverse of
+        the later steps does not fit this scheme (the caller then inverts by MONAI alone)."""
+        from monai.data import MetaTensor
+        from monai.transforms import InvertibleTransform
+        from monai.utils import TraceKeys
+
+        if m.ndim == preprocessed.ndim - 1:
+            m = m.unsqueeze(0)
+        if tuple(m.shape[1:]) != tuple(preprocessed.shape[1:]):
+            return None  # the reference path raises the clear error
+        ops = copy.deepcopy(preprocessed.applied_operations)
+        head = _fast_head(ops)
+        first_size = ops[0].get(TraceKeys.ORIG_SIZE) if ops else None
+        if first_size is None or tuple(int(v) for v in first_size) != tuple(
+                int(v) for v in source_shape):
+            return None  # not this scan's pipeline: the reference path says so
+        pad_mode = "zeros"
+        for op in ops[:head]:
+            extra = op.get(TraceKeys.EXTRA_INFO) or {}
+            if op.get(TraceKeys.CLASS_NAME) == "SpatialResample":
+                pad_mode = str(extra.get("padding_mode", "border"))
+        for op in ops[head:]:
+            extra = op.get(TraceKeys.EXTRA_INFO) or {}
+            if isinstance(extra, dict) and "mode" in extra and mode != "nearest":
+                extra["mode"] = mode
+        meta = copy.deepcopy(preprocessed.meta)
+        meta["affine"] = preprocessed.affine.clone()
+        data = {IMAGE_KEY: MetaTensor(m.cpu(), meta=meta, applied_operations=ops)}
+        try:
+            for t in reversed(self.compose.transforms):
+                if len(data[IMAGE_KEY].applied_operations) <= head:
+                    break
+                if isinstance(t, InvertibleTransform):
+                    data = t.inverse(data)
+        except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+            log.debug("one-pass inverse not applicable (%s); MONAI's inverse used", exc)
+            return None
+        low = data[IMAGE_KEY]
+        if len(low.applied_operations) != head:
+            return None
+        out = resample_to_grid(low.as_tensor().to(m.device), np.asarray(low.affine.cpu()),
+                               tuple(int(s) for s in source_shape),
+                               np.asarray(torch.as_tensor(source_affine).cpu()),
+                               mode=mode, padding_mode=pad_mode)
+        return MetaTensor(out.cpu(), affine=torch.as_tensor(
+            np.asarray(torch.as_tensor(source_affine).cpu(), dtype=np.float64)))
+
+    def _checked(self, out: Any, source_shape: Sequence[int] | None,
+                 source_affine: np.ndarray | torch.Tensor | None) -> Any:
         if source_shape is not None and tuple(out.shape[1:]) != tuple(source_shape):
             raise ValueError(
                 f"inverting the preprocessing gave a map of shape {tuple(out.shape[1:])}, not "
@@ -208,3 +278,75 @@ class Preprocessor:
 
     def _names(self) -> list[str]:
         return [s["name"] for s in self.steps]
+
+
+# Ops the one-pass inverse takes over: exact re-indexing and one linear resampling.
+_HEAD_OPS = {"Orientation", "SpatialResample"}
+
+
+def _fast_head(ops: Sequence[Mapping[str, Any]]) -> int:
+    """How many leading applied operations the one-pass inverse covers: orientations and at
+    most one (non-lazy) resampling; 0 when there is no resampling among them."""
+    from monai.utils import TraceKeys
+
+    n = resamples = 0
+    for op in ops:
+        name = op.get(TraceKeys.CLASS_NAME)
+        if name not in _HEAD_OPS or op.get(TraceKeys.LAZY) or not op.get(
+                TraceKeys.DO_TRANSFORM, True):
+            break
+        if name == "SpatialResample":
+            if resamples:
+                break
+            resamples += 1
+        n += 1
+    return n if resamples else 0
+
+
+def resample_to_grid(low: torch.Tensor, low_affine: np.ndarray, shape: Sequence[int],
+                     affine: np.ndarray, *, mode: str = "bilinear",
+                     padding_mode: str = "border", slab_voxels: int = 4_000_000) -> torch.Tensor:
+    """Sample a map ``(C, *low_shape)`` with voxel-to-world ``low_affine`` at every voxel of
+    the grid ``(shape, affine)``, in one pass, slab by slab.
+
+    Each output voxel's index is carried to the low-resolution grid by
+    ``inv(low_affine) @ affine`` and interpolated there (trilinear, or nearest), with
+    ``padding_mode`` (``"border"``, ``"zeros"``, ``"reflection"``) outside it: what MONAI's
+    inverse resampling does, without building any full-resolution intermediate. Memory
+    beyond the output is one slab's sampling grid (``slab_voxels`` x 3 floats).
+
+    Returns:
+        A float32 tensor ``(C, *shape)`` on ``low``'s device.
+    """
+    low = low.float()
+    c = low.shape[0]
+    spatial = tuple(int(s) for s in low.shape[1:])
+    if len(spatial) != 3 or len(shape) != 3:
+        raise ValueError(f"resample_to_grid works on 3-D grids, got {spatial} -> {tuple(shape)}.")
+    to_low = torch.as_tensor(np.linalg.inv(np.asarray(low_affine, dtype=np.float64))
+                             @ np.asarray(affine, dtype=np.float64), dtype=torch.float64)
+    dev = low.device
+    x_n, y_n, z_n = (int(s) for s in shape)
+    out = torch.empty((c, x_n, y_n, z_n), dtype=torch.float32, device=dev)
+    per_slice = max(1, x_n * y_n)
+    step = max(1, slab_voxels // per_slice)
+    ii = torch.arange(x_n, dtype=torch.float64, device=dev)
+    jj = torch.arange(y_n, dtype=torch.float64, device=dev)
+    m = to_low.to(dev)
+    # Normalised coordinates (align_corners=True: -1 and 1 are the first and last voxel
+    # centres); a one-voxel axis maps everything to its centre.
+    scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in spatial], dtype=torch.float64,
+                         device=dev)
+    base = (m[:3, 0, None, None] * ii[None, :, None] + m[:3, 1, None, None] * jj[None, None, :]
+            + m[:3, 3, None, None])  # (3, X, Y): index in the low grid of slice k = 0
+    inp = low[None]  # (1, C, D, H, W) = (1, C, S0, S1, S2)
+    for z0 in range(0, z_n, step):
+        kk = torch.arange(z0, min(z_n, z0 + step), dtype=torch.float64, device=dev)
+        idx = base[..., None] + m[:3, 2, None, None, None] * kk[None, None, None, :]
+        norm = idx * scale[:, None, None, None] - (scale[:, None, None, None] > 0).double()
+        # grid_sample's last grid axis is (W, H, D) = (S2, S1, S0)
+        grid = torch.stack((norm[2], norm[1], norm[0]), dim=-1).float()[None]
+        out[:, :, :, z0: z0 + kk.numel()] = torch.nn.functional.grid_sample(
+            inp, grid, mode="nearest" if mode == "nearest" else "bilinear",
+            padding_mode=padding_mode, align_corners=True)[0]
+    return out

@@ -16,10 +16,13 @@ Folder layout (docs/audit.md)::
     OUT/scans/<scan_id>/cam.icam.json  JSON summary) and its audit record
 
 How work is split: workers (this process, local processes or Dask workers) load and
-explain scans, each worker preparing the model once and keeping it; the coordinating
-process alone writes outputs, records and the ledger, one scan at a time, so the chain
-stays linear and no two processes write into the folder. Workers therefore need the scans
-and the weights at the same paths; the output folder only has to exist here.
+explain scans, each worker preparing the model once and keeping it, and write their scan's
+outputs (maps, Parametric Map, JSON summary) into ``OUT/scans/<scan_id>/`` themselves,
+each file atomically (temporary file in that folder, fsync, rename). The coordinating
+process only re-hashes those files against what the worker reported, writes the record
+and appends the ledger, one scan at a time, so the chain stays linear. Workers therefore
+need the scans, the weights and the output folder at the same paths (a shared file
+system).
 
 Resuming: a scan is done when the ledger holds its ``scan`` entry, all its files still
 verify and the scan given now still has the voxel SHA-256 its record pins (a changed scan
@@ -65,6 +68,7 @@ from icam_med.audit.trail import AuditContext
 from icam_med.cam.summary import map_statistics
 from icam_med.config import ICAMConfig, load_config
 from icam_med.discovery import ScanSpec, collect_scans
+from icam_med.paths import SCANS_DIR
 
 __all__ = ["MODEL_CACHE", "BatchResult", "ModelCache", "ResumePlan", "ScanOutcome", "WorkerTask",
            "choose_backend", "commit_outcome", "explain_task", "map_analysis", "plan_resume",
@@ -72,7 +76,6 @@ __all__ = ["MODEL_CACHE", "BatchResult", "ModelCache", "ResumePlan", "ScanOutcom
 
 log = logging.getLogger(__name__)
 
-SCANS_DIR = "scans"
 SUMMARY_NAME = "summary.csv"
 SUMMARY_COLUMNS = (
     "scan_id", "status", "predicted_class", "predicted_label", "score", "expected_label",
@@ -127,22 +130,27 @@ class WorkerTask:
         config: the run config, its weights pinned to the hash the run recorded.
         device: torch device.
         seed: torch seed set before each scan, or ``None``.
+        out_dir: the audit folder; a worker writes scan ``S`` into ``out_dir/scans/S``.
     """
 
     key: str
     config: ICAMConfig
     device: str
     seed: int | None
+    out_dir: Path
 
 
 @dataclass
 class ScanOutcome:
-    """What a worker sends back for one scan: an explanation to write, or why it failed.
+    """What a worker sends back for one scan: the files it wrote, or why it failed.
 
     Attributes:
         scan_id: the scan.
         pid: the worker process (``None`` when the worker died).
-        explanation: the :class:`~icam_med.explain.Explanation` (engine internals dropped).
+        explanation: the :class:`~icam_med.explain.Explanation`, its maps dropped once
+            written (what the record needs stays).
+        written: the files the worker wrote into the scan's folder, with the SHA-256 and
+            size it computed (the coordinator checks them before sealing).
         analysis: the record's ``analysis`` section (see :func:`map_analysis`).
         error: ``"<ExceptionType>: <message>"`` when the scan failed.
         prepare_count: how many times that worker had prepared a model.
@@ -154,6 +162,7 @@ class ScanOutcome:
     scan_id: str
     pid: int | None = None
     explanation: Any = None
+    written: tuple[Any, ...] = ()
     analysis: dict[str, Any] | None = None
     error: str | None = None
     prepare_count: int | None = None
@@ -162,11 +171,12 @@ class ScanOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.explanation is not None
+        return self.error is None and self.explanation is not None and bool(self.written)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe view (the explanation itself stays in memory)."""
         return {"scan_id": self.scan_id, "pid": self.pid, "ok": self.ok, "error": self.error,
+                "written": [w.to_dict() for w in self.written],
                 "analysis": self.analysis, "prepare_count": self.prepare_count,
                 "seconds": self.seconds}
 
@@ -224,13 +234,17 @@ def _load_mask(spec: ScanSpec, info: Any, geometry: Any) -> Any:
 
 
 def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
-    """Load and explain one scan on a worker; never raises (failures are outcomes)."""
+    """Load, explain and write one scan on a worker; never raises (failures are outcomes).
+
+    The outputs go into ``task.out_dir/scans/<scan_id>`` (:func:`icam_med.explain.write_outputs`);
+    the coordinator seals them.
+    """
     started = time.perf_counter()
     outcome = ScanOutcome(scan_id=spec.scan_id, pid=os.getpid())
     try:
         import torch
 
-        from icam_med.explain import explain_volume
+        from icam_med.explain import explain_volume, write_outputs
         from icam_med.io import load_volume
 
         with MODEL_CACHE.lock:
@@ -245,10 +259,13 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
                 explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,
                 predicted_class=explanation.result.predicted_class,
                 predicted_label=explanation.predicted_label)
-        # What the coordinator needs to write; the engine's internals stay here.
-        explanation.cam_result = None
-        explanation.preprocessed = None
+        written = write_outputs(explanation, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
+                                audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
+                                                   command="audit"))
+        # What the coordinator needs to seal; the maps and the engine's internals stay here.
+        explanation.drop_maps()
         outcome.explanation, outcome.analysis = explanation, analysis
+        outcome.written = tuple(written)
     except Exception as exc:  # a bad scan fails alone; the reason travels back
         outcome.error = f"{type(exc).__name__}: {exc}"
     outcome.prepare_count = MODEL_CACHE.prepare_count
@@ -432,7 +449,7 @@ def _weights_sha256(cfg: ICAMConfig) -> str | None:
 
 
 def worker_task(cfg: ICAMConfig, weights_sha256: str | None, device: str,
-                seed: int | None) -> WorkerTask:
+                seed: int | None, out_dir: Path) -> WorkerTask:
     """The task every worker gets: the config with its weights pinned to the hash this run
     records, so a worker that reads other bytes refuses them instead of using them."""
     from icam_med.audit import sha256_json
@@ -440,7 +457,7 @@ def worker_task(cfg: ICAMConfig, weights_sha256: str | None, device: str,
     if weights_sha256 is not None:
         cfg = replace(cfg, model=replace(cfg.model, weights_sha256=weights_sha256))
     key = sha256_json({"raw": cfg.raw, "path": str(cfg.path), "weights": weights_sha256})
-    return WorkerTask(key=key, config=cfg, device=device, seed=seed)
+    return WorkerTask(key=key, config=cfg, device=device, seed=seed, out_dir=Path(out_dir))
 
 
 def _failure_reason(error: str, spec: ScanSpec) -> tuple[str, tuple[str, ...]]:
@@ -597,22 +614,29 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
 
 def commit_outcome(out: Path, ledger: Ledger, spec: ScanSpec, outcome: ScanOutcome,
                    ctx: AuditContext, result: BatchResult) -> None:
-    """Write one scan's outputs, record and ledger entry, or log its failure (never both)."""
-    from icam_med.explain import write_explanation
+    """Seal one scan's outputs (the worker wrote them) with a record and a ledger entry, or
+    log its failure (never both).
+
+    Sealing re-hashes every file the worker reported (:func:`icam_med.explain.seal_outputs`):
+    a file missing or changed since its write fails the scan, and what the worker left is
+    removed (nothing of it is logged).
+    """
+    from icam_med.explain import seal_outputs
 
     if outcome.pid is not None and outcome.prepare_count is not None:
         result.prepare_counts[outcome.pid] = outcome.prepare_count
     error = outcome.error
+    if error is None and not outcome.written:
+        error = "RuntimeError: the worker reported no outputs written"
     if error is None:
         try:
-            write_explanation(outcome.explanation, out / SCANS_DIR / spec.scan_id,
-                              audit=replace(ctx, scan_id=spec.scan_id,
-                                            analysis=outcome.analysis))
+            seal_outputs(outcome.explanation, outcome.written, out / SCANS_DIR / spec.scan_id,
+                         audit=replace(ctx, scan_id=spec.scan_id, analysis=outcome.analysis))
             result.done.append(spec.scan_id)
             return
-        except Exception as exc:  # a scan that cannot be written fails alone
+        except Exception as exc:  # a scan that cannot be sealed fails alone
             error = f"{type(exc).__name__}: {exc}"
-            _clean_leftovers(out, ledger, spec.scan_id)
+    _clean_leftovers(out, ledger, spec.scan_id)  # what a failed worker or seal left
     reason, names = _failure_reason(error, spec)
     entry = ledger.log_failure(spec.scan_id, reason, run_id=result.run_id,
                                identifiers=outcome.identifiers, names=names)
@@ -689,7 +713,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     if operator is not None and (not operator.strip() or len(operator) > 64):
         raise ValueError(f"--operator {operator!r}: give a short pseudonymous id (1-64 chars).")
     weights_sha = _weights_sha256(cfg)  # the run's one read of the weights file
-    task = worker_task(cfg, weights_sha, device, seed)
+    task = worker_task(cfg, weights_sha, device, seed, out)
     result = BatchResult(out_dir=out, run_id=uuid.uuid4().hex, n_scans=len(scans))
     with FolderLock(out) as lock:
         ledger = Ledger(out)

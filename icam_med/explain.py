@@ -7,7 +7,11 @@ Three steps, so callers can reuse the expensive parts:
   the map(s) back onto the scan's own grid; returns an :class:`Explanation` (used by the
   batch runner and the napari widget);
 * :func:`write_explanation` - write the NIfTI map (+ DICOM Parametric Map for DICOM input,
-  + layer maps on request) and a JSON summary, atomically and without overwriting.
+  + layer maps on request) and a JSON summary, atomically and without overwriting, then
+  seal them with an audit record and a ledger entry. It is two steps a batch splits over
+  processes: :func:`write_outputs` (a worker writes the files into the scan's folder) and
+  :func:`seal_outputs` (the coordinator re-hashes them, writes the record, appends the
+  ledger).
 
 :func:`explain_scan` does all three for one scan path (the ``icam-med explain`` command).
 """
@@ -19,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,7 +59,9 @@ __all__ = [
     "explain_volume",
     "output_paths",
     "prepare",
+    "seal_outputs",
     "write_explanation",
+    "write_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,6 +137,8 @@ class Explanation:
         preprocessed: the preprocessed image (model input grid), a MetaTensor.
         provenance: what the audit record needs (voxel hash, start time, device); ``None``
             for an explanation built by hand, which cannot be audited.
+        map_range: the fused map's ``(min, max)``, kept when the map itself was dropped
+            (a batch worker wrote it and sends the rest back to be sealed).
     """
 
     fused: Any
@@ -145,6 +153,25 @@ class Explanation:
     cam_result: Any = field(default=None, repr=False)
     preprocessed: Any = field(default=None, repr=False)
     provenance: Provenance | None = field(default=None, repr=False)
+    map_range: tuple[float, float] | None = None
+
+    def value_range(self) -> tuple[float, float]:
+        """The fused map's ``(min, max)`` (from the map, or :attr:`map_range` once dropped).
+
+        Raises:
+            ValueError: neither the map nor its range is held.
+        """
+        if self.fused is not None:
+            return float(self.fused.min()), float(self.fused.max())
+        if self.map_range is None:
+            raise ValueError("this explanation holds neither its fused map nor its range.")
+        return self.map_range
+
+    def drop_maps(self) -> None:
+        """Free the maps once written, keeping what the record needs (their range)."""
+        self.map_range = self.value_range()
+        self.fused, self.layer_maps = None, {}
+        self.cam_result = self.preprocessed = None
 
     @property
     def target_label(self) -> str | None:
@@ -288,7 +315,7 @@ def _refuse_existing(paths: Mapping[str, Path], overwrite: bool) -> None:
 
 def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrite: bool = False,
                       stem: str = MAP_STEM, audit: AuditContext | None = None) -> list[WrittenFile]:
-    """Write an explanation's maps and JSON summary into ``out_dir``.
+    """Write an explanation's maps and JSON summary into ``out_dir``, and seal them.
 
     Writes ``{stem}.nii.gz`` (fused map, source affine), ``{stem}_parametric_map.dcm`` for
     DICOM input (when the source has plane positions), ``{stem}_layer_<layer>.nii.gz`` per
@@ -298,7 +325,8 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
 
     Last, the audit record ``{stem}.icam.json`` is written and logged in the output
     folder's ``ledger.jsonl`` (see :mod:`icam_med.audit.trail`; ``audit`` picks the ledger
-    folder, run and scan names).
+    folder, run and scan names). This is :func:`write_outputs` then :func:`seal_outputs`
+    under the folder's lock.
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is False (checked before writing),
@@ -321,10 +349,110 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
     signing_key = None if held else _signing_key(explanation, root)
     with contextlib.nullcontext() if held else FolderLock(root):
         check_before_writing(paths["cam_nifti"], audit, list(paths.values()))
-        written, entry = _write_locked(explanation, paths, overwrite, audit)
+        written = _write_files(explanation, paths, overwrite)
+        try:
+            entry, record_path = _seal(explanation, written, paths["cam_nifti"], audit)
+        except BaseException:
+            for w in written:
+                w.path.unlink(missing_ok=True)
+            raise
         if signing_key is not None:
             sign_head(root, signing_key, entry.run_id, entry.seq, entry.sha256)
-        return written
+        return [*written, _written(record_path, "audit_record")]
+
+
+def write_outputs(explanation: Explanation, out_dir: str | Path, *, stem: str = MAP_STEM,
+                  audit: AuditContext | None = None) -> list[WrittenFile]:
+    """Write an explanation's maps and JSON summary into ``out_dir``; no record, no ledger.
+
+    What a batch worker does (in this process, a local process or on a Dask worker, onto
+    the shared file system): every file is written atomically (a temporary file in
+    ``out_dir``, fsynced, renamed), never over an existing one, and a failure removes what
+    this call wrote. The files are not evidence until :func:`seal_outputs` has re-hashed
+    them and logged them: a worker killed here leaves at most unlogged files, which
+    ``verify`` reports and the next run removes.
+
+    Args:
+        explanation: from :func:`explain_volume`.
+        out_dir: the scan's output folder.
+        stem: the outputs' stem.
+        audit: the audit context the files will be sealed under (its ``root`` holds the
+            ledger, read here only to refuse outputs it already records).
+
+    Returns:
+        The files written (name, role, SHA-256, size) for :func:`seal_outputs`.
+
+    Raises:
+        FileExistsError: the map already has a record, or an output exists already (both
+            checked before writing).
+    """
+    paths = output_paths(out_dir, is_dicom=explanation.scan_info.format == "dicom",
+                         layer_names=list(explanation.layer_maps), stem=stem)
+    check_before_writing(paths["cam_nifti"], audit, list(paths.values()))
+    _refuse_existing(paths, overwrite=False)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return _write_files(explanation, paths, overwrite=False)
+
+
+def seal_outputs(explanation: Explanation, written: Sequence[WrittenFile], out_dir: str | Path,
+                 *, audit: AuditContext | None = None,
+                 stem: str = MAP_STEM) -> tuple[list[WrittenFile], Any]:
+    """Check files another process wrote into ``out_dir``, then record and log them.
+
+    The coordinator's part of a batch: each file in ``written`` must still be in
+    ``out_dir`` (a plain file, no link) with the size and SHA-256 its writer reported;
+    only then is the audit record written and the ledger appended. The caller holds the
+    folder's lock (``audit.lock``), else it is taken here.
+
+    Args:
+        explanation: the explanation (its maps may have been dropped: see
+            :meth:`Explanation.drop_maps`).
+        written: what :func:`write_outputs` returned (only file names are used: the files
+            are looked up in ``out_dir``).
+        out_dir: the scan's output folder.
+        audit: the audit context.
+        stem: the outputs' stem.
+
+    Returns:
+        ``(every file including the record, ledger entry)``.
+
+    Raises:
+        ValueError: a file is missing, a link, or differs from what its writer reported
+            (nothing is recorded then).
+        FileExistsError: the map already has a record.
+    """
+    folder = Path(out_dir)
+    files = [replace(w, path=folder / Path(w.path).name) for w in written]
+    by_role = {w.role: w for w in files}
+    if "cam_nifti" not in by_role:
+        raise ValueError(f"no fused map among the outputs to seal in {folder}.")
+    map_path = by_role["cam_nifti"].path
+    root = audit_root(map_path, audit)
+    held = audit is not None and audit.lock is not None and audit.lock.covers(root)
+    with contextlib.nullcontext() if held else FolderLock(root):
+        check_before_writing(map_path, audit)
+        for w in files:
+            _check_written(w)
+        entry, record_path = _seal(explanation, files, map_path, audit)
+    return [*files, _written(record_path, "audit_record")], entry
+
+
+def _check_written(w: WrittenFile) -> None:
+    """Refuse a file that is not, byte for byte, what its writer reported."""
+    p = w.path
+    if p.is_symlink() or not p.is_file():
+        raise ValueError(f"output {p} ({w.role}) is missing or not a plain file; its writer "
+                         "reported it written. Nothing was recorded for this scan.")
+    size = p.stat().st_size
+    if size != w.size or sha256_file(p) != w.sha256:
+        raise ValueError(
+            f"output {p} ({w.role}) changed between its write and the seal (size {size}, "
+            f"reported {w.size}; or its SHA-256 differs from the writer's): refusing to record "
+            "it. Nothing was recorded for this scan; audit it again.")
+
+
+def _written(path: Path, role: str) -> WrittenFile:
+    return WrittenFile(path, role, sha256_file(path), path.stat().st_size)
 
 
 def _signing_key(explanation: Explanation, root: Path) -> Any:
@@ -337,8 +465,10 @@ def _signing_key(explanation: Explanation, root: Path) -> Any:
     return key
 
 
-def _write_locked(explanation: Explanation, paths: Mapping[str, Path], overwrite: bool,
-                  audit: AuditContext | None) -> tuple[list[WrittenFile], Any]:
+def _write_files(explanation: Explanation, paths: Mapping[str, Path],
+                 overwrite: bool) -> list[WrittenFile]:
+    """Write the maps and the JSON summary (each atomically); on failure remove them."""
+    from icam_med.io.atomic import atomic_write_text
     from icam_med.io.writers import write_nifti, write_parametric_map
 
     info = explanation.scan_info
@@ -346,7 +476,7 @@ def _write_locked(explanation: Explanation, paths: Mapping[str, Path], overwrite
     notes: list[str] = []
 
     def record(path: Path, role: str) -> None:
-        written.append(WrittenFile(path, role, sha256_file(path), path.stat().st_size))
+        written.append(_written(path, role))
 
     method = explanation.result.method
     desc = f"icam-med {__version__} {method} CAM"
@@ -372,20 +502,21 @@ def _write_locked(explanation: Explanation, paths: Mapping[str, Path], overwrite
         summary = explanation.to_dict()
         summary["outputs"] = [w.to_dict() for w in written]
         summary["notes"] = notes
-        from icam_med.io.atomic import atomic_write_text
-
         atomic_write_text(paths["summary"], json.dumps(summary, indent=2, sort_keys=False) + "\n",
                           overwrite=overwrite)
         record(paths["summary"], "summary")
-        # Audit seam: the record (listing every file above) and its ledger entry, last.
-        _, entry, record_path = record_explanation(explanation, written, paths["cam_nifti"],
-                                                   audit)
     except BaseException:
         for w in written:
             w.path.unlink(missing_ok=True)
         raise
-    record(record_path, "audit_record")
-    return written, entry
+    return written
+
+
+def _seal(explanation: Explanation, written: Sequence[WrittenFile], map_path: Path,
+          audit: AuditContext | None) -> tuple[Any, Path]:
+    """The audit seam: the record (listing every file written) and its ledger entry."""
+    _, entry, record_path = record_explanation(explanation, written, map_path, audit)
+    return entry, record_path
 
 
 def explain_scan(

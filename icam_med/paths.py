@@ -27,6 +27,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "PARAMETRIC_MAP_SUFFIX",
     "RECORD_SUFFIX",
+    "SCANS_DIR",
     "SIDECAR_SUFFIX",
     "SUMMARY_JSON",
     "audit_folder_for",
@@ -56,6 +57,8 @@ MAP_STEM = "cam"
 SUMMARY_JSON = "summary.json"
 #: ``{stem}_parametric_map.dcm`` is the DICOM Parametric Map of a DICOM input.
 PARAMETRIC_MAP_SUFFIX = "_parametric_map.dcm"
+#: A batch audit folder keeps scan ``S``'s outputs in ``scans/S/``.
+SCANS_DIR = "scans"
 #: A map saved from napari gets its record or summary beside it as ``x.record.json``.
 SIDECAR_SUFFIX = ".record.json"
 #: The napari widget's "Save audit" folder for ``/data/t1.nii.gz`` is ``/data/t1_icam/``.

@@ -306,3 +306,126 @@ def test_rerun_keeps_tampered_outputs_as_evidence(workspace, tmp_path):
     assert rows["case00"]["status"] == "ok" and rows["case01"]["status"] == "failed"
     report = verify_folder(out)
     assert not report.ok and report.first_problem.scan_id == "case01"
+
+
+# ---------------------------------------------------------------------------------------
+# Workers write their scan's outputs; the coordinator checks and seals them
+# ---------------------------------------------------------------------------------------
+def test_workers_write_outputs_and_coordinator_seals_them(workspace, tmp_path, monkeypatch):
+    import icam_med.batch as batch
+
+    seen = {}
+    real_task = batch.explain_task
+
+    def worker(task, spec):
+        outcome = real_task(task, spec)
+        # The worker's files are in place before the coordinator sees the outcome, and the
+        # maps themselves do not travel back.
+        folder = task.out_dir / "scans" / spec.scan_id
+        seen[spec.scan_id] = sorted(p.name for p in folder.iterdir())
+        assert outcome.explanation.fused is None and outcome.explanation.map_range is not None
+        return outcome
+
+    monkeypatch.setattr(batch, "explain_task", worker)
+    out = tmp_path / "out"
+    result = run_batch(workspace["nifti"][:2], workspace["config"], out, progress=False)
+    assert result.exit_code == 0 and sorted(result.done) == ["case00", "case01"]
+    assert seen["case00"] == ["cam.nii.gz", "cam_summary.json"]  # no record before the seal
+    report = verify_folder(out)
+    assert report.ok, report.problems
+    rec = json.loads((out / "scans" / "case00" / "cam.icam.json").read_text())
+    assert rec["method"]["map_range"][1] > rec["method"]["map_range"][0]
+
+
+@pytest.mark.parametrize("change", ["flip-byte", "truncate", "remove"])
+def test_coordinator_refuses_worker_output_changed_before_seal(workspace, tmp_path,
+                                                               monkeypatch, change):
+    import icam_med.batch as batch
+
+    real_task = batch.explain_task
+
+    def tampering_worker(task, spec):
+        outcome = real_task(task, spec)
+        if spec.scan_id == "case01":  # changed after the worker hashed it, before the seal
+            target = task.out_dir / "scans" / spec.scan_id / "cam.nii.gz"
+            data = bytearray(target.read_bytes())
+            if change == "flip-byte":
+                data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
+                target.write_bytes(bytes(data))
+            elif change == "truncate":
+                target.write_bytes(bytes(data[:-10]))
+            else:
+                target.unlink()
+        return outcome
+
+    monkeypatch.setattr(batch, "explain_task", tampering_worker)
+    out = tmp_path / "out"
+    result = run_batch(workspace["nifti"][:2], workspace["config"], out, progress=False)
+    assert result.done == ["case00"]
+    reason = result.failed["case01"]
+    if change == "remove":
+        assert "missing or not a plain file" in reason
+    else:
+        assert "changed between its write and the seal" in reason
+    # Nothing of the changed scan was sealed or kept; the folder still verifies.
+    assert [e.scan_id for e in scan_entries(out)] == ["case00"]
+    assert not (out / "scans" / "case01").exists()
+    assert verify_folder(out).ok
+    # The next run redoes it from scratch (the worker writes it again).
+    monkeypatch.setattr(batch, "explain_task", real_task)
+    again = run_batch(workspace["nifti"][:2], workspace["config"], out, progress=False)
+    assert again.done == ["case01"] and again.skipped == ["case00"]
+    assert verify_folder(out).ok
+
+
+_KILLED_WORKER = """
+import os, sys, time
+from pathlib import Path
+from icam_med.batch import explain_task, worker_task
+from icam_med.config import load_config
+from icam_med.discovery import collect_scans
+
+config, scan, out, stop_at = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+real_replace, calls = os.replace, []
+
+def replace(src, dst):  # the atomic writers' rename; hang before the stop_at-th one
+    calls.append(dst)
+    if len(calls) == stop_at:
+        print("WRITING", flush=True)
+        time.sleep(600)
+    real_replace(src, dst)
+
+os.replace = replace
+[spec] = collect_scans([scan])
+explain_task(worker_task(load_config(config), None, "cpu", 0, out), spec)
+"""
+
+
+@pytest.mark.parametrize("stop_at", [1, 2], ids=["temp-file-only", "map-renamed"])
+def test_worker_killed_mid_write_leaves_nothing_verify_accepts(workspace, tmp_path, stop_at):
+    out = tmp_path / "out"
+    assert run_batch(workspace["nifti"][:1], workspace["config"], out,
+                     progress=False).exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, str(workspace["config"]),
+                             str(workspace["nifti"][1]), str(out), str(stop_at)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "WRITING", proc.stderr.read()
+        os.kill(proc.pid, signal.SIGKILL)  # mid-write: fsynced temp file, no rename yet
+    finally:
+        proc.wait(30)
+    left = sorted(p.name for p in (out / "scans" / "case01").iterdir())
+    assert left and all(n.endswith(".part") or n == "cam.nii.gz" for n in left), left
+    assert ("cam.nii.gz" in left) == (stop_at == 2)
+    report = verify_folder(out)
+    assert not report.ok and "case01" not in report.verified_scans
+    unlogged = [p for p in report.problems if p.kind == "unlogged"]
+    assert len(unlogged) == len(left)
+    assert all("scans/case01/" in str(p) for p in unlogged)
+    assert report.verified_scans == {"case00": 2}
+    # Resume: the leftovers are removed, the scan is done once, the folder verifies.
+    result = run_batch(workspace["nifti"][:2], workspace["config"], out, progress=False)
+    assert result.done == ["case01"] and result.skipped == ["case00"]
+    assert verify_folder(out).ok
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]

@@ -185,7 +185,6 @@ def record_explanation(explanation: Any, written: Sequence[Any], map_path: str |
         site_key = load_site_key(dict(prov.audit_config), base_dir=prov.config_dir)
     info = explanation.scan_info
     result = explanation.result
-    fused = explanation.fused
     outputs = [
         {"path": Path(w.path).resolve().relative_to(root).as_posix(), "role": w.role,
          "sha256": w.sha256, "size": int(w.size)}
@@ -202,7 +201,7 @@ def record_explanation(explanation: Any, written: Sequence[Any], map_path: str |
             layer_weights=result.layer_weights,
             target_class=result.target_class, score=result.score,
             predicted_class=result.predicted_class,
-            map_range=(float(fused.min()), float(fused.max())),
+            map_range=explanation.value_range(),
             labels=explanation.labels, logits=result.logits),
         runtime=runtime_section(prov.device, seed=ctx.seed),
         activity=activity_section(

@@ -23,6 +23,7 @@ from icam_med.audit.record import (
 )
 from icam_med.audit.schema import LedgerError
 from icam_med.audit.signing import SIGNATURES_NAME, read_signatures
+from icam_med.paths import SCANS_DIR
 
 __all__ = ["Problem", "VerifyReport", "resolve_inside", "verify_folder"]
 
@@ -35,7 +36,7 @@ class Problem:
         line: the ledger line (1-based), ``None`` for folder-level problems.
         message: what is wrong.
         kind: ``"ledger"`` (the chain itself), ``"outputs"`` (a logged scan's record or
-            outputs changed or missing), ``"unlogged"`` (a record no entry names) or
+            outputs changed or missing), ``"unlogged"`` (a record, or a file under ``scans/``, no entry names) or
             ``"signature"`` (a run's signed head is missing or does not verify).
         scan_id: the scan concerned, for ``"outputs"`` problems.
     """
@@ -272,4 +273,16 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
             report.problems.append(Problem(
                 None, f"record '{rel}' is not in the ledger (an entry was removed, or a run "
                       "was interrupted before logging it)", "unlogged"))
+    scans = root / SCANS_DIR
+    if scans.is_dir() and not scans.is_symlink():
+        # A batch's workers write into scans/ before the coordinator seals: a file there that
+        # no entry names was never sealed (a worker or run was interrupted) and is no evidence.
+        for f in sorted(scans.rglob("*")):
+            rel = f.relative_to(root).as_posix()
+            if (f.is_file() or f.is_symlink()) and rel not in referenced \
+                    and not rel.endswith(RECORD_SUFFIX):
+                report.problems.append(Problem(
+                    None, f"file '{rel}' is not in the ledger (written by a worker or run that "
+                          "was interrupted before it was sealed; the next audit run removes it)",
+                    "unlogged"))
     return report

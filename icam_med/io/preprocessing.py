@@ -53,6 +53,27 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
+# Resampling transforms whose computation dtype defaults to float64 in MONAI: a float64
+# copy of the whole full-resolution scan. float32 unless the config says otherwise.
+_FLOAT64_BY_DEFAULT = {"Spacingd", "SpatialResampled", "ResampleToMatchd", "Affined", "Zoomd",
+                       "Rotated", "Rotate90d"}
+
+
+def _float32_resampling(step: dict[str, Any]) -> dict[str, Any]:
+    """``dtype: float32`` for a resampling step that would compute in float64 by default (so
+    the record shows it); a config's own ``dtype`` is kept."""
+    if step.get("name") in _FLOAT64_BY_DEFAULT and "dtype" not in step:
+        import inspect
+
+        import monai.transforms as mt
+
+        cls = getattr(mt, str(step["name"]), None)
+        params = inspect.signature(cls).parameters if cls is not None else {}
+        if "dtype" in params:
+            step["dtype"] = "float32"
+    return step
+
+
 def build_preprocessing(steps: Sequence[Mapping[str, Any]], *,
                         keys: Sequence[str] = (IMAGE_KEY,), source: str = "config") -> Any:
     """Build a MONAI ``Compose`` of dictionary transforms from config steps.
@@ -114,7 +135,7 @@ class Preprocessor:
     """
 
     def __init__(self, steps: Sequence[Mapping[str, Any]] = (), *, source: str = "config") -> None:
-        self.steps = tuple(copy.deepcopy(dict(s)) for s in steps)
+        self.steps = tuple(_float32_resampling(copy.deepcopy(dict(s))) for s in steps)
         self.compose = build_preprocessing(self.steps, source=source)
 
     def __call__(self, image: Any) -> Any:

@@ -247,9 +247,23 @@ def _fill_from_record(item: ScanItem, rec: AuditRecord) -> None:
         item.mask_fraction = analysis.mask_fraction
 
 
+def _read_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A map written by icam-med (a NIfTI on its scan's grid): ``(X, Y, Z)`` float32 values
+    and its voxel-to-RAS affine, read with nibabel alone (no torch, no MONAI: the report
+    starts fast). icam-med writes the same sform and qform, so nibabel's affine is the one
+    :func:`icam_med.io.load_volume` gives."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = data.reshape(data.shape[:3]) if data.ndim > 3 and data.shape[3:] == (1,) else data
+    if data.ndim != 3:
+        raise ValueError(f"map {path} has shape {data.shape}; expected a 3-D volume.")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
 def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: Any) -> None:
     """Read the map (and the scan, if given), compute the body check and draw figures."""
-    from icam_med.io import load_volume
     from icam_med.report.figures import layer_weights_png, montage_png, to_ras
 
     rec = item.record
@@ -260,15 +274,16 @@ def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: 
         item.map_state = "missing"
         return
     try:
-        cam, cam_info = load_volume(map_path)
+        cam_np, cam_affine = _read_map(map_path)
     except Exception as exc:  # a damaged map is reported, not fatal for the whole report
         log.warning("scan %s: map unreadable (%s)", item.scan_id, type(exc).__name__)
         item.map_state = "unreadable"
         return
-    cam_np = np.asarray(cam[0].numpy(), dtype=np.float32)
     item.map_state = "ok" if float(cam_np.max()) > 0 else "empty"
     scan_ras = None
     if source is not None:
+        from icam_med.io import load_volume  # scans need io's checked loader (MONAI)
+
         want = rec.input.voxel_sha256 if rec is not None else None
         try:
             image, info = load_volume(source, geometry=geometry)
@@ -280,7 +295,7 @@ def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: 
             if voxel_sha256(image) != want:
                 item.scan_shown = "hash differs"
             elif tuple(info.shape) != tuple(cam_np.shape) or not np.allclose(
-                    np.asarray(info.affine), np.asarray(cam_info.affine), atol=1e-3):
+                    np.asarray(info.affine), cam_affine, atol=1e-3):
                 item.scan_shown = "grid differs"
             else:
                 item.scan_shown = "matched"
@@ -290,7 +305,7 @@ def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: 
     title = f"{item.scan_id}: predicted {item.predicted_label}"
     if item.expected_label is not None:
         title += f", expected {item.expected_label}"
-    item.montage = montage_png(to_ras(cam_np, cam_info.affine), scan_ras, title=title)
+    item.montage = montage_png(to_ras(cam_np, cam_affine), scan_ras, title=title)
 
 
 def _flag(item: ScanItem) -> None:

@@ -25,30 +25,48 @@ coronal and sagittal planes.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from icam_med.paths import AUDIT_FOLDER_SUFFIX, RECORD_SUFFIX, audit_folder_for, scan_stem
+from icam_med.paths import (
+    AUDIT_FOLDER_SUFFIX,
+    RECORD_SUFFIX,
+    audit_folder_for,
+    is_nifti,
+    record_path_for,
+    scan_stem,
+    sidecar_path_for,
+)
 
 __all__ = [
     "AXIS_LABELS",
+    "DEFAULT_THRESHOLD",
     "METADATA_KEY",
     "UNITS",
     "audit_folder_layers",
     "audit_name_for",
     "contour_layer",
+    "dicom_window",
+    "difference_colormap",
     "explanation_layers",
     "find_audit_scan",
     "from_napari_array",
     "is_audit_folder",
+    "is_saved_map",
+    "looks_like_mask",
     "map_colormap",
+    "map_file_layers",
     "napari_affine",
+    "new_audit_folder_for",
     "ras_affine",
     "scan_layer",
+    "symmetric_limits",
     "to_napari_array",
+    "volume_layer",
 ]
 
 METADATA_KEY = "icam_med"
@@ -64,22 +82,62 @@ _REVERSE = np.eye(4)[[2, 1, 0, 3]]       # (i, j, k, 1) <-> (k, j, i, 1)
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def _map_colormap() -> Any:
-    """Inferno whose low end fades to transparent, so a threshold hides weak voxels."""
+DEFAULT_THRESHOLD = 0.3
+"""Map values below this are not drawn by default (fixed 0-1 scale). On the demo audit
+(sample lesion brain, demo model), 0.3 leaves 4.3 % of the brain coloured and 76 % of the
+lesion; 0.2 colours 20 % of the brain, 0 all of it."""
+
+
+def map_colormap(threshold: float = 0.0) -> Any:
+    """The colormap of map overlays (a napari ``Colormap`` for contrast limits ``(0, 1)``).
+
+    Inferno on the fixed 0-1 scale of the maps, cut hard at ``threshold``: a value below it
+    is fully transparent, a value at or above it keeps the colour it has at any threshold
+    (the threshold hides weak voxels; it never re-stretches the colours). Zero is always
+    transparent.
+
+    Raises:
+        ValueError: ``threshold`` is outside ``[0, 1)``.
+    """
     from napari.utils.colormaps import Colormap
     from napari.utils.colormaps.colormap_utils import ensure_colormap
 
-    base = ensure_colormap("inferno")
-    controls = np.linspace(0.0, 1.0, 16)
-    colors = np.asarray(base.map(controls), dtype=float)
-    colors[:, 3] = np.clip(controls * 4.0, 0.0, 1.0)  # transparent at 0, opaque from 0.25
-    colors[0, 3] = 0.0
-    return Colormap(colors=colors, controls=controls, name="icam inferno (transparent low)")
+    thr = float(threshold)
+    if not 0.0 <= thr < 1.0:
+        raise ValueError(f"map threshold {threshold} must lie in [0, 1).")
+    eps = 1e-4
+    controls = np.linspace(0.0, 1.0, 65)
+    if thr > 0.0:
+        controls = np.unique(np.concatenate([controls, [max(thr - eps, 0.0), thr]]))
+    colors = np.asarray(ensure_colormap("inferno").map(controls), dtype=float)
+    colors[:, 3] = ((controls >= thr) & (controls > 0.0)).astype(float)
+    return Colormap(colors=colors, controls=controls,
+                    name=f"icam inferno (cut at {thr:.2f})")
 
 
-def map_colormap() -> Any:
-    """The colormap of map overlays (a napari ``Colormap``)."""
-    return _map_colormap()
+def difference_colormap() -> Any:
+    """Diverging blue-transparent-red colormap for signed differences (symmetric limits):
+    blue where the second map is larger, red where the first is, nothing drawn at zero."""
+    from napari.utils.colormaps import Colormap
+
+    controls = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    colors = np.array([
+        [0.0, 0.25, 1.0, 1.0],
+        [0.3, 0.55, 1.0, 0.8],
+        [1.0, 1.0, 1.0, 0.0],
+        [1.0, 0.45, 0.3, 0.8],
+        [1.0, 0.1, 0.0, 1.0],
+    ])
+    return Colormap(colors=colors, controls=controls, name="icam difference (transparent zero)")
+
+
+def symmetric_limits(data: Any) -> tuple[float, float]:
+    """``(-m, m)`` with ``m`` the largest absolute finite value (1 for an all-zero map)."""
+    arr = np.asarray(data)
+    finite = arr[np.isfinite(arr)]
+    m = float(np.abs(finite).max()) if finite.size else 0.0
+    m = m if m > 0.0 else 1.0
+    return -m, m
 
 
 def napari_affine(ras_affine: Any) -> np.ndarray:
@@ -141,36 +199,111 @@ def _percentile_limits(arr: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
+def dicom_window(info: Any) -> tuple[float, float] | None:
+    """The contrast limits of a DICOM scan's first Window Center/Width (e.g. CT 40/400 ->
+    ``(-160, 240)``), or ``None`` for NIfTI or a series without a usable window."""
+    if getattr(info, "format", None) != "dicom":
+        return None
+    try:
+        datasets = info.source_datasets()
+    except (OSError, ValueError, AttributeError):
+        return None
+    for ds in datasets[:1]:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        try:
+            c = float(center[0] if hasattr(center, "__len__") and not isinstance(center, str)
+                      else center)
+            w = float(width[0] if hasattr(width, "__len__") and not isinstance(width, str)
+                      else width)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if not (math.isfinite(c) and math.isfinite(w) and w > 1.0):
+            return None
+        return c - w / 2.0, c + w / 2.0
+    return None
+
+
+MAX_MASK_LABELS = 64
+"""A volume of whole numbers 0-255 with at most this many distinct values is a mask."""
+
+
+def looks_like_mask(data: Any) -> bool:
+    """True for a label volume: whole numbers from 0 (background) to at most 255, at most
+    :data:`MAX_MASK_LABELS` distinct values (a scan has far more grey levels, or values
+    beyond a label's range: a synthetic phantom of 0/100/1000 is a scan)."""
+    arr = np.asarray(data)
+    if arr.size == 0:
+        return False
+    step = max(1, arr.size // 200_000)
+    for sample in (arr.reshape(-1)[::step], arr):  # a cheap look first, then all of it
+        if not np.isfinite(sample).all() or sample.min() < 0 or not (
+                np.mod(sample, 1) == 0).all():
+            return False
+        values = np.unique(sample)
+        if (values.size > MAX_MASK_LABELS or values.size < 2 or values[0] != 0
+                or values[-1] > 255):
+            return False
+    return True
+
+
 def scan_layer(image: Any, info: Any, *, name: str | None = None) -> tuple:
     """Layer data tuple of a scan loaded by :func:`icam_med.io.load_volume`.
 
     The layer's metadata keeps the scan's :class:`~icam_med.io.ScanInfo` (in memory only)
-    and the RAS affine, so the widget can explain it through the library.
+    and the RAS affine, so the widget can explain it through the library. A DICOM scan opens
+    with its own window (Window Center/Width, :func:`dicom_window`), anything else with the
+    0.5-99.5 percentile range.
     """
     data = to_napari_array(image)
     aff = np.asarray(info.affine, dtype=np.float64)
     path = Path(info.path)
     label = name or scan_stem(path)
+    window = dicom_window(info)
     kwargs = {
         "name": label,
         "affine": napari_affine(aff),
         "axis_labels": AXIS_LABELS,
         "units": UNITS,
         "colormap": "gray",
-        "contrast_limits": _percentile_limits(data),
+        "contrast_limits": window if window is not None else _percentile_limits(data),
         "metadata": {METADATA_KEY: {
             "kind": "scan",
             "source_path": str(path),
             "scan_info": info,
             "affine_ras": aff.tolist(),
+            "window": window,
             "world": "LPS mm, napari axes (z, y, x)",
         }},
     }
     return data, kwargs, "image"
 
 
+def volume_layer(image: Any, info: Any) -> tuple:
+    """A loaded volume as napari shows it best: a mask (:func:`looks_like_mask`) as a
+    Labels layer, anything else as a scan (:func:`scan_layer`)."""
+    data = to_napari_array(image)
+    if not looks_like_mask(data):
+        return scan_layer(image, info)
+    aff = np.asarray(info.affine, dtype=np.float64)
+    path = Path(info.path)
+    return data.astype(np.int32), {
+        "name": scan_stem(path),
+        "affine": napari_affine(aff),
+        "axis_labels": AXIS_LABELS,
+        "units": UNITS,
+        "opacity": 0.5,
+        "blending": "translucent_no_depth",
+        "metadata": {METADATA_KEY: {"kind": "mask", "source_path": str(path),
+                                    "affine_ras": aff.tolist(),
+                                    "world": "LPS mm, napari axes (z, y, x)"}},
+    }, "labels"
+
+
 def _map_kwargs(name: str, affine_ras: np.ndarray, meta: Mapping[str, Any], *,
                 visible: bool = True, colormap: Any = None, opacity: float = 0.6,
+                threshold: float = DEFAULT_THRESHOLD,
                 contrast_limits: tuple[float, float] = (0.0, 1.0),
                 blending: str = "translucent_no_depth") -> dict[str, Any]:
     return {
@@ -178,7 +311,7 @@ def _map_kwargs(name: str, affine_ras: np.ndarray, meta: Mapping[str, Any], *,
         "affine": napari_affine(affine_ras),
         "axis_labels": AXIS_LABELS,
         "units": UNITS,
-        "colormap": colormap if colormap is not None else map_colormap(),
+        "colormap": colormap if colormap is not None else map_colormap(threshold),
         "contrast_limits": contrast_limits,
         "opacity": opacity,
         "blending": blending,
@@ -186,6 +319,7 @@ def _map_kwargs(name: str, affine_ras: np.ndarray, meta: Mapping[str, Any], *,
         "interpolation3d": "linear",
         "rendering": "attenuated_mip",
         "metadata": {METADATA_KEY: {**meta, "affine_ras": np.asarray(affine_ras).tolist(),
+                                    "threshold": float(threshold) if colormap is None else None,
                                     "world": "LPS mm, napari axes (z, y, x)"}},
     }
 
@@ -197,14 +331,17 @@ def _class_name(labels: Sequence[str], index: int | None) -> str:
 
 
 def explanation_layers(explanation: Any, *, scan_name: str = "scan",
-                       contrast: Any = None, threshold: float = 0.0,
+                       contrast: Any = None, threshold: float = DEFAULT_THRESHOLD,
                        opacity: float = 0.6) -> list[tuple]:
     """Layer data tuples for an :class:`icam_med.explain.Explanation`.
 
     Returns, in order: the fused map (visible overlay), each layer's map (hidden), and, when
     ``contrast`` (a second Explanation, for another class) is given, its fused map (hidden)
     and the signed difference ``fused - contrast`` (hidden; red where the first class is
-    favoured, blue where the second is).
+    favoured, blue where the second is, transparent at zero, symmetric limits).
+
+    Maps keep contrast limits ``(0, 1)``; ``threshold`` is a hard cut in their colormap
+    (:func:`map_colormap`), kept in the metadata as ``threshold``.
 
     Every map layer's metadata holds ``kind``, the JSON summary (``summary``: method,
     options, classes, scores, per-layer weights, map statistics; no identifiers), the
@@ -225,7 +362,7 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
     layers: list[tuple] = [(
         fused,
         _map_kwargs(f"{scan_name} {method} [{target}]", aff, {**base_meta, "kind": "fused"},
-                    opacity=opacity, contrast_limits=(float(threshold), 1.0)),
+                    opacity=opacity, threshold=threshold),
         "image",
     )]
     weights = result.layer_weights
@@ -236,7 +373,7 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
             to_napari_array(lmap).astype(np.float32, copy=False),
             _map_kwargs(f"{scan_name} layer {lname}{wtxt}", aff,
                         {**base_meta, "kind": "layer", "layer": lname, "layer_weight": w},
-                        visible=False, opacity=opacity),
+                        visible=False, opacity=opacity, threshold=threshold),
             "image",
         ))
     if contrast is not None:
@@ -250,7 +387,7 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
             c_fused,
             _map_kwargs(f"{scan_name} {method} [{c_target}]", aff,
                         {**c_meta, "kind": "contrast", "versus": target},
-                        visible=False, opacity=opacity, contrast_limits=(float(threshold), 1.0)),
+                        visible=False, opacity=opacity, threshold=threshold),
             "image",
         ))
         diff = fused - c_fused
@@ -259,8 +396,8 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
             _map_kwargs(f"{scan_name} {target} minus {c_target}", aff,
                         {**base_meta, "kind": "difference", "minus": c_target,
                          "summary": {"first": summary, "second": c_meta["summary"]}},
-                        visible=False, colormap="bwr", contrast_limits=(-1.0, 1.0),
-                        opacity=opacity),
+                        visible=False, colormap=difference_colormap(),
+                        contrast_limits=symmetric_limits(diff), opacity=opacity),
             "image",
         ))
     return layers
@@ -295,6 +432,21 @@ def contour_layer(map_data: np.ndarray, level: float, *, name: str, affine: Any,
     return mask, kwargs, "labels"
 
 
+def new_audit_folder_for(scan_path: str | Path) -> Path:
+    """A folder for a new audit beside the scan that does not exist yet: ``<scan>_icam``,
+    else ``<scan>_icam-2``, ``<scan>_icam-3``... (earlier audits are never touched;
+    :func:`find_audit_scan` finds the scan of each)."""
+    base = audit_folder_for(scan_path)
+    if not base.exists():
+        return base
+    for n in range(2, 10_000):
+        candidate = base.with_name(f"{base.name}-{n}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(f"{base.parent} holds {base.name}-2 to -9999 already; choose an "
+                          "'audit folder' for this run.")
+
+
 def audit_name_for(scan_path: str | Path) -> Path:
     """Where the widget's "Save audit" writes for a scan: ``<scan>_icam`` beside the scan.
 
@@ -308,13 +460,14 @@ def find_audit_scan(folder: str | Path) -> Path | None:
     """The scan an audit folder belongs to, by the naming rule of :func:`audit_name_for`.
 
     Looks for the sibling ``<name>`` (a DICOM folder), ``<name>.nii.gz`` or ``<name>.nii``
-    of a folder ``<name>_icam``; then for a ``scan.nii.gz``/``scan.nii`` inside the folder.
+    of a folder ``<name>_icam`` (or a versioned ``<name>_icam-N``); then for a ``scan.nii.gz``/``scan.nii`` inside the folder.
     Returns ``None`` when there is none (the maps still open at their physical position).
     """
     f = Path(folder)
     candidates = []
-    if f.name.endswith(AUDIT_FOLDER_SUFFIX):
-        stem = f.name[: -len(AUDIT_FOLDER_SUFFIX)]
+    name = re.sub(r"-\d+$", "", f.name)  # a versioned folder <name>_icam-2 belongs to <name>
+    if name.endswith(AUDIT_FOLDER_SUFFIX):
+        stem = name[: -len(AUDIT_FOLDER_SUFFIX)]
         candidates += [f.with_name(stem), f.with_name(stem + ".nii.gz"), f.with_name(stem + ".nii"),
                        f.with_name(stem + ".dcm")]
     candidates += [f / "scan.nii.gz", f / "scan.nii"]
@@ -342,7 +495,8 @@ def _load_nifti_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def audit_folder_layers(folder: str | Path, *, threshold: float = 0.0) -> list[tuple]:
+def audit_folder_layers(folder: str | Path, *,
+                        threshold: float = DEFAULT_THRESHOLD) -> list[tuple]:
     """Layer data tuples for an audit output folder (from ``write_explanation``).
 
     Each record ``*.icam.json`` is read through :meth:`icam_med.audit.AuditRecord.load`
@@ -386,37 +540,105 @@ def audit_folder_layers(folder: str | Path, *, threshold: float = 0.0) -> list[t
                         scan_path, f)
         layers.append((data, kwargs, kind))
     for record in records:
-        map_path = record.map_path
-        if map_path is None or not map_path.is_file():
-            ref = record.map_ref
-            raise ValueError(
-                f"record {record.path} names no readable map "
-                f"({'no cam_nifti output' if ref is None else repr(ref.path)}) inside the "
-                "audit folder; run `icam-med verify` on the folder.")
-        method = record.method
-        label = method.target.label or (
-            f"class {method.target.class_index}" if method.target.class_index is not None
-            else "custom target")
-        meta = {"kind": "fused", "record": dict(record.data), "record_path": str(record.path),
-                "summary": None, "explanation": None, "method": method.name,
-                "target_class": method.target.class_index, "target_label": label,
-                "score": method.score, "source_path": str(map_path)}
-        data, aff = _load_nifti_map(map_path)
-        layers.append((data.transpose(2, 1, 0),
-                       _map_kwargs(f"{f.name} {method.name} [{label}]", aff, meta,
-                                   contrast_limits=(float(threshold), 1.0)),
-                       "image"))
-        for lname, ref in record.layer_refs.items():
-            lpath = record.file(ref)
-            if lpath is None or not lpath.is_file():
-                log.warning("record %s: layer map %s is missing", record.path, ref.path)
-                continue
-            ldata, laff = _load_nifti_map(lpath)
-            layers.append((ldata.transpose(2, 1, 0),
-                           _map_kwargs(f"{f.name} layer {lname}", laff,
-                                       {**meta, "kind": "layer", "layer": lname,
-                                        "layer_weight": method.layer_weights.get(lname),
-                                        "source_path": str(lpath)},
-                                       visible=False),
-                           "image"))
+        layers += _record_layers(record, f.name, threshold=threshold)
     return layers
+
+
+def _record_layers(record: Any, prefix: str, *, threshold: float,
+                   with_layer_maps: bool = True) -> list[tuple]:
+    """The fused map a record names (visible) and its layer maps (hidden), named
+    ``<prefix> <method> [<class>]`` and ``<prefix> layer <name>``."""
+    import logging
+
+    map_file = record.map_path
+    if map_file is None or not map_file.is_file():
+        ref = record.map_ref
+        raise ValueError(
+            f"record {record.path} names no readable map "
+            f"({'no cam_nifti output' if ref is None else repr(ref.path)}) inside the "
+            "audit folder; run `icam-med verify` on the folder.")
+    method = record.method
+    label = method.target.label or (
+        f"class {method.target.class_index}" if method.target.class_index is not None
+        else "custom target")
+    meta = {"kind": "fused", "record": dict(record.data), "record_path": str(record.path),
+            "summary": None, "explanation": None, "method": method.name,
+            "target_class": method.target.class_index, "target_label": label,
+            "score": method.score, "source_path": str(map_file)}
+    data, aff = _load_nifti_map(map_file)
+    layers = [(data.transpose(2, 1, 0),
+               _map_kwargs(f"{prefix} {method.name} [{label}]", aff, meta, threshold=threshold),
+               "image")]
+    if not with_layer_maps:
+        return layers
+    for lname, ref in record.layer_refs.items():
+        lpath = record.file(ref)
+        if lpath is None or not lpath.is_file():
+            logging.getLogger(__name__).warning("record %s: layer map %s is missing",
+                                                record.path, ref.path)
+            continue
+        ldata, laff = _load_nifti_map(lpath)
+        layers.append((ldata.transpose(2, 1, 0),
+                       _map_kwargs(f"{prefix} layer {lname}", laff,
+                                   {**meta, "kind": "layer", "layer": lname,
+                                    "layer_weight": method.layer_weights.get(lname),
+                                    "source_path": str(lpath)},
+                                   visible=False, threshold=threshold),
+                       "image"))
+    return layers
+
+
+def is_saved_map(path: str | Path) -> bool:
+    """A NIfTI map with its record beside it: ``<name>.icam.json`` (an audit's map) or
+    ``<name>.record.json`` (a map layer saved by the plugin's writer)."""
+    p = Path(path)
+    return is_nifti(p) and p.is_file() and (
+        record_path_for(p).is_file() or sidecar_path_for(p).is_file())
+
+
+def map_file_layers(path: str | Path, *, threshold: float = DEFAULT_THRESHOLD) -> list[tuple]:
+    """A saved map (see :func:`is_saved_map`) as a map overlay, not as a grey scan.
+
+    An audit map (``cam.nii.gz`` + ``cam.icam.json``) opens as its record's fused map, named
+    after its folder (which carries the scan: ``t1_icam``), with the map colormap; a map the
+    writer saved opens with the kind its sidecar names (a difference map with the diverging
+    colormap), its record or summary in the metadata.
+
+    Raises:
+        ValueError: the record is invalid (naming file and field) or names another map.
+    """
+    import json
+
+    p = Path(path)
+    rec_path = record_path_for(p)
+    if rec_path.is_file():
+        from icam_med.audit import AuditRecord
+
+        record = AuditRecord.load(rec_path)
+        if record.map_path is None or record.map_path.resolve() != p.resolve():
+            raise ValueError(
+                f"{rec_path} is the record of {record.map_path}, not of {p}; open the audit "
+                "folder instead.")
+        return _record_layers(record, p.parent.name, threshold=threshold, with_layer_maps=False)
+    side = sidecar_path_for(p)
+    try:
+        payload = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{side}: not a readable map record ({exc}); open {p.name} as a scan "
+                         "by removing or renaming the record.") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{side}: expected a JSON object written by the icam-med writer.")
+    data, aff = _load_nifti_map(p)
+    kind = payload.get("kind") or "fused"
+    record = payload.get("record") if isinstance(payload.get("record"), dict) else None
+    meta = {"kind": kind, "record": record, "record_path": None,
+            "summary": payload.get("summary"), "explanation": None,
+            "source_path": str(p)}
+    name = str(payload.get("layer") or scan_stem(p))
+    napari_data = data.transpose(2, 1, 0)
+    if kind == "difference":
+        kwargs = _map_kwargs(name, aff, meta, colormap=difference_colormap(),
+                             contrast_limits=symmetric_limits(napari_data))
+    else:
+        kwargs = _map_kwargs(name, aff, meta, threshold=threshold)
+    return [(napari_data, kwargs, "image")]

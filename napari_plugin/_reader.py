@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from icam_med.paths import is_nifti
-from napari_plugin._layers import audit_folder_layers, is_audit_folder, scan_layer
+from napari_plugin._layers import (
+    audit_folder_layers,
+    is_audit_folder,
+    is_saved_map,
+    map_file_layers,
+    volume_layer,
+)
 
-__all__ = ["get_reader", "read_audit_folder", "read_scan"]
+__all__ = ["get_reader", "read_audit_folder", "read_map", "read_scan"]
 
 
 def _radiological_current_viewer() -> None:
@@ -46,6 +52,8 @@ def get_reader(path: Any) -> Callable[[Any], list[tuple]] | None:
         if any(is_dicom_file(f) for f in sorted(pp.iterdir())[:50] if f.is_file()):
             return read_scan
         return None
+    if is_saved_map(pp):
+        return read_map
     if is_nifti(pp) or pp.name.lower().endswith(".dcm"):
         return read_scan
     return None
@@ -67,6 +75,9 @@ def _n_volumes(path: str) -> int:
 def read_scan(path: Any) -> list[tuple]:
     """Load a scan through :func:`icam_med.io.load_volume` (geometry validated first).
 
+    A mask (non-negative whole numbers, few values) opens as a Labels layer, a DICOM scan
+    with its Window Center/Width.
+
     A 4-D NIfTI of up to :data:`MAX_VOLUMES` volumes gives one 3D layer per volume
     (``name [volume i]``), each explainable on its own.
 
@@ -80,7 +91,7 @@ def read_scan(path: Any) -> list[tuple]:
     n = _n_volumes(p)
     if n == 1:
         image, info = load_volume(p)
-        return [scan_layer(image, info)]
+        return [volume_layer(image, info)]
     if n > MAX_VOLUMES:
         raise ValueError(
             f"{p}: is 4-D with {n} volumes; the viewer opens at most {MAX_VOLUMES} as separate "
@@ -89,10 +100,17 @@ def read_scan(path: Any) -> list[tuple]:
     layers = []
     for i in range(n):
         image, info = load_volume(p, volume_index=i)
-        data, kwargs, kind = scan_layer(image, info)
+        data, kwargs, kind = volume_layer(image, info)
         kwargs["name"] = f"{kwargs['name']} [volume {i}]"
         layers.append((data, kwargs, kind))
     return layers
+
+
+def read_map(path: Any) -> list[tuple]:
+    """A saved map with its record beside it, as a map overlay (see
+    :func:`napari_plugin._layers.map_file_layers`)."""
+    _radiological_current_viewer()
+    return map_file_layers(_single(path))
 
 
 def read_audit_folder(path: Any) -> list[tuple]:

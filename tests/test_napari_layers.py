@@ -295,7 +295,17 @@ def test_explanation_layers_build_overlay_layer_maps_and_contrast(audit_folder):
     (fused, fkw, _), (contrast, ckw, _), (diff, dkw, _) = layers[0], layers[-2], layers[-1]
     np.testing.assert_array_equal(fused, first.fused[0].numpy().transpose(2, 1, 0))
     np.testing.assert_allclose(diff, fused - contrast)
-    assert fkw["contrast_limits"] == (0.25, 1.0) and dkw["contrast_limits"] == (-1.0, 1.0)
+    # maps keep the fixed 0-1 scale, the threshold is a cut in their colormap; the difference
+    # map's limits are symmetric about 0, where it is transparent
+    assert fkw["contrast_limits"] == (0.0, 1.0)
+    assert fkw["metadata"][METADATA_KEY]["threshold"] == 0.25
+    assert fkw["colormap"].map(np.array([0.2]))[0, 3] == 0.0
+    assert fkw["colormap"].map(np.array([0.3]))[0, 3] == 1.0
+    m = float(np.abs(diff).max())
+    assert dkw["contrast_limits"] == pytest.approx((-m, m)) and m > 0
+    dmap = dkw["colormap"].map(np.array([0.0, 0.5, 1.0]))  # at -m, 0, +m
+    assert dmap[1, 3] == 0.0 and dmap[0, 3] == dmap[2, 3] == 1.0
+    assert dmap[0, 2] > dmap[0, 0] and dmap[2, 0] > dmap[2, 2]  # blue below, red above
     assert fkw["name"] == "s integrative [absent]" and ckw["name"] == "s integrative [present]"
     assert fkw["metadata"][METADATA_KEY]["summary"]["result"]["target_class"] == 0
     assert ckw["metadata"][METADATA_KEY]["summary"]["result"]["target_class"] == 1
@@ -346,3 +356,73 @@ def test_sample_audit_opens_scan_and_demo_maps_aligned():
     for data, kw, _ in layers[1:]:
         assert data.shape == layers[0][0].shape
         np.testing.assert_allclose(kw["affine"], layers[0][1]["affine"], atol=1e-5)
+
+
+def test_map_threshold_cuts_without_restretching_the_colours():
+    from napari_plugin._layers import DEFAULT_THRESHOLD, map_colormap
+
+    assert 0.2 <= DEFAULT_THRESHOLD <= 0.4
+    values = np.linspace(0.0, 1.0, 101)
+    low, high = map_colormap(0.3).map(values), map_colormap(0.6).map(values)
+    shown_low, shown_high = values >= 0.3, values >= 0.6
+    assert (low[~shown_low, 3] == 0).all() and (low[shown_low, 3] == 1).all()
+    assert (high[~shown_high, 3] == 0).all() and (high[shown_high, 3] == 1).all()
+    # a value shown at both thresholds has the same colour at both
+    np.testing.assert_allclose(low[shown_high, :3], high[shown_high, :3], atol=2e-3)
+    assert map_colormap(0.0).map(np.array([0.0]))[0, 3] == 0.0  # zero is never drawn
+    with pytest.raises(ValueError, match="threshold"):
+        map_colormap(1.0)
+
+
+def test_lesion_mask_opens_as_labels_and_ct_with_its_dicom_window():
+    mask = REPO / "sample_data" / "scans" / "mni152_t1_2mm_lesion_mask.nii.gz"
+    _, (layer,) = open_layers(mask)
+    assert layer.__class__.__name__ == "Labels"
+    assert layer.metadata[METADATA_KEY]["kind"] == "mask"
+    truth = np.asarray(nib.load(str(mask)).dataobj).transpose(2, 1, 0)
+    np.testing.assert_array_equal(layer.data, truth)
+    assert layer.data.max() >= 1
+    # a scan stays an image (the T1 of the same space)
+    _, (scan,) = open_layers(REPO / "sample_data" / "scans" / "mni152_t1_2mm_lesion.nii.gz")
+    assert scan.__class__.__name__ == "Image"
+    # CT opens with the series' own window: Window Center 40, Width 400 in CT5N
+    header = pydicom.dcmread(sorted(CT5N.iterdir())[0], stop_before_pixels=True)
+    assert (float(header.WindowCenter), float(header.WindowWidth)) == (40.0, 400.0)
+    _, (ct,) = open_layers(CT5N)
+    assert tuple(ct.contrast_limits) == (-160.0, 240.0)
+    # NIfTI has no window: percentiles
+    _, (t1,) = open_layers(ANATOMICAL)
+    assert t1.metadata[METADATA_KEY]["window"] is None
+
+
+def test_saved_map_opens_as_a_map_overlay(audit_folder, tmp_path):
+    from napari_plugin._layers import difference_colormap
+    from napari_plugin._writer import write_map
+
+    _, out, explanation = audit_folder
+    _, (cam,) = open_layers(out / "cam.nii.gz")
+    meta = cam.metadata[METADATA_KEY]
+    assert meta["kind"] == "fused" and meta["record"]["method"]["name"] == "integrative"
+    assert cam.name.startswith("anatomical_icam integrative")  # names the scan's audit
+    assert cam.colormap.name.startswith("icam inferno") and tuple(cam.contrast_limits) == (0, 1)
+    np.testing.assert_allclose(cam.data, explanation.fused[0].numpy().transpose(2, 1, 0),
+                               atol=1e-6)
+    # a difference map saved by the writer reopens as a difference map
+    viewer, layers = open_layers(out)
+    fused = next(lay for lay in layers if lay.metadata[METADATA_KEY]["kind"] == "fused")
+    diff = viewer.add_image(fused.data - 0.5, affine=fused.affine, name="d",
+                            colormap=difference_colormap(),
+                            metadata={METADATA_KEY: {"kind": "difference", "record": None,
+                                                     "summary": {"x": 1}}})
+    path = tmp_path / "d.nii.gz"
+    write_map(str(path), diff.data, diff._get_state())
+    _, (back,) = open_layers(path)
+    assert back.metadata[METADATA_KEY]["kind"] == "difference"
+    assert back.colormap.name == difference_colormap().name
+    lo, hi = back.contrast_limits
+    assert lo == -hi and hi == pytest.approx(float(np.abs(diff.data).max()), rel=1e-5)
+    # a NIfTI without a record is a scan
+    plain = tmp_path / "plain.nii.gz"
+    shutil.copy(out / "cam.nii.gz", plain)
+    _, (scan,) = open_layers(plain)
+    assert scan.metadata[METADATA_KEY]["kind"] == "scan"

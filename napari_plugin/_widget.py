@@ -38,15 +38,18 @@ from magicgui.widgets import (
 )
 
 from icam_med import cam as _engine
-from icam_med.paths import MAP_STEM, audit_folder_for, class_stem, map_path, record_path_for
+from icam_med.paths import MAP_STEM, class_stem, map_path, record_path_for
 from icam_med.resources import packaged_configs
 from napari_plugin._layers import (
     AXIS_LABELS,
+    DEFAULT_THRESHOLD,
     METADATA_KEY,
     UNITS,
     contour_layer,
     explanation_layers,
     from_napari_array,
+    map_colormap,
+    new_audit_folder_for,
     ras_affine,
 )
 from napari_plugin._view import radiological_view
@@ -58,6 +61,8 @@ __all__ = ["ExplainJobResult", "ExplainWidget", "config_choices", "config_trust"
 log = logging.getLogger(__name__)
 
 _MAP_KINDS = ("fused", "contrast")
+# every map layer the plugin makes or opens; the display controls act on these
+_REVIEW_KINDS = ("fused", "contrast", "layer", "difference")
 _OTHER_FILE = "other file..."
 _CUSTOM_LAYERS = "custom names..."
 _METHOD_DEFAULT = "method default"
@@ -295,6 +300,7 @@ class ExplainWidget(Container):
         self.contour: Any = None
         self.scan_copy: Any = None
         self._cancel_requested = False
+        self._in_contour = False
 
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self.config = ComboBox(label="config", choices=self._config_choices)
@@ -355,8 +361,10 @@ class ExplainWidget(Container):
         self.status = Label(label="", value="")
         self.prediction = Label(label="prediction", value="-")
         self.scores = Label(label="class scores", value="-")
-        self.threshold = FloatSlider(label="threshold", value=0.0, min=0.0, max=0.99,
-                                     step=0.01, tooltip="hide map values below this")
+        self.threshold = FloatSlider(
+            label="threshold", value=DEFAULT_THRESHOLD, min=0.0, max=0.99, step=0.01,
+            tooltip="map values below this are not drawn (a hard cut on the maps' fixed "
+                    "0-1 scale; the colours of the values above it do not change)")
         self.opacity = FloatSlider(label="opacity", value=0.6, min=0.0, max=1.0, step=0.05)
         self.side_by_side = CheckBox(
             label="side by side", value=False, enabled=False,
@@ -393,6 +401,8 @@ class ExplainWidget(Container):
         self.save_button.changed.connect(self.save_audit)
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._on_layers_changed)
+        self.viewer.dims.events.ndisplay.connect(self._contour_in_2d_only)
+        self.viewer.layers.selection.events.active.connect(self._on_selection)
         self._on_config()
         self._on_method()
         self._on_layers_changed()
@@ -531,6 +541,7 @@ class ExplainWidget(Container):
     def _clear_result(self) -> None:
         """Forget the last result: no prediction, no weights plot, nothing to save."""
         self.result = None
+        self._saved_folder = None
         self.save_button.enabled = False
         self.side_by_side.enabled = False
         self.prediction.value = "-"
@@ -553,7 +564,7 @@ class ExplainWidget(Container):
     def _notify_error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
-        self.status.value = "failed"
+        self.status.value = f"failed: {message}"  # the whole reason stays in the dock
         show_error(message)
 
     def run(self, *_: Any) -> Any:
@@ -685,7 +696,7 @@ class ExplainWidget(Container):
         tuples = explanation_layers(first, scan_name=scan.name, contrast=second,
                                     threshold=float(self.threshold.value),
                                     opacity=float(self.opacity.value))
-        self._remove_results()
+        self._remove_results(scan.name, first.result.method)
         for data, kwargs, _kind in tuples:
             name = kwargs["name"]
             if name in self.viewer.layers:
@@ -708,10 +719,15 @@ class ExplainWidget(Container):
             show_warning(f"{self.config_path().name}: {trust}; the prediction and the map "
                          "say nothing about the scan.")
 
-    def _remove_results(self) -> None:
+    def _remove_results(self, scan_name: str, method: str) -> None:
+        """Before a new run: remove the maps of earlier runs of the same method on the same
+        scan (a redo). Runs on other scans or with other methods stay, named by their scan,
+        so runs can be compared (A/B)."""
         self.side_by_side.value = False
-        for lay in self.result_layers:
-            if lay in self.viewer.layers:
+        for lay in list(self.viewer.layers):
+            meta = lay.metadata.get(METADATA_KEY) or {}
+            if (meta.get("kind") in _REVIEW_KINDS and meta.get("scan_layer") == scan_name
+                    and meta.get("method") == method):
                 self.viewer.layers.remove(lay)
         self.result_layers = []
         if self.contour is not None and self.contour in self.viewer.layers:
@@ -744,27 +760,80 @@ class ExplainWidget(Container):
         return [lay for lay in self.result_layers
                 if (lay.metadata.get(METADATA_KEY) or {}).get("kind") in kinds]
 
+    def review_layers(self, kinds: tuple = _REVIEW_KINDS) -> list:
+        """The map layers the display controls act on: the selected map layers (any map
+        this plugin made or opened: earlier runs, reopened audits, saved maps), else the
+        current run's."""
+        selected = [lay for lay in self.viewer.layers.selection
+                    if (lay.metadata.get(METADATA_KEY) or {}).get("kind") in _REVIEW_KINDS]
+        chosen = selected or self.result_layers
+        return [lay for lay in chosen
+                if (lay.metadata.get(METADATA_KEY) or {}).get("kind") in kinds]
+
     def _apply_display(self, *_: Any) -> None:
+        """Threshold (a hard cut in the colormap; limits stay 0-1) and opacity on the maps
+        under review (:meth:`review_layers`)."""
+        if getattr(self, "_syncing", False):
+            return
         thr = float(self.threshold.value)
-        for lay in self._map_layers(("fused", "contrast", "layer")):
-            lay.contrast_limits = (thr, 1.0)
-        for lay in self._map_layers(("fused", "contrast", "layer", "difference")):
+        cmap = map_colormap(thr)
+        for lay in self.review_layers(("fused", "contrast", "layer")):
+            lay.colormap = cmap
+            lay.metadata[METADATA_KEY]["threshold"] = thr
+        for lay in self.review_layers():
             lay.opacity = float(self.opacity.value)
 
+    def _on_selection(self, *_: Any) -> None:
+        """The controls show the selected map's own threshold, opacity and contour."""
+        active = self.viewer.layers.selection.active
+        meta = (getattr(active, "metadata", None) or {}).get(METADATA_KEY) or {}
+        if meta.get("kind") not in _REVIEW_KINDS:
+            return
+        self._syncing = True
+        try:
+            if isinstance(meta.get("threshold"), float):
+                self.threshold.value = meta["threshold"]
+            self.opacity.value = float(active.opacity)
+        finally:
+            self._syncing = False
+        of = ((self.contour.metadata.get(METADATA_KEY) or {}).get("of")
+              if self.contour is not None else None)
+        if self.show_contour.value and of != active.name and not self._in_contour:
+            self._update_contour()
+
     def _update_contour(self, *_: Any) -> None:
-        fused = self._map_layers(("fused",))
+        """The iso-contour of the map under review (selected, else the current run's)."""
+        if self._in_contour:
+            return
+        self._in_contour = True
+        try:
+            self._draw_contour()
+        finally:
+            self._in_contour = False
+
+    def _draw_contour(self) -> None:
+        maps = self.review_layers(("fused", "contrast", "layer"))
         if self.contour is not None and self.contour in self.viewer.layers:
             self.viewer.layers.remove(self.contour)
         self.contour = None
-        if not (self.show_contour.value and fused):
+        if not (self.show_contour.value and maps):
             return
-        lay = fused[0]
+        lay = maps[0]
+        selection = list(self.viewer.layers.selection)
         data, kwargs, _ = contour_layer(lay.data, float(self.contour_level.value),
                                         name=f"{lay.name} contour {self.contour_level.value:.2f}",
                                         affine=lay.affine.affine_matrix,
                                         metadata={"of": lay.name})
         self.contour = self.viewer.add_labels(data, **kwargs)
         self.contour.contour = 1
+        self.viewer.layers.selection = set(selection) or {lay}  # keep reviewing that map
+        self._contour_in_2d_only()
+
+    def _contour_in_2d_only(self, *_: Any) -> None:
+        """A contour is a 2D outline: napari draws a Labels contour as solid blobs in 3D,
+        so it is hidden while the view is 3D and shown again in 2D."""
+        if self.contour is not None and self.contour in self.viewer.layers:
+            self.contour.visible = self.viewer.dims.ndisplay == 2
 
     def _update_side_by_side(self, *_: Any) -> None:
         """Grid view: (scan + target map) beside (scan + contrast map); off restores."""
@@ -775,6 +844,8 @@ class ExplainWidget(Container):
         self.scan_copy = None
         fused, contrast = self._map_layers(("fused",)), self._map_layers(("contrast",))
         scan = getattr(self, "_scan_layer", None)
+        for lay in (*fused, *contrast):
+            lay.name_overlay.visible = False
         if not (self.side_by_side.value and fused and contrast and scan in self.viewer.layers):
             grid.enabled = False
             for lay in contrast:
@@ -783,7 +854,8 @@ class ExplainWidget(Container):
         self.show_contour.value = False  # one overlay per panel
         copy = self.viewer.add_image(
             scan.data, name=f"{scan.name} (beside)", affine=scan.affine.affine_matrix,
-            axis_labels=AXIS_LABELS, units=UNITS, colormap=scan.colormap, contrast_limits=scan.contrast_limits,
+            axis_labels=AXIS_LABELS, units=UNITS, colormap=scan.colormap,
+            contrast_limits=scan.contrast_limits,
             metadata={METADATA_KEY: {"kind": "scan_copy", "of": scan.name}})
         self.scan_copy = copy
         contrast[0].visible = True
@@ -792,11 +864,16 @@ class ExplainWidget(Container):
         layers.move_multiple(order, 0)
         grid.stride = 2
         grid.shape = (-1, -1)
+        grid.spacing = 0.05
         grid.enabled = True
+        for lay in (fused[0], contrast[0]):  # each panel says which class it shows
+            lay.name_overlay.visible = True
+        self.viewer.reset_view()  # fit both panels: nothing cropped
 
     # audit ----------------------------------------------------------------------------
     def audit_target(self) -> Path:
-        """Where Save audit writes: the chosen folder, or ``<scan>_icam`` beside the scan."""
+        """Where Save audit writes: the chosen folder, or a new folder beside the scan
+        (``<scan>_icam``, or ``<scan>_icam-2``... when earlier audits are there)."""
         chosen = str(self.audit_folder.value or "").strip()
         if chosen and chosen != ".":
             return Path(chosen)
@@ -805,10 +882,33 @@ class ExplainWidget(Container):
             raise ValueError(
                 f"layer '{info.path}' was not opened from a file, so there is no scan to save "
                 "the audit beside; choose an 'audit folder'.")
-        return audit_folder_for(info.path)
+        return new_audit_folder_for(info.path)
+
+    def _refuse_save(self, exc: BaseException, folder: Any) -> None:
+        """The reason first (a toast cuts long messages), the full message in the dock."""
+        if isinstance(exc, FileExistsError):
+            reason = "files of an earlier audit are in the way"
+        elif isinstance(exc, PermissionError):
+            reason = "no permission to write there"
+        elif isinstance(exc, OSError):
+            reason = f"the folder cannot be written ({exc.strerror or type(exc).__name__})"
+        else:
+            reason = "refused"
+        where = f" in {folder}" if folder is not None else ""
+        message = (f"Save audit: {reason}. {exc} Choose an empty 'audit folder' (or leave it "
+                   "empty for a new folder beside the scan)"
+                   if isinstance(exc, OSError) else f"Save audit: {exc}")
+        self.status.value = f"not saved{where}: {exc}"
+        from napari.utils.notifications import show_error
+
+        show_error(message)
 
     def save_audit(self, *_: Any) -> list:
-        """Write map(s), record(s) and ledger entries with the CLI's writer; returns the files."""
+        """Write map(s), record(s) and ledger entries with the CLI's writer; returns the files.
+
+        With the default (empty) 'audit folder', each run goes to a new folder beside the
+        scan; the same run is saved once (a second press says where it is).
+        """
         from napari.utils.notifications import show_info
 
         from icam_med.explain import write_explanation
@@ -820,6 +920,12 @@ class ExplainWidget(Container):
             self._notify_error("nothing to save: press Explain first (the last run failed, was "
                                "cancelled, or its map layers were removed).")
             return []
+        saved = getattr(self, "_saved_folder", None)
+        if saved is not None:
+            self._notify_error(f"this run is already saved in {saved}; press Explain for a new "
+                               "run to save another audit.")
+            return []
+        folder = None
         try:
             folder = self.audit_target()
             first, second = self.result.first, self.result.second
@@ -828,11 +934,12 @@ class ExplainWidget(Container):
                 c = second.result.target_class
                 written += write_explanation(second, folder, stem=class_stem(c))
         except _USER_ERRORS as exc:
-            self._notify_error(str(exc))
+            self._refuse_save(exc, folder)
             return []
         except Exception as exc:  # anything unexpected: a notification, never into Qt
             self._notify_unexpected(exc)
             return []
+        self._saved_folder = folder
         records = {w.path.name: w.path for w in written if w.role == "audit_record"}
         for lay in self.result_layers:
             meta = lay.metadata.get(METADATA_KEY) or {}

@@ -122,12 +122,19 @@ def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, not
     viewer.dims.ndisplay = 2
 
     # display controls act on the overlay; the contour sits on the map's grid
-    widget.threshold.value = 0.3
-    assert tuple(fused.contrast_limits) == pytest.approx((0.3, 1.0))
+    assert widget.threshold.value == pytest.approx(0.3)  # the default: a cut, not 0
+    widget.threshold.value = 0.4
+    assert tuple(fused.contrast_limits) == (0.0, 1.0)  # the scale stays 0-1
+    assert fused.colormap.map(np.array([0.39]))[0, 3] == 0.0
+    assert fused.colormap.map(np.array([0.41]))[0, 3] == 1.0
     widget.show_contour.value = True
     assert widget.contour is not None and widget.contour in viewer.layers
     np.testing.assert_array_equal(widget.contour.data, fused.data >= 0.5)
     np.testing.assert_allclose(widget.contour.affine.affine_matrix, fused.affine.affine_matrix)
+    viewer.dims.ndisplay = 3  # a Labels contour is a solid blob in 3D: hidden there
+    assert not widget.contour.visible
+    viewer.dims.ndisplay = 2
+    assert widget.contour.visible
 
     # Save audit: the CLI's writer, next to the scan, record into every map layer's metadata
     written = widget.save_audit()
@@ -145,9 +152,9 @@ def test_widget_explains_and_saves_audit(make_napari_viewer, scan, tmp_path, not
     reopened = viewer.open(str(folder), plugin="icam-med")
     assert reopened[0].metadata[METADATA_KEY]["record_mismatch"] is False
     np.testing.assert_allclose(reopened[1].data, fused.data, atol=1e-6)
-    # saving again refuses (audited maps are never replaced): a notification, no exception
+    # saving the same run again refuses (it says where it is): a notification, no exception
     assert widget.save_audit() == []
-    assert any("already" in m for m in errors(notes))
+    assert any("already saved in" in m and str(folder) in m for m in errors(notes))
 
 
 def _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path):
@@ -579,3 +586,130 @@ def test_coronal_and_sagittal_planes_show_superior_up(make_napari_viewer, tmp_pa
 
 def _camera(viewer):
     return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+
+
+def test_threshold_cuts_and_side_by_side_panels_are_labelled_and_whole(
+        make_napari_viewer, scan, tmp_path, notes):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    widget = explain_in_viewer(viewer, scan, tiny_config(tmp_path), target=0, contrast=1)
+    kinds = result_kinds(viewer)
+    fused, contrast = (viewer.layers[kinds.index(k)] for k in ("fused", "contrast"))
+    go_to_map_peak(viewer, fused)
+    viewer.layers["anatomical"].visible = False  # the overlay alone, on black
+
+    def shot():
+        return viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+
+    widget.threshold.value = 0.3
+    low = shot()
+    widget.threshold.value = 0.6
+    high = shot()
+    drawn_low, drawn_high = low.sum(-1) > 0, high.sum(-1) > 0
+    assert drawn_high.sum() > 0 and drawn_low.sum() > drawn_high.sum()
+    assert not (drawn_high & ~drawn_low).any()
+    # the voxels still drawn at 0.6 keep the colours they had at 0.3 (a cut, no re-stretch)
+    same = (np.abs(low[drawn_high] - high[drawn_high]).max(-1) <= 3).mean()
+    assert same > 0.8, same  # (only pixels at the cut blend in the GPU lookup table)
+
+    # side by side: two panels, each named, both whole: the camera fits the scan's extent
+    # into each grid cell (napari's own fit, margin included)
+    viewer.layers["anatomical"].visible = True
+    widget.side_by_side.value = True
+    grid = viewer.canvas.grid
+    assert fused.name_overlay.visible and contrast.name_overlay.visible
+    shape = np.asarray(grid.actual_shape(viewer.layers))
+    assert tuple(shape) in ((1, 2), (2, 1))
+    extent = np.asarray(viewer.layers.extent.world)[:, -2:]
+    needed = (extent[1] - extent[0]) * _camera(viewer).zoom * shape
+    assert (needed <= np.asarray(viewer.canvas.size)).all(), (needed, viewer.canvas.size)
+    widget.side_by_side.value = False
+    assert not fused.name_overlay.visible and not contrast.name_overlay.visible
+    assert errors(notes) == []
+
+
+def test_save_audit_by_default_writes_a_new_folder_when_one_exists(
+        make_napari_viewer, scan, tmp_path, notes):
+    from icam_med.audit import verify_folder
+
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    earlier = scan.with_name("anatomical_icam")  # an earlier audit (e.g. the sample's)
+    earlier.mkdir()
+    (earlier / "cam.nii.gz").write_bytes(b"an earlier audit's map")
+    widget.run()
+    wait_for_worker(widget)
+    written = widget.save_audit()
+    assert written and errors(notes) == []
+    folder = scan.with_name("anatomical_icam-2")
+    assert {w.path.parent for w in written} == {folder}
+    assert (earlier / "cam.nii.gz").read_bytes() == b"an earlier audit's map"  # untouched
+    assert verify_folder(folder).ok
+    assert str(folder) in widget.status.value
+    # the versioned folder reopens with its scan found beside it
+    reopened = viewer.open(str(folder), plugin="icam-med")
+    assert reopened[0].metadata[METADATA_KEY]["kind"] == "scan"
+    assert reopened[0].metadata[METADATA_KEY]["record_mismatch"] is False
+    # a new run goes to the next folder
+    widget.run()
+    wait_for_worker(widget)
+    assert {w.path.parent for w in widget.save_audit()} == {scan.with_name("anatomical_icam-3")}
+    # a chosen folder that holds this run's files: refused, the reason first in the toast
+    # and the whole message in the dock
+    widget.run()
+    wait_for_worker(widget)
+    widget.audit_folder.value = folder
+    assert widget.save_audit() == []
+    message = errors(notes)[-1]
+    assert message.startswith("Save audit: files of an earlier audit are in the way.")
+    assert "cam.icam.json exists" in message
+    assert widget.status.value.startswith(f"not saved in {folder}:")
+    assert "cam.icam.json exists" in widget.status.value
+
+
+def test_reopened_audits_and_earlier_scans_can_be_reviewed(make_napari_viewer, scan, tmp_path,
+                                                           notes):
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    widget.run()
+    wait_for_worker(widget)
+    folder = widget.save_audit()[0].path.parent
+    first_maps = [lay.name for lay in widget.result_layers]
+    assert all(name.startswith("anatomical ") for name in first_maps)
+    # a second scan: its run keeps the first scan's maps (A/B), each named by its scan
+    other = tmp_path / "second.nii"
+    shutil.copy(scan, other)
+    viewer.open(str(other), plugin="icam-med")
+    widget.image.value = viewer.layers["second"]
+    widget.run()
+    wait_for_worker(widget)
+    names = [lay.name for lay in viewer.layers]
+    assert set(first_maps) <= set(names)
+    assert {lay.name for lay in widget.result_layers} == {
+        n.replace("anatomical ", "second ", 1) for n in first_maps}
+    # a rerun of the same method on the same scan replaces that scan's maps (no duplicates)
+    widget.run()
+    wait_for_worker(widget)
+    assert sorted(lay.name for lay in viewer.layers) == sorted(names)
+
+    # a reopened audit: the controls act on the selected map, not only the current run
+    reopened = viewer.open(str(folder), plugin="icam-med")
+    audit_map = next(lay for lay in reopened if lay.metadata[METADATA_KEY]["kind"] == "fused")
+    current = next(lay for lay in widget.result_layers
+                   if lay.metadata[METADATA_KEY]["kind"] == "fused")
+    viewer.layers.selection.active = audit_map
+    assert widget.review_layers() == [audit_map]
+    widget.threshold.value = 0.55
+    widget.opacity.value = 0.9
+    assert audit_map.colormap.map(np.array([0.5]))[0, 3] == 0.0
+    assert audit_map.colormap.map(np.array([0.6]))[0, 3] == 1.0
+    assert audit_map.opacity == pytest.approx(0.9)
+    assert current.metadata[METADATA_KEY]["threshold"] == pytest.approx(0.3)  # untouched
+    assert current.opacity == pytest.approx(0.6)
+    widget.show_contour.value = True
+    assert widget.contour.metadata[METADATA_KEY]["of"] == audit_map.name
+    np.testing.assert_array_equal(widget.contour.data, audit_map.data >= 0.5)
+    # selecting the current run's map shows its own settings and moves the contour to it
+    viewer.layers.selection.active = current
+    assert widget.threshold.value == pytest.approx(0.3)
+    assert widget.opacity.value == pytest.approx(0.6)
+    assert widget.contour.metadata[METADATA_KEY]["of"] == current.name
+    assert errors(notes) == []

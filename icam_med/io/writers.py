@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from icam_med._version import __version__
-from icam_med.io.atomic import atomic_write_bytes, check_writable
+from icam_med.io.atomic import atomic_write, check_writable
 
 __all__ = ["CAM_QUANTITY_CODE", "quantise_uint16", "write_nifti", "write_parametric_map"]
 
@@ -58,9 +58,10 @@ def _map_array(cam_map: Any) -> np.ndarray:
         a = a[0]
     if a.ndim != 3:
         raise ValueError(f"expected a 3-D map (X, Y, Z) or (1, X, Y, Z), got shape {a.shape}.")
-    if not np.all(np.isfinite(a)):
+    a = np.asarray(a, dtype=np.float32)  # no copy of a float32 map
+    if not np.isfinite(a).all():
         raise ValueError("the map holds NaN or Inf values; refusing to write it.")
-    return a.astype(np.float32)
+    return a
 
 
 def _affine_of(cam_map: Any, affine: Any) -> np.ndarray:
@@ -135,10 +136,20 @@ def write_nifti(
     hdr["descrip"] = description.encode("ascii", "replace")[:79]
     hdr["intent_name"] = b"CAM"
     hdr["cal_min"], hdr["cal_max"] = 0.0, max(1.0, float(data.max()))
-    payload = img.to_bytes()
-    if name.endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=NIFTI_GZIP_LEVEL, mtime=0)
-    atomic_write_bytes(p, payload, overwrite=overwrite)
+    hdr.set_data_offset(352)  # 348-byte header + 4-byte extension flag (no extensions)
+    with atomic_write(p, overwrite=overwrite) as fh:
+        out: Any = (gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=NIFTI_GZIP_LEVEL,
+                                  mtime=0) if name.endswith(".gz") else contextlib.nullcontext(fh))
+        with out as stream:
+            stream.write(hdr.binaryblock)
+            stream.write(b"\x00" * 4)
+            # NIfTI stores x fastest: slab by slab along z, each slab (z, y, x) C-order
+            # bytes; never a second full copy of the map in memory.
+            step = max(1, 4_000_000 // max(1, data.shape[0] * data.shape[1]))
+            for z0 in range(0, data.shape[2], step):
+                stream.write(np.ascontiguousarray(
+                    data[:, :, z0: z0 + step].transpose(2, 1, 0)).astype("<f4", copy=False)
+                    .tobytes())
     log.info("wrote NIfTI map %s (shape %s)", p, data.shape)
     return p
 
@@ -441,7 +452,10 @@ def write_parametric_map(
     # (Positions passed explicitly would be re-sorted by highdicom, against the normal,
     # an order dcmqi misreads.)
     slices = _slices_of_source_frames(scan_info, sources, data.shape[2])
-    frames = np.ascontiguousarray(np.transpose(data[:, :, slices], (2, 1, 0)))
+    # (a view: the uint16 frames are quantised from it slab by slab, with no float copy)
+    frames = np.transpose(data, (2, 1, 0))
+    if slices != list(range(data.shape[2])):
+        frames = frames[slices]
 
     params_json = json.dumps(dict(parameters or {}), sort_keys=True, default=str,
                              separators=(",", ":"))
@@ -460,7 +474,8 @@ def write_parametric_map(
         value_range: tuple[Any, Any] = (0, _UINT16_MAX)
         window = (32767.5, 65536.0)  # the window applies to stored values: all of them
     else:
-        stored, slope, intercept, value_range, window = frames, 1.0, 0.0, (0.0, 1.0), (0.5, 1.0)
+        stored, slope, intercept = np.ascontiguousarray(frames), 1.0, 0.0
+        value_range, window = (0.0, 1.0), (0.5, 1.0)
     rwvm = hd.pm.RealWorldValueMapping(
         lut_label="ICAM",
         lut_explanation=_truncate(f"{method} CAM" + (f" {target_label}" if target_label else ""), 64),
@@ -501,12 +516,8 @@ def write_parametric_map(
         # nor Deflate is read by all four). Frames are encoded once their order is final.
         pm.compress(JPEGLSLossless, encoding_plugin="pyjpegls")
     pm.preamble = b"\x00" * 128
-    import io
-
-    buf = io.BytesIO()
-    with _header_values_withheld():
-        pm.save_as(buf, enforce_file_format=True)
-    atomic_write_bytes(p, buf.getvalue(), overwrite=overwrite)
+    with _header_values_withheld(), atomic_write(p, overwrite=overwrite) as fh:
+        pm.save_as(fh, enforce_file_format=True)  # straight to the temporary file
     log.info("wrote DICOM Parametric Map %s (%d frames, %s, RWVM slope %.6g%s)", p,
              frames.shape[0], pixel_type, slope, ", JPEG-LS lossless" if compress else "")
     return p

@@ -198,7 +198,7 @@ def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: s
         ValueError: the mask's shape differs from the map's.
     """
     stats = map_statistics(fused, affine)
-    mask_fraction = mask_sha = None
+    mask_fraction = mask_sha = mask_volume = peak_in_mask = None
     if mask is not None:
         a = fused.detach().cpu().numpy() if hasattr(fused, "detach") else np.asarray(fused)
         a = np.asarray(a, dtype=np.float64).reshape(stats.shape)
@@ -209,15 +209,20 @@ def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: s
                 f"mask has shape {m.shape} but the scan's map has {a.shape}; the mask must be "
                 "on the scan's own grid."
             )
+        inside = m != 0
         total = float(a.sum())
         mask_sha = voxel_sha256(m)
-        mask_fraction = float((a * (m != 0)).sum() / total) if total > 0 else None
+        mask_fraction = float((a * inside).sum() / total) if total > 0 else None
+        # Context: an evenly spread map puts mask_volume_fraction of its mass in the mask.
+        mask_volume = float(inside.mean()) if inside.size else None
+        peak_in_mask = bool(inside[tuple(stats.peak_voxel)]) if total > 0 else None
     disagrees = None
     if expected_label is not None:
         disagrees = str(expected_label) not in {str(predicted_label), str(predicted_class)}
     return {"expected_label": expected_label, "disagrees": disagrees,
             "map_stats": stats.to_dict(), "mask_fraction": mask_fraction,
-            "mask_sha256": mask_sha}
+            "mask_sha256": mask_sha, "mask_volume_fraction": mask_volume,
+            "peak_in_mask": peak_in_mask}
 
 
 def _load_mask(spec: ScanSpec, info: Any, geometry: Any) -> Any:

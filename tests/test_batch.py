@@ -228,6 +228,11 @@ def test_map_analysis_mass_in_mask():
     a = map_analysis(fused, np.eye(4), mask=mask, expected_label="present",
                      predicted_class=0, predicted_label="absent")
     assert a["mask_fraction"] == pytest.approx(0.5)
+    assert a["mask_volume_fraction"] == pytest.approx(8 / 64)  # the context of that 50%
+    assert a["peak_in_mask"] is True  # the first maximum (C order) is (1, 1, 1)
+    fused[0, 1, 1, 1] = 0.5
+    assert map_analysis(fused, np.eye(4), mask=mask)["peak_in_mask"] is False
+    fused[0, 1, 1, 1] = 1.0
     assert a["disagrees"] is True
     assert a["map_stats"]["centroid_voxel"] == [2.0, 2.0, 2.0]
     with pytest.raises(ValueError, match="must be on the scan's own grid"):

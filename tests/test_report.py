@@ -361,3 +361,197 @@ def test_report_of_a_single_explain_folder(audit, tmp_path, capsys):
     html = (out / "report.html").read_text("utf-8")
     assert "yes (voxel SHA-256 matches the record)" in html  # scan id = folder name, matched
     assert "no expected labels" in html and (out / "report.pdf").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------
+# A report a reviewer trusts (issue 14 items 9 and 11)
+# ---------------------------------------------------------------------------------------
+def _pdf_words(pdf: Path) -> list[list[tuple[float, float, float, float, str]]]:
+    """Every page's words with their boxes (pdftotext -bbox)."""
+    xml = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True,
+                         text=True, check=True).stdout
+    pages = []
+    for page in xml.split("<page ")[1:]:
+        pages.append([(float(a), float(b), float(c), float(d), w) for a, b, c, d, w in
+                      re.findall(r'<word xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" '
+                                 r'yMax="([\d.]+)">([^<]*)</word>', page)])
+    return pages
+
+
+def _pdf_text(pdf: Path) -> str:
+    return " ".join(w[4] for page in _pdf_words(pdf) for w in page)
+
+
+def _montages(html: str) -> list[np.ndarray]:
+    data = re.findall(r'<img alt="map over scan"[^>]*src="data:image/png;base64,([^"]+)"', html)
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d))).convert("RGB"), dtype=int)
+            for d in data]
+
+
+def _cyan(rgb: np.ndarray) -> int:
+    """Pixels of the mask outline's colour (#00e5ff, anti-aliased)."""
+    return int(((rgb[..., 0] < 90) & (rgb[..., 1] > 170) & (rgb[..., 2] > 200)).sum())
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    """An audit of two scans with lesion masks (CSV mask column), reported with them."""
+    base = tmp_path_factory.mktemp("masked")
+    cfg = _write_config(base)
+    rng = np.random.default_rng(5)
+    rows = ["path,label,mask"]
+    for i in range(2):
+        lesion = np.s_[4 + i:8 + i, 5:10, 3:6]
+        vol = _body_scan((14, 16, 10), rng, lesion)
+        affine = np.diag([1.5, 1.5, 3.0, 1.0])
+        affine[:3, 3] = [-10.0, 20.0, -30.0]
+        p = base / f"case{i:02d}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, affine), str(p))
+        mask = np.zeros(vol.shape, np.uint8)
+        mask[lesion] = 1
+        m = base / f"case{i:02d}_mask.nii.gz"
+        nib.save(nib.Nifti1Image(mask, affine), str(m))
+        rows.append(f"{p},present,{m}")
+    listing = base / "scans.csv"
+    listing.write_text("\n".join(rows) + "\n")
+    out = base / "audit"
+    assert run_batch([listing], cfg, out, progress=False).exit_code == 0
+    card = base / "MODEL_CARD.md"
+    card.write_text("# tiny-report-net\nIntended use: synthetic T1 brain MR, research only.\n"
+                    "<script>alert('x')</script>\n")
+    report = build_report(out, scans=[listing], pdf=True, overwrite=True, model_card=card)
+    return {"base": base, "out": out, "listing": listing, "report": report, "card": card,
+            "html": report.html.read_text("utf-8")}
+
+
+def test_mask_outline_and_overlap_context(masked):
+    html = masked["html"]
+    assert html.count("yes (voxel SHA-256 matches the record)") == 4  # 2 scans + 2 masks
+    for sid in ("case00", "case01"):
+        rec = AuditRecord.load(masked["out"] / "scans" / sid / "cam.icam.json")
+        cam = np.asarray(nib.load(str(masked["out"] / "scans" / sid / "cam.nii.gz")).dataobj)
+        mask = np.asarray(nib.load(str(masked["base"] / f"{sid}_mask.nii.gz")).dataobj) != 0
+        share = mask.mean()
+        inside = bool(mask.reshape(-1)[np.argmax(cam)])
+        assert rec.analysis.mask_volume_fraction == pytest.approx(share)
+        assert rec.analysis.peak_in_mask is inside
+        expected = (f"{rec.analysis.mask_fraction:.1%} of the map&#39;s mass; the mask is "
+                    f"{share:.1%} of the volume")
+        assert expected in html
+        assert ("the map&#39;s peak is inside the mask" if inside else
+                "the map&#39;s peak is outside the mask") in html
+    # The outline is drawn when the mask is given, and only then.
+    assert all(_cyan(m) > 30 for m in _montages(html))
+    sid_to_scan = {"case00": masked["base"] / "case00.nii.gz"}
+    plain = build_report(masked["out"], scans=sid_to_scan, report_dir=masked["base"] / "plain")
+    text = plain.html.read_text("utf-8")
+    assert "no (mask not given to the report)" in text
+    assert all(_cyan(m) == 0 for m in _montages(text))
+
+
+def test_map_is_transparent_below_the_display_threshold():
+    from icam_med.report.figures import DISPLAY_THRESHOLD, montage_png
+
+    rng = np.random.default_rng(0)
+    scan = to_ras(rng.integers(100, 400, (20, 22, 16)).astype(np.float32), np.eye(4))
+    spot = np.zeros((20, 22, 16), np.float32)
+    spot[8:12, 9:13, 6:9] = 1.0
+    below = spot.copy()
+    below[below == 0] = DISPLAY_THRESHOLD - 0.01  # a wash just under the threshold
+    above = spot.copy()
+    above[above == 0] = DISPLAY_THRESHOLD + 0.01
+    png_spot = montage_png(to_ras(spot, np.eye(4)), scan)
+    # Under the threshold nothing is drawn: the picture is the spot's, pixel for pixel.
+    assert montage_png(to_ras(below, np.eye(4)), scan) == png_spot
+    drawn = np.asarray(Image.open(io.BytesIO(montage_png(to_ras(above, np.eye(4)), scan))))
+    assert not np.array_equal(drawn, np.asarray(Image.open(io.BytesIO(png_spot))))
+
+
+def test_slice_positions_are_in_mm():
+    from icam_med.report.figures import _title
+
+    affine = np.array([[-2.0, 0, 0, 40.0], [0, -2.0, 0, 30.0], [0, 0, 3.0, -12.0],
+                       [0, 0, 0, 1.0]])  # LPS storage, offset origin
+    vol = to_ras(np.zeros((10, 12, 8), np.float32), affine)
+    point = (3, 4, 5)
+    world = vol.affine @ np.array([*point, 1.0])
+    assert _title("axial", 2, vol, point) == f"axial, z = {world[2]:+.1f} mm"
+    assert _title("coronal", 1, vol, point) == f"coronal, y = {world[1]:+.1f} mm"
+    # The RAS reordering keeps world positions: voxel (3, 4, 5) of the RAS array lies where
+    # the stored voxel it came from lies.
+    stored = (10 - 1 - 3, 12 - 1 - 4, 5)
+    assert np.allclose(world[:3], (affine @ np.array([*stored, 1.0]))[:3])
+
+
+def test_method_rows_name_each_option_once_and_only_used_ones(audit):
+    from icam_med.report.content import method_rows
+
+    opts = {"method": "integrative", "layer_weighting": "score", "tau": 1.0,
+            "alpha_fn": "exp", "alpha_beta": 2.0, "target_layers": ["a"], "fusion": "weighted"}
+    rows = dict(method_rows({"name": "integrative", "layers": ["a"], "options": opts}))
+    assert "tau" not in rows and rows["not used by these settings"] == "tau"
+    assert rows["alpha_beta"] == 2.0 and "target_layers" not in rows
+    rows = dict(method_rows({"name": "integrative", "layers": ["a"], "options": {
+        **opts, "layer_weighting": "softmax", "alpha_fn": "tanh"}}))
+    assert rows["tau"] == 1.0 and rows["not used by these settings"] == "alpha_beta"
+    # In the report: one "method" row, no unused option rows.
+    section = re.search(r'id="method".*?</table>', audit["html"], re.S).group(0)
+    assert section.count("<th>method</th>") == 1
+    assert "<th>tau</th>" not in section and "<th>counterfactual_keep</th>" not in section
+
+
+def test_html_and_pdf_show_the_same_figures(audit):
+    from icam_med.report.content import fmt
+
+    assert fmt(0.99984) == "0.9998" and fmt(1.0) == "1" and fmt(0.123456) == "0.1235"
+    pdf = _pdf_text(audit["report"].pdf)
+    html = audit["html"]
+    shown = 0
+    for sid in audit["scan_ids"]:
+        rec = AuditRecord.load(audit["out"] / "scans" / sid / "cam.icam.json")
+        from icam_med.report.collect import probabilities
+
+        probs = probabilities(list(rec.method.logits))
+        p = fmt(probs[rec.method.predicted.class_index])
+        assert f"<td>{p}</td>" in html, (sid, p)
+        assert p in pdf.split(), (sid, p)
+        shown += 1
+    assert shown == len(audit["scan_ids"])
+
+
+def test_pdf_has_no_colliding_text(audit, masked, tmp_path):
+    for k, pdf in enumerate((audit["report"].pdf, masked["report"].pdf)):
+        pages = _pdf_words(pdf)
+        assert len(pages) == len(pdf_to_pngs(pdf, tmp_path / f"r{k}"))  # every page renders
+        for n, words in enumerate(pages, start=1):
+            for i, a in enumerate(words):
+                for b in words[i + 1:]:
+                    ox = min(a[2], b[2]) - max(a[0], b[0])
+                    oy = min(a[3], b[3]) - max(a[1], b[1])
+                    assert not (ox > 0.5 and oy > 1.0), f"page {n}: '{a[4]}' overlaps '{b[4]}'"
+
+
+def test_signature_status_in_the_header(audit, tmp_path):
+    header = audit["html"][: audit["html"].index('id="cohort"')]
+    assert "<b>Signature: UNSIGNED</b>" in header
+    assert "Signature: UNSIGNED" in _pdf_text(audit["report"].pdf).replace("  ", " ")
+    bad = tmp_path / "forged"
+    shutil.copytree(audit["out"], bad)
+    (bad / "ledger.sig.jsonl").write_text('{"not": "a signature"}\n')
+    res = build_report(bad, overwrite=True)
+    text = res.html.read_text("utf-8")
+    assert "<b>Signature: BROKEN</b>" in text[: text.index('id="cohort"')]
+
+
+def test_model_card_is_embedded_and_linked(masked, tmp_path):
+    html = masked["html"]
+    digest = sha256_file(masked["card"])
+    assert '<a href="#model-card">MODEL_CARD.md</a>' in html
+    assert 'id="model-card"' in html and digest in html
+    assert "Intended use: synthetic T1 brain MR, research only." in html
+    assert "<script>" not in html and "&lt;script&gt;" in html  # the template escapes it
+    assert "MODEL_CARD.md" in _pdf_text(masked["report"].pdf)
+    with pytest.raises(FileNotFoundError, match="model card"):
+        build_report(masked["out"], model_card=tmp_path / "none.md",
+                     report_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # refused before any work

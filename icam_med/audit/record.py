@@ -534,6 +534,8 @@ class RecordAnalysis:
     map_stats: Mapping[str, Any] = field(default_factory=dict)
     mask_fraction: float | None = None
     mask_sha256: str | None = None
+    mask_volume_fraction: float | None = None
+    peak_in_mask: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -618,7 +620,9 @@ class AuditRecord:
                 disagrees=analysis.get("disagrees"),
                 map_stats=dict(analysis.get("map_stats") or {}),
                 mask_fraction=analysis.get("mask_fraction"),
-                mask_sha256=analysis.get("mask_sha256")),
+                mask_sha256=analysis.get("mask_sha256"),
+                mask_volume_fraction=analysis.get("mask_volume_fraction"),
+                peak_in_mask=analysis.get("peak_in_mask")),
             sequence=integ["sequence"], previous_entry_sha256=integ["previous_entry_sha256"],
             record_sha256=integ["record_sha256"],
             data=data, path=Path(path) if path is not None else None,

@@ -25,20 +25,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor", metavar="HASH", type=_args.sha256_hex,
                         help="a ledger head hash kept elsewhere (printed by `icam-med verify`); "
                              "the report then proves the ledger was not rewritten since")
+    parser.add_argument("--model-card", metavar="FILE",
+                        help="the model card (intended use, training data) to embed and link; "
+                             "default with --config: MODEL_CARD.md beside the model's weights, "
+                             "if there is one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from icam_med.report import build_report
 
     geometry = None
+    card = args.model_card
     if args.config:
         from icam_med.config import load_config
 
-        geometry = load_config(args.config).geometry
+        cfg = load_config(args.config)
+        geometry = cfg.geometry
+        weights = cfg.model.weights
+        beside = Path(weights).parent / "MODEL_CARD.md" if weights else None
+        if card is None and beside is not None and beside.is_file():
+            card = beside
     result = build_report(args.folder, scans=args.scans, geometry=geometry, pdf=args.pdf,
                           per_page=args.per_page, overwrite=args.overwrite,
-                          anchor=args.anchor)
+                          anchor=args.anchor, model_card=card)
     echo(result.line())
     if not result.ledger_ok:
         echo(f"warning: the folder does not verify: {result.problems[0]}", file=sys.stderr)

@@ -52,7 +52,8 @@ class ReportResult:
 def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
                  pdf: bool = False, per_page: int = 25, overwrite: bool = False,
                  report_dir: str | Path | None = None,
-                 anchor: str | None = None) -> ReportResult:
+                 anchor: str | None = None,
+                 model_card: str | Path | None = None) -> ReportResult:
     """Build the audit report of an output folder.
 
     Args:
@@ -70,6 +71,9 @@ def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None
         anchor: an ``entry_sha256`` kept outside the folder (an earlier ledger head, as
             printed by ``icam-med verify``); the verification then also proves the ledger
             was not rewritten since.
+        model_card: the model card (intended use, training data, limits) of the audited
+            model, embedded in the report and linked from its model table (one model per
+            folder; a folder with several models gets it under the first).
 
     Returns:
         A :class:`ReportResult`.
@@ -77,9 +81,10 @@ def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None
     Raises:
         FileNotFoundError: ``out_dir`` has no ledger.
         FileExistsError: a report exists and ``overwrite`` is false.
-        ValueError: ``per_page`` < 1.
+        ValueError: ``per_page`` < 1, or the model card is not UTF-8 text.
     """
     from icam_med.report.collect import cohort_metrics, collect
+    from icam_med.report.content import ModelCard
     from icam_med.report.figures import confusion_png, score_distribution_png
     from icam_med.report.html import page_name, render_page
 
@@ -96,6 +101,7 @@ def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None
     if existing and not overwrite:
         raise FileExistsError(
             f"{existing[0]} exists; pass --overwrite (overwrite=True) to rebuild the report.")
+    card = ModelCard.read(model_card) if model_card is not None else None  # before any work
     target.mkdir(parents=True, exist_ok=True)
 
     data = collect(folder, scans=scans, geometry=geometry, anchor=anchor)
@@ -114,14 +120,16 @@ def build_report(out_dir: str | Path, *, scans: Any = None, geometry: Any = None
     for i, item in enumerate(data.scans):
         item.page = i // per_page + 1
     built = {"utc": utc_now(), "version": __version__}
+    cards = ({str((data.models[0] or {}).get("name")): card}
+             if card is not None and data.models else {})
     # Everything is rendered in memory first, so a failure leaves no half-built report.
-    htmls = [render_page(data, metrics, figs, built, page=page, n_pages=n_pages)
+    htmls = [render_page(data, metrics, figs, built, page=page, n_pages=n_pages, cards=cards)
              for page in range(1, n_pages + 1)]
     pdf_bytes = None
     if pdf:
         from icam_med.report.pdf import render_pdf
 
-        pdf_bytes = render_pdf(data, metrics, figs, built)
+        pdf_bytes = render_pdf(data, metrics, figs, built, cards=cards)
     # Pages of an earlier, longer report would be stale: remove them.
     for old in target.glob("report-page-*.html"):
         old.unlink()

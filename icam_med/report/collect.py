@@ -110,6 +110,9 @@ class ScanItem:
     disagrees: bool | None = None
     layer_weights: dict[str, float] = field(default_factory=dict)
     mask_fraction: float | None = None   # batch mask (lesion) fraction, when one was given
+    mask_volume_fraction: float | None = None  # the mask's share of the scan's voxels
+    peak_in_mask: bool | None = None     # whether the map's peak lies inside the mask
+    mask_shown: str = "not given"        # "outlined", "not given", "hash differs", "grid differs"
     outside_body: float | None = None
     scan_shown: str = "not given"        # "matched", "not given", "hash differs", "unreadable"
     map_state: str = "not read"          # "ok", "missing", "unreadable", "empty"
@@ -187,16 +190,50 @@ def _distinct(items: Iterable[Any]) -> list[Any]:
     return out
 
 
-def _scan_sources(scans: Any) -> dict[str, Path]:
+def _scan_sources(scans: Any) -> tuple[dict[str, Path], dict[str, Path]]:
+    """``(scan id -> scan path, scan id -> mask path)`` from the inputs given."""
     if scans is None:
-        return {}
+        return {}, {}
     if isinstance(scans, Mapping):
-        return {str(k): Path(v) for k, v in scans.items()}
+        return {str(k): Path(v) for k, v in scans.items()}, {}
     from icam_med.discovery import collect_scans
 
     if isinstance(scans, (str, Path)):
         scans = [scans]
-    return {s.scan_id: s.path for s in collect_scans(scans)}
+    specs = collect_scans(scans)
+    return ({s.scan_id: s.path for s in specs},
+            {s.scan_id: s.mask for s in specs if s.mask is not None})
+
+
+def _read_mask(item: ScanItem, path: Path, cam_np: np.ndarray,
+               cam_affine: np.ndarray) -> np.ndarray | None:
+    """The scan's mask, if it is the one the record pins (voxel SHA-256) and lies on the
+    map's grid; else ``None`` with :attr:`ScanItem.mask_shown` saying why."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    raw = np.asanyarray(img.dataobj)
+    raw = raw.reshape(raw.shape[:3]) if raw.ndim > 3 and raw.shape[3:] == (1,) else raw
+    want = (item.record.analysis.mask_sha256
+            if item.record is not None and item.record.analysis is not None else None)
+    # The audit hashed the mask's voxels as io loaded them (float32 today): accept the
+    # stored and the float32 values, with or without the channel axis.
+    as_f32 = raw.astype(np.float32)
+    got = {voxel_sha256(a) for a in (raw, raw[None], as_f32, as_f32[None])}
+    if want is None or want not in got:
+        item.mask_shown = "hash differs"
+        return None
+    if raw.shape != cam_np.shape or not np.allclose(np.asarray(img.affine), cam_affine,
+                                                    atol=1e-3):
+        item.mask_shown = "grid differs"
+        return None
+    item.mask_shown = "outlined"
+    inside = raw != 0
+    if item.mask_volume_fraction is None:  # records written before these were recorded
+        item.mask_volume_fraction = float(inside.mean())
+    if item.peak_in_mask is None and float(cam_np.max()) > 0:
+        item.peak_in_mask = bool(inside.reshape(-1)[int(np.argmax(cam_np))])
+    return inside.astype(np.float32)
 
 
 def _match_leftovers(folder: Path, latest: Mapping[str, LedgerEntry],
@@ -245,6 +282,8 @@ def _fill_from_record(item: ScanItem, rec: AuditRecord) -> None:
         item.expected_label = None if exp is None else str(exp)
         item.disagrees = analysis.disagrees
         item.mask_fraction = analysis.mask_fraction
+        item.mask_volume_fraction = analysis.mask_volume_fraction
+        item.peak_in_mask = analysis.peak_in_mask
 
 
 def _read_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -262,8 +301,10 @@ def _read_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: Any) -> None:
-    """Read the map (and the scan, if given), compute the body check and draw figures."""
+def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: Any,
+                   mask_path: Path | None = None) -> None:
+    """Read the map (and the scan and mask, if given), compute the body check and draw
+    figures."""
     from icam_med.report.figures import layer_weights_png, montage_png, to_ras
 
     rec = item.record
@@ -302,10 +343,22 @@ def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: 
                 scan_np = np.asarray(image[0].numpy(), dtype=np.float32)
                 item.outside_body = outside_fraction(cam_np, scan_np)
                 scan_ras = to_ras(scan_np, info.affine)
+    mask_ras = None
+    if mask_path is not None:
+        try:
+            mask = _read_mask(item, mask_path, cam_np, cam_affine)
+        except Exception as exc:  # messages may name the path: keep only the type
+            log.warning("scan %s: the mask given could not be read (%s)", item.scan_id,
+                        type(exc).__name__)
+            item.mask_shown = "unreadable"
+            mask = None
+        if mask is not None:
+            mask_ras = to_ras(mask, cam_affine)
     title = f"{item.scan_id}: predicted {item.predicted_label}"
     if item.expected_label is not None:
         title += f", expected {item.expected_label}"
-    item.montage = montage_png(to_ras(cam_np, cam_affine), scan_ras, title=title)
+    item.montage = montage_png(to_ras(cam_np, cam_affine), scan_ras, title=title,
+                               mask_ras=mask_ras)
 
 
 def _flag(item: ScanItem) -> None:
@@ -364,7 +417,7 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
     folder = Path(out_dir).resolve()
     report = verify_folder(folder, anchor=anchor)  # the library's verification, re-run now
     entries, bad = _read_ledger(folder)
-    sources = _scan_sources(scans)
+    sources, masks = _scan_sources(scans)
     latest: dict[str, LedgerEntry] = {}
     runs: dict[str, dict[str, Any]] = {}
     for e in entries:
@@ -401,7 +454,8 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
                 _fill_from_record(item, item.record)
                 if figures:
                     try:
-                        _load_pictures(item, folder, sources.get(sid), geometry)
+                        _load_pictures(item, folder, sources.get(sid), geometry,
+                                       masks.get(sid))
                     except Exception as exc:  # a damaged map must not stop the report
                         log.warning("scan %s: map could not be shown (%s)", sid,
                                     type(exc).__name__)

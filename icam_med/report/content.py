@@ -1,8 +1,12 @@
-"""Plain-language text shared by the HTML and PDF reports: review rules and the methods
-appendix. Kept in one place so both outputs say exactly the same thing."""
+"""Text shared by the HTML and PDF reports: value formatting, the rows of the method and
+scan tables, the signature status, the review rules and the methods appendix. Kept in one
+place so both outputs show exactly the same figures, rounded the same way."""
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from icam_med.report.collect import (
@@ -12,8 +16,198 @@ from icam_med.report.collect import (
     SALIENT_LEVEL,
     CohortData,
 )
+from icam_med.report.figures import DISPLAY_THRESHOLD, OVERLAY_OPACITY
 
-__all__ = ["methods_appendix", "review_rules"]
+__all__ = [
+    "ModelCard",
+    "cohort_rows",
+    "fmt",
+    "method_rows",
+    "methods_appendix",
+    "model_rows",
+    "overlap_text",
+    "review_rules",
+    "scan_rows",
+    "signature_status",
+]
+
+#: Options shown only when the method's settings use them: option -> (setting, values).
+_USED_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "tau": ("layer_weighting", ("softmax",)),
+    "alpha_beta": ("alpha_fn", ("exp",)),
+    "counterfactual_keep": ("layer_weighting", ("counterfactual",)),
+}
+#: Options already shown in their own row (the method's name, its layers).
+_SHOWN_ELSEWHERE = ("method", "target_layers")
+
+
+def fmt(value: Any) -> str:
+    """One value as both reports print it: floats to 4 significant digits (0.9998, never
+    rounded up to 1.000), booleans as yes/no, lists and mappings as compact JSON."""
+    import json
+
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def method_rows(method: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The method table: its name, layers and the options it actually used, once each;
+    options that its settings leave unused are named in one last row, not listed."""
+    opts = dict(method.get("options") or {})
+    rows: list[tuple[str, Any]] = [("method", method.get("name")),
+                                   ("layers", ", ".join(method.get("layers") or []))]
+    unused = []
+    for key, value in sorted(opts.items()):
+        if key in _SHOWN_ELSEWHERE:
+            continue
+        rule = _USED_WHEN.get(key)
+        if rule is not None and opts.get(rule[0]) not in rule[1]:
+            unused.append(key)
+            continue
+        rows.append((key, value))
+    if unused:
+        rows.append(("not used by these settings", ", ".join(unused)))
+    return rows
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model card (intended use, training data, limits) embedded in the report.
+
+    Attributes:
+        name: the file's name.
+        text: its text.
+        sha256: the SHA-256 of its bytes.
+        anchor: the HTML id of its appendix section.
+    """
+
+    name: str
+    text: str
+    sha256: str
+    anchor: str = "model-card"
+
+    @classmethod
+    def read(cls, path: str | Path, anchor: str = "model-card") -> ModelCard:
+        """Read a model card (UTF-8 text: Markdown, plain text).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not UTF-8 text.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"model card {p} does not exist; give the model card "
+                                    "(e.g. MODEL_CARD.md) of the audited model.")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"model card {p} is not UTF-8 text; give a Markdown or text "
+                             "file.") from None
+        return cls(p.name, text, hashlib.sha256(raw).hexdigest(), anchor)
+
+
+def model_rows(m: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The model table (both reports)."""
+    contract = m.get("input_contract") or {}
+    return [
+        ("name", m.get("name")), ("architecture", m.get("architecture")),
+        ("architecture arguments", m.get("args")),
+        ("weights file", m.get("weights_file")),
+        ("weights SHA-256", m.get("weights_sha256")),
+        ("weights format", m.get("weights_format")),
+        ("parameters", m.get("n_parameters")),
+        ("class labels", ", ".join(m.get("labels") or []) or None),
+        ("input", f"{contract.get('channels')} channel(s), spatial size "
+                  f"{contract.get('spatial_size')}, {contract.get('dtype')}"),
+    ]
+
+
+def cohort_rows(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The cohort table (both reports)."""
+    acc = metrics["accuracy"]
+    return [
+        ("scans in the ledger", metrics["n_scans"]), ("explained", metrics["n_ok"]),
+        ("failed", metrics["n_failed"]),
+        ("verified (files and records intact)", metrics["n_verified"]),
+        ("with an expected label", metrics["n_labelled"]),
+        ("accuracy against expected labels",
+         f"{acc:.1%} ({metrics['n_correct']}/{metrics['n_labelled']})" if acc is not None
+         else None),
+        ("confident wrong predictions", metrics["n_confident_wrong"]),
+        ("scans with a flag", metrics["n_flagged"]),
+    ]
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def overlap_text(mask_fraction: float | None, mask_volume_fraction: float | None,
+                 peak_in_mask: bool | None) -> str | None:
+    """The map's mass inside the given mask, with its context: the mask's share of the
+    volume (what an evenly spread map would give) and whether the peak lies inside."""
+    if mask_fraction is None:
+        return None
+    text = f"{_pct(mask_fraction)} of the map's mass"
+    if mask_volume_fraction is not None:
+        text += f"; the mask is {_pct(mask_volume_fraction)} of the volume"
+        if mask_volume_fraction > 0:
+            text += f" ({mask_fraction / mask_volume_fraction:.3g}x an evenly spread map)"
+    if peak_in_mask is not None:
+        text += "; the map's peak is " + ("inside" if peak_in_mask else "outside") + " the mask"
+    return text
+
+
+def scan_rows(s: Any) -> list[tuple[str, str]]:
+    """The facts of one scan, formatted, for both reports."""
+    inp = s.record.input if s.record is not None else None
+    return [
+        ("status", fmt(s.status)), ("predicted", fmt(s.predicted_label)),
+        ("probability of the predicted class", fmt(s.probability)),
+        ("explained class (target)", fmt(s.target_label)),
+        ("target score (logit)", fmt(s.score)),
+        ("expected label", fmt(s.expected_label)),
+        ("agrees with expected label", fmt(None if s.disagrees is None else not s.disagrees)),
+        ("salient map mass (values >= 0.5) outside the body", _pct(s.outside_body)),
+        ("map mass inside the given mask", fmt(overlap_text(
+            s.mask_fraction, s.mask_volume_fraction, s.peak_in_mask))),
+        ("mask outline drawn", {"outlined": "yes (voxel SHA-256 matches the record)",
+                                "not given": "no (mask not given to the report)"}
+         .get(s.mask_shown, f"no ({s.mask_shown})")),
+        ("scan drawn under the map", {"matched": "yes (voxel SHA-256 matches the record)",
+                                      "not given": "no (scan not given to the report)"}
+         .get(s.scan_shown, f"no ({s.scan_shown})")),
+        ("input", f"{inp.format} {inp.modality or ''}, shape {list(inp.shape)}, spacing "
+                  f"{None if inp.spacing is None else list(inp.spacing)} mm, orientation "
+                  f"{inp.orientation}" if inp else "-"),
+        ("input voxel SHA-256", fmt(inp.voxel_sha256 if inp else None)),
+        ("record", fmt(s.record_path)), ("ledger entry", fmt(s.seq)), ("run", fmt(s.run_id)),
+        ("time (UTC)", fmt(s.time_utc)),
+        ("verified", "yes" if s.verified else "NO: " + "; ".join(s.problems)),
+    ]
+
+
+def signature_status(verify: Any) -> tuple[str, str]:
+    """``(SIGNED | UNSIGNED | BROKEN, explanation)`` of the runs' signed ledger heads."""
+    bad = [p for p in verify.problems if p.kind == "signature"]
+    n_signed, n_unsigned = len(verify.signed_runs), len(verify.unsigned_runs)
+    if bad:
+        return "BROKEN", f"{len(bad)} signature problem(s): {bad[0]}"
+    checked = ("checked with the site's public key" if verify.signatures_checked else
+               "not checked against a public key: run `icam-med verify DIR --public-key KEY`")
+    if n_unsigned == 0 and n_signed:
+        return "SIGNED", f"all {n_signed} run(s) carry a signed ledger head ({checked})"
+    return "UNSIGNED", (f"{n_unsigned} of {n_signed + n_unsigned} run(s) carry no signed ledger "
+                        "head: the chain is plain SHA-256, which whoever can rewrite the "
+                        "folder can recompute")
 
 
 def review_rules() -> list[str]:
@@ -67,8 +261,8 @@ def methods_appendix(data: CohortData) -> list[tuple[str, list[str]]]:
         "5. Layer maps are resized (trilinear) to the model's input grid, summed with these "
         "weights and normalised to [0, 1]; the preprocessing is then inverted, putting the map "
         "on the scan's own voxel grid with the scan's affine.",
-        "Every option as run: " + (", ".join(f"{k} = {v}" for k, v in sorted(opts.items()))
-                                   or "none recorded") + ".",
+        "Options in effect: " + (", ".join(f"{k} = {fmt(v)}" for k, v in
+                                           method_rows(method)[2:]) or "none recorded") + ".",
     ]))
     sections.append(("Layers", [
         f"{len(layers)} layer(s), in network order: " + (", ".join(layers) or "none recorded")
@@ -81,7 +275,12 @@ def methods_appendix(data: CohortData) -> list[tuple[str, list[str]]]:
         "convention (patient's right on the image's left; anterior on the left in sagittal "
         "views); the side letters are printed on each view. The volume is shown along its "
         "nearest anatomical axes without resampling, so an oblique scan appears in its own "
-        "plane. Map values below 0.05 are transparent.",
+        "plane. Each view's title gives its plane's position in mm (the RAS coordinate; for "
+        "an oblique scan, of the voxel row shown). The map is drawn in the viewer's inferno "
+        f"colours on a fixed 0-1 scale; values below {DISPLAY_THRESHOLD:g} (the viewer's "
+        "default threshold) are fully transparent, values from it up are drawn at "
+        f"{OVERLAY_OPACITY:.0%} opacity. When the report is given the audited mask (its voxel "
+        "SHA-256 must match the record's), its outline is drawn in cyan.",
     ]))
     sections.append(("Limitations", [
         "A class-activation map shows where the model's evidence for the target class lies, "

@@ -5,7 +5,13 @@ voxels keep their physical proportions. Volumes are first brought to the closest
 axis order with :mod:`nibabel.orientations` (no resampling: an oblique scan is shown along
 its nearest anatomical axes). Slices follow the radiological convention: the patient's
 right is on the image's left in axial and coronal views, anterior is on the left in
-sagittal views; the side letters are drawn on every view.
+sagittal views; the side letters are drawn on every view, and each view's title gives the
+slice's position in mm (the RAS coordinate of its plane).
+
+Colours are the napari viewer's: the map in ``inferno`` on a fixed 0-1 scale, cut hard at
+the display threshold (:data:`DISPLAY_THRESHOLD`, the viewer's default): values below it
+are fully transparent, values above it drawn at one opacity over the grey scan. A lesion
+mask, when given, is drawn as an outline.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DISPLAY_THRESHOLD",
     "RASVolume",
     "confusion_png",
     "layer_weights_png",
@@ -26,16 +33,33 @@ __all__ = [
     "to_ras",
 ]
 
-#: Map values below this are not drawn over the scan (transparent).
-OVERLAY_FLOOR = 0.05
+#: Map values below this are not drawn over the scan (fully transparent); the napari
+#: viewer's default threshold.
+DISPLAY_THRESHOLD = 0.3
+#: Opacity of the map where it is drawn over the scan.
+OVERLAY_OPACITY = 0.7
+#: The map's colormap (the viewer's) and the mask outline's colour.
+MAP_CMAP = "inferno"
+MASK_COLOUR = "#00e5ff"
 
 
 @dataclass(frozen=True)
 class RASVolume:
-    """A volume in (closest) RAS axis order with its voxel size in mm per axis."""
+    """A volume in (closest) RAS axis order with its voxel size in mm per axis and its
+    voxel-to-RAS affine (for slice positions in mm; ``None``: positions unknown)."""
 
     data: np.ndarray
     spacing: tuple[float, float, float]
+    affine: np.ndarray | None = None
+
+    def position_mm(self, axis: int, index: int, point: Sequence[int]) -> float | None:
+        """The RAS coordinate (mm) along ``axis`` of voxel ``point`` with ``point[axis]``
+        set to ``index``: the plane's position for an axis-aligned volume."""
+        if self.affine is None:
+            return None
+        v = [float(c) for c in point]
+        v[axis] = float(index)
+        return float((self.affine @ np.array([*v, 1.0]))[axis])
 
 
 def to_ras(data: Any, affine: Any) -> RASVolume:
@@ -59,7 +83,7 @@ def to_ras(data: Any, affine: Any) -> RASVolume:
     out = nio.apply_orientation(a, ornt)
     new_aff = aff @ nio.inv_ornt_aff(ornt, a.shape)
     spacing = tuple(float(np.linalg.norm(new_aff[:3, i])) or 1.0 for i in range(3))
-    return RASVolume(np.ascontiguousarray(out), spacing)  # type: ignore[arg-type]
+    return RASVolume(np.ascontiguousarray(out), spacing, new_aff)  # type: ignore[arg-type]
 
 
 def _fig_png(fig: Any, dpi: int) -> bytes:
@@ -92,21 +116,31 @@ def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(vol, index, axis=axis).T
 
 
-def _overlay_rgba(values: np.ndarray, cmap: Any) -> np.ndarray:
-    """Colours of the map with opacity growing with its value (transparent below
-    :data:`OVERLAY_FLOOR`), so the anatomy stays visible where the map is weak."""
+def _overlay_rgba(values: np.ndarray, cmap: Any, threshold: float) -> np.ndarray:
+    """The map's colours on a fixed 0-1 scale, fully transparent below ``threshold`` (a hard
+    cut, no re-stretch) and at :data:`OVERLAY_OPACITY` from it up."""
     v = np.clip(values, 0.0, 1.0)
     rgba = cmap(v)
-    rgba[..., 3] = np.where(v < OVERLAY_FLOOR, 0.0, 0.25 + 0.55 * v)
+    rgba[..., 3] = np.where(v < threshold, 0.0, OVERLAY_OPACITY)
     return rgba
 
 
+def _title(view: str, axis: int, vol: RASVolume, point: Sequence[int]) -> str:
+    mm = vol.position_mm(axis, point[axis], point)
+    name = "xyz"[axis]
+    where = f"{name} = {mm:+.1f} mm" if mm is not None else f"slice {point[axis] + 1}"
+    return f"{view}, {where}"
+
+
 def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
-                title: str = "", dpi: int = 80) -> bytes:
+                title: str = "", dpi: int = 80, mask_ras: RASVolume | None = None,
+                threshold: float = DISPLAY_THRESHOLD) -> bytes:
     """Axial, coronal and sagittal slices through the map's peak and the volume's centre.
 
-    The map (``[0, 1]``) is drawn over the scan (grey, 1st-99th percentile window) with
-    a colour bar; without a scan the map is drawn alone. A cross marks the map's peak.
+    The map (``[0, 1]``, ``inferno``) is drawn over the scan (grey, 1st-99th percentile
+    window), transparent below ``threshold``, with a colour bar marking the threshold;
+    without a scan the map is drawn alone. A cross marks the map's peak; the mask, if
+    given (same grid), is outlined. Titles give each plane's RAS position in mm.
     """
     import matplotlib
 
@@ -121,8 +155,11 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
         lo, hi = np.percentile(grey, [1, 99])
         if hi <= lo:
             hi = lo + 1.0
-    cmap = matplotlib.colormaps["jet" if grey is not None else "inferno"]
-    fig = _figure(9.6, 6.4)
+    mask = None
+    if mask_ras is not None and mask_ras.data.shape == m.shape:
+        mask = (mask_ras.data != 0).astype(np.float32)
+    cmap = matplotlib.colormaps[MAP_CMAP]
+    fig = _figure(9.6, 6.6)
     axes = fig.subplots(2, 3)
     for row, (label, point) in enumerate((("through the map's peak", peak),
                                           ("through the scan's centre", centre))):
@@ -132,13 +169,20 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
             if grey is not None:
                 ax.imshow(_slice(grey, axis, point[axis]), cmap="gray", vmin=lo, vmax=hi,
                           origin="lower", extent=extent, interpolation="nearest")
-                ax.imshow(_overlay_rgba(_slice(m, axis, point[axis]), cmap), origin="lower",
-                          extent=extent, interpolation="nearest")
-            else:
-                ax.imshow(_slice(m, axis, point[axis]), cmap="inferno", vmin=0.0, vmax=1.0,
+                ax.imshow(_overlay_rgba(_slice(m, axis, point[axis]), cmap, threshold),
                           origin="lower", extent=extent, interpolation="nearest")
+            else:
+                ax.imshow(_slice(m, axis, point[axis]), cmap=cmap, vmin=0.0, vmax=1.0,
+                          origin="lower", extent=extent, interpolation="nearest")
+            if mask is not None:
+                ms = _slice(mask, axis, point[axis])
+                if ms.any() and not ms.all():
+                    xs = (np.arange(ms.shape[1]) + 0.5) * map_ras.spacing[h]
+                    ys = (np.arange(ms.shape[0]) + 0.5) * map_ras.spacing[v]
+                    ax.contour(xs, ys, ms, levels=[0.5], colors=MASK_COLOUR, linewidths=1.2)
             # Radiological display: the patient's right (sagittal: anterior) on the left.
-            ax.invert_xaxis()
+            ax.set_xlim(size_mm[h], 0.0)
+            ax.set_ylim(0.0, size_mm[v])
             ax.set_aspect("equal")
             ph = (peak[h] + 0.5) * map_ras.spacing[h]
             pv = (peak[v] + 0.5) * map_ras.spacing[v]
@@ -152,14 +196,22 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
             ax.text(0.98, 0.5, sides[1], ha="right", va="center", **kw)
             ax.text(0.5, 0.02, sides[2], ha="center", va="bottom", **kw)
             ax.text(0.5, 0.98, sides[3], ha="center", va="top", **kw)
-            ax.set_title(f"{view} {point[axis] + 1}/{m.shape[axis]}", fontsize=9)
+            ax.set_title(_title(view, axis, map_ras, point), fontsize=9)
         axes[row, 0].set_ylabel(label, fontsize=9)
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     cbar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=axes, shrink=0.8,
                         pad=0.01)
-    cbar.set_label("map value (0-1); over the scan, opacity grows with the value", fontsize=8)
+    if grey is not None:
+        cbar.ax.axhspan(0.0, threshold, color="white", alpha=0.85)
+        cbar.ax.axhline(threshold, color="black", lw=1)
+        text = f"map value (0-1); transparent below {threshold:g}"
+    else:
+        text = "map value (0-1)"
+    if mask is not None:
+        text += "; outline: mask"
+    cbar.set_label(text, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     return _fig_png(fig, dpi)

@@ -4,12 +4,22 @@ with the same matplotlib figures as PNG images and a Unicode font shipped by mat
 from __future__ import annotations
 
 import io
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from icam_med.report.collect import CohortData, ScanItem
-from icam_med.report.content import methods_appendix, review_rules
+from icam_med.report.content import (
+    ModelCard,
+    cohort_rows,
+    fmt,
+    method_rows,
+    methods_appendix,
+    model_rows,
+    review_rules,
+    scan_rows,
+    signature_status,
+)
 
 __all__ = ["render_pdf"]
 
@@ -42,8 +52,10 @@ class _Doc:
             pdf.add_page()
         pdf.set_font("DejaVu", "B", size)
         pdf.ln(2)
-        pdf.multi_cell(0, size * 0.5, text, new_x="LMARGIN", new_y="NEXT", align="L")
-        pdf.ln(1)
+        # Line height from the font size in mm (pt * 0.3528 * 1.25), so a wrapped heading's
+        # lines never overlap each other or what follows.
+        pdf.multi_cell(0, size * 0.45, text, new_x="LMARGIN", new_y="NEXT", align="L")
+        pdf.ln(1.5)
 
     def p(self, text: str, size: float = 9, bold: bool = False,
           color: tuple[int, int, int] = (0, 0, 0)) -> None:
@@ -57,13 +69,7 @@ class _Doc:
     def kv(self, rows: list[tuple[str, Any]]) -> None:
         pdf = self.pdf
         for k, v in rows:
-            if v is None or v == "":
-                v = "-"
-            elif isinstance(v, float):
-                v = f"{v:.4g}"
-            elif isinstance(v, (dict, list)):
-                v = json.dumps(v, sort_keys=True, default=str)
-            key, text = str(k), str(v)
+            key, text = str(k), fmt(v)  # formatted as the HTML formats it
             pdf.set_font("DejaVu", "B", 8)
             hk = pdf.multi_cell(52, 4, key, dry_run=True, output="HEIGHT")
             pdf.set_font("DejaVu", "", 8)
@@ -99,27 +105,17 @@ def _scan(doc: _Doc, s: ScanItem) -> None:
     doc.h(f"Scan {s.scan_id}", 11)
     for f in s.flags:
         doc.p("! " + f, 8.5, bold=True, color=(161, 42, 28))
-    inp = s.record.input if s.record is not None else None
-    doc.kv([
-        ("status", s.status), ("predicted", s.predicted_label),
-        ("probability (predicted)", s.probability), ("target score (logit)", s.score),
-        ("expected label", s.expected_label),
-        ("salient mass outside body", None if s.outside_body is None else f"{s.outside_body:.1%}"),
-        ("scan drawn under map", s.scan_shown),
-        ("input", f"{inp.format}, shape {list(inp.shape)}, spacing "
-                  f"{None if inp.spacing is None else list(inp.spacing)} mm" if inp else None),
-        ("input voxel SHA-256", inp.voxel_sha256 if inp else None),
-        ("record / ledger entry", f"{s.record_path} / {s.seq}"),
-        ("verified", "yes" if s.verified else "NO: " + "; ".join(s.problems)),
-    ])
+    doc.kv(scan_rows(s))  # the HTML's rows, formatted the same way
     if s.status == "ok":
         doc.image(s.montage, 175)
         doc.image(s.weights_png, 95)
 
 
 def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes | None],
-               built: dict[str, Any]) -> bytes:
-    """The whole report as PDF bytes (every scan, in report order)."""
+               built: dict[str, Any], *, cards: Mapping[str, ModelCard] | None = None) -> bytes:
+    """The whole report as PDF bytes (every scan, in report order); ``cards`` (model name
+    -> model card) are embedded in the appendix."""
+    cards = cards or {}
     doc = _Doc(f"icam-med audit report - {data.folder_name}")
     doc.h("icam-med audit report", 18)
     doc.p(f"Audit folder {data.folder_name}; built {built['utc']} by icam-med "
@@ -137,18 +133,21 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
               f"incomplete ({len(v.problems)} problem(s)).", 11, bold=True, color=(192, 57, 43))
         for prob in v.problems[:30]:
             doc.p(f"- {prob}", 8, color=(192, 57, 43))
+    sig, why = signature_status(v)
+    doc.p(f"Signature: {sig} - {why}.", 9, bold=True,
+          color=(46, 110, 26) if sig == "SIGNED" else (192, 57, 43))
     doc.h("Model")
     for m in data.models:
         m = m or {}
-        doc.kv([("name", m.get("name")), ("architecture", m.get("architecture")),
-                ("arguments", m.get("args")), ("weights file", m.get("weights_file")),
-                ("weights SHA-256", m.get("weights_sha256")),
-                ("parameters", m.get("n_parameters")),
-                ("labels", ", ".join(m.get("labels") or []))])
+        doc.kv(model_rows(m))
+        card = cards.get(str(m.get("name")))
+        doc.p(f"Model card and intended use: {card.name} (embedded in the appendix, SHA-256 "
+              f"{card.sha256})." if card else "No model card or intended use was given to "
+              "this report.", 8, bold=card is None,
+              color=(0, 0, 0) if card else (161, 42, 28))
     doc.h("Method and options")
     for m in data.methods:
-        doc.kv([("method", m.get("name")), ("layers", ", ".join(m.get("layers") or [])),
-                *sorted((m.get("options") or {}).items())])
+        doc.kv(method_rows(m))
     for pre in data.preprocessing:
         doc.kv([(p.get("name"), p.get("params")) for p in pre or []])
     doc.h("Software")
@@ -161,13 +160,7 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
                                         "n_failed", "config_sha256") if r.get(k) is not None])
         doc.p("")
     doc.h("Cohort summary")
-    acc = metrics["accuracy"]
-    doc.kv([("scans", metrics["n_scans"]), ("explained", metrics["n_ok"]),
-            ("failed", metrics["n_failed"]), ("verified", metrics["n_verified"]),
-            ("accuracy", f"{acc:.1%} ({metrics['n_correct']}/{metrics['n_labelled']})"
-             if acc is not None else None),
-            ("confident wrong", metrics["n_confident_wrong"]),
-            ("flagged", metrics["n_flagged"])])
+    doc.kv(cohort_rows(metrics))
     doc.image(figs.get("confusion"), 70)
     doc.image(figs.get("scores"), 100)
     for s in data.failed_scans:
@@ -182,7 +175,7 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
         doc.p("Nothing to review first.", 9)
     doc.h("All scans")
     for s in data.scans:
-        p = "-" if s.probability is None else f"{s.probability:.3f}"
+        p = fmt(s.probability)
         doc.p(f"{s.scan_id}: {s.status}, predicted {s.predicted_label or '-'} (p = {p}), "
               f"expected {s.expected_label or '-'}, verified {'yes' if s.verified else 'NO'}, "
               f"{len(s.flags)} flag(s)", 8)
@@ -197,4 +190,10 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
         doc.h(heading, 11)
         for para in paragraphs:
             doc.p(para, 8.5)
+    for m in data.models:
+        card = cards.get(str((m or {}).get("name")))
+        if card is not None:
+            doc.h(f"Model card and intended use: {card.name}", 11)
+            doc.p(f"Embedded as given to the report (SHA-256 {card.sha256}).", 7.5)
+            doc.p(card.text, 7.5)
     return bytes(doc.pdf.output())

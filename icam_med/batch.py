@@ -60,6 +60,7 @@ from icam_med.audit import (
     verify_folder,
     voxel_sha256,
 )
+from icam_med.audit.intended_use import IntendedUse, card_beside
 from icam_med.audit.ledger import FolderLock
 from icam_med.audit.phi import identifiers_from_scan, load_site_key
 from icam_med.audit.record import RecordAnalysis
@@ -131,6 +132,8 @@ class WorkerTask:
         device: torch device.
         seed: torch seed set before each scan, or ``None``.
         out_dir: the audit folder; a worker writes scan ``S`` into ``out_dir/scans/S``.
+        intended_use: the model's intended use (from its card) each scan is checked
+            against, or ``None`` when the card states none.
     """
 
     key: str
@@ -138,6 +141,7 @@ class WorkerTask:
     device: str
     seed: int | None
     out_dir: Path
+    intended_use: IntendedUse | None = None
 
 
 @dataclass
@@ -264,6 +268,8 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
                 explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,
                 predicted_class=explanation.result.predicted_class,
                 predicted_label=explanation.predicted_label)
+            if task.intended_use is not None:
+                analysis["intended_use"] = task.intended_use.check(info, image)
         written = write_outputs(explanation, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
                                 audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
                                                    command="audit"))
@@ -454,7 +460,8 @@ def _weights_sha256(cfg: ICAMConfig) -> str | None:
 
 
 def worker_task(cfg: ICAMConfig, weights_sha256: str | None, device: str,
-                seed: int | None, out_dir: Path) -> WorkerTask:
+                seed: int | None, out_dir: Path,
+                intended_use: IntendedUse | None = None) -> WorkerTask:
     """The task every worker gets: the config with its weights pinned to the hash this run
     records, so a worker that reads other bytes refuses them instead of using them."""
     from icam_med.audit import sha256_json
@@ -462,7 +469,8 @@ def worker_task(cfg: ICAMConfig, weights_sha256: str | None, device: str,
     if weights_sha256 is not None:
         cfg = replace(cfg, model=replace(cfg.model, weights_sha256=weights_sha256))
     key = sha256_json({"raw": cfg.raw, "path": str(cfg.path), "weights": weights_sha256})
-    return WorkerTask(key=key, config=cfg, device=device, seed=seed, out_dir=Path(out_dir))
+    return WorkerTask(key=key, config=cfg, device=device, seed=seed, out_dir=Path(out_dir),
+                      intended_use=intended_use)
 
 
 def _failure_reason(error: str, spec: ScanSpec) -> tuple[str, tuple[str, ...]]:
@@ -718,7 +726,9 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     if operator is not None and (not operator.strip() or len(operator) > 64):
         raise ValueError(f"--operator {operator!r}: give a short pseudonymous id (1-64 chars).")
     weights_sha = _weights_sha256(cfg)  # the run's one read of the weights file
-    task = worker_task(cfg, weights_sha, device, seed, out)
+    card = card_beside(cfg.model.weights)  # its intended use, checked for every scan
+    use = IntendedUse.from_card(card) if card is not None else None
+    task = worker_task(cfg, weights_sha, device, seed, out, use)
     result = BatchResult(out_dir=out, run_id=uuid.uuid4().hex, n_scans=len(scans))
     with FolderLock(out) as lock:
         ledger = Ledger(out)
@@ -732,6 +742,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
             "model_weights_sha256": weights_sha, "backend": backend,
             "device": device, "seed": seed, "operator": operator,
             "signing_key_id": signing_key.key_id if signing_key else None,
+            "intended_use_card_sha256": use.card_sha256 if use else None,
         })
         for scan_id, reason in plan.refused.items():
             ledger.log_failure(scan_id, reason, run_id=result.run_id)

@@ -536,6 +536,7 @@ class RecordAnalysis:
     mask_sha256: str | None = None
     mask_volume_fraction: float | None = None
     peak_in_mask: bool | None = None
+    intended_use: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -622,7 +623,8 @@ class AuditRecord:
                 mask_fraction=analysis.get("mask_fraction"),
                 mask_sha256=analysis.get("mask_sha256"),
                 mask_volume_fraction=analysis.get("mask_volume_fraction"),
-                peak_in_mask=analysis.get("peak_in_mask")),
+                peak_in_mask=analysis.get("peak_in_mask"),
+                intended_use=analysis.get("intended_use")),
             sequence=integ["sequence"], previous_entry_sha256=integ["previous_entry_sha256"],
             record_sha256=integ["record_sha256"],
             data=data, path=Path(path) if path is not None else None,

@@ -112,6 +112,7 @@ class ScanItem:
     mask_fraction: float | None = None   # batch mask (lesion) fraction, when one was given
     mask_volume_fraction: float | None = None  # the mask's share of the scan's voxels
     peak_in_mask: bool | None = None     # whether the map's peak lies inside the mask
+    use_violations: list[str] = field(default_factory=list)  # outside the intended use
     mask_shown: str = "not given"        # "outlined", "not given", "hash differs", "grid differs"
     outside_body: float | None = None
     scan_shown: str = "not given"        # "matched", "not given", "hash differs", "unreadable"
@@ -284,6 +285,7 @@ def _fill_from_record(item: ScanItem, rec: AuditRecord) -> None:
         item.mask_fraction = analysis.mask_fraction
         item.mask_volume_fraction = analysis.mask_volume_fraction
         item.peak_in_mask = analysis.peak_in_mask
+        item.use_violations = list((analysis.intended_use or {}).get("violations") or [])
 
 
 def _read_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -386,6 +388,9 @@ def _flag(item: ScanItem) -> None:
     if item.outside_body is not None and item.outside_body > OUTSIDE_BODY_LIMIT:
         f.append(f"suspicious map: {item.outside_body:.0%} of its salient mass lies outside "
                  "the body")
+        suspicious = True
+    if item.use_violations:
+        f.append("outside the model's intended use: " + "; ".join(item.use_violations))
         suspicious = True
     if item.scan_shown == "hash differs":
         f.append("the scan given is not the audited one (voxel SHA-256 differs): not drawn")

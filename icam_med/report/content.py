@@ -223,6 +223,10 @@ def review_rules() -> list[str]:
         f"Body mask: scan voxels brighter than p1 + {BODY_THRESHOLD_FRACTION:g} x (p99 - p1) "
         "of the scan's own intensities (p = percentile). It needs the scan itself, accepted "
         "only if its voxel SHA-256 equals the one in the audit record.",
+        "Outside intended use: the scan violates the intended use its model card states "
+        "(modality, body part, voxel spacing, field of view, mean intensity against the "
+        "training scans'); it counts as a suspicious map. What could not be checked (e.g. a "
+        "NIfTI file has no modality) is recorded as such in the audit record, not as passed.",
         "Order: scans whose evidence does not verify, then confident wrong predictions "
         "(most confident first), then suspicious maps (most salient mass outside first), then other "
         "disagreements and other flags (e.g. a scan given to the report that is not the "

@@ -113,9 +113,10 @@ def main() -> None:
     before_tree = extract_revision(args.before, work / "before")
     trees = {"before": before_tree, "after": REPO}
     results: dict[str, list[dict]] = {"before": [], "after": []}
+    stamp = f"run{os.getpid()}"  # (no date: the PHI screen refuses tokens equal to header dates)
     for i in range(args.repeat):
         for name, tree in trees.items():
-            out = work / f"out_{name}_{i}"
+            out = work / f"out_{stamp}_{name}_{i}"  # a new folder: explain never overwrites
             r = run_explain(tree, series, Path(args.config).resolve(), out)
             results[name].append(r)
             t = r["timing_s"]

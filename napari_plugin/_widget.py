@@ -18,6 +18,7 @@ drop-down for the engine option it lists, enabled for the methods that take that
 import inspect
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,8 @@ class ExplainJobResult:
         prepared: the loaded model and pipeline (kept for the next run).
         warning: a message for the user when the run succeeded with a caveat.
         error: the library's message when the input was refused (then ``first`` is None).
+        layers: the napari layer data tuples of the maps, built in the worker.
+        cancelled: the run stopped at a cancel request (nothing else is set).
     """
 
     first: Any = None
@@ -185,6 +188,8 @@ class ExplainJobResult:
     prepared: Any = None
     warning: str | None = None
     error: str | None = None
+    layers: tuple = ()
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -249,15 +254,138 @@ def _devices() -> list:
     return found
 
 
+class RunCancelled(Exception):
+    """Raised inside a run (between model layers, before an inversion) once cancel is asked."""
+
+
+class RunMonitor:
+    """Shared by the GUI and one run's worker thread: the cancel request and real progress.
+
+    The worker counts what the model and the preprocessing actually did: forward hooks on
+    every leaf module (and the model itself), autograd node pre-hooks on their outputs for
+    the backward pass, and each inversion of a map onto the scan's grid. Each of those is a
+    point where a cancel request takes effect (:class:`RunCancelled`). The GUI reads
+    :attr:`fraction` and :attr:`text` on a timer.
+    """
+
+    def __init__(self, n_explanations: int = 1) -> None:
+        self.cancel_event = threading.Event()
+        self.n_explanations = max(1, n_explanations)
+        self.leaves = 1
+        self.explanation = 0          # index of the explanation under way
+        self.forward = 0              # leaf forwards seen in this explanation
+        self.backward = 0             # backward nodes seen in this explanation
+        self.inverted = 0             # maps carried back onto the scan in this explanation
+        self.base = 0.0               # fraction done before the current phase
+        self.fraction = 0.0
+        self.text = "starting..."
+        self.events: list = []        # (phase, count) in order, for tests and benchmarks
+
+    def check(self) -> None:
+        """Raise :class:`RunCancelled` if cancel was asked."""
+        if self.cancel_event.is_set():
+            raise RunCancelled("cancelled")
+
+    def set(self, fraction: float, text: str) -> None:
+        self.fraction = max(self.fraction, min(1.0, fraction))
+        self.text = text
+
+    def _explaining(self, part: float, text: str) -> None:
+        # explanations share 10 % -> 90 %: forward 40 %, backward 35 %, inversion 25 %
+        share = 0.8 / self.n_explanations
+        self.set(0.1 + share * (self.explanation + part), text)
+
+    def on_forward(self) -> None:
+        self.check()
+        self.forward += 1
+        self.events.append(("forward", self.forward))
+        done = (self.forward - 1) % self.leaves + 1  # (a first call probes the model once)
+        self._explaining(0.4 * done / self.leaves,
+                         f"model forward: layer {done}/{self.leaves}")
+
+    def on_backward(self) -> None:
+        self.check()
+        self.backward += 1
+        self.events.append(("backward", self.backward))
+        self._explaining(0.4 + 0.35 * min(1.0, self.backward / self.leaves),
+                         "backward pass (gradients)...")
+
+    def on_invert(self) -> None:
+        self.check()
+        self.inverted += 1
+        self.events.append(("invert", self.inverted))
+        # the fused map first, then one per layer map (their number is known only then)
+        self._explaining(0.75 + 0.25 * (1.0 - 0.5 ** self.inverted),
+                         f"map {self.inverted} onto the scan's grid")
+
+    def next_explanation(self) -> None:
+        self.forward = self.backward = self.inverted = 0
+
+
+class _WatchedPreprocessor:
+    """The prepared preprocessing, with a cancel point and a progress step per inversion."""
+
+    def __init__(self, inner: Any, monitor: RunMonitor) -> None:
+        self._inner = inner
+        self._monitor = monitor
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._monitor.check()
+        return self._inner(*args, **kwargs)
+
+    def invert(self, *args: Any, **kwargs: Any) -> Any:
+        self._monitor.on_invert()
+        return self._inner.invert(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _watch_model(model: Any, monitor: RunMonitor) -> list:
+    """Forward hooks on the model's leaf modules and on the model: a cancel point and a
+    progress step per layer, forward and backward. Returns the handles to remove."""
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    monitor.leaves = max(1, len(leaves))
+
+    def on_backward(*_: Any) -> None:
+        monitor.on_backward()
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> None:
+        monitor.on_forward()
+        node = getattr(output, "grad_fn", None)
+        if node is not None:
+            node.register_prehook(on_backward)
+
+    def last(_module: Any, _inputs: Any, _output: Any) -> None:
+        monitor.check()  # the whole forward done: the backward pass has not started
+
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    handles.append(model.register_forward_hook(last))
+    return handles
+
+
 def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any, *,
                  method: str, options: dict, target: Any, contrast: Any, layer_maps: bool,
-                 device: str = "cpu"):
+                 device: str = "cpu", monitor: RunMonitor | None = None,
+                 scan_name: str = "scan", threshold: float = DEFAULT_THRESHOLD,
+                 opacity: float = 0.6):
     """The worker's generator: yields ``(step, total, text)``; returns an
-    :class:`ExplainJobResult`."""
+    :class:`ExplainJobResult` whose ``layers`` (napari layer data) are built here, off the
+    GUI thread.
+
+    A cancel request (``monitor.cancel_event``) takes effect at the next model layer, forward
+    or backward, or before the next inversion of a map; the result is then
+    ``ExplainJobResult(cancelled=True)``.
+    """
+    import dataclasses
+
     from icam_med.explain import explain_volume, prepare
 
+    monitor = monitor or RunMonitor(1 if contrast is None else 2)
     total = 4 if contrast is None else 5
+    handles: list = []
     try:
+        monitor.set(0.0, "loading model...")
         yield 0, total, "loading model..."
         key = (str(config_path), config_path.stat().st_mtime_ns, device)
         prepared = prepared_cache.get(key)
@@ -265,26 +393,47 @@ def _explain_job(config_path: Path, prepared_cache: dict, image: Any, info: Any,
             prepared = prepare(config_path, device=device)
             prepared_cache.clear()
             prepared_cache[key] = prepared
+        monitor.set(0.05, "checking options...")
         yield 1, total, "checking options..."
         prepared.cam(method, options)  # invalid options fail here, before the forward pass
+        watched = dataclasses.replace(
+            prepared, preprocessor=_WatchedPreprocessor(prepared.preprocessor, monitor))
+        handles = _watch_model(prepared.model, monitor)
+        monitor.set(0.1, "explaining (forward + backward)...")
         yield 2, total, "explaining (forward + backward)..."
-        first = explain_volume(image, info, prepared, method=method, method_options=options,
+        monitor.next_explanation()
+        first = explain_volume(image, info, watched, method=method, method_options=options,
                                targets=target, layer_maps=layer_maps)
+        n_maps = 1 + len(first.layer_maps)
         second = None
+        warning = None
         if contrast is not None and contrast == first.result.target_class:
-            return ExplainJobResult(
-                first=first, prepared=prepared,
-                warning=f"the contrast class ({contrast}) is the explained class; "
-                        "choose another class to compare with.")
+            warning = (f"the contrast class ({contrast}) is the explained class; "
+                       "choose another class to compare with.")
+            contrast = None
         if contrast is not None:
+            monitor.check()
             yield 3, total, "explaining the contrast class..."
-            second = explain_volume(image, info, prepared, method=method,
+            monitor.explanation = 1
+            monitor.next_explanation()
+            second = explain_volume(image, info, watched, method=method,
                                     method_options=options, targets=contrast)
+        monitor.check()
+        monitor.set(0.9, "building layers...")
         yield total - 1, total, "building layers..."
+        layers = explanation_layers(first, scan_name=scan_name, contrast=second,
+                                    threshold=threshold, opacity=opacity)
+        monitor.set(1.0, f"{n_maps + (2 if second is not None else 0)} maps ready")
+    except RunCancelled:
+        return ExplainJobResult(cancelled=True)
     except _USER_ERRORS as exc:
         log.info("explain failed: %s", exc)
         return ExplainJobResult(error=str(exc))
-    return ExplainJobResult(first=first, second=second, prepared=prepared)
+    finally:
+        for h in handles:
+            h.remove()
+    return ExplainJobResult(first=first, second=second, prepared=prepared, warning=warning,
+                            layers=tuple(layers))
 
 
 class ExplainWidget(Container):
@@ -301,6 +450,12 @@ class ExplainWidget(Container):
         self.scan_copy: Any = None
         self._cancel_requested = False
         self._in_contour = False
+        self.monitor: RunMonitor | None = None
+        from qtpy.QtCore import QTimer
+
+        self._progress_timer = QTimer()
+        self._progress_timer.setInterval(100)
+        self._progress_timer.timeout.connect(self._poll_progress)
 
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self.config = ComboBox(label="config", choices=self._config_choices)
@@ -376,13 +531,30 @@ class ExplainWidget(Container):
         self.audit_folder = FileEdit(label="audit folder", mode="d", value="",
                                      tooltip="empty: '<scan>_icam' beside the scan")
         self.save_button = PushButton(text="Save audit", enabled=False)
-        self.extend([self.image, self.config, self.config_file, self.model_trust, self.method, self.layer_preset,
-                     self.target_layers, self.target_class, self.contrast_class,
-                     *self.engine_options.values(), self.bias_weight, self.device, self.layer_maps, self.explain_button,
-                     self.cancel_button, self.progress, self.status, self.prediction,
-                     self.scores, self.side_by_side, self.threshold, self.opacity,
-                     self.show_contour,
-                     self.contour_level, self.audit_folder, self.save_button])
+        # A dock that fits a laptop (1366x768): the settings in tabs, the run always in view
+        self.sections = {
+            "Model": Container(widgets=[self.image, self.config, self.config_file,
+                                        self.model_trust, self.device]),
+            "Method": Container(widgets=[self.method, self.layer_preset, self.target_layers,
+                                         self.target_class, self.contrast_class,
+                                         *self.engine_options.values(), self.bias_weight,
+                                         self.layer_maps]),
+            "Display": Container(widgets=[self.threshold, self.opacity, self.show_contour,
+                                          self.contour_level]),
+            "Compare": Container(widgets=[self.side_by_side]),
+            "Save": Container(widgets=[self.audit_folder, self.save_button]),
+        }
+        from qtpy.QtWidgets import QTabWidget
+
+        self.tabs = QTabWidget()
+        for title, section in self.sections.items():
+            section.native.layout().setContentsMargins(4, 4, 4, 4)
+            self.tabs.addTab(section.native, title)
+        self.native.layout().addWidget(self.tabs)
+        buttons = Container(widgets=[self.explain_button, self.cancel_button],
+                            layout="horizontal", labels=False)
+        buttons.native.layout().setContentsMargins(0, 0, 0, 0)
+        self.extend([buttons, self.progress, self.status, self.prediction, self.scores])
         for label in (self.status, self.prediction, self.scores, self.model_trust):
             label.native.setWordWrap(True)
         self._plot = self._make_plot()
@@ -493,21 +665,41 @@ class ExplainWidget(Container):
             self.scan_copy = None
 
     def _make_plot(self) -> Any:
-        """A small bar chart of the per-layer weights (matplotlib on Qt)."""
+        """A small bar chart of the per-layer weights (matplotlib on Qt, in napari's theme)."""
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(3.2, 1.8), dpi=90, layout="constrained")
+        fig = Figure(figsize=(3.2, 1.4), dpi=90, layout="constrained")
         canvas = FigureCanvasQTAgg(fig)
-        canvas.setMinimumHeight(140)
+        canvas.setMinimumHeight(110)
+        canvas.setMaximumHeight(160)
         self.native.layout().addWidget(canvas)
         self._fig = fig
         self._draw_weights({})
+        if hasattr(self.viewer.events, "theme"):
+            self.viewer.events.theme.connect(lambda *_: self._draw_weights(self._weights))
         return canvas
 
+    def theme_colors(self) -> dict[str, str]:
+        """napari's current theme as matplotlib colours: background, text, accent."""
+        try:
+            from napari.utils.theme import get_theme
+
+            theme = get_theme(self.viewer.theme)
+            return {"background": theme.background.as_hex(), "text": theme.text.as_hex(),
+                    "accent": theme.highlight.as_hex()}
+        except (KeyError, ValueError, AttributeError):  # an unknown theme: napari's dark one
+            return {"background": "#23242b", "text": "#f0f1f2", "accent": "#61696e"}
+
     def _draw_weights(self, weights: dict) -> None:
+        self._weights = dict(weights)
+        colors = self.theme_colors()
         self._fig.clear()
+        self._fig.set_facecolor(colors["background"])
         ax = self._fig.add_subplot(111)
+        ax.set_facecolor(colors["background"])
+        for spine in ax.spines.values():
+            spine.set_color(colors["accent"])
         if weights:
             names = list(weights)
             ax.barh(range(len(names)), [weights[n] for n in names], color="#f08a24")
@@ -517,10 +709,16 @@ class ExplainWidget(Container):
         else:
             ax.set_yticks([])
             ax.text(0.5, 0.5, "per-layer weights", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=8, color="grey")
-        ax.set_xlabel("layer weight", fontsize=7)
-        ax.tick_params(labelsize=7)
+                    transform=ax.transAxes, fontsize=8, color=colors["text"])
+        ax.set_xlabel("layer weight", fontsize=7, color=colors["text"])
+        ax.tick_params(labelsize=7, colors=colors["text"])
         self._fig.canvas.draw_idle()
+
+    def reset_choices(self, *_: Any) -> None:
+        """Refresh every drop-down, in the tabs too (napari calls this on layer changes)."""
+        super().reset_choices()
+        for section in self.sections.values():
+            section.reset_choices()
 
     # running --------------------------------------------------------------------------
     def method_options(self) -> dict:
@@ -608,9 +806,11 @@ class ExplainWidget(Container):
         self._run_trust = config_trust(config_path)
         self._scan_layer = layer
         self._cancel_requested = False
+        self.monitor = RunMonitor(1 if contrast is None else 2)
         self.progress.visible = True
-        self.progress.max = 4 if contrast is None else 5
+        self.progress.max = 100
         self.progress.value = 0
+        self._progress_timer.start()
         self.explain_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = "starting..."
@@ -618,7 +818,8 @@ class ExplainWidget(Container):
             _explain_job, config_path, self._prepared_cache, image, info,
             method=self.method.value, options=self.method_options(), target=target,
             contrast=contrast, layer_maps=bool(self.layer_maps.value),
-            device=str(self.device.value),
+            device=str(self.device.value), monitor=self.monitor, scan_name=layer.name,
+            threshold=float(self.threshold.value), opacity=float(self.opacity.value),
             _connect={"yielded": self._on_progress, "returned": self._on_returned,
                       "errored": self._on_errored, "finished": self._on_finished,
                       "aborted": self._on_aborted},
@@ -629,6 +830,7 @@ class ExplainWidget(Container):
         """Ask the running worker to stop at its next step; no layer is added."""
         if self.worker is not None:
             self._cancel_requested = True
+            self.monitor.cancel_event.set()  # the run stops at its next layer or step
             self.status.value = "cancelling..."
             self.worker.quit()
 
@@ -642,6 +844,9 @@ class ExplainWidget(Container):
     def _closed(self) -> None:
         self._is_closed = True
         self._cancel_requested = True
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.cancel_event.set()
         worker = getattr(self, "worker", None)  # (gone when Python tore the widget down first)
         if worker is not None:
             worker.quit()
@@ -649,10 +854,16 @@ class ExplainWidget(Container):
     def _on_progress(self, step: tuple) -> None:
         if not self._alive():
             return
-        value, total, text = step
-        self.progress.max = total
-        self.progress.value = value
-        self.status.value = text
+        self._poll_progress()
+
+    def _poll_progress(self) -> None:
+        """Show the run's real progress (:class:`RunMonitor`, updated by the worker)."""
+        monitor = getattr(self, "monitor", None)
+        if monitor is None or self.worker is None or not self._alive():
+            return
+        self.progress.value = round(100 * monitor.fraction)
+        if not self._cancel_requested:
+            self.status.value = monitor.text
 
     def _on_aborted(self) -> None:
         if self._alive():
@@ -669,6 +880,9 @@ class ExplainWidget(Container):
         self.worker = None
         if not self._alive():
             return
+        self._progress_timer.stop()
+        if self._cancel_requested:  # (a worker quit after its last step emits nothing else)
+            self.status.value = "cancelled"
         self.progress.visible = False
         self.explain_button.enabled = True
         self.cancel_button.enabled = False
@@ -691,13 +905,13 @@ class ExplainWidget(Container):
 
         if out.warning:
             show_warning(out.warning)
+        if out.cancelled:
+            self.status.value = "cancelled"
+            return
         first, second = out.first, out.second
         scan = self._scan_layer
-        tuples = explanation_layers(first, scan_name=scan.name, contrast=second,
-                                    threshold=float(self.threshold.value),
-                                    opacity=float(self.opacity.value))
         self._remove_results(scan.name, first.result.method)
-        for data, kwargs, _kind in tuples:
+        for data, kwargs, _kind in out.layers:  # built in the worker: only added here
             name = kwargs["name"]
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
@@ -706,6 +920,9 @@ class ExplainWidget(Container):
             layer = self.viewer.add_image(data, **kwargs)  # (fires _on_layers_changed)
             self.result_layers.append(layer)
         self.result = out  # only now: the layers above stand for it
+        fused = self._map_layers(("fused",))
+        if fused:  # the new map is the one under review (the controls act on it)
+            self.viewer.layers.selection.active = fused[0]
         self._show_result(first, second)
         self.side_by_side.enabled = second is not None
         self.side_by_side.value = False

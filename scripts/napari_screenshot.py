@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     widget = explain_in_viewer(viewer, scan, args.config, timeout=300)
     fused = next(lay for lay in viewer.layers
                  if (lay.metadata.get(METADATA_KEY) or {}).get("kind") == "fused")
-    widget.threshold.value = 0.2
     widget.show_contour.value = True
     go_to_map_peak(viewer, fused)
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera

@@ -152,8 +152,10 @@ class ModelSection(BaseModel):
     (+ ``args``), or a MONAI ``bundle`` folder (+ ``bundle_config``), one of the two."""
 
     model_config = _STRICT
-    name: Annotated[str, Field(min_length=1)] | None = None
-    architecture: Annotated[str, Field(min_length=1)] | None = None
+    # "" when left out (defaults are not validated; a given value must be a non-empty
+    # string): required unless the model is a bundle, checked in parse_config.
+    name: Annotated[str, Field(min_length=1)] = ""
+    architecture: Annotated[str, Field(min_length=1)] = ""
     bundle: Annotated[str, Field(min_length=1)] | None = None
     bundle_config: Annotated[str, Field(min_length=1)] | None = None
     args: dict[str, Any] = Field(default_factory=dict)
@@ -201,7 +203,7 @@ class ConfigSchema(BaseModel):
 def _bundle_spec(m: ModelSection, schema: ConfigSchema, resolve: Any, where: str) -> Any:
     """The bundle's model and preprocessing (:func:`icam_med.bundles.read_bundle`), after
     refusing settings the bundle itself gives."""
-    if m.architecture is not None or m.args:
+    if m.architecture or m.args:
         raise ConfigError(
             f"{where}: 'model.bundle' and 'model.architecture'/'model.args' are both set; a "
             "bundle's network comes from its network_def: remove architecture and args."
@@ -317,8 +319,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
     pre = tuple(step.model_dump() for step in schema.preprocessing)
     spec = _bundle_spec(m, schema, resolve, where) if m.bundle is not None else None
     if spec is None:
-        if m.architecture is None or m.name is None:
-            missing = "model.architecture" if m.architecture is None else "model.name"
+        if not m.architecture or not m.name:
+            missing = "model.architecture" if not m.architecture else "model.name"
             raise ConfigError(
                 f"{where}: '{missing}' is missing; a model is named by 'name' and "
                 "'architecture' (+ 'args'), or given as a MONAI bundle ('bundle: PATH')."

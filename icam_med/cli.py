@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "verify": "verify",
     "report": "report",
     "evaluate": "evaluate",
+    "compare": "compare",
 }
 
 

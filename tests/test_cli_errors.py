@@ -162,6 +162,10 @@ CASES = [
      "does not exist"),
     (["evaluate", "--out", "{out}", "--config", "{typo}"], "evaluate", "weights_sha256"),
     (["evaluate", "--config", "{cfg}"], "icam-med", "--out"),
+    # compare
+    (["compare", "{empty}", "{empty}", "--out", "{out}"], "compare", "holds no ledger.jsonl"),
+    (["compare", "{dir}/nowhere", "{scan}", "--out", "{out}"], "compare", "holds no ledger.jsonl"),
+    (["compare", "{empty}", "{empty}"], "icam-med", "--out"),
     # no command at all / unknown command
     (["frobnicate"], "icam-med", "invalid choice"),
 ]

@@ -222,3 +222,26 @@ def test_chromium_renders_comparison(audits, tmp_path, capsys):
     # The montages' inferno colours are on screen (red-orange pixels: the maps are drawn).
     warm = (img[..., 0] > 150) & (img[..., 2] < 100) & (img[..., 1] < 180)
     assert warm.sum() > 200
+
+
+def test_two_methods_on_one_model(audits, tmp_path, capsys):
+    cfg_a = audits["base"] / "ma" / "tiny.yaml"
+    text = cfg_a.read_text()
+    assert "method: {name: integrative" in text
+    cfg_g = audits["base"] / "ma" / "gradcam.yaml"  # same weights file, same model
+    cfg_g.write_text(text.replace("method: {name: integrative", "method: {name: gradcam"))
+    out_g = tmp_path / "audit_gradcam"
+    assert run_batch(audits["scans"][:2], cfg_g, out_g, progress=False).exit_code == 0
+    rc, _, err = run_cli(["compare", audits["a"], out_g, "--out", tmp_path / "c"], capsys)
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "c" / "comparison.json").read_text())
+    assert doc["audit_a"]["methods"] == ["integrative"]
+    assert doc["audit_b"]["methods"] == ["gradcam"]
+    assert doc["audit_a"]["models"] == doc["audit_b"]["models"]  # one model, two methods
+    assert len(doc["scans"]) == 2
+    # One model: the predictions agree whatever the method; the maps are compared.
+    assert all(r["same_prediction"] for r in doc["scans"])
+    assert all(r["spearman"] is not None and -1.0 <= r["spearman"] <= 1.0
+               for r in doc["scans"])
+    html = (tmp_path / "c" / "comparison.html").read_text()
+    assert "<td class='l'>integrative</td><td class='l'>gradcam</td>" in html

@@ -190,3 +190,17 @@ def test_cli_evaluate_rejects_unknown_rows_and_retired_options(tmp_path, capsys)
                  "--config", cfg]) == 2
     assert "JSON object" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_single_layer_rows_hook_exactly_their_layer():
+    """LesionNet's last stage is the module 'stages', also a preset name: the row must hook
+    that one module, not the multi-layer preset."""
+    from icam_med.cam import make_cam
+
+    model = _model()
+    rows = [r for r in method_rows(model, (24, 24, 24)) if " @ " in r.label]
+    assert {r.label.split(" @ ")[1] for r in rows} == {"stem", "stages.0", "stages"}
+    for row in rows:
+        layer = row.label.split(" @ ")[1]
+        cam = make_cam(row.method, model, **row.options)
+        assert cam.layer_names((24, 24, 24)) == [layer]

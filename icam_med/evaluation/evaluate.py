@@ -299,7 +299,8 @@ def method_rows(model: nn.Module, spatial_shape: Sequence[int], *,
                                            "(all bias-carrying layers), uniform weights"))
     for method in ("gradcam", "gradcam++", "layercam", "hirescam"):
         for layer in layers:
-            rows.append(MethodSpec(f"{method} @ {layer}", method, {"target_layers": layer},
+            # A list: a module may share its name with a preset ("stages" in LesionNet).
+            rows.append(MethodSpec(f"{method} @ {layer}", method, {"target_layers": [layer]},
                                    description=f"{method} on the single layer {layer}"))
     rows.append(MethodSpec("input intensity (control)", None, factory=_control(intensity_map),
                            kind="control",

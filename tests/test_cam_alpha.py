@@ -114,15 +114,17 @@ def test_callable_alpha_is_recorded_and_matches_its_named_twin(make_tiny):
     def exp_half(s):
         return torch.exp(0.5 * s)
 
-    by_name = IntegrativeCAM(model, alpha_fn="exp", alpha_beta=0.5)(x)
-    by_callable = IntegrativeCAM(model, alpha_fn=exp_half)(x)
+    # the alpha belongs to the Grad-CAM++ activation term
+    by_name = IntegrativeCAM(model, activation_term="gradcam++", alpha_fn="exp",
+                             alpha_beta=0.5)(x)
+    by_callable = IntegrativeCAM(model, activation_term="gradcam++", alpha_fn=exp_half)(x)
     torch.testing.assert_close(by_callable.fused, by_name.fused, atol=1e-5, rtol=1e-4)
     assert by_callable.options["alpha_fn"].startswith("callable:") and "exp_half" in \
         by_callable.options["alpha_fn"]
     with pytest.raises(ValueError, match="does not depend on the score"):
-        IntegrativeCAM(model, alpha_fn=lambda s: torch.ones_like(s))(x)
+        IntegrativeCAM(model, activation_term="gradcam++", alpha_fn=lambda s: torch.ones_like(s))(x)
     with pytest.raises(ValueError, match=r"not increasing at the score.*f' <= 0"):
-        IntegrativeCAM(model, alpha_fn=lambda s: -torch.exp(s))(x)
+        IntegrativeCAM(model, activation_term="gradcam++", alpha_fn=lambda s: -torch.exp(s))(x)
     with pytest.raises(ValueError, match="alpha_fn='cube' is not supported"):
         IntegrativeCAM(model, alpha_fn="cube")
 

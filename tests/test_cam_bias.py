@@ -69,7 +69,8 @@ def test_signed_bias_term_of_a_block_by_hand(make_tiny):
     model = make_tiny(dims=3)
     x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
     layer = "features.2"
-    res = IntegrativeCAM(model, target_layers=[layer])(x, targets=1)
+    res = IntegrativeCAM(model, target_layers=[layer], activation_term="gradcam++",
+                         bias_weight=1.0)(x, targets=1)
     act_only = GradCAMPlusPlus(model, target_layers=[layer])(x, targets=1)
     store = {}
     h = model.features[1].register_forward_hook(lambda _m, _i, o: store.__setitem__("z", o))

@@ -226,7 +226,9 @@ def test_screenshot_shows_overlay_at_map_peak(make_napari_viewer, scan, tmp_path
     rgb = shot[..., :3].astype(float)
     # inferno's top end (pale yellow) at the overlay's 0.6 opacity over black: about 150
     assert rgb.max() > 120, "the overlay was not drawn"
-    assert (rgb.sum(-1) > 30).mean() > 0.01
+    # a visible patch, not a few stray pixels (the default coarse-to-fine fusion is sharper
+    # than the old weighted sum: about 0.8 % of this canvas is above the 0.3 cut)
+    assert (rgb.sum(-1) > 30).mean() > 0.004
     # the hottest pixel (inferno: brightest) is where the map peaks on this slice
     lum = rgb.sum(-1)
     py, px = np.unravel_index(int(np.argmax(lum)), lum.shape)
@@ -345,7 +347,7 @@ def test_choices_come_from_the_engine_registries(make_napari_viewer, scan, tmp_p
     assert list(widget.layer_preset.choices)[:-1] == list(cam.LAYER_PRESETS)
     boxes = widget.engine_options
     assert tuple(boxes["alpha_fn"].choices) == tuple(cam.ALPHA_FUNCTIONS)
-    assert tuple(boxes["bias_mode"].choices) == tuple(cam.BIAS_MODES)
+    assert tuple(boxes["bias_mode"].choices) == (None, *cam.BIAS_MODES)  # None: the method's own
     assert tuple(boxes["layer_weighting"].choices) == (None, *cam.LAYER_WEIGHTINGS)
     # a registry's meanings are the items' tooltips
     from qtpy.QtCore import Qt
@@ -363,7 +365,9 @@ def test_choices_come_from_the_engine_registries(make_napari_viewer, scan, tmp_p
     assert "alpha_fn" not in opts and opts["bias_weight"] == 0.0
     # integrative with chosen options: they reach the engine and its summary
     widget.method.value = "integrative"
-    assert boxes["alpha_fn"].enabled and widget.bias_weight.value == 1.0
+    # the bias weight starts at the method's own default (0 since the evaluation)
+    assert boxes["alpha_fn"].enabled
+    assert widget.bias_weight.value == cam.IntegrativeCAM.default_bias_weight == 0.0
     boxes["alpha_fn"].value = "sigmoid"
     boxes["layer_weighting"].value = "uniform"
     widget.layer_preset.value = "last"

@@ -497,7 +497,10 @@ def test_method_rows_name_each_option_once_and_only_used_ones(audit):
     # In the report: one "method" row, no unused option rows.
     section = re.search(r'id="method".*?</table>', audit["html"], re.S).group(0)
     assert section.count("<th>method</th>") == 1
-    assert "<th>tau</th>" not in section and "<th>counterfactual_keep</th>" not in section
+    assert "<th>tau</th>" not in section
+    # counterfactual_keep is listed exactly when the counterfactual weighting uses it
+    assert ("<th>counterfactual_keep</th>" in section) == (
+        "<th>layer_weighting</th><td>counterfactual</td>" in section)
 
 
 def test_html_and_pdf_show_the_same_figures(audit):

@@ -301,13 +301,15 @@ class BaseCAM:
         layer_weighting: how layers are weighted in the fusion, a name of
             :data:`LAYER_WEIGHTINGS`. Default per method.
         tau: temperature of ``"softmax"`` layer weighting.
-        fusion: how the per-layer maps are fused, a name of :data:`FUSIONS`
-            (default ``"weighted"``).
+        fusion: how the per-layer maps are fused, a name of :data:`FUSIONS`.
+            Default per method (``"weighted"``; Integrative CAM ``"multiplicative"``).
         counterfactual_keep: fraction of the voxels kept inside a layer's top region by the
             ``"counterfactual"`` weighting, in ``(0, 1)``.
         bias_weight: ``lambda_b``, weight of the bias term in each layer's map
-            (0 disables it). Default per method.
-        bias_mode: the bias term, a name of :data:`BIAS_MODES`.
+            (0 disables it). Default per method (0 for every method), except that naming a
+            ``bias_mode`` without a ``bias_weight`` turns the bias term on at weight 1: asking
+            for a bias mode never silently gives no bias term.
+        bias_mode: the bias term, a name of :data:`BIAS_MODES` (default ``"signed"``).
         device: where the computation runs; default the model's device. The model must
             already be there (it is never moved); inputs are moved to it.
         amp_dtype: optional autocast dtype for the forward pass (e.g. ``torch.bfloat16``);
@@ -319,6 +321,7 @@ class BaseCAM:
     method_name = "base"
     default_layer_weighting = "uniform"
     default_bias_weight = 0.0
+    default_fusion = "weighted"
 
     def __init__(
         self,
@@ -327,10 +330,10 @@ class BaseCAM:
         *,
         layer_weighting: str | None = None,
         tau: float = 1.0,
-        fusion: str = "weighted",
+        fusion: str | None = None,
         counterfactual_keep: float = 0.1,
         bias_weight: float | None = None,
-        bias_mode: str = "signed",
+        bias_mode: str | None = None,
         device: str | torch.device | None = None,
         amp_dtype: torch.dtype | str | None = None,
         eval_mode: bool = True,
@@ -372,12 +375,17 @@ class BaseCAM:
             )
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
             raise ValueError(f"tau={tau!r} must be a positive number (softmax temperature).")
+        fusion = fusion or self.default_fusion
         if fusion not in FUSIONS:
             raise ValueError(f"fusion='{fusion}' is not supported; use one of {list(FUSIONS)}.")
         if not (isinstance(counterfactual_keep, (int, float)) and 0 < counterfactual_keep < 1):
             raise ValueError(f"counterfactual_keep={counterfactual_keep!r} must be a fraction of "
                              "the voxels in (0, 1), e.g. 0.1.")
-        bw = self.default_bias_weight if bias_weight is None else float(bias_weight)
+        if bias_weight is None:
+            bw = self.default_bias_weight if bias_mode is None else 1.0
+        else:
+            bw = float(bias_weight)
+        bias_mode = "signed" if bias_mode is None else bias_mode
         if not (math.isfinite(bw) and bw >= 0):
             raise ValueError(f"bias_weight={bias_weight!r} must be a non-negative number.")
         if bias_mode not in BIAS_MODES:

@@ -239,6 +239,66 @@ def _opt(options: dict[str, Any], key: str, default: str) -> str:
     return default if value is None else str(value)
 
 
+# What each recorded option value computes, in words (the engine's registries say the same; the
+# report keeps its own wording because it never imports the engine).
+_TERM_TEXT = {
+    "layercam": "the activation map is LayerCAM's: each position's activations weighted by "
+                "their positive gradients, summed over channels, then ReLU",
+    "gradcam++": "channel weights follow Grad-CAM++ (positive gradients weighted by a factor "
+                 "alpha derived from an output function of the score, alpha_fn = {alpha_fn}); "
+                 "the activation map is the ReLU of the channel-weighted sum of activations",
+    "gradcam": "channel weights are the mean gradients (Grad-CAM); the activation map is the "
+               "ReLU of the channel-weighted sum of activations",
+    "hirescam": "the activation map is HiResCAM's: gradient times activation, summed over "
+                "channels, then ReLU",
+}
+_WEIGHTING_TEXT = {
+    "counterfactual": "how much of the score survives when the input is kept only inside the "
+                      "layer's top region (one extra batched forward pass without gradients)",
+    "score": "the sum of ReLU(gradient x activation)",
+    "net": "its net first-order contribution to the score, sum(gradient x activation)",
+    "per_position": "its positive net contribution per position",
+    "softmax": "a softmax over the log of the sum of ReLU(gradient x activation)",
+    "uniform": "equal weights",
+}
+_FUSION_TEXT = {
+    "multiplicative": "fused coarse to fine by multiplication: each finer layer's map is gated "
+                      "by the upsampled product of the coarser ones (Poly-CAM style), each map "
+                      "raised to a power set by its weight",
+    "weighted": "resized (trilinear) to the model's input grid and summed with these weights",
+}
+
+
+def _method_steps(opts: dict[str, Any]) -> list[str]:
+    """Steps 2-5 of the methods appendix, in words, for the recorded options."""
+    term = _opt(opts, "activation_term", "gradcam++")
+    weighting = _opt(opts, "layer_weighting", "score")
+    fusion = _opt(opts, "fusion", "weighted")
+    bias_weight = _opt(opts, "bias_weight", "0")
+    steps = ["2. For each layer, " + _TERM_TEXT.get(term, f"activation_term = {term}").format(
+        alpha_fn=_opt(opts, "alpha_fn", "exp")) + f" (activation_term = {term})."]
+    try:
+        bias_on = float(bias_weight) > 0
+    except ValueError:
+        bias_on = True
+    if bias_on:
+        steps.append("3. A bias map adds what the layer's biases contribute (gradient times "
+                     f"bias, bias_mode = {_opt(opts, 'bias_mode', 'signed')}, bias_weight = "
+                     f"{bias_weight}); both maps are min-max normalised over the whole volume, "
+                     "never slice by slice.")
+    else:
+        steps.append("3. No bias term (bias_weight = 0); each layer's map is min-max "
+                     "normalised over the whole volume, never slice by slice.")
+    steps.append("4. Each layer gets a weight from "
+                 + _WEIGHTING_TEXT.get(weighting, "its relevance")
+                 + f" (layer_weighting = {weighting}); weights sum to 1 and are shown per scan.")
+    steps.append("5. Layer maps are " + _FUSION_TEXT.get(fusion, f"fused ({fusion})")
+                 + f" (fusion = {fusion}), and normalised to [0, 1]; the preprocessing is then "
+                 "inverted, putting the map on the scan's own voxel grid with the scan's "
+                 "affine.")
+    return steps
+
+
 def methods_appendix(data: CohortData) -> list[tuple[str, list[str]]]:
     """``(heading, paragraphs)`` of the methods appendix."""
     method = data.methods[0] if data.methods else {}
@@ -251,20 +311,7 @@ def methods_appendix(data: CohortData) -> list[tuple[str, list[str]]]:
         "instead of only the last convolutional layer.",
         "1. For each chosen layer, the gradient of the target class score with respect to the "
         "layer's activations is computed in one backward pass.",
-        "2. Channel weights follow Grad-CAM++: positive gradients weighted by a factor alpha "
-        "derived from an output function of the score "
-        f"(alpha_fn = {_opt(opts, 'alpha_fn', 'exp')}); the activation map is the ReLU of the "
-        "channel-weighted sum of activations.",
-        "3. A bias map adds what the layer's biases contribute (gradient times bias, "
-        f"bias_mode = {_opt(opts, 'bias_mode', 'signed')}, bias_weight = "
-        f"{_opt(opts, 'bias_weight', '1.0')}); both maps are min-max normalised over the "
-        "whole volume, never slice by slice.",
-        "4. Each layer gets a weight from its positive first-order contribution to the score "
-        f"(sum of ReLU(gradient x activation); layer_weighting = "
-        f"{_opt(opts, 'layer_weighting', 'score')}); weights sum to 1 and are shown per scan.",
-        "5. Layer maps are resized (trilinear) to the model's input grid, summed with these "
-        "weights and normalised to [0, 1]; the preprocessing is then inverted, putting the map "
-        "on the scan's own voxel grid with the scan's affine.",
+        *_method_steps(opts),
         "Options in effect: " + (", ".join(f"{k} = {fmt(v)}" for k, v in
                                            method_rows(method)[2:]) or "none recorded") + ".",
     ]))

@@ -125,3 +125,16 @@ def write_scan_outputs(root: Path, scan_id: str, *, seed: int = 0, ledger: Ledge
     )
     ledger = ledger or Ledger(root)
     return ledger.commit_record(record, folder / "icam.icam.json")
+
+
+def write_three_scans(base: Path) -> Path:
+    """An output folder ``base/out`` with three scans (``scan-1`` .. ``scan-3``) and their ledger.
+
+    Built once per test module (``pristine`` fixtures); tests work on copies of it.
+    """
+    out = base / "out"
+    out.mkdir()
+    cfg = tiny_model_config(base)
+    for i, name in enumerate(["scan-1", "scan-2", "scan-3"]):
+        write_scan_outputs(out, name, seed=i, model_cfg=cfg)
+    return out

@@ -11,7 +11,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from _audit_util import tiny_model_config, write_scan_outputs, write_tiny_lesionnet_config
+from _audit_util import write_three_scans, write_tiny_lesionnet_config
 
 from icam_med import cli
 from icam_med.audit import (
@@ -28,13 +28,7 @@ from icam_med.report.collect import collect
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    base = tmp_path_factory.mktemp("types")
-    out = base / "out"
-    out.mkdir()
-    cfg = tiny_model_config(base)
-    for i, name in enumerate(["scan-1", "scan-2", "scan-3"]):
-        write_scan_outputs(out, name, seed=i, model_cfg=cfg)
-    return out
+    return write_three_scans(tmp_path_factory.mktemp("types"))
 
 
 @pytest.fixture

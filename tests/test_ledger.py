@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from _audit_util import tiny_model_config, write_scan_outputs
+from _audit_util import write_three_scans
 
 from icam_med import cli
 from icam_med.audit import Ledger, verify_folder
@@ -21,13 +21,7 @@ from icam_med.audit.ledger import FolderLock
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """An output folder with three scans, built once; tests work on copies."""
-    base = tmp_path_factory.mktemp("ledger")
-    out = base / "out"
-    out.mkdir()
-    cfg = tiny_model_config(base)
-    for i, name in enumerate(["scan-1", "scan-2", "scan-3"]):
-        write_scan_outputs(out, name, seed=i, model_cfg=cfg)
-    return out
+    return write_three_scans(tmp_path_factory.mktemp("ledger"))
 
 
 @pytest.fixture

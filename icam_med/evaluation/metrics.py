@@ -442,6 +442,21 @@ def confidence_change(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor,
 # ----------------------------------------------------------------------------- sanity
 
 
+def _reinitialise(root: nn.Module) -> None:
+    """Reset every module under ``root`` that defines ``reset_parameters`` (in place).
+
+    Normalisation layers also reset their running statistics. Draws from the global torch
+    generator: the caller seeds it.
+    """
+    for module in root.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        reset_stats = getattr(module, "reset_running_stats", None)
+        if callable(reset_stats):
+            reset_stats()
+
+
 def randomize_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
     """A copy of ``model`` with every parameter re-initialised (full randomisation).
 
@@ -452,13 +467,7 @@ def randomize_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
     clone = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        for module in clone.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-            reset_stats = getattr(module, "reset_running_stats", None)
-            if callable(reset_stats):
-                reset_stats()
+        _reinitialise(clone)
     clone.train(model.training)
     return clone
 
@@ -514,13 +523,7 @@ def cascading_randomisation(model: nn.Module, groups: Sequence[tuple[str, Sequen
             current = copy.deepcopy(current)
             mods = dict(current.named_modules())
             for name in names:
-                for module in mods[name].modules():
-                    reset = getattr(module, "reset_parameters", None)
-                    if callable(reset):
-                        reset()
-                    reset_stats = getattr(module, "reset_running_stats", None)
-                    if callable(reset_stats):
-                        reset_stats()
+                _reinitialise(mods[name])
             current.train(model.training)
             out.append((label, current))
     return out

@@ -229,7 +229,16 @@ def side_by_side_png(a: np.ndarray, affine_a: np.ndarray, b: np.ndarray,
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from icam_med.report.figures import _VIEWS, MAP_CMAP, _fig_png, _figure, _slice, _title, to_ras
+    from icam_med.report.figures import (
+        _VIEWS,
+        MAP_CMAP,
+        _fig_png,
+        _figure,
+        _label_sides,
+        _slice,
+        _title,
+        to_ras,
+    )
 
     cmap = matplotlib.colormaps[MAP_CMAP]
     fig = _figure(9.6, 6.6)
@@ -249,14 +258,7 @@ def side_by_side_png(a: np.ndarray, affine_a: np.ndarray, b: np.ndarray,
             ax.set_aspect("equal")
             ax.plot([(peak[h] + 0.5) * vol.spacing[h]], [(peak[v] + 0.5) * vol.spacing[v]],
                     marker="+", color="cyan", markersize=12, mew=1.5)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            kw = {"transform": ax.transAxes, "color": "yellow", "fontsize": 9,
-                  "fontweight": "bold"}
-            ax.text(0.02, 0.5, sides[0], ha="left", va="center", **kw)
-            ax.text(0.98, 0.5, sides[1], ha="right", va="center", **kw)
-            ax.text(0.5, 0.02, sides[2], ha="center", va="bottom", **kw)
-            ax.text(0.5, 0.98, sides[3], ha="center", va="top", **kw)
+            _label_sides(ax, sides)
             ax.set_title(_title(view, axis, vol, peak), fontsize=9)
         axes[row, 0].set_ylabel(f"map {name}, through its peak", fontsize=9)
     cbar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=axes, shrink=0.8,

@@ -132,6 +132,17 @@ def _title(view: str, axis: int, vol: RASVolume, point: Sequence[int]) -> str:
     return f"{view}, {where}"
 
 
+def _label_sides(ax: Any, sides: Sequence[str]) -> None:
+    """Hide the ticks of a slice panel and name its four sides (left, right, bottom, top)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    kw = {"transform": ax.transAxes, "color": "yellow", "fontsize": 9, "fontweight": "bold"}
+    ax.text(0.02, 0.5, sides[0], ha="left", va="center", **kw)
+    ax.text(0.98, 0.5, sides[1], ha="right", va="center", **kw)
+    ax.text(0.5, 0.02, sides[2], ha="center", va="bottom", **kw)
+    ax.text(0.5, 0.98, sides[3], ha="center", va="top", **kw)
+
+
 def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
                 title: str = "", dpi: int = 80, mask_ras: RASVolume | None = None,
                 threshold: float = DISPLAY_THRESHOLD) -> bytes:
@@ -188,14 +199,7 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
             pv = (peak[v] + 0.5) * map_ras.spacing[v]
             if point[axis] == peak[axis]:
                 ax.plot([ph], [pv], marker="+", color="white", markersize=12, mew=1.5)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            kw = {"transform": ax.transAxes, "color": "yellow", "fontsize": 9,
-                  "fontweight": "bold"}
-            ax.text(0.02, 0.5, sides[0], ha="left", va="center", **kw)
-            ax.text(0.98, 0.5, sides[1], ha="right", va="center", **kw)
-            ax.text(0.5, 0.02, sides[2], ha="center", va="bottom", **kw)
-            ax.text(0.5, 0.98, sides[3], ha="center", va="top", **kw)
+            _label_sides(ax, sides)
             ax.set_title(_title(view, axis, map_ras, point), fontsize=9)
         axes[row, 0].set_ylabel(label, fontsize=9)
     from matplotlib.cm import ScalarMappable

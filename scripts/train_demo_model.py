@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,20 +42,6 @@ REPORT_NAME = "demo_lesion_net.training.json"
 log = logging.getLogger("train_demo_model")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def weights_bytes(state: dict[str, torch.Tensor], architecture: str, args: dict[str, Any], *,
                   seed: int, steps: int) -> bytes:
     """The safetensors file, byte-for-byte reproducible.
@@ -65,11 +49,10 @@ def weights_bytes(state: dict[str, torch.Tensor], architecture: str, args: dict[
     The metadata is one key holding sorted JSON: safetensors writes a metadata map in an
     arbitrary key order, so several keys would make equal weights hash differently.
     """
-    from safetensors.torch import save
+    from icam_med.evaluation.training import weights_bytes as _weights_bytes
 
-    info = json.dumps({"architecture": architecture, "args": args, "seed": seed,
-                       "steps": steps, "trainer": "scripts/train_demo_model.py"}, sort_keys=True)
-    return save(state, metadata={"icam_med": info})
+    return _weights_bytes(state, {"architecture": architecture, "args": args, "seed": seed,
+                                  "steps": steps, "trainer": "scripts/train_demo_model.py"})
 
 
 def make_batch(synth: Any, intensity_steps: list, split: str, indices: range | list[int]
@@ -84,34 +67,6 @@ def make_batch(synth: Any, intensity_steps: list, split: str, indices: range | l
         labels.append(vol.label)
         masks.append(vol.mask)
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), masks
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, synth: Any, intensity_steps: list, *,
-                          batches: int = 16, batch_size: int = 16) -> None:
-    """Re-estimate BatchNorm running statistics with the final weights ("precise BN").
-
-    The running averages collected during training lag behind weights that were still
-    changing; averaged afresh (``momentum=None``: a plain cumulative mean) over
-    ``batches`` batches of the ``"train"`` split after training, eval-mode outputs match
-    what the network learned. Volumes are drawn beyond the ones used for training.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or batches < 1:
-        return
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    start = 10_000_000  # far past any training index
-    for b in range(batches):
-        x, _, _ = make_batch(synth, intensity_steps, "train",
-                             range(start + b * batch_size, start + (b + 1) * batch_size))
-        model(x)
-    for m, mom in zip(norms, saved, strict=True):
-        m.momentum = mom
-    model.eval()
 
 
 @torch.no_grad()
@@ -140,6 +95,14 @@ def evaluate_split(model: nn.Module, synth: Any, intensity_steps: list, split: s
     }
 
 
+def _accuracy_probe(model: nn.Module, synth: Any, intensity_steps: list, n: int
+                    ) -> dict[str, Any]:
+    """The validation check made every ``--log-every`` steps: accuracy on ``n`` volumes."""
+    probe = evaluate_split(model, synth, intensity_steps, "validation", n)
+    log.info("accuracy on %d validation volumes %.3f", n, probe["accuracy"])
+    return probe
+
+
 def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int = 300,
           batch_size: int = 16, lr: float = 2e-3, seed: int = 0, n_validation: int = 200,
           n_test: int = 400, threads: int = 2, log_every: int = 0, aux_weight: float = 1.0,
@@ -152,6 +115,7 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
     """
     from icam_med.audit.hashing import sha256_file
     from icam_med.config import load_config
+    from icam_med.evaluation import training
     from icam_med.evaluation.synthetic import input_space_synthesizer
     from icam_med.models import build_architecture
 
@@ -176,63 +140,23 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
         )
     model = build_architecture(cfg.model.architecture, cfg.model.args)
     n_params = sum(p.numel() for p in model.parameters())
-    # Deep supervision (training only): a 1x1 convolution on the last stage's features
-    # predicts where the lesion is (the mask, max-pooled to that grid). Without it the
+    # Deep supervision (training only, see icam_med.evaluation.training): without it the
     # classifier barely leaves chance level within a CPU budget: a small bright blob is a
-    # rare signal among the brain's own edges. The auxiliary head is discarded; the shipped
-    # model is the plain classifier.
-    feats: dict[str, torch.Tensor] = {}
-    last_stage = model.stages[-1] if hasattr(model, "stages") else None
-    aux_head = None
-    hook = None
-    if aux_weight > 0 and last_stage is not None:
-        width = int(cfg.model.args.get("channels", (8, 16, 32, 64))[-1])
-        conv = {2: nn.Conv2d, 3: nn.Conv3d}[int(cfg.model.args.get("spatial_dims", 3))]
-        aux_head = conv(width, 1, kernel_size=1)
-        hook = last_stage.register_forward_hook(lambda _m, _i, out: feats.__setitem__("last", out))
-    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    loss_fn = nn.CrossEntropyLoss()
-    history = []
-    model.train()
-    for step in range(steps):
-        x, y, masks = make_batch(synth, intensity, "train",
-                                 range(step * batch_size, (step + 1) * batch_size))
-        loss = loss_fn(model(x), y)
-        if aux_head is not None:
-            f = feats.pop("last")
-            target = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
-            target = nn.functional.adaptive_max_pool3d(target, f.shape[2:]) if f.ndim == 5 \
-                else nn.functional.adaptive_max_pool2d(target, f.shape[2:])
-            loss = loss + aux_weight * nn.functional.binary_cross_entropy_with_logits(
-                aux_head(f), target, pos_weight=torch.tensor(10.0))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(loss.item())
-        if (step + 1) % 25 == 0 or step + 1 == steps:
-            log.info("step %d/%d  loss %.4f (mean of last 25: %.4f)  %.0f s", step + 1, steps,
-                     history[-1], float(np.mean(history[-25:])), time.perf_counter() - t0)
-        if log_every and (step + 1) % log_every == 0 and step + 1 < steps:
-            model.eval()
-            probe = evaluate_split(model, synth, intensity, "validation", 64)
-            model.train()
-            log.info("step %d: accuracy on 64 validation volumes %.3f", step + 1, probe["accuracy"])
+    # rare signal among the brain's own edges.
+    history = training.train_model(model, synth, intensity, steps=steps, batch_size=batch_size,
+                                   lr=lr, aux_weight=aux_weight, log_every=log_every,
+                                   batch_fn=make_batch, probe_fn=_accuracy_probe)
     train_seconds = time.perf_counter() - t0
-    if hook is not None:
-        hook.remove()
-    recalibrate_batchnorm(model, synth, intensity, batches=recalibration_batches,
-                          batch_size=batch_size)
+    training.recalibrate_batchnorm(model, synth, intensity, batches=recalibration_batches,
+                                   batch_size=batch_size, batch_fn=make_batch)
     validation = evaluate_split(model, synth, intensity, "validation", n_validation)
     test = evaluate_split(model, synth, intensity, "test", n_test)
     log.info("validation accuracy %.4f, held-out test accuracy %.4f", validation["accuracy"],
              test["accuracy"])
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights_path, weights_bytes(state, cfg.model.architecture, cfg.model.args,
-                                              seed=seed, steps=steps))
+    training.atomic_write(weights_path, weights_bytes(state, cfg.model.architecture,
+                                                       cfg.model.args, seed=seed, steps=steps))
     report = {
         "architecture": cfg.model.architecture,
         "args": cfg.model.args,
@@ -249,8 +173,8 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
         "auxiliary_mask_loss_weight": aux_weight,
         "auxiliary_mask_loss_pos_weight": 10.0,
         "batchnorm_recalibration_batches": recalibration_batches,
-        "loss_first_25": float(np.mean(history[:25])),
-        "loss_last_25": float(np.mean(history[-25:])),
+        "loss_first_25": history["loss_first_25"],
+        "loss_last_25": history["loss_last_25"],
         "threads": threads,
         "train_seconds": round(train_seconds, 1),
         "torch": torch.__version__,
@@ -262,20 +186,15 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha256_file(weights_path),
     }
-    _atomic_write(report_path, (json.dumps(report, indent=2) + "\n").encode())
+    training.atomic_write(report_path, (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 
 def update_config_sha(config: Path, sha: str) -> None:
     """Replace the ``weights_sha256`` line of ``config`` (a targeted, atomic edit)."""
-    lines = config.read_text(encoding="utf-8").splitlines(keepends=True)
-    hits = [i for i, line in enumerate(lines) if line.lstrip().startswith("weights_sha256:")]
-    if len(hits) != 1:
-        raise ValueError(f"{config}: expected exactly one 'weights_sha256:' line, found {len(hits)}.")
-    i = hits[0]
-    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-    lines[i] = f'{indent}weights_sha256: "{sha}"\n'
-    _atomic_write(config, "".join(lines).encode())
+    from icam_med.evaluation.training import update_config_sha as _update
+
+    _update(config, sha)
 
 
 def main(argv: list[str] | None = None) -> int:

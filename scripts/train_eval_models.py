@@ -131,20 +131,6 @@ def train(config: Path, out: Path = DEFAULT_OUT, *, steps: int = 600, batch_size
     return report
 
 
-def update_config_sha(config: Path, sha: str) -> None:
-    """Replace the ``weights_sha256`` line of ``config`` (a targeted, atomic edit)."""
-    from icam_med.evaluation.training import atomic_write
-
-    lines = config.read_text(encoding="utf-8").splitlines(keepends=True)
-    hits = [i for i, line in enumerate(lines) if line.lstrip().startswith("weights_sha256:")]
-    if len(hits) != 1:
-        raise ValueError(f"{config}: expected exactly one 'weights_sha256:' line, found {len(hits)}.")
-    i = hits[0]
-    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-    lines[i] = f'{indent}weights_sha256: "{sha}"\n'
-    atomic_write(config, "".join(lines).encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -174,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_eval_models: error: {exc}", file=sys.stderr)
         return 2
     if args.update_config:
+        from icam_med.evaluation.training import update_config_sha
+
         update_config_sha(args.config, report["weights_sha256"])
     print(json.dumps({"train_seconds": report["train_seconds"],
                       "weights_sha256": report["weights_sha256"],

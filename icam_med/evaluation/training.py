@@ -1,6 +1,8 @@
 """Training of the evaluation models on the harder benchmark (:class:`EvalSynthesizer`).
 
-Used by ``scripts/train_eval_models.py``. Deterministic on a CPU: fixed seeds,
+Used by ``scripts/train_eval_models.py``; ``scripts/train_demo_model.py`` runs the same
+training loop, BatchNorm recalibration and file writing on its own (easier) generator
+through ``batch_fn``. Deterministic on a CPU: fixed seeds,
 ``torch.use_deterministic_algorithms(True)``, a fixed thread count and a fixed data order.
 Training step ``s`` sees volumes ``s * batch_size ... (s + 1) * batch_size - 1`` of the
 ``"train"`` split; volume ``i`` has label ``i % 2`` and, when it holds lesions, polarity
@@ -19,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,18 @@ __all__ = [
     "make_batch",
     "recalibrate_batchnorm",
     "train_model",
+    "update_config_sha",
     "volume_plan",
     "weights_bytes",
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``batch_fn(synth, intensity_steps, split, indices)``: a batch whose first three items are
+#: ``(x, labels, masks)`` (:func:`make_batch`; the demo trainer passes its own).
+BatchFn = Callable[[Any, Sequence[Any], str, range], tuple[Any, ...]]
+#: ``probe_fn(model, synth, intensity_steps, n)``: a validation check made during training.
+ProbeFn = Callable[[nn.Module, Any, Sequence[Any], int], dict[str, Any]]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -58,6 +67,18 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def update_config_sha(config: Path, sha: str) -> None:
+    """Replace the ``weights_sha256`` line of ``config`` (a targeted, atomic edit)."""
+    lines = config.read_text(encoding="utf-8").splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if line.lstrip().startswith("weights_sha256:")]
+    if len(hits) != 1:
+        raise ValueError(f"{config}: expected exactly one 'weights_sha256:' line, found {len(hits)}.")
+    i = hits[0]
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i] = f'{indent}weights_sha256: "{sha}"\n'
+    atomic_write(config, "".join(lines).encode())
 
 
 def weights_bytes(state: dict[str, torch.Tensor], info: dict[str, Any]) -> bytes:
@@ -128,11 +149,15 @@ def feature_module(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Sequence[Any],
-                          *, batches: int = 16, batch_size: int = 16) -> None:
+def recalibrate_batchnorm(model: nn.Module, synth: Any, intensity_steps: Sequence[Any],
+                          *, batches: int = 16, batch_size: int = 16,
+                          batch_fn: BatchFn = make_batch) -> None:
     """Re-estimate BatchNorm running statistics with the final weights ("precise BN").
 
-    Uses ``batches`` batches of the ``"train"`` split drawn far past the training volumes.
+    The running averages collected during training lag behind weights that were still
+    changing; averaged afresh (``momentum=None``: a plain cumulative mean) over ``batches``
+    batches of the ``"train"`` split drawn far past the training volumes (by ``batch_fn``),
+    eval-mode outputs match what the network learned.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches < 1:
@@ -144,8 +169,8 @@ def recalibrate_batchnorm(model: nn.Module, synth: EvalSynthesizer, intensity_st
     model.train()
     start = 10_000_000
     for b in range(batches):
-        x, _, _, _ = make_batch(synth, intensity_steps, "train",
-                                range(start + b * batch_size, start + (b + 1) * batch_size))
+        x = batch_fn(synth, intensity_steps, "train",
+                     range(start + b * batch_size, start + (b + 1) * batch_size))[0]
         model(x)
     for m, mom in zip(norms, saved, strict=True):
         m.momentum = mom
@@ -184,10 +209,26 @@ def evaluate_split(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Se
     }
 
 
-def train_model(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Sequence[Any], *,
+def _validation_probe(model: nn.Module, synth: Any, intensity_steps: Sequence[Any],
+                      n: int) -> dict[str, Any]:
+    """:func:`evaluate_split` on ``n`` validation volumes, logged (the default probe)."""
+    probe = evaluate_split(model, synth, intensity_steps, "validation", n)
+    shown = {k: "n/a" if v is None else f"{v:.3f}" for k, v in probe.items()
+             if k in ("accuracy", "sensitivity_hypo", "sensitivity_hyper", "specificity")}
+    log.info("validation (%d volumes) accuracy %s, sensitivity hypo %s hyper %s, "
+             "specificity %s", n, shown["accuracy"], shown["sensitivity_hypo"],
+             shown["sensitivity_hyper"], shown["specificity"])
+    return probe
+
+
+def train_model(model: nn.Module, synth: Any, intensity_steps: Sequence[Any], *,
                 steps: int, batch_size: int = 16, lr: float = 2e-3, aux_weight: float = 1.0,
-                log_every: int = 0, n_probe: int = 64) -> dict[str, Any]:
+                log_every: int = 0, n_probe: int = 64, batch_fn: BatchFn = make_batch,
+                probe_fn: ProbeFn = _validation_probe) -> dict[str, Any]:
     """Train ``model`` in place (seed and determinism are the caller's) and return a history.
+
+    Batches come from ``batch_fn`` (default :func:`make_batch`, the evaluation benchmark);
+    every ``log_every`` steps ``probe_fn`` checks ``n_probe`` validation volumes.
 
     Returns:
         ``{"loss_first_25", "loss_last_25", "train_seconds", "probes"}``; ``probes`` lists
@@ -216,12 +257,12 @@ def train_model(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Seque
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        x, y, masks, _ = make_batch(synth, intensity_steps, "train",
-                                    range(step * batch_size, (step + 1) * batch_size))
+        x, y, masks = batch_fn(synth, intensity_steps, "train",
+                               range(step * batch_size, (step + 1) * batch_size))[:3]
         loss = loss_fn(model(x), y)
         if aux_head is not None:
             f = feats.pop("last")
-            target = torch.from_numpy(masks[:, None].astype(np.float32))
+            target = torch.from_numpy(np.asarray(masks)[:, None].astype(np.float32))
             pool = nn.functional.adaptive_max_pool3d if f.ndim == 5 else \
                 nn.functional.adaptive_max_pool2d
             loss = loss + aux_weight * nn.functional.binary_cross_entropy_with_logits(
@@ -235,13 +276,11 @@ def train_model(model: nn.Module, synth: EvalSynthesizer, intensity_steps: Seque
             log.info("step %d/%d  loss %.4f (mean of last 25: %.4f)  %.0f s", step + 1, steps,
                      history[-1], float(np.mean(history[-25:])), time.perf_counter() - t0)
         if log_every and (step + 1) % log_every == 0 and step + 1 < steps:
-            probe = evaluate_split(model, synth, intensity_steps, "validation", n_probe)
+            log.info("step %d: validation check", step + 1)
+            probe = probe_fn(model, synth, intensity_steps, n_probe)
             model.train()
             probe["step"] = step + 1
             probes.append(probe)
-            log.info("step %d: validation (%d volumes) accuracy %.3f, sensitivity hypo %.3f "
-                     "hyper %.3f, specificity %.3f", step + 1, n_probe, probe["accuracy"],
-                     probe["sensitivity_hypo"], probe["sensitivity_hyper"], probe["specificity"])
     if hook is not None:
         hook.remove()
     return {"loss_first_25": float(np.mean(history[:25])),

@@ -198,23 +198,11 @@ def update_config_sha(config: Path, sha: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from icam_med.evaluation.training import add_training_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-validation", type=int, default=200)
-    parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--aux-weight", type=float, default=1.0,
-                        help="weight of the training-only lesion-mask loss (0 disables it)")
-    parser.add_argument("--log-every", type=int, default=0,
-                        help="report validation accuracy every N steps (0: only at the end)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--update-config", action="store_true",
-                        help="write the new weights' SHA-256 into the config")
+    add_training_arguments(parser, out=DEFAULT_OUT, steps=300, threads=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:

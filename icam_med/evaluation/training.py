@@ -16,6 +16,7 @@ negatives). It is discarded after training; the saved model is the plain classif
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from torch import nn
 from icam_med.evaluation.synthetic import POLARITIES, EvalSynthesizer, normalise
 
 __all__ = [
+    "add_training_arguments",
     "atomic_write",
     "evaluate_split",
     "fast_normalise",
@@ -51,6 +53,26 @@ log = logging.getLogger(__name__)
 BatchFn = Callable[[Any, Sequence[Any], str, range], tuple[Any, ...]]
 #: ``probe_fn(model, synth, intensity_steps, n)``: a validation check made during training.
 ProbeFn = Callable[[nn.Module, Any, Sequence[Any], int], dict[str, Any]]
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, out: Path, steps: int,
+                           threads: int) -> None:
+    """The command-line options shared by the training scripts (all but ``--config``)."""
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-validation", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--aux-weight", type=float, default=1.0,
+                        help="weight of the training-only lesion-mask loss (0 disables it)")
+    parser.add_argument("--log-every", type=int, default=0,
+                        help="check validation accuracy every N steps (0: only at the end)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--update-config", action="store_true",
+                        help="write the new weights' SHA-256 into the config")
 
 
 def atomic_write(path: Path, data: bytes) -> None:

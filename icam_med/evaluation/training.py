@@ -40,6 +40,7 @@ __all__ = [
     "feature_module",
     "make_batch",
     "recalibrate_batchnorm",
+    "run_settings",
     "train_model",
     "update_config_sha",
     "volume_plan",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Weight of the lesion voxels in the training-only mask loss.
+AUX_POS_WEIGHT = 10.0
 
 #: ``batch_fn(synth, intensity_steps, split, indices)``: a batch whose first three items are
 #: ``(x, labels, masks)`` (:func:`make_batch`; the demo trainer passes its own).
@@ -89,6 +93,34 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def run_settings(model_cfg: Any, preprocessing: Sequence[Any], synth: Any, n_params: int, *,
+                 seed: int, steps: int, batch_size: int, lr: float, aux_weight: float,
+                 recalibration_batches: int, history: dict[str, Any]) -> dict[str, Any]:
+    """The settings and losses of a training run, as the training reports list them.
+
+    ``history`` is :func:`train_model`'s return value; the keys come in the reports' order.
+    """
+    return {
+        "architecture": model_cfg.architecture,
+        "args": model_cfg.args,
+        "n_parameters": n_params,
+        "input_spatial_size": list(synth.shape),
+        "input_spacing_mm": [float(s) for s in synth.spacing],
+        "preprocessing": [dict(s) for s in preprocessing],
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "training_volumes": steps * batch_size,
+        "optimizer": {"name": "AdamW", "max_lr": lr, "weight_decay": 1e-4,
+                      "schedule": "OneCycleLR(pct_start=0.15)"},
+        "auxiliary_mask_loss_weight": aux_weight,
+        "auxiliary_mask_loss_pos_weight": AUX_POS_WEIGHT,
+        "batchnorm_recalibration_batches": recalibration_batches,
+        "loss_first_25": history["loss_first_25"],
+        "loss_last_25": history["loss_last_25"],
+    }
 
 
 def update_config_sha(config: Path, sha: str) -> None:
@@ -288,7 +320,7 @@ def train_model(model: nn.Module, synth: Any, intensity_steps: Sequence[Any], *,
             pool = nn.functional.adaptive_max_pool3d if f.ndim == 5 else \
                 nn.functional.adaptive_max_pool2d
             loss = loss + aux_weight * nn.functional.binary_cross_entropy_with_logits(
-                aux_head(f), pool(target, f.shape[2:]), pos_weight=torch.tensor(10.0))
+                aux_head(f), pool(target, f.shape[2:]), pos_weight=torch.tensor(AUX_POS_WEIGHT))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

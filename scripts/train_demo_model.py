@@ -114,10 +114,7 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
         The training report (also written as JSON).
     """
     from icam_med.audit.hashing import sha256_file
-    from icam_med.config import load_config
     from icam_med.evaluation import training
-    from icam_med.evaluation.synthetic import input_space_synthesizer
-    from icam_med.models import build_architecture
 
     out = Path(out)
     weights_path, report_path = out / WEIGHTS_NAME, out / REPORT_NAME
@@ -127,18 +124,8 @@ def train(config: Path = DEFAULT_CONFIG, out: Path = DEFAULT_OUT, *, steps: int 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
 
-    cfg = load_config(config)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    synth, intensity = input_space_synthesizer(cfg.preprocessing, seed=seed)
-    if cfg.model.spatial_size and tuple(cfg.model.spatial_size) != synth.shape:
-        raise ValueError(
-            f"the preprocessing of {config} yields {synth.shape}, but the model input is "
-            f"{cfg.model.spatial_size}; fix the config so they agree."
-        )
-    model = build_architecture(cfg.model.architecture, cfg.model.args)
+    cfg, synth, intensity, model = training.prepare_run(config, seed=seed, threads=threads)
     n_params = sum(p.numel() for p in model.parameters())
     # Deep supervision (training only, see icam_med.evaluation.training): without it the
     # classifier barely leaves chance level within a CPU budget: a small bright blob is a

@@ -55,28 +55,16 @@ def train(config: Path, out: Path = DEFAULT_OUT, *, steps: int = 600, batch_size
         The training report (also written as JSON).
     """
     from icam_med.audit.hashing import sha256_file
-    from icam_med.config import load_config
     from icam_med.evaluation import training
-    from icam_med.evaluation.synthetic import EvalSynthesizer, input_space_synthesizer
-    from icam_med.models import build_architecture
+    from icam_med.evaluation.synthetic import EvalSynthesizer
 
     out = Path(out)
     weights_path, report_path = output_paths(config, out)
     for p in (weights_path, report_path):
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p} exists; pass --overwrite to replace it.")
-    cfg = load_config(config)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
-    synth, intensity = input_space_synthesizer(cfg.preprocessing, seed=seed,
-                                               synthesizer=EvalSynthesizer)
-    if cfg.model.spatial_size and tuple(cfg.model.spatial_size) != synth.shape:
-        raise ValueError(
-            f"the preprocessing of {config} yields {synth.shape}, but the model input is "
-            f"{cfg.model.spatial_size}; fix the config so they agree."
-        )
-    model = build_architecture(cfg.model.architecture, cfg.model.args)
+    cfg, synth, intensity, model = training.prepare_run(config, seed=seed, threads=threads,
+                                                        synthesizer=EvalSynthesizer)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %d parameters, %d steps of %d volumes", cfg.model.name, n_params, steps,
              batch_size)

@@ -39,6 +39,7 @@ __all__ = [
     "fast_normalise",
     "feature_module",
     "make_batch",
+    "prepare_run",
     "recalibrate_batchnorm",
     "run_settings",
     "train_model",
@@ -93,6 +94,39 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def prepare_run(config: Path, *, seed: int, threads: int, synthesizer: type | None = None
+                ) -> tuple[Any, Any, list[dict[str, Any]], nn.Module]:
+    """Load ``config``, make torch deterministic and build the generator and the model.
+
+    Seeds torch with ``seed``, turns on deterministic algorithms, fixes the thread count,
+    then builds the generator on the model's input grid (``synthesizer``, default
+    :class:`LesionSynthesizer`) and the untrained model, in the order the training scripts
+    have always used (the weights depend on it).
+
+    Returns:
+        ``(config, synth, intensity_steps, model)``.
+
+    Raises:
+        ValueError: the config's preprocessing does not yield the model's input size.
+    """
+    from icam_med.config import load_config
+    from icam_med.evaluation.synthetic import input_space_synthesizer
+    from icam_med.models import build_architecture
+
+    cfg = load_config(config)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    synth, intensity = input_space_synthesizer(cfg.preprocessing, seed=seed,
+                                               synthesizer=synthesizer)
+    if cfg.model.spatial_size and tuple(cfg.model.spatial_size) != synth.shape:
+        raise ValueError(
+            f"the preprocessing of {config} yields {synth.shape}, but the model input is "
+            f"{cfg.model.spatial_size}; fix the config so they agree."
+        )
+    return cfg, synth, intensity, build_architecture(cfg.model.architecture, cfg.model.args)
 
 
 def run_settings(model_cfg: Any, preprocessing: Sequence[Any], synth: Any, n_params: int, *,

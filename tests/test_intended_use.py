@@ -14,14 +14,15 @@ from _audit_util import write_tiny_lesionnet_config
 from icam_med.audit import AuditRecord, verify_folder
 from icam_med.audit.intended_use import IntendedUse
 from icam_med.batch import run_batch
+from icam_med.evaluation.samples import ensure_sample_scans
 from icam_med.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "sample_data" / "scans"
-
-
 def test_ct_series_given_to_the_mr_demo_model_is_flagged(tmp_path):
-    ct, mr = SAMPLES / "pydicom_ct5n_series", SAMPLES / "mni152_t1_2mm_lesion_dicom"
+    # the checkout's sample scans (conftest points ICAM_MED_SAMPLE_DIR there), built when missing
+    # (a fresh clone has none until something builds them)
+    samples = ensure_sample_scans()
+    ct, mr = samples / "pydicom_ct5n_series", samples / "mni152_t1_2mm_lesion_dicom"
     out = tmp_path / "audit"
     result = run_batch([ct, mr], ROOT / "configs" / "demo.yaml", out, progress=False)
     assert result.exit_code == 0 and verify_folder(out).ok

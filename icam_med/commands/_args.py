@@ -63,9 +63,7 @@ def device_name(text: str) -> str:
 
 def device(text: str) -> str:
     """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``...), available here."""
-    if not _DEVICE.match(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a torch device; use cpu, cuda, cuda:N or mps")
+    device_name(text)
     if text.startswith("cuda"):
         import torch
 

@@ -424,6 +424,11 @@ def write_parametric_map(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    if pixel_type not in ("uint16", "float32"):
+        raise ValueError(f"pixel_type {pixel_type!r}: expected 'uint16' or 'float32'.")
+    if compress and pixel_type != "uint16":
+        raise ValueError("compress=True needs pixel_type='uint16' (DICOM defines no "
+                         "compression for float pixel data).")
     p = check_writable(path, overwrite=overwrite)
     if scan_info.format != "dicom":
         raise ValueError("a DICOM Parametric Map needs a DICOM source; write NIfTI for NIfTI input.")
@@ -464,11 +469,6 @@ def write_parametric_map(
         + (f" for class '{target_label}'" if target_label else "")
         + f"; parameters {params_json}", 1024)
     quantity = hd.sr.CodedConcept(*CAM_QUANTITY_CODE)
-    if pixel_type not in ("uint16", "float32"):
-        raise ValueError(f"pixel_type {pixel_type!r}: expected 'uint16' or 'float32'.")
-    if compress and pixel_type != "uint16":
-        raise ValueError("compress=True needs pixel_type='uint16' (DICOM defines no "
-                         "compression for float pixel data).")
     if pixel_type == "uint16":
         stored, slope, intercept = quantise_uint16(frames)
         value_range: tuple[Any, Any] = (0, _UINT16_MAX)

@@ -303,7 +303,7 @@ def _read_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _load_pictures(item: ScanItem, folder: Path, source: Path | None, geometry: Any,
+def _load_pictures(item: ScanItem, source: Path | None, geometry: Any,
                    mask_path: Path | None = None) -> None:
     """Read the map (and the scan and mask, if given), compute the body check and draw
     figures."""
@@ -459,8 +459,7 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
                 _fill_from_record(item, item.record)
                 if figures:
                     try:
-                        _load_pictures(item, folder, sources.get(sid), geometry,
-                                       masks.get(sid))
+                        _load_pictures(item, sources.get(sid), geometry, masks.get(sid))
                     except Exception as exc:  # a damaged map must not stop the report
                         log.warning("scan %s: map could not be shown (%s)", sid,
                                     type(exc).__name__)

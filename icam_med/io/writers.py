@@ -281,6 +281,7 @@ def _slices_of_source_frames(scan_info: Any, sources: list[Any], n_slices: int) 
     """
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(scan_info.affine, dtype=np.float64)
     inverse = np.linalg.inv(lps)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
     approximate = any(c.status == "warned" and c.name in {"gantry_tilt", "slice_spacing",
                                                           "missing_slices"}
                       for c in getattr(scan_info, "checks", ()))
@@ -288,7 +289,6 @@ def _slices_of_source_frames(scan_info: Any, sources: list[Any], n_slices: int) 
     for i, pos in enumerate(_source_plane_positions(sources)):
         index = (inverse @ np.r_[pos, 1.0])[:3]
         k = round(float(index[2]))
-        spacing = np.linalg.norm(lps[:3, :3], axis=0)
         off = np.abs(index - [0.0, 0.0, k]) * spacing
         if not 0 <= k < n_slices or (not approximate and float(off.max()) > 1e-2):
             raise ValueError(

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,24 +64,30 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _top(values: np.ndarray, percent: float) -> np.ndarray:
-    """A boolean mask of the ``percent`` % highest voxels (at least one; ties broken by
-    voxel order, stably)."""
+def _top_masks(values: np.ndarray, percents: Sequence[float]) -> list[np.ndarray]:
+    """Boolean masks of the ``percents`` % highest voxels (each at least one; ties broken
+    by voxel order, stably), from one sort of the map."""
     flat = values.ravel()
-    n = max(1, math.ceil(flat.size * percent / 100.0))
-    order = np.argsort(-flat, kind="stable")[:n]
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[order] = True
-    return mask
+    order = np.argsort(-flat, kind="stable")
+    masks = []
+    for percent in percents:
+        mask = np.zeros(flat.size, dtype=bool)
+        mask[order[:max(1, math.ceil(flat.size * percent / 100.0))]] = True
+        masks.append(mask)
+    return masks
 
 
-def top_overlap(a: np.ndarray, b: np.ndarray, percent: float) -> tuple[float, float]:
-    """``(Dice, IoU)`` of the two maps' top ``percent`` % voxels."""
-    ma, mb = _top(a, percent), _top(b, percent)
+def _dice_iou(ma: np.ndarray, mb: np.ndarray) -> tuple[float, float]:
     inter = int(np.count_nonzero(ma & mb))
     union = int(np.count_nonzero(ma | mb))
     total = int(ma.sum() + mb.sum())
     return 2.0 * inter / total, inter / union
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, percent: float) -> tuple[float, float]:
+    """``(Dice, IoU)`` of the two maps' top ``percent`` % voxels."""
+    (ma,), (mb,) = _top_masks(a, (percent,)), _top_masks(b, (percent,))
+    return _dice_iou(ma, mb)
 
 
 def peak_distance_mm(a: np.ndarray, affine_a: np.ndarray, b: np.ndarray,
@@ -106,8 +113,9 @@ def map_agreement(a: np.ndarray, affine_a: np.ndarray, b: np.ndarray,
                          "voxel-wise agreement needs the same grid")
     out: dict[str, Any] = {"spearman": spearman(a, b),
                            "peak_distance_mm": peak_distance_mm(a, affine_a, b, affine_b)}
-    for p in TOP_PERCENTS:
-        dice, iou = top_overlap(a, b, p)
+    masks = zip(_top_masks(a, TOP_PERCENTS), _top_masks(b, TOP_PERCENTS), strict=True)
+    for p, (ma, mb) in zip(TOP_PERCENTS, masks, strict=True):
+        dice, iou = _dice_iou(ma, mb)
         out[f"dice_top{p}"] = dice
         out[f"iou_top{p}"] = iou
     return out

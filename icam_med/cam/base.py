@@ -37,6 +37,7 @@ from icam_med.cam.layers import (
     LayerRecord,
     check_supported_model,
     first_conv,
+    own_bias,
     probe_layers,
     record_bias,
     select_layers,
@@ -237,8 +238,6 @@ def _all_biases(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """Every module that adds a per-channel bias of its own (``complete`` mode): convolutions
     and linear layers with a bias, BatchNorm's ``beta - gamma * mean / sqrt(var + eps)`` (the
     conv bias before it is counted at the conv), GroupNorm/InstanceNorm's ``beta``."""
-    from icam_med.cam.layers import own_bias
-
     found = []
     for name, module in model.named_modules():
         bias = own_bias(module)

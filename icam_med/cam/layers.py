@@ -512,15 +512,9 @@ def own_bias(module: nn.Module) -> torch.Tensor | None:
     ``beta - gamma * running_mean / sqrt(running_var + eps)``; GroupNorm / InstanceNorm with
     affine parameters: ``beta``.
     """
-    with torch.no_grad():
-        if isinstance(module, (*_CONV, nn.Linear)):
-            return None if module.bias is None else module.bias.detach().float()
-        if isinstance(module, _BATCHNORM):
-            gamma, beta, mean, var = _batchnorm_stats(module)
-            return (beta - gamma * mean / torch.sqrt(var + module.eps)).detach().float()
-        if isinstance(module, (*_INSTANCENORM, nn.GroupNorm)):
-            return None if getattr(module, "bias", None) is None else module.bias.detach().float()
-    return None
+    if isinstance(module, nn.Linear):
+        return None if module.bias is None else module.bias.detach().float()
+    return effective_bias(module)  # no conv to fold: a BatchNorm's own shift
 
 
 def record_bias(record: LayerRecord, modules: dict[str, nn.Module]) -> torch.Tensor | None:

@@ -238,6 +238,27 @@ def _scores(model: nn.Module, batch: torch.Tensor, target: int, score: str) -> t
     raise ValueError(f"score must be 'probability' or 'logit', got {score!r}.")
 
 
+def _prefix_scores(model: nn.Module, start: torch.Tensor, end: torch.Tensor, order: torch.Tensor,
+                   ks: Sequence[int], target: int, score: str, batch_size: int) -> torch.Tensor:
+    """The target's score (float64, CPU) of each input ``start`` with its first ``k`` voxels
+    of ``order`` taken from ``end`` (all channels), for every ``k`` of ``ks``; the model is
+    run in eval mode, batch by batch, and its training flag restored."""
+    shape = start.shape[1:]
+    rank = torch.full((math.prod(shape),), order.numel() + 1, dtype=torch.long, device=start.device)
+    rank[order] = torch.arange(order.numel(), device=start.device)
+    rank = rank.view(1, *shape)  # broadcast over channels
+    scores = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(ks), batch_size):
+            batch = torch.stack([torch.where(rank < int(k), end, start) for k in ks[i:i + batch_size]])
+            scores.append(_scores(model, batch, target, score).double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores)
+
+
 @torch.no_grad()
 def perturbation_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor, target: int, *,
                        mode: str = "deletion", baseline: torch.Tensor | None = None,
@@ -291,21 +312,8 @@ def perturbation_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor
     order = saliency_order(s, seed=seed, domain=dom)
     n = order.numel()
     counts = np.round(fr * n).astype(np.int64)
-    rank = torch.full((s.numel(),), n + 1, dtype=torch.long, device=device)
-    rank[order] = torch.arange(n, device=device)
-    rank = rank.view(1, *s.shape)  # broadcast over channels
     start, end = (x, base) if mode == "deletion" else (base, x)
-    scores = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(counts), batch_size):
-            chunk = counts[i:i + batch_size]
-            batch = torch.stack([torch.where(rank < int(k), end, start) for k in chunk])
-            scores.append(_scores(model, batch, target, score).double().cpu())
-    finally:
-        model.train(was_training)
-    return fr, torch.cat(scores).numpy()
+    return fr, _prefix_scores(model, start, end, order, counts, target, score, batch_size).numpy()
 
 
 def deletion_fractions(max_fraction: float = 0.05, step: float = 0.001) -> tuple[float, ...]:
@@ -374,19 +382,7 @@ def counterfactual_deletion(model: nn.Module, x: torch.Tensor, twin: torch.Tenso
     unique, inverse = np.unique(removed, return_inverse=True)
     # For each distinct number of differing voxels removed, the shortest prefix doing it.
     first_k = [int(counts[np.flatnonzero(removed == u)[0]]) for u in unique]
-    rank = torch.full((s.numel(),), n + 1, dtype=torch.long, device=device)
-    rank[order] = torch.arange(n, device=device)
-    rank = rank.view(1, *s.shape)
-    was_training = model.training
-    model.eval()
-    values = []
-    try:
-        for i in range(0, len(first_k), batch_size):
-            batch = torch.stack([torch.where(rank < k, twin, x) for k in first_k[i:i + batch_size]])
-            values.append(_scores(model, batch, target, score).double().cpu())
-    finally:
-        model.train(was_training)
-    curve = torch.cat(values).numpy()[inverse]
+    curve = _prefix_scores(model, x, twin, order, first_k, target, score, batch_size).numpy()[inverse]
     auc = area_under_curve(fr, curve) / float(fr[-1]) if fr[-1] > 0 else float(curve[0])
     return fr, curve, auc
 

@@ -30,9 +30,8 @@ from icam_med.io.validation import (
     GeometryOptions,
     check_finite,
     check_readable,
-    nifti_affine,
     validate_dicom,
-    validate_nifti,
+    validate_nifti_affine,
 )
 from icam_med.paths import is_nifti
 
@@ -333,8 +332,8 @@ def load_volume(
     else:
         if series_uid is not None:
             raise ValueError(f"{p}: series_uid applies to DICOM only, not to NIfTI.")
-        nii, checks = validate_nifti(p, volume_index=volume_index, options=options)
-        header_affine, _ = nifti_affine(nii, p, options)
+        nii, checks, header_affine = validate_nifti_affine(p, volume_index=volume_index,
+                                                           options=options)
         n_volumes = int(nii.shape[3]) if len(nii.shape) >= 4 else 1
         reader = None
         source_files = (p,)

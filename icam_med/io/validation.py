@@ -690,8 +690,18 @@ def validate_nifti(path: str | Path, *, volume_index: int | None = None,
 
     Raises:
         GeometryError: not NIfTI, truncated, 4-D without ``volume_index`` (or out of range),
-            more than 4 dimensions, or too many voxels.
+            more than 4 dimensions, too many voxels, or a transform :func:`nifti_affine`
+            refuses.
     """
+    img, checks, _ = validate_nifti_affine(path, volume_index=volume_index, options=options)
+    return img, checks
+
+
+def validate_nifti_affine(path: str | Path, *, volume_index: int | None = None,
+                          options: GeometryOptions | None = None
+                          ) -> tuple[Any, list[GeometryCheck], np.ndarray]:
+    """:func:`validate_nifti`, also returning the checked RAS affine of :func:`nifti_affine`
+    (so a loader neither re-reads the header nor logs its warnings twice)."""
     import nibabel as nib
 
     options = GeometryOptions.from_mapping(options)
@@ -749,9 +759,9 @@ def validate_nifti(path: str | Path, *, volume_index: int | None = None,
         log.warning("%s; using the magnitude (geometry.complex_values)", msg)
         checks.append(GeometryCheck("complex_values", "warned",
                                     f"complex {dtype} values: magnitude used"))
-    _, transform_checks = nifti_affine(img, p, options)
+    affine, transform_checks = nifti_affine(img, p, options)
     checks += transform_checks
-    return img, checks
+    return img, checks, affine
 
 
 def _usable_affine(a: np.ndarray) -> str | None:

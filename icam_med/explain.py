@@ -395,8 +395,7 @@ def write_outputs(explanation: Explanation, out_dir: str | Path, *, stem: str = 
 
 
 def seal_outputs(explanation: Explanation, written: Sequence[WrittenFile], out_dir: str | Path,
-                 *, audit: AuditContext | None = None,
-                 stem: str = MAP_STEM) -> tuple[list[WrittenFile], Any]:
+                 *, audit: AuditContext | None = None) -> tuple[list[WrittenFile], Any]:
     """Check files another process wrote into ``out_dir``, then record and log them.
 
     The coordinator's part of a batch: each file in ``written`` must still be in
@@ -411,7 +410,6 @@ def seal_outputs(explanation: Explanation, written: Sequence[WrittenFile], out_d
             are looked up in ``out_dir``).
         out_dir: the scan's output folder.
         audit: the audit context.
-        stem: the outputs' stem.
 
     Returns:
         ``(every file including the record, ledger entry)``.

@@ -35,7 +35,6 @@ evaluator, handlers...) are never parsed.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,10 +86,6 @@ class BundleSpec:
     preprocessing: tuple[dict[str, Any], ...]
     dropped: tuple[str, ...]
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _config_file(root: Path, name: str, where: str) -> Path:
@@ -248,6 +243,8 @@ def read_bundle(bundle: str | Path, config_name: str = "inference.json", *,
     """
     from monai.bundle import ConfigParser
 
+    from icam_med.audit.hashing import sha256_file
+
     root = Path(bundle).expanduser()
     if not root.is_dir() or not (root / "configs").is_dir():
         raise BundleError(
@@ -327,8 +324,8 @@ def read_bundle(bundle: str | Path, config_name: str = "inference.json", *,
         "name": str(name or root.name),
         "version": str(meta.get("version", "")) if isinstance(meta, dict) else "",
         "config": cfg_file.name,
-        "config_sha256": _sha256(cfg_file),
-        "metadata_sha256": _sha256(meta_file) if meta_file.is_file() else None,
+        "config_sha256": sha256_file(cfg_file),
+        "metadata_sha256": sha256_file(meta_file) if meta_file.is_file() else None,
         "network_def_target": str(net_raw["_target_"]),
         "dropped_transforms": list(dropped),
         "metadata": {k: str(meta[k])[:512] for k in _DESCRIPTIVE

@@ -521,6 +521,7 @@ def evaluate(model: nn.Module, volumes: Iterable[EvalVolume], methods: Sequence[
                 probs = torch.softmax(model(xb if twin is None else torch.stack([x, twin])).float(), 1)
             predicted = int(probs[0].argmax())
             p_twin = None if twin is None else float(probs[1, vol.target])
+            n_lesions, mask_voxels = int(_count_components(mask)), int(mask.sum())  # per volume
             for spec in methods:
                 fn = explain[spec.label]
                 if n_volumes == 0:  # warm-up: the first call probes the layers
@@ -539,10 +540,10 @@ def evaluate(model: nn.Module, volumes: Iterable[EvalVolume], methods: Sequence[
                 sal_cpu = sal.cpu()
                 row: dict[str, Any] = {
                     "volume": name, "polarity": vol.polarity,
-                    "n_lesions": int(_count_components(mask)), "method": spec.label,
+                    "n_lesions": n_lesions, "method": spec.label,
                     "target": vol.target, "predicted": predicted,
                     "p_target": float(probs[0, vol.target]), "p_twin": p_twin,
-                    "mask_voxels": int(mask.sum()),
+                    "mask_voxels": mask_voxels,
                     "pointing_game": metrics.pointing_game(sal_cpu, mask, vol.spacing,
                                                            tolerance_mm),
                     "energy_in_mask": metrics.energy_inside_mask(sal_cpu, mask),

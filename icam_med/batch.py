@@ -55,7 +55,6 @@ from icam_med.audit import (
     Ledger,
     LedgerEntry,
     RecordError,
-    resolve_inside,
     sha256_file,
     verify_folder,
     voxel_sha256,
@@ -553,11 +552,10 @@ def _recorded_voxel_hashes(out: Path, ledger: Ledger) -> dict[str, str]:
             latest[entry.scan_id] = entry
     hashes = {}
     for sid, entry in latest.items():
-        path = resolve_inside(out, entry.record.path) if entry.record else None
-        if path is None:
+        if entry.record is None:
             continue
         try:
-            hashes[sid] = AuditRecord.load(path, root=out).input.voxel_sha256
+            hashes[sid] = AuditRecord.load_inside(out, entry.record.path).input.voxel_sha256
         except RecordError:
             continue
     return hashes
@@ -800,12 +798,8 @@ def summary_rows(out_dir: str | Path) -> list[dict[str, str]]:
             continue
         ref = e.record
         assert ref is not None  # the entry schema requires it for scan entries
-        path = resolve_inside(out, ref.path)
         try:
-            if path is None:
-                raise RecordError(f"path {ref.path!r} leaves the audit folder", path=ref.path,
-                                  field="record.path")
-            rec = AuditRecord.load(path, root=out)
+            rec = AuditRecord.load_inside(out, ref.path)
         except RecordError as exc:
             row.update(status="unreadable", reason=f"record {ref.path}: {exc.detail}")
             rows.append(row)

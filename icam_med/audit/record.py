@@ -671,6 +671,21 @@ class AuditRecord:
             record = replace(record, root=record._infer_root())
         return record
 
+    @classmethod
+    def load_inside(cls, root: str | Path, rel: Any) -> AuditRecord:
+        """:meth:`load` the record a ledger names by ``rel``, inside ``root`` only (see
+        :func:`resolve_inside`).
+
+        Raises:
+            RecordError: the path leaves ``root``, or the file is not a valid record.
+        """
+        path = resolve_inside(root, rel)
+        if path is None:
+            raise RecordError(f"path {rel!r} leaves the audit folder (not a relative path "
+                              "inside it)",
+                              path=rel, field="record.path")
+        return cls.load(path, root=root)
+
     def _infer_root(self) -> Path | None:
         """The folder the record's paths are relative to: its own folder, less as many
         levels as its outputs' relative paths have folders (``scans/x/cam.nii.gz`` -> two;

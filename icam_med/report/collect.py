@@ -26,7 +26,6 @@ from icam_med.audit import (
     LedgerEntry,
     RecordError,
     VerifyReport,
-    resolve_inside,
     sha256_file,
     verify_folder,
     voxel_sha256,
@@ -167,19 +166,6 @@ def _read_ledger(folder: Path) -> tuple[list[LedgerEntry], int]:
     return entries, len(errors)
 
 
-def _load_record(folder: Path, rel: str | None) -> AuditRecord:
-    """A record named by the ledger, read inside the folder only.
-
-    Raises:
-        RecordError: the path leaves the folder, or the file is not a valid record.
-    """
-    path = resolve_inside(folder, rel)
-    if path is None:
-        raise RecordError(f"path {rel!r} is not a relative path inside the audit folder",
-                          path=rel, field="record.path")
-    return AuditRecord.load(path, root=folder)
-
-
 def _distinct(items: Iterable[Any]) -> list[Any]:
     out: list[Any] = []
     seen: set[str] = set()
@@ -247,7 +233,7 @@ def _match_leftovers(folder: Path, latest: Mapping[str, LedgerEntry],
         if sid in sources or e.kind != "scan" or e.record is None:
             continue
         try:
-            wanted[_load_record(folder, e.record.path).input.voxel_sha256] = sid
+            wanted[AuditRecord.load_inside(folder, e.record.path).input.voxel_sha256] = sid
         except RecordError:
             continue
     if not leftovers or not wanted:
@@ -450,7 +436,7 @@ def collect(out_dir: str | Path, *, scans: Any = None, geometry: Any = None,
         if item.status == "ok" and e.record is not None:
             item.record_path = e.record.path
             try:
-                item.record = _load_record(folder, item.record_path)
+                item.record = AuditRecord.load_inside(folder, item.record_path)
             except RecordError as exc:
                 item.record = None
                 item.problems.append(f"record missing or unreadable ({exc.detail})")

@@ -54,7 +54,7 @@ bench: venv
 	$(BIN)/icam-med bench
 
 evaluate: venv
-	$(BIN)/icam-med evaluate --split test --n-volumes 100 --methods default,baselines,single-layer,controls --out runs/evaluation
+	$(BIN)/icam-med evaluate --split test --n-volumes 60 --methods default,baselines,single-layer,controls --out runs/evaluation
 
 # The plugin's sample scans: the checkout's sample_data/scans (as make demo), not the user cache.
 napari: venv

@@ -178,6 +178,26 @@ def test_cli_evaluate_demo_model_on_two_volumes(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_cli_evaluate_default_row_without_options_uses_the_engine_default(tmp_path):
+    # `make evaluate` names no --default-options: the table must still carry the default row,
+    # with the engine's current defaults written out option by option.
+    from icam_med.cam import IntegrativeCAM
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out),
+                 "--n-volumes", "2", "--n-boot", "20", "--no-randomisation",
+                 "--deletion-max", "0.005", "--deletion-step", "0.005", "--split", "validation",
+                 "--methods", "default"]) == 0
+    settings = json.loads((out / "demo-lesion-cnn" / "settings.json").read_text())
+    assert [m["label"] for m in settings["methods"]] == ["integrative (default)"]
+    assert settings["methods"][0]["options"] == {
+        "target_layers": "stages",
+        "activation_term": IntegrativeCAM.default_activation_term,
+        "layer_weighting": IntegrativeCAM.default_layer_weighting,
+        "fusion": IntegrativeCAM.default_fusion,
+        "bias_weight": IntegrativeCAM.default_bias_weight}
+
+
 def test_cli_evaluate_rejects_unknown_rows_and_retired_options(tmp_path, capsys):
     cfg = str(REPO / "configs" / "demo.yaml")
     assert main(["evaluate", "--out", str(tmp_path / "e"), "--methods", "variants,nope",

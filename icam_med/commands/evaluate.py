@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "baselines, single-layer, controls); default: all rows")
     parser.add_argument("--default-options", default=None,
                         help="JSON options of the 'integrative (default)' row, e.g. "
-                             "'{\"layer_weighting\": \"net\", \"fusion\": \"multiplicative\"}'")
+                             "'{\"layer_weighting\": \"net\", \"fusion\": \"multiplicative\"}' "
+                             "(default: the engine's current defaults, written out)")
     parser.add_argument("--variant-bias", default="signed,complete",
                         help="bias modes screened at score weighting in the variant grid "
                              "(default 'signed,complete'; modes the engine lacks are skipped)")
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from icam_med.evaluation.evaluate import (
         EvalVolume,
         SummaryTable,
+        engine_default_options,
         evaluate,
         method_rows,
         rank_variants,
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} was retired with the evaluation of issue 11: {replacement}. "
                              "See docs/evaluation.md.")
-    default_options = None
+    default_options = engine_default_options()
     if args.default_options:
         try:
             default_options = json.loads(args.default_options)

@@ -248,6 +248,21 @@ def variant_grid(*, terms: Sequence[str] = ("gradcam++", "layercam"),
     return out
 
 
+def engine_default_options() -> dict[str, Any]:
+    """The engine's current Integrative CAM defaults, written out option by option.
+
+    The ``integrative (default)`` row takes these when no options are given, so the table
+    always has the default row and names every option it used.
+    """
+    from icam_med.cam.methods import IntegrativeCAM
+
+    return {"target_layers": "stages",
+            "activation_term": IntegrativeCAM.default_activation_term,
+            "layer_weighting": IntegrativeCAM.default_layer_weighting,
+            "fusion": IntegrativeCAM.default_fusion,
+            "bias_weight": IntegrativeCAM.default_bias_weight}
+
+
 def method_rows(model: nn.Module, spatial_shape: Sequence[int], *,
                 default_options: Mapping[str, Any] | None = None,
                 variants: Iterable[Mapping[str, Any]] | None = None) -> list[MethodSpec]:

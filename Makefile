@@ -51,7 +51,7 @@ lint: venv
 	$(BIN)/lint-imports --no-cache
 
 bench: venv
-	$(BIN)/icam-med bench
+	$(BIN)/icam-med bench --size 64 --repeats 3 --json runs/bench.json
 
 evaluate: venv
 	$(BIN)/icam-med evaluate --split test --n-volumes 60 --methods default,baselines,single-layer,controls --out runs/evaluation

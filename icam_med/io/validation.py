@@ -93,6 +93,7 @@ class GeometrySchema(BaseModel):
     nifti_transform: Literal["refuse", "sform", "qform"] = "refuse"
     complex_values: Literal["refuse", "magnitude"] = "refuse"
     geometry_tolerance: Annotated[float, Field(ge=0)] = 1e-3
+    allow_unknown_spacing: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ class GeometryOptions:
         geometry_tolerance: largest difference (mm, per affine entry, relative to the
             voxel size for the linear part) between the loaded grid and the grid recomputed
             from the headers before the scan is refused.
+        allow_unknown_spacing: a 2-D image (radiograph) with neither Pixel Spacing nor
+            Imager Pixel Spacing is refused (default), or given 1 mm pixels with a
+            recorded warning (:mod:`icam_med.io.radiograph`).
     """
 
     slice_tolerance: float = 0.0
@@ -130,6 +134,7 @@ class GeometryOptions:
     nifti_transform: str = "refuse"
     complex_values: str = "refuse"
     geometry_tolerance: float = 1e-3
+    allow_unknown_spacing: bool = False
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | GeometryOptions | None) -> GeometryOptions:

@@ -1,6 +1,6 @@
 """Run configuration: model, preprocessing pipeline and CAM method, from YAML.
 
-A config file has up to five top-level sections::
+A config file has up to seven top-level sections::
 
     model:            # see ModelSection (or: {bundle: PATH, bundle_config: inference.json})
       name: demo-lesion-cnn
@@ -19,6 +19,11 @@ A config file has up to five top-level sections::
       slice_tolerance: 0.0
     audit:            # where the site key comes from (see icam_med.audit)
       site_key_env: ICAM_MED_SITE_KEY
+    target:           # what to explain (default: a classifier's predicted class)
+      label: lesion   # a class or, for a segmentation network, an output channel
+      region: predicted   # segmentation only: predicted | {predicted: LABEL} | {mask: FILE}
+    inference:        # how the model runs on a scan (default: one pass on the model input)
+      sliding_window: {roi_size: [96, 96, 96], overlap: 0.25, mode: gaussian}
 
 The file is checked against typed pydantic models (:class:`ConfigSchema`): every key must be
 known (``extra="forbid"``), booleans must be YAML booleans (a quoted ``"false"`` is an
@@ -43,7 +48,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from icam_med._schema_errors import describe_error
 from icam_med.io.validation import GeometrySchema as GeometrySection
@@ -56,6 +61,9 @@ __all__ = [
     "ICAMConfig",
     "MethodConfig",
     "ModelConfig",
+    "RegionConfig",
+    "SlidingWindowConfig",
+    "TargetConfig",
     "check_architecture_allowed",
     "load_config",
     "parse_config",
@@ -189,6 +197,92 @@ class AuditSection(BaseModel):
     site_key_env: Annotated[str, Field(min_length=1)] | None = None
 
 
+_Label = str | int
+
+
+def _check_label(value: Any, *, allow_true: bool = False) -> Any:
+    """A label (non-empty string) or an index (integer >= 0); ``True`` where allowed."""
+    if allow_true and value is True:
+        return value
+    if (isinstance(value, bool) or not isinstance(value, str | int)
+            or (isinstance(value, int) and value < 0) or value == ""):
+        raise ValueError("expected a label (a string) or a channel/class index (an "
+                         "integer >= 0)")
+    return value
+_REGION_FORMS = "'predicted', {predicted: LABEL} or {mask: FILE}"
+
+
+class RegionSection(BaseModel):
+    """``target.region``: the voxels whose summed output a segmentation target explains:
+    ``predicted`` (the model's own region of the target label), ``{predicted: LABEL}`` (its
+    region of another label) or ``{mask: FILE}`` (a mask on the scan's grid)."""
+
+    model_config = _STRICT
+    predicted: Literal[True] | _Label | None = None
+    mask: Annotated[str, Field(min_length=1)] | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError(f"a value is needed; the region is one of {_REGION_FORMS}")
+        return value
+
+    @field_validator("predicted", mode="before")
+    @classmethod
+    def _predicted_label(cls, value: Any) -> Any:
+        return _check_label(value, allow_true=True)
+
+
+class TargetSection(BaseModel):
+    """``target``: what the explanation explains: a class of a classifier or an output
+    channel of a segmentation network (``label``: its label or index), and for segmentation
+    networks the ``region`` whose output is summed (default: the predicted region)."""
+
+    model_config = _STRICT
+    label: _Label
+    region: RegionSection | None = None
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _label_kind(cls, value: Any) -> Any:
+        return _check_label(value)
+
+    @field_validator("region", mode="before")
+    @classmethod
+    def _region_shorthand(cls, value: Any) -> Any:
+        if value == "predicted":
+            return {"predicted": True}
+        if isinstance(value, str):
+            raise ValueError(f"expected {_REGION_FORMS}")
+        return value
+
+
+_BLEND_MODES = Literal["constant", "gaussian"]
+_PAD_MODES = Literal["constant", "reflect", "replicate", "circular"]
+
+
+class SlidingWindowSection(BaseModel):
+    """``inference.sliding_window``: the arguments of MONAI's ``sliding_window_inference``
+    the model is run with (and explained with: see :mod:`icam_med.cam.sliding`)."""
+
+    model_config = _STRICT
+    roi_size: list[_PositiveInt] = Field(min_length=2, max_length=3)
+    sw_batch_size: _PositiveInt = 1
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
+    mode: _BLEND_MODES = "constant"
+    sigma_scale: Annotated[float, Field(gt=0.0)] = 0.125
+    padding_mode: _PAD_MODES = "constant"
+    cval: float = 0.0
+
+
+class InferenceSection(BaseModel):
+    """``inference``: how the model runs on a scan."""
+
+    model_config = _STRICT
+    sliding_window: SlidingWindowSection | None = None
+
+
 class ConfigSchema(BaseModel):
     """A whole config file."""
 
@@ -198,6 +292,8 @@ class ConfigSchema(BaseModel):
     method: MethodSection = Field(default_factory=MethodSection)
     geometry: GeometrySection = Field(default_factory=GeometrySection)
     audit: AuditSection = Field(default_factory=AuditSection)
+    target: TargetSection | None = None
+    inference: InferenceSection = Field(default_factory=InferenceSection)
 
 
 def _bundle_spec(m: ModelSection, schema: ConfigSchema, resolve: Any, where: str) -> Any:
@@ -257,6 +353,74 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class RegionConfig:
+    """The region a segmentation target sums its output over.
+
+    Attributes:
+        kind: ``"predicted"`` (the voxels the model predicts as ``label``) or ``"mask"``.
+        label: for ``predicted``, the label (name or channel index) whose predicted region
+            is used; ``None`` means the target's own label.
+        mask: for ``mask``, the mask file (on the scan's grid; non-zero = inside).
+    """
+
+    kind: Literal["predicted", "mask"]
+    label: str | int | None = None
+    mask: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str | Path) -> RegionConfig:
+        """The command line's form: ``predicted``, ``predicted:LABEL`` or a mask file.
+
+        Raises:
+            ValueError: empty text, or ``predicted:`` without a label.
+        """
+        value = str(text).strip()
+        if not value:
+            raise ValueError(f"region: expected {_REGION_FORMS.replace('{', '').replace('}', '')}"
+                             ", got an empty value.")
+        if value == "predicted":
+            return cls("predicted")
+        if value.startswith("predicted:"):
+            label = value.split(":", 1)[1].strip()
+            if not label:
+                raise ValueError("region 'predicted:' names no label; give predicted:LABEL "
+                                 "(a label or a channel index) or just 'predicted'.")
+            return cls("predicted", int(label) if label.isdigit() else label)
+        return cls("mask", mask=Path(value).expanduser())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the mask as its file name only: records never name input paths)."""
+        return {"kind": self.kind, "label": self.label,
+                "mask": self.mask.name if self.mask is not None else None}
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """``target``: the label (class or output channel, by name or index) and the region."""
+
+    label: str | int
+    region: RegionConfig | None = None
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig:
+    """MONAI ``sliding_window_inference`` settings (see its documentation)."""
+
+    roi_size: tuple[int, ...]
+    sw_batch_size: int = 1
+    overlap: float = 0.25
+    mode: str = "constant"
+    sigma_scale: float = 0.125
+    padding_mode: str = "constant"
+    cval: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"roi_size": list(self.roi_size), "sw_batch_size": self.sw_batch_size,
+                "overlap": self.overlap, "mode": self.mode, "sigma_scale": self.sigma_scale,
+                "padding_mode": self.padding_mode, "cval": self.cval}
+
+
+@dataclass(frozen=True)
 class ICAMConfig:
     """A whole run configuration.
 
@@ -270,6 +434,10 @@ class ICAMConfig:
     audit: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    #: What to explain (``None``: a classifier's predicted class).
+    target: TargetConfig | None = None
+    #: Sliding-window inference (``None``: one pass on the preprocessed scan).
+    sliding_window: SlidingWindowConfig | None = None
 
 
 def _where(path: Path | None) -> str:
@@ -366,6 +534,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
     method = MethodConfig(name=schema.method.name, options=copy.deepcopy(method_opts))
     geometry = schema.geometry.model_dump(exclude_unset=True)
     audit = schema.audit.model_dump(exclude_unset=True)
+    target = _target(schema.target, resolve, where)
+    sliding = _sliding_window(schema.inference.sliding_window, spatial, where)
     return ICAMConfig(
         model=model,
         preprocessing=pre,
@@ -374,7 +544,46 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
         audit=audit,
         path=path,
         raw=copy.deepcopy(dict(data)),
+        target=target,
+        sliding_window=sliding,
     )
+
+
+def _target(section: TargetSection | None, resolve: Any, where: str) -> TargetConfig | None:
+    """The ``target`` section as a :class:`TargetConfig` (the mask path resolved)."""
+    if section is None:
+        return None
+    region = None
+    r = section.region
+    if r is not None:
+        if (r.mask is None) == (r.predicted is None):
+            raise ConfigError(
+                f"{where}: 'target.region' must give exactly one of 'predicted' and 'mask' "
+                f"(got {sorted(r.model_fields_set) or 'neither'}); the region is one of "
+                f"{_REGION_FORMS}.")
+        if r.mask is not None:
+            region = RegionConfig("mask", mask=resolve(r.mask))
+        else:
+            region = RegionConfig("predicted", None if r.predicted is True else r.predicted)
+    return TargetConfig(label=section.label, region=region)
+
+
+def _sliding_window(section: SlidingWindowSection | None, spatial: tuple[int, ...] | None,
+                    where: str) -> SlidingWindowConfig | None:
+    """``inference.sliding_window`` as a :class:`SlidingWindowConfig`; the model's input size,
+    when the config gives one, must be the window's."""
+    if section is None:
+        return None
+    roi = tuple(section.roi_size)
+    if spatial is not None and tuple(spatial) != roi:
+        raise ConfigError(
+            f"{where}: 'model.input.spatial_size' {list(spatial)} differs from "
+            f"'inference.sliding_window.roi_size' {list(roi)}; with sliding-window inference the "
+            "model's input is one window: give the same size (or leave spatial_size out).")
+    return SlidingWindowConfig(roi_size=roi, sw_batch_size=section.sw_batch_size,
+                               overlap=float(section.overlap), mode=section.mode,
+                               sigma_scale=float(section.sigma_scale),
+                               padding_mode=section.padding_mode, cval=float(section.cval))
 
 
 def load_config(path: str | Path) -> ICAMConfig:

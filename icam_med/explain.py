@@ -43,9 +43,10 @@ from icam_med.audit.trail import (
     record_explanation,
 )
 from icam_med.cam.summary import CAMSummary, MapStatistics, map_statistics
-from icam_med.config import ICAMConfig, load_config
+from icam_med.config import ICAMConfig, RegionConfig, load_config
 from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
+from icam_med.io.radiograph import is_radiograph
 from icam_med.io.validation import GeometryOptions
 from icam_med.models import ModelInfo, check_input_contract, load_model
 from icam_med.paths import MAP_STEM, is_nifti, output_paths
@@ -139,6 +140,12 @@ class Explanation:
             for an explanation built by hand, which cannot be audited.
         map_range: the fused map's ``(min, max)``, kept when the map itself was dropped
             (a batch worker wrote it and sends the rest back to be sealed).
+        target_region: for a segmentation target, the region explained on the scan's grid
+            (a uint8 MetaTensor ``(1, X, Y, Z)``, 1 inside), written as
+            ``cam_region.nii.gz``; ``None`` otherwise.
+        region_info: what the record says of that region (see :func:`region_summary`).
+        sliding_window: the sliding-window settings and window counts, when the model runs
+            by sliding window; ``None`` otherwise.
     """
 
     fused: Any
@@ -154,6 +161,9 @@ class Explanation:
     preprocessed: Any = field(default=None, repr=False)
     provenance: Provenance | None = field(default=None, repr=False)
     map_range: tuple[float, float] | None = None
+    target_region: Any = field(default=None, repr=False)
+    region_info: dict[str, Any] | None = None
+    sliding_window: dict[str, Any] | None = None
 
     def value_range(self) -> tuple[float, float]:
         """The fused map's ``(min, max)`` (from the map, or :attr:`map_range` once dropped).
@@ -171,7 +181,7 @@ class Explanation:
         """Free the maps once written, keeping what the record needs (their range)."""
         self.map_range = self.value_range()
         self.fused, self.layer_maps = None, {}
-        self.cam_result = self.preprocessed = None
+        self.cam_result = self.preprocessed = self.target_region = None
 
     @property
     def target_label(self) -> str | None:
@@ -191,6 +201,10 @@ class Explanation:
         result = self.result.to_dict()
         result["target_label"] = self.target_label
         result["predicted_label"] = self.predicted_label
+        if self.region_info is not None:
+            result["target_region"] = dict(self.region_info)
+        if self.sliding_window is not None:
+            result["sliding_window"] = dict(self.sliding_window)
         return {
             "schema_version": SUMMARY_SCHEMA_VERSION,
             "tool": {"name": "icam-med", "version": __version__},
@@ -229,6 +243,7 @@ def explain_volume(
     method: str | None = None,
     method_options: Mapping[str, Any] | None = None,
     targets: Any = None,
+    region: Any = None,
     layer_maps: bool = False,
 ) -> Explanation:
     """Explain one loaded scan, in memory.
@@ -238,28 +253,80 @@ def explain_volume(
         scan_info: its :class:`~icam_med.io.ScanInfo`.
         prepared: from :func:`prepare`.
         method: CAM method (default: the config's); ``method_options`` override options.
-        targets: ``None`` (predicted class), a class index or label, or a callable.
+        targets: ``None`` (the config's ``target.label``, else a classifier's predicted
+            class), a class index or label (for a segmentation network: the output
+            channel), or a callable.
+        region: for a segmentation network, the region whose output is summed (default:
+            the config's ``target.region``, else the predicted region of the target label):
+            a :class:`~icam_med.config.RegionConfig`, ``"predicted"``,
+            ``"predicted:LABEL"``, a mask file on the scan's grid, or a mask tensor
+            ``(1, X, Y, Z)`` on the scan's grid. The mask is brought to the model's grid by
+            the spatial steps of the same MONAI preprocessing as the image.
         layer_maps: also carry each layer's map back onto the scan's grid.
 
     Returns:
         The :class:`Explanation`; the fused map has the scan's shape and affine exactly.
 
     Raises:
-        ValueError: the preprocessed image does not fit the model, or the preprocessing
-            cannot be inverted.
+        ValueError: the preprocessed image does not fit the model, the preprocessing
+            cannot be inverted, a target or region does not fit the model or the scan
+            (a segmentation network without a target label, a region for a classifier, a
+            mask off the scan's grid, an empty region).
     """
     prov = provenance(image, device=prepared.device, audit_config=prepared.config.audit,
                       config_path=prepared.config.path)  # for the audit record
+    cfg_target = prepared.config.target
+    if targets is None and cfg_target is not None:
+        targets = cfg_target.label
+    if region is None and cfg_target is not None:
+        region = cfg_target.region
+    spec, mask = _region_spec(region, scan_info, prepared)
+    sliding = prepared.config.sliding_window
+    if sliding is not None and layer_maps:
+        raise ValueError("layer maps are not available with sliding-window inference (one map "
+                         "per window and layer); leave out --layer-maps.")
     t0 = time.perf_counter()
     pre = prepared.preprocessor
     x = pre(image)
-    check_input_contract(prepared.model_info, tuple(x.shape), source=str(scan_info.path))
-    t1 = time.perf_counter()
+    region_model = _region_on_model_grid(pre, image, mask) if mask is not None else None
+    labels = prepared.model_info.labels
     cam = prepared.cam(method, method_options)
     dtype = getattr(torch, prepared.model_info.dtype, torch.float32)
+    if sliding is not None:
+        return _explain_sliding(scan_info, prepared, x, cam, targets, spec, mask,
+                                region_model, prov, t0)
+    check_input_contract(prepared.model_info, tuple(x.shape), source=str(scan_info.path))
+    t1 = time.perf_counter()
     batch = x.as_tensor().unsqueeze(0).to(device=prepared.device, dtype=dtype)
-    result = cam(batch, targets=_resolve_targets(targets, prepared.model_info.labels)).cpu()
+    segmentation = _is_segmentation(cam, tuple(x.shape[1:]), batch)
+    k = region_k = None
+    if segmentation:
+        k = _segmentation_label(targets, labels, spec)
+        region_k = _label_index(spec.label, labels) if spec.label is not None else k
+        from icam_med.cam import SegmentationTarget
+
+        target: Any = (SegmentationTarget(k, region_model.to(prepared.device))
+                       if region_model is not None else SegmentationTarget(k))
+        if region_model is None and region_k != k:
+            target = _PredictedRegionTarget(k, region_k)
+    else:
+        if region is not None:
+            raise ValueError(
+                f"a target region ({_describe_region(spec)}) applies to segmentation networks, "
+                f"but model '{prepared.model_info.name}' is a classifier (its output is one "
+                "score per class): remove the region (target.region / --region).")
+        target = _resolve_targets(targets, labels)
+    result = cam(batch, targets=target).cpu()
     t2 = time.perf_counter()
+    summary = CAMSummary.from_result(result)
+    target_region = region_info = None
+    if segmentation:
+        summary = replace(summary, target_class=k)
+        if region_model is None:
+            region_model = (result.logits[0].argmax(0) == region_k).float()[None]
+        _check_region_not_empty(region_model, spec, labels, region_k)
+        target_region, region_info = _region_on_scan(
+            spec, mask, region_model, pre, x, scan_info, k, region_k, labels)
     fused = pre.invert(result.fused[0], x, source_shape=scan_info.shape,
                        source_affine=scan_info.affine).clamp_(0.0, 1.0)
     back_layers = {}
@@ -276,16 +343,275 @@ def explain_volume(
         fused=fused,
         layer_maps=back_layers,
         scan_info=scan_info,
-        result=CAMSummary.from_result(result),
+        result=summary,
         preprocessing=pre.describe(),
         model_info=prepared.model_info,
         timing={"preprocess": t1 - t0, "cam": t2 - t1, "invert": t3 - t2, "total": t3 - t0},
-        labels=tuple(prepared.model_info.labels),
+        labels=tuple(labels),
         config_path=prepared.config.path,
         cam_result=result,
         preprocessed=x,
         provenance=prov,
+        target_region=target_region,
+        region_info=region_info,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Segmentation targets and regions
+# ---------------------------------------------------------------------------------------
+
+class _PredictedRegionTarget:
+    """Output channel ``k`` summed over the voxels predicted as ``region_k`` (argmax)."""
+
+    def __init__(self, k: int, region_k: int) -> None:
+        self.k, self.region_k = k, region_k
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        from icam_med.cam import SegmentationTarget
+
+        if output.ndim >= 3 and 0 <= self.region_k < output.shape[1]:
+            mask = (output.detach().argmax(1) == self.region_k).to(output.dtype)
+            return SegmentationTarget(self.k, mask)(output)
+        return SegmentationTarget(self.region_k)(output)  # raises the clear error
+
+
+def _label_index(label: Any, labels: Sequence[str]) -> int:
+    """A label name or index (int or digit string) as a channel index."""
+    if isinstance(label, bool):
+        raise ValueError(f"label {label!r}: expected a label or a channel index.")
+    if isinstance(label, int):
+        return label
+    index = _resolve_targets(str(label), labels)
+    if not isinstance(index, int):  # pragma: no cover - _resolve_targets returns int for str
+        raise ValueError(f"label {label!r}: expected a label or a channel index.")
+    return index
+
+
+def _segmentation_label(targets: Any, labels: Sequence[str], spec: RegionConfig) -> int:
+    if targets is None:
+        raise ValueError(
+            "this model is a segmentation network (its output is a map per label), so there "
+            "is no single predicted class to explain: name the label to explain with "
+            "--target LABEL (or 'target: {label: LABEL}' in the config) and optionally its "
+            "region with --region predicted|predicted:LABEL|MASK_FILE (default: the voxels "
+            f"predicted as that label){'; labels are ' + str(list(labels)) if labels else ''}.")
+    if callable(targets) and not isinstance(targets, str):
+        raise ValueError("a callable target cannot be combined with the CLI/config segmentation "
+                         "target; pass a SegmentationTarget to the engine directly.")
+    return _label_index(targets, labels)
+
+
+def _is_segmentation(cam: Any, spatial: tuple[int, ...], example: torch.Tensor) -> bool:
+    """Whether the model's output is a map (N, K, *spatial) rather than class scores, from
+    the engine's probe of this input size (one forward per input size, cached: the
+    explanation reuses it)."""
+    probe = getattr(cam, "_probe", None)
+    if callable(probe):
+        _, out_shape = probe(example[:1])
+        return len(out_shape) > 1
+    with torch.no_grad():  # pragma: no cover - an engine without the probe
+        out = cam.model(example[:1])
+    return isinstance(out, torch.Tensor) and out.ndim > 2
+
+
+def _region_spec(region: Any, scan_info: ScanInfo,
+                 prepared: Prepared) -> tuple[RegionConfig, Any]:
+    """The region as a :class:`RegionConfig` and, for a mask, the mask on the scan's grid
+    (a float MetaTensor ``(1, X, Y, Z)``, 1 inside), checked before any model runs."""
+    from monai.data import MetaTensor
+
+    if region is None:
+        return RegionConfig("predicted"), None
+    if isinstance(region, RegionConfig):
+        spec = region
+    elif isinstance(region, torch.Tensor):
+        spec = RegionConfig("mask")
+        mask = region if region.ndim == len(scan_info.shape) + 1 else region[None]
+        if tuple(mask.shape[1:]) != tuple(scan_info.shape):
+            raise ValueError(f"the region mask has shape {tuple(mask.shape[1:])}, the scan "
+                             f"{tuple(scan_info.shape)}: give a mask on the scan's grid.")
+        if isinstance(mask, MetaTensor):
+            _check_mask_grid(mask.affine, "the region mask", scan_info)
+        return spec, MetaTensor((mask != 0).float(), affine=torch.as_tensor(scan_info.affine))
+    elif isinstance(region, str | Path):
+        spec = RegionConfig.parse(region)
+    else:
+        raise ValueError(f"region {region!r}: expected 'predicted', 'predicted:LABEL', a mask "
+                         "file on the scan's grid or a mask tensor.")
+    if spec.kind == "predicted":
+        return spec, None
+    path = Path(spec.mask) if spec.mask is not None else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"region mask {path} does not exist; give a mask file (NIfTI or DICOM) on the "
+            "scan's grid (config: relative to the config's folder).")
+    mask, info = load_volume(path, geometry=prepared.config.geometry)
+    if tuple(info.shape) != tuple(scan_info.shape):
+        raise ValueError(
+            f"region mask {path} has shape {list(info.shape)}, the scan "
+            f"{list(scan_info.shape)}: the mask must lie on the scan's grid (same shape and "
+            "affine); resample it onto the scan first.")
+    _check_mask_grid(info.affine, f"region mask {path}", scan_info)
+    inside = (mask.as_tensor() != 0).float()
+    return spec, MetaTensor(inside, affine=torch.as_tensor(scan_info.affine), meta=mask.meta)
+
+
+def _check_mask_grid(affine: Any, what: str, scan_info: ScanInfo) -> None:
+    import numpy as np
+
+    a = np.asarray(torch.as_tensor(affine).cpu(), dtype=float)
+    b = np.asarray(torch.as_tensor(scan_info.affine).cpu(), dtype=float)
+    if not np.allclose(a, b, atol=1e-3):
+        raise ValueError(
+            f"{what} is not on the scan's grid: its affine {a.round(3).tolist()} differs from "
+            f"the scan's {b.round(3).tolist()}; resample the mask onto the scan first.")
+
+
+def _region_on_model_grid(pre: Preprocessor, image: Any, mask: Any) -> torch.Tensor:
+    """The mask carried to the model's grid by the spatial (invertible) steps of the
+    image's own preprocessing, applied to image and mask together (so a data-dependent crop
+    such as ``CropForegroundd`` crops both alike); intensity steps touch the image only.
+    Interpolated like the image, so the result is a weight in [0, 1] per model voxel."""
+    from monai.data import MetaTensor
+    from monai.transforms import InvertibleTransform
+
+    from icam_med.io.preprocessing import build_preprocessing
+
+    steps = []
+    for step, t in zip(pre.steps, pre.compose.transforms, strict=True):
+        step = dict(step)
+        keys = list(step.get("keys", ["image"]))
+        if isinstance(keys, str):
+            keys = [keys]
+        if isinstance(t, InvertibleTransform) and "image" in keys:
+            keys = [*keys, "region"]
+        step["keys"] = keys
+        steps.append(step)
+    compose = build_preprocessing(steps, source="target region")
+    meta = dict(image.meta)
+    region = MetaTensor(mask.as_tensor().to(image.dtype), affine=image.affine.clone(), meta=meta)
+    try:
+        out = compose({"image": image, "region": region})["region"]
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"the region mask could not be brought to the model's grid by the "
+                         f"preprocessing {[s['name'] for s in pre.steps]}: {exc}") from exc
+    return torch.as_tensor(out).float().clamp(0.0, 1.0)
+
+
+def _describe_region(spec: RegionConfig) -> str:
+    if spec.kind == "mask":
+        return f"mask {spec.mask.name if spec.mask is not None else '(tensor)'}"
+    return "predicted" + (f":{spec.label}" if spec.label is not None else "")
+
+
+def _check_region_not_empty(region_model: torch.Tensor, spec: RegionConfig,
+                            labels: Sequence[str], region_k: int) -> None:
+    if bool((region_model > 0).any()):
+        return
+    if spec.kind == "mask":
+        raise ValueError(f"the region ({_describe_region(spec)}) covers no voxel of the "
+                         "model's field of view after preprocessing; nothing to explain.")
+    name = labels[region_k] if 0 <= region_k < len(labels) else region_k
+    raise ValueError(
+        f"the model predicts no voxel of this scan as label {name!r}, so its predicted region "
+        "is empty and there is nothing to explain: give a mask (--region FILE, or "
+        "target.region.mask) or another label.")
+
+
+def region_summary(region_scan: Any, *, spec: RegionConfig, class_index: int,
+                   region_class: int, labels: Sequence[str],
+                   model_grid_voxels: float) -> dict[str, Any]:
+    """What the record and summary say of a target region: its source, label, SHA-256
+    (:func:`icam_med.audit.hashing.voxel_sha256` of the uint8 region on the scan's grid) and
+    voxel count (scan grid; and the summed weights on the model's grid). No file name: a
+    mask's name may carry a patient's; its SHA-256 identifies it."""
+    from icam_med.audit.hashing import voxel_sha256
+
+    def name(i: int) -> str | None:
+        return str(labels[i]) if 0 <= i < len(labels) else None
+
+    arr = region_scan.as_tensor() if hasattr(region_scan, "as_tensor") else region_scan
+    return {
+        "source": spec.kind,
+        "class_index": int(class_index),
+        "label": name(class_index),
+        "region_class_index": int(region_class) if spec.kind == "predicted" else None,
+        "region_label": name(region_class) if spec.kind == "predicted" else None,
+        "sha256": voxel_sha256(arr),
+        "voxels": int(torch.count_nonzero(torch.as_tensor(arr))),
+        "model_grid_voxels": round(float(model_grid_voxels), 3),
+    }
+
+
+def _region_on_scan(spec: RegionConfig, mask: Any, region_model: torch.Tensor,
+                    pre: Preprocessor, x: Any, scan_info: ScanInfo, k: int, region_k: int,
+                    labels: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """The explained region on the scan's grid (the mask itself, or the predicted region
+    carried back by nearest-neighbour inversion) and its record summary."""
+    from monai.data import MetaTensor
+
+    if mask is not None:
+        on_scan = (mask.as_tensor() > 0).to(torch.uint8)
+    else:
+        back = pre.invert(region_model, x, source_shape=scan_info.shape,
+                          source_affine=scan_info.affine, mode="nearest")
+        on_scan = (back.as_tensor() > 0.5).to(torch.uint8)
+    region = MetaTensor(on_scan, affine=torch.as_tensor(scan_info.affine, dtype=torch.float64))
+    info = region_summary(region, spec=spec, class_index=k, region_class=region_k,
+                          labels=labels, model_grid_voxels=float(region_model.sum()))
+    return region, info
+
+
+def _explain_sliding(scan_info: ScanInfo, prepared: Prepared, x: Any, cam: Any,
+                     targets: Any, spec: RegionConfig, mask: Any,
+                     region_model: torch.Tensor | None, prov: Provenance,
+                     t0: float) -> Explanation:
+    """The sliding-window path of :func:`explain_volume` (:mod:`icam_med.cam.sliding`)."""
+    from icam_med.cam.sliding import SlidingWindow, explain_sliding
+
+    settings = prepared.config.sliding_window
+    window = SlidingWindow.from_mapping(settings.to_dict())
+    info = prepared.model_info
+    if x.shape[0] != info.in_channels:
+        check_input_contract(info, tuple(x.shape), source=str(scan_info.path))
+    if len(window.roi_size) != x.ndim - 1:
+        raise ValueError(f"inference.sliding_window.roi_size {list(window.roi_size)} has "
+                         f"{len(window.roi_size)} axes, the preprocessed scan {x.ndim - 1}.")
+    labels = info.labels
+    dtype = getattr(torch, info.dtype, torch.float32)
+    example = torch.zeros((1, info.in_channels, *window.roi_size), dtype=dtype,
+                          device=prepared.device)
+    if not _is_segmentation(cam, window.roi_size, example):
+        raise ValueError(
+            f"model '{info.name}' returns one score per class for a window, not a segmentation "
+            "map: sliding-window inference (inference.sliding_window) is for segmentation "
+            "networks; remove it and resize the scan to the model's input instead.")
+    k = _segmentation_label(targets, labels, spec)
+    region_k = _label_index(spec.label, labels) if spec.label is not None else k
+    t1 = time.perf_counter()
+    volume = x.as_tensor().unsqueeze(0).to(dtype=dtype)
+    res = explain_sliding(cam, volume, window, class_index=k,
+                          region=None if region_model is None else region_model[0],
+                          region_class=region_k)
+    del volume
+    t2 = time.perf_counter()
+    summary = CAMSummary(method=res.method, options=dict(res.options), score=res.score,
+                         target_class=k, predicted_class=None, logits=None, probabilities=None,
+                         layer_weights=dict(res.layer_weights), layer_scores=dict(res.layer_scores))
+    pre = prepared.preprocessor
+    fused = pre.invert(res.fused, x, source_shape=scan_info.shape,
+                       source_affine=scan_info.affine).clamp_(0.0, 1.0)
+    target_region, region_info = _region_on_scan(spec, mask, res.region, pre, x, scan_info,
+                                                 k, region_k, labels)
+    t3 = time.perf_counter()
+    return Explanation(
+        fused=fused, layer_maps={}, scan_info=scan_info, result=summary,
+        preprocessing=pre.describe(), model_info=info,
+        timing={"preprocess": t1 - t0, "cam": t2 - t1, "invert": t3 - t2, "total": t3 - t0},
+        labels=tuple(labels), config_path=prepared.config.path, cam_result=None,
+        preprocessed=x, provenance=prov, target_region=target_region,
+        region_info=region_info, sliding_window=res.describe())
 
 
 @dataclass(frozen=True)
@@ -335,7 +661,9 @@ def write_explanation(explanation: Explanation, out_dir: str | Path, *, overwrit
     """
     info = explanation.scan_info
     paths = output_paths(out_dir, is_dicom=info.format == "dicom",
-                         layer_names=list(explanation.layer_maps), stem=stem)
+                         layer_names=list(explanation.layer_maps), stem=stem,
+                         region=explanation.target_region is not None,
+                         two_d=is_radiograph(info))
     check_before_writing(paths["cam_nifti"], audit, list(paths.values()))
     _refuse_existing(paths, overwrite)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -387,7 +715,9 @@ def write_outputs(explanation: Explanation, out_dir: str | Path, *, stem: str = 
             checked before writing).
     """
     paths = output_paths(out_dir, is_dicom=explanation.scan_info.format == "dicom",
-                         layer_names=list(explanation.layer_maps), stem=stem)
+                         layer_names=list(explanation.layer_maps), stem=stem,
+                         region=explanation.target_region is not None,
+                         two_d=is_radiograph(explanation.scan_info))
     check_before_writing(paths["cam_nifti"], audit, list(paths.values()))
     _refuse_existing(paths, overwrite=False)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -492,11 +822,23 @@ def _write_files(explanation: Explanation, paths: Mapping[str, Path],
             except ValueError as exc:  # e.g. a multi-frame source without plane positions
                 log.warning("no Parametric Map written: %s", exc)
                 notes.append(f"no Parametric Map written: {exc}")
+        if "overlay_png" in paths or "presentation_state" in paths:  # a 2-D image
+            from icam_med.io.radiograph import write_radiograph_outputs
+
+            for role, path in write_radiograph_outputs(explanation, paths, overwrite=overwrite):
+                record(path, role)
         for name, layer_map in explanation.layer_maps.items():
             role = f"layer_map:{name}"
             write_nifti(layer_map, paths[role], reference=info,
                         description=f"{desc} layer {name}", overwrite=overwrite)
             record(paths[role], role)
+        if "target_region" in paths and explanation.target_region is not None:
+            region = explanation.region_info or {}
+            write_nifti(explanation.target_region.float(), paths["target_region"],
+                        reference=info, overwrite=overwrite,
+                        description=f"icam-med target region ({region.get('source')}) of "
+                                    f"label {region.get('label') or region.get('class_index')}")
+            record(paths["target_region"], "target_region")
         summary = explanation.to_dict()
         summary["outputs"] = [w.to_dict() for w in written]
         summary["notes"] = notes
@@ -528,13 +870,15 @@ def explain_scan(
     method: str | None = None,
     method_options: Mapping[str, Any] | None = None,
     targets: Any = None,
+    region: Any = None,
     layer_maps: bool = False,
     overwrite: bool = False,
 ) -> tuple[Explanation, list[WrittenFile]]:
     """Load, validate, explain and write one scan.
 
     Everything that can be checked is checked before any output is written: the config,
-    the model weights, the scan's geometry, and that no output would be overwritten.
+    the model weights, the scan's geometry (and a region mask's), and that no output would
+    be overwritten. ``targets`` and ``region`` are :func:`explain_volume`'s.
 
     Returns:
         The :class:`Explanation` and the files written.
@@ -548,7 +892,7 @@ def explain_scan(
                               geometry=prepared.config.geometry)
     explanation = explain_volume(image, info, prepared, method=method,
                                  method_options=method_options, targets=targets,
-                                 layer_maps=layer_maps)
+                                 region=region, layer_maps=layer_maps)
     written = write_explanation(explanation, out_dir, overwrite=overwrite)
     return explanation, written
 

@@ -39,6 +39,7 @@ __all__ = [
     "output_paths",
     "parametric_map_path",
     "record_path_for",
+    "region_path",
     "safe_layer_name",
     "scan_stem",
     "sidecar_path_for",
@@ -125,18 +126,32 @@ def summary_path(out_dir: str | Path, stem: str = MAP_STEM) -> Path:
     return Path(out_dir) / f"{stem}_{SUMMARY_JSON}"
 
 
+def region_path(out_dir: str | Path, stem: str = MAP_STEM) -> Path:
+    """A segmentation target's region on the scan's grid ``{out_dir}/{stem}_region.nii.gz``."""
+    return Path(out_dir) / f"{stem}_region.nii.gz"
+
+
 def output_paths(out_dir: str | Path, *, is_dicom: bool, layer_names: Sequence[str] = (),
-                 stem: str = MAP_STEM) -> dict[str, Path]:
+                 stem: str = MAP_STEM, region: bool = False,
+                 two_d: bool = False) -> dict[str, Path]:
     """The files one explanation writes, by role (names never come from tags).
 
     Roles: ``cam_nifti``, ``parametric_map`` (DICOM input only), ``layer_map:<layer>`` per
-    layer, ``summary``.
+    layer, ``target_region`` (a segmentation target's region), ``summary``; a 2-D image
+    (``two_d``) has ``overlay_png`` and, for DICOM input, ``presentation_state`` (a
+    Grayscale Softcopy Presentation State) in place of the Parametric Map.
     """
     paths = {"cam_nifti": map_path(out_dir, stem)}
-    if is_dicom:
+    if is_dicom and not two_d:
         paths["parametric_map"] = parametric_map_path(out_dir, stem)
+    if two_d:  # a 2-D image: a PNG overlay and, for DICOM, a Presentation State instead
+        paths["overlay_png"] = Path(out_dir) / f"{stem}_overlay.png"
+        if is_dicom:
+            paths["presentation_state"] = Path(out_dir) / f"{stem}_gsps.dcm"
     for name in layer_names:
         paths[f"layer_map:{name}"] = layer_map_path(out_dir, name, stem)
+    if region:
+        paths["target_region"] = region_path(out_dir, stem)
     paths["summary"] = summary_path(out_dir, stem)
     return paths
 

@@ -1,8 +1,9 @@
 """Model-family coverage (issue 13 item 6, 3-D): random-weight MONAI networks explained through
 the CLI with a config, each a map on the scan's grid and a valid audit record. Tiny inputs.
 
-Segmentation networks (UNet, SegResNet) need a region target, which the CLI and configs do not
-name yet (issue 13 item 4): the CLI refuses them with a one-line message naming the fix.
+Segmentation networks (UNet, SegResNet) need a target label (and optionally a region): without
+one the CLI refuses them with a one-line message naming the fix; with one they are explained
+(tests/test_segmentation_targets.py).
 """
 
 from __future__ import annotations
@@ -85,12 +86,13 @@ def test_classifier_family_through_the_cli(tmp_path, series, architecture, capsy
 
 
 @pytest.mark.parametrize("architecture", sorted(SEGMENTERS))
-def test_segmentation_family_is_refused_with_the_fix(tmp_path, series, architecture, capsys):
+def test_segmentation_family_without_a_target_is_refused_with_the_fix(tmp_path, series,
+                                                                     architecture, capsys):
     config = _config(tmp_path, architecture, SEGMENTERS[architecture], "last")
     out = tmp_path / "out"
     rc = cli_main(["explain", str(series), "--config", str(config), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     error = [ln for ln in err.splitlines() if ln.startswith("icam-med explain: error:")]
-    assert len(error) == 1 and "SegmentationTarget" in error[0]
+    assert len(error) == 1 and "--target LABEL" in error[0] and "--region" in error[0]
     assert not (out / "cam.nii.gz").exists()

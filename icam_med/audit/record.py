@@ -251,6 +251,8 @@ def method_section(name: str, options: Mapping[str, Any], *,
                    target_class: int | None, score: float | None,
                    predicted_class: int | None, map_range: Sequence[float],
                    labels: Sequence[str] = (), logits: Sequence[float] | None = None,
+                   region: Mapping[str, Any] | None = None,
+                   sliding_window: Mapping[str, Any] | None = None,
                    ) -> dict[str, Any]:
     """The ``method`` section.
 
@@ -264,6 +266,11 @@ def method_section(name: str, options: Mapping[str, Any], *,
         map_range: ``(min, max)`` of the written map.
         labels: the model's class labels, to name the classes.
         logits: the model's output for this sample.
+        region: for a segmentation target, the region explained (``source``, labels,
+            ``sha256`` of the uint8 region on the scan's grid, ``voxels``...; see
+            :func:`icam_med.explain.region_summary`); recorded as ``target.region``.
+        sliding_window: the sliding-window settings and window counts, if the model ran
+            by sliding window.
     """
     opts = _scrub(_jsonable(dict(options)))
     weights = {str(k): float(np.asarray(_jsonable(v)).reshape(-1)[0])
@@ -283,6 +290,10 @@ def method_section(name: str, options: Mapping[str, Any], *,
     }
     if logits is not None:
         section["logits"] = [float(v) for v in np.asarray(_jsonable(logits), dtype=float).reshape(-1)]
+    if region is not None:
+        section["target"]["region"] = _scrub(_jsonable(dict(region)))
+    if sliding_window is not None:
+        section["sliding_window"] = _jsonable(dict(sliding_window))
     return section
 
 
@@ -517,6 +528,11 @@ class RecordMethod:
     score: float | None
     logits: tuple[float, ...] | None
     map_range: tuple[float, float]
+    #: A segmentation target's region (``source``, ``sha256``, ``voxels``...), else ``None``
+    #: (records written before regions were recorded have none).
+    region: Mapping[str, Any] | None = None
+    #: Sliding-window settings and window counts, else ``None``.
+    sliding_window: Mapping[str, Any] | None = None
 
     def ordered_layer_weights(self) -> dict[str, float]:
         """Layer weights in the network's order (records store sorted JSON)."""
@@ -613,7 +629,11 @@ class AuditRecord:
                 predicted=ClassRef.from_dict(meth["predicted"]),
                 score=None if meth["score"] is None else float(meth["score"]),
                 logits=tuple(float(v) for v in meth["logits"]) if "logits" in meth else None,
-                map_range=(float(meth["map_range"][0]), float(meth["map_range"][1]))),
+                map_range=(float(meth["map_range"][0]), float(meth["map_range"][1])),
+                region=(dict(meth["target"]["region"])
+                        if isinstance(meth["target"].get("region"), dict) else None),
+                sliding_window=(dict(meth["sliding_window"])
+                                if isinstance(meth.get("sliding_window"), dict) else None)),
             run_id=data["activity"]["run_id"],
             outputs=tuple(OutputRef.from_dict(o) for o in data["outputs"]),
             analysis=None if analysis is None else RecordAnalysis(

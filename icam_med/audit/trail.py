@@ -202,7 +202,9 @@ def record_explanation(explanation: Any, written: Sequence[Any], map_path: str |
             target_class=result.target_class, score=result.score,
             predicted_class=result.predicted_class,
             map_range=explanation.value_range(),
-            labels=explanation.labels, logits=result.logits),
+            labels=explanation.labels, logits=result.logits,
+            region=getattr(explanation, "region_info", None),
+            sliding_window=getattr(explanation, "sliding_window", None)),
         runtime=runtime_section(prov.device, seed=ctx.seed),
         activity=activity_section(
             ctx.run_id or uuid.uuid4().hex, prov.started_utc, operator=ctx.operator,

@@ -241,6 +241,34 @@ def _load_mask(spec: ScanSpec, info: Any, geometry: Any) -> Any:
     return mask
 
 
+def second_class_explanation(prepared: Any, image: Any, info: Any, explanation: Any,
+                             analysis: dict[str, Any]) -> Any:
+    """Misclassification analysis (docs/report.md): the map of the class a labelled scan's
+    prediction competes with, or ``None``. A prediction that disagrees with its expected
+    label gets the expected class's map; a right one below
+    :data:`~icam_med.report.collect.LOW_CONFIDENCE_PROBABILITY` the runner-up's. Written
+    beside the scan's map as ``cam_class<c>`` (roles ``second_class:<role>`` in its record).
+    """
+    from icam_med.explain import explain_volume
+    from icam_med.report.collect import LOW_CONFIDENCE_PROBABILITY
+
+    res, expected = explanation.result, analysis.get("expected_label")
+    probs, labels = res.probabilities or (), list(explanation.labels)
+    if expected is None or len(probs) < 2 or res.predicted_class is None:
+        return None
+    if analysis.get("disagrees"):
+        exp = str(expected)
+        other = labels.index(exp) if exp in labels else int(exp) if exp.isdigit() else None
+    elif probs[res.predicted_class] < LOW_CONFIDENCE_PROBABILITY:
+        other = max((i for i in range(len(probs)) if i != res.predicted_class),
+                    key=lambda i: probs[i])
+    else:
+        return None
+    if other is None or not 0 <= other < len(probs) or other == res.target_class:
+        return None
+    return explain_volume(image, info, prepared, targets=other)
+
+
 def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
     """Load, explain and write one scan on a worker; never raises (failures are outcomes).
 
@@ -269,9 +297,20 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
                 predicted_label=explanation.predicted_label)
             if task.intended_use is not None:
                 analysis["intended_use"] = task.intended_use.check(info, image)
+            second = second_class_explanation(prepared, image, info, explanation, analysis)
         written = write_outputs(explanation, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
                                 audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
                                                    command="audit"))
+        if second is not None:  # its files are sealed in the scan's record, by role
+            from icam_med.paths import class_stem
+            from icam_med.report.collect import SECOND_CLASS_ROLE
+
+            written += [replace(w, role=f"{SECOND_CLASS_ROLE}:{w.role}") for w in write_outputs(
+                second, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
+                stem=class_stem(second.result.target_class),
+                audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
+                                   command="audit"))]
+            second.drop_maps()
         # What the coordinator needs to seal; the maps and the engine's internals stay here.
         explanation.drop_maps()
         outcome.explanation, outcome.analysis = explanation, analysis

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import zlib
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def audit(tmp_path_factory):
             "failed": list(result.failed), "dicom": dicom, "nifti": scans}
 
 
+def _record(audit, sid) -> AuditRecord:
+    return AuditRecord.load(audit["out"] / "scans" / sid / "cam.icam.json")
+
+
 class _Parser(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -109,8 +114,11 @@ def test_html_has_every_scan_embedded_images_and_nothing_external(audit):
     for scan_id in [*audit["scan_ids"], *audit["failed"]]:
         assert f"scan-{scan_id}" in ids, scan_id
     imgs = [a["src"] for t, a in tags if t == "img"]
-    # 2 cohort figures + a montage and a layer-weight chart per explained scan.
-    assert len(imgs) == 2 + 2 * len(audit["scan_ids"])
+    # 2 cohort figures + a montage and a layer-weight chart per explained scan + one
+    # misclassification pair per scan whose record holds a second class's map.
+    pairs = sum(1 for sid in audit["scan_ids"]
+                if _record(audit, sid).output("second_class:cam_nifti") is not None)
+    assert len(imgs) == 2 + 2 * len(audit["scan_ids"]) + pairs
     for src in imgs:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
@@ -475,12 +483,21 @@ def test_slice_positions_are_in_mm():
     vol = to_ras(np.zeros((10, 12, 8), np.float32), affine)
     point = (3, 4, 5)
     world = vol.affine @ np.array([*point, 1.0])
-    assert _title("axial", 2, vol, point) == f"axial, z = {world[2]:+.1f} mm"
-    assert _title("coronal", 1, vol, point) == f"coronal, y = {world[1]:+.1f} mm"
     # The RAS reordering keeps world positions: voxel (3, 4, 5) of the RAS array lies where
     # the stored voxel it came from lies.
     stored = (10 - 1 - 3, 12 - 1 - 4, 5)
     assert np.allclose(world[:3], (affine @ np.array([*stored, 1.0]))[:3])
+    # Titles give DICOM patient coordinates (LPS), the ones the napari viewer shows for the
+    # same voxel: world (z, y, x) of the plugin's layer = (S, P, L) mm.
+    from napari_plugin._layers import napari_affine
+
+    lps_z, lps_y, lps_x = (napari_affine(affine) @ np.array([*stored[::-1], 1.0]))[:3]
+    assert (lps_x, lps_y, lps_z) == pytest.approx((-world[0], -world[1], world[2]))
+    assert _title("axial", 2, vol, point) == f"axial, z = {lps_z:+.1f} mm"
+    assert _title("coronal", 1, vol, point) == f"coronal, y = {lps_y:+.1f} mm"
+    assert _title("sagittal", 0, vol, point) == f"sagittal, x = {lps_x:+.1f} mm"
+    # stored voxel (6, 7, 5): RAS (28, 16, 3) mm is LPS (-28, -16, 3) mm
+    assert (lps_x, lps_y, lps_z) == pytest.approx((-28.0, -16.0, 3.0))
 
 
 def test_method_rows_name_each_option_once_and_only_used_ones(audit):
@@ -558,3 +575,80 @@ def test_model_card_is_embedded_and_linked(masked, tmp_path):
         build_report(masked["out"], model_card=tmp_path / "none.md",
                      report_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def _coloured(rgb: np.ndarray) -> int:
+    """Pixels of a map's warm colours (inferno above the threshold: red over green and blue)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((r > 120) & (r > g + 40) & (r > b + 40)).sum())
+
+
+def test_misclassified_scans_show_the_predicted_and_the_expected_class_maps(audit):
+    """Issue 14 item 10 on a real audit: every labelled scan whose prediction disagrees gets
+    the expected class's map, sealed in its record (verified), and the review list shows
+    it beside the predicted class's map with both classes' layer weights."""
+    import json
+
+    from icam_med.report.collect import LOW_CONFIDENCE_PROBABILITY, probabilities
+
+    html, pdf = audit["html"], unescape(_pdf_text(audit["report"].pdf))
+    labels = ["absent", "present"]
+    wrong = 0
+    for sid in audit["scan_ids"]:
+        rec = _record(audit, sid)
+        probs = probabilities(list(rec.method.logits))
+        pred = rec.method.predicted.class_index
+        ref = rec.output("second_class:cam_nifti")
+        summary_ref = rec.output("second_class:summary")
+        if not rec.analysis.disagrees and probs[pred] >= LOW_CONFIDENCE_PROBABILITY:
+            assert ref is None and f'id="pair-{sid}"' not in html  # confident and right
+            continue
+        assert ref is not None and summary_ref is not None, sid
+        result = json.loads(rec.file(summary_ref).read_text("utf-8"))["result"]
+        other = result["target_class"]
+        if rec.analysis.disagrees:
+            wrong += 1
+            assert other == labels.index(rec.analysis.expected_label)  # the true class
+        else:
+            assert other == 1 - pred  # the runner-up of a right but unsure prediction
+        assert rec.file(ref).name == f"cam_class{other}.nii.gz"
+        first = np.asarray(nib.load(str(rec.map_path)).dataobj)
+        second = np.asarray(nib.load(str(rec.file(ref))).dataobj)
+        assert first.shape == second.shape and not np.allclose(first, second)
+        # The review list: the pair, both classes named, both maps drawn over the scan,
+        # and the heaviest layer of each map (from the record and its pinned summary).
+        section = re.search(rf'id="pair-{sid}".*?</article>', html, re.S).group(0)
+        text = unescape(section)
+        assert f"predicted '{rec.method.predicted.label}'" in text
+        assert f"'{labels[other]}' (class {other})" in text
+        weights = result["layer_weights"]
+        heaviest = max(weights, key=weights.get)
+        assert f"{heaviest} ({weights[heaviest]:.4g})" in text
+        png = re.search(r'src="data:image/png;base64,([^"]+)"', section).group(1)
+        rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"), int)
+        top, bottom = rgb[: rgb.shape[0] // 2], rgb[rgb.shape[0] // 2:]
+        assert _coloured(top) > 50 and _coloured(bottom) > 50  # each row shows its map
+        assert f"{sid}: predicted '{rec.method.predicted.label}'" in pdf
+    assert wrong >= 1, "the fixture's labels must make at least one prediction wrong"
+    assert "Misclassification analysis" in html and "Misclassification analysis" in pdf
+    assert verify_folder(audit["out"]).ok  # the second maps are sealed, not loose files
+
+
+def test_class_pair_figure_draws_each_class_through_its_own_peak():
+    from icam_med.report.figures import class_pair_png
+
+    rng = np.random.default_rng(1)
+    scan = to_ras(rng.integers(100, 400, (20, 22, 16)).astype(np.float32), np.eye(4))
+    a = np.zeros((20, 22, 16), np.float32)
+    a[2:6, 2:6, 2:5] = 1.0
+    b = np.zeros_like(a)
+    b[14:18, 15:19, 11:14] = 1.0  # far from a: no plane through a's peak shows it
+    png = class_pair_png(to_ras(a, np.eye(4)), to_ras(b, np.eye(4)), scan,
+                         labels=("predicted 'x'", "expected class 'y'"),
+                         weights=({"l1": 0.7, "l2": 0.3}, {"l1": 0.2, "l2": 0.8}))
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), int)
+    top, bottom = rgb[: rgb.shape[0] // 2], rgb[rgb.shape[0] // 2:]
+    assert _coloured(top) > 50 and _coloured(bottom) > 50
+    with pytest.raises(ValueError, match="different grids"):
+        class_pair_png(to_ras(a, np.eye(4)), to_ras(a[:-1], np.eye(4)), scan,
+                       labels=("a", "b"), weights=({}, {}))

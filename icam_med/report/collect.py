@@ -34,10 +34,13 @@ from icam_med.audit import (
 __all__ = [
     "BODY_THRESHOLD_FRACTION",
     "CONFIDENT_PROBABILITY",
+    "LOW_CONFIDENCE_PROBABILITY",
     "OUTSIDE_BODY_LIMIT",
     "SALIENT_LEVEL",
+    "SECOND_CLASS_ROLE",
     "CohortData",
     "ScanItem",
+    "SecondClass",
     "body_mask",
     "collect",
     "outside_fraction",
@@ -48,6 +51,12 @@ log = logging.getLogger(__name__)
 
 #: A wrong prediction whose predicted-class probability is at least this is "confident".
 CONFIDENT_PROBABILITY = 0.9
+#: A labelled prediction below this probability is "low confidence": the audit also maps the
+#: runner-up class (a wrong prediction gets its expected class's map), for the review list.
+LOW_CONFIDENCE_PROBABILITY = 0.6
+#: The record's roles of that second map's files: ``second_class:cam_nifti``,
+#: ``second_class:summary`` (its class and layer weights), ``second_class:parametric_map``.
+SECOND_CLASS_ROLE = "second_class"
 #: A map with more than this fraction of its salient mass outside the body mask is suspicious.
 OUTSIDE_BODY_LIMIT = 0.5
 #: The salient part of a map: values at or above this (maps are normalised to [0, 1]).
@@ -88,6 +97,31 @@ def outside_fraction(cam: np.ndarray, scan: np.ndarray) -> float | None:
 
 
 @dataclass
+class SecondClass:
+    """The map of the class a wrong or low-confidence prediction competes with (the expected
+    class, or the runner-up of a right but unsure one), as the audit recorded it.
+
+    Attributes:
+        class_index, label: the class it explains.
+        why: ``"expected class"`` or ``"runner-up class"``.
+        score: its target score (logit).
+        probability: the class's probability from the recorded logits.
+        layer_weights: its per-layer weights, in network order.
+        map_path: its map inside the audit folder (``None`` when missing).
+        montage: predicted-class map beside this one (PNG), when drawn.
+    """
+
+    class_index: int | None
+    label: str | None
+    why: str
+    score: float | None = None
+    probability: float | None = None
+    layer_weights: dict[str, float] = field(default_factory=dict)
+    map_path: Path | None = None
+    montage: bytes | None = None
+
+
+@dataclass
 class ScanItem:
     """One scan as the report shows it."""
 
@@ -119,12 +153,17 @@ class ScanItem:
     flags: list[str] = field(default_factory=list)
     montage: bytes | None = None
     weights_png: bytes | None = None
+    second: SecondClass | None = None    # the competing class's map (misclassification)
     priority: tuple[int, float] = (9, 0.0)
     page: int = 1
 
     @property
     def confident_wrong(self) -> bool:
         return bool(self.disagrees) and (self.probability or 0.0) >= CONFIDENT_PROBABILITY
+
+    @property
+    def low_confidence(self) -> bool:
+        return self.probability is not None and self.probability < LOW_CONFIDENCE_PROBABILITY
 
     @property
     def anchor(self) -> str:
@@ -272,6 +311,38 @@ def _fill_from_record(item: ScanItem, rec: AuditRecord) -> None:
         item.mask_volume_fraction = analysis.mask_volume_fraction
         item.peak_in_mask = analysis.peak_in_mask
         item.use_violations = list((analysis.intended_use or {}).get("violations") or [])
+    item.second = _second_class(item, rec)
+
+
+def _second_class(item: ScanItem, rec: AuditRecord) -> SecondClass | None:
+    """The second class's map the audit sealed in this record (roles ``second_class:*``):
+    its class, score and layer weights from its pinned JSON summary."""
+    ref = rec.output(f"{SECOND_CLASS_ROLE}:summary")
+    if ref is None:
+        return None
+    path = rec.file(ref)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))["result"] if path else None
+    except (OSError, ValueError, KeyError, TypeError):
+        result = None
+    if not isinstance(result, dict):
+        item.problems.append("the second class's summary is missing or unreadable")
+        return None
+    index = result.get("target_class")
+    probs = probabilities(list(rec.method.logits) if rec.method.logits else None)
+    weights = result.get("layer_weights") or {}
+    order = [n for n in rec.method.layers if n in weights] + [
+        n for n in weights if n not in rec.method.layers]
+    map_ref = rec.output(f"{SECOND_CLASS_ROLE}:cam_nifti")
+    return SecondClass(
+        class_index=index if isinstance(index, int) else None,
+        label=result.get("target_label") or (None if index is None else f"class {index}"),
+        why="expected class" if item.disagrees else "runner-up class",
+        score=result.get("score"),
+        probability=(probs[index] if probs and isinstance(index, int)
+                     and 0 <= index < len(probs) else None),
+        layer_weights={n: float(weights[n]) for n in order},
+        map_path=rec.file(map_ref) if map_ref is not None else None)
 
 
 def _read_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -345,8 +416,41 @@ def _load_pictures(item: ScanItem, source: Path | None, geometry: Any,
     title = f"{item.scan_id}: predicted {item.predicted_label}"
     if item.expected_label is not None:
         title += f", expected {item.expected_label}"
-    item.montage = montage_png(to_ras(cam_np, cam_affine), scan_ras, title=title,
-                               mask_ras=mask_ras)
+    map_ras = to_ras(cam_np, cam_affine)
+    item.montage = montage_png(map_ras, scan_ras, title=title, mask_ras=mask_ras)
+    if item.second is not None:
+        _second_picture(item, item.second, map_ras, cam_np.shape, cam_affine, scan_ras,
+                        mask_ras)
+
+
+def _second_picture(item: ScanItem, second: SecondClass, map_ras: Any, shape: tuple,
+                    affine: np.ndarray, scan_ras: Any, mask_ras: Any) -> None:
+    """The predicted class's map beside the second class's (same planes, both weights)."""
+    from icam_med.report.figures import class_pair_png, to_ras
+
+    path = second.map_path
+    try:
+        if path is None or not path.is_file():
+            raise FileNotFoundError("missing")
+        other, other_affine = _read_map(path)
+        if other.shape != shape or not np.allclose(other_affine, affine, atol=1e-3):
+            raise ValueError("not on the map's grid")
+    except (OSError, ValueError) as exc:
+        log.warning("scan %s: second class's map unusable (%s)", item.scan_id,
+                    type(exc).__name__)
+        item.problems.append(f"the {second.why}'s map is missing or unreadable")
+        return
+
+    def name(what: str, label: Any, p: float | None) -> str:
+        return f"{what} '{label}'" + ("" if p is None else f" (p = {p:.3f})")
+
+    second.montage = class_pair_png(
+        map_ras, to_ras(other, other_affine), scan_ras, mask_ras=mask_ras,
+        labels=(name("predicted", item.predicted_label, item.probability),
+                name(second.why, second.label, second.probability)),
+        weights=(item.layer_weights, second.layer_weights),
+        title=f"{item.scan_id}: map of the predicted class (top) and of the {second.why} "
+              "(bottom)")
 
 
 def _flag(item: ScanItem) -> None:
@@ -364,6 +468,9 @@ def _flag(item: ScanItem) -> None:
     elif item.disagrees:
         f.append(f"prediction '{item.predicted_label}' disagrees with expected label "
                  f"'{item.expected_label}'")
+    if item.low_confidence:
+        f.append(f"low confidence (p = {item.probability:.3f} for '{item.predicted_label}', "
+                 f"below {LOW_CONFIDENCE_PROBABILITY:g})")
     suspicious = False
     if item.map_state == "empty":
         f.append("empty map (all zero): it explains nothing")

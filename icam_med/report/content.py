@@ -12,6 +12,7 @@ from typing import Any
 from icam_med.report.collect import (
     BODY_THRESHOLD_FRACTION,
     CONFIDENT_PROBABILITY,
+    LOW_CONFIDENCE_PROBABILITY,
     OUTSIDE_BODY_LIMIT,
     SALIENT_LEVEL,
     CohortData,
@@ -28,6 +29,8 @@ __all__ = [
     "overlap_text",
     "review_rules",
     "scan_rows",
+    "second_class_rows",
+    "second_class_text",
     "signature_status",
 ]
 
@@ -189,9 +192,42 @@ def scan_rows(s: Any) -> list[tuple[str, str]]:
                   f"{None if inp.spacing is None else list(inp.spacing)} mm, orientation "
                   f"{inp.orientation}" if inp else "-"),
         ("input voxel SHA-256", fmt(inp.voxel_sha256 if inp else None)),
+        ("map of the competing class", fmt(second_class_text(s))),
         ("record", fmt(s.record_path)), ("ledger entry", fmt(s.seq)), ("run", fmt(s.run_id)),
         ("time (UTC)", fmt(s.time_utc)),
         ("verified", "yes" if s.verified else "NO: " + "; ".join(s.problems)),
+    ]
+
+
+def second_class_text(s: Any) -> str | None:
+    """One line naming the second class the audit mapped for this scan, or ``None``."""
+    c = getattr(s, "second", None)
+    if c is None:
+        return None
+    p = "" if c.probability is None else f", p = {fmt(c.probability)}"
+    return (f"{c.why} '{c.label}' (class {c.class_index}{p}): drawn beside the predicted "
+            "class's map in the review list")
+
+
+def second_class_rows(s: Any) -> list[tuple[str, str]]:
+    """The facts beside a misclassification pair (both reports): both classes, their
+    probabilities and target scores, and the layers each map leans on most."""
+    c = s.second
+
+    def top(weights: dict[str, float]) -> str:
+        if not weights:
+            return "-"
+        name = max(weights, key=lambda n: weights[n])
+        return f"{name} ({fmt(weights[name])})"
+
+    return [
+        ("predicted class", f"'{fmt(s.predicted_label)}', p = {fmt(s.probability)}, "
+                            f"score {fmt(s.score)}"),
+        (c.why, f"'{fmt(c.label)}' (class {fmt(c.class_index)}), p = {fmt(c.probability)}, "
+                f"score {fmt(c.score)}"),
+        ("expected label", fmt(s.expected_label)),
+        ("heaviest layer (predicted)", top(s.layer_weights)),
+        (f"heaviest layer ({c.why})", top(c.layer_weights)),
     ]
 
 
@@ -227,6 +263,13 @@ def review_rules() -> list[str]:
         "(modality, body part, voxel spacing, field of view, mean intensity against the "
         "training scans'); it counts as a suspicious map. What could not be checked (e.g. a "
         "NIfTI file has no modality) is recorded as such in the audit record, not as passed.",
+        f"Low confidence: the predicted class's probability is below "
+        f"{LOW_CONFIDENCE_PROBABILITY:g}.",
+        "Misclassification analysis: for a scan with an expected label whose prediction is "
+        "wrong, the audit also maps the expected class; for a right prediction with low "
+        "confidence, the runner-up class. Both maps are shown side by side, each through "
+        "its own peak and with its per-layer weights: where the model found evidence for what "
+        "it said, and where for what it should have said (or nearly said).",
         "Order: scans whose evidence does not verify, then confident wrong predictions "
         "(most confident first), then suspicious maps (most salient mass outside first), then other "
         "disagreements and other flags (e.g. a scan given to the report that is not the "
@@ -326,8 +369,10 @@ def methods_appendix(data: CohortData) -> list[tuple[str, list[str]]]:
         "convention (patient's right on the image's left; anterior on the left in sagittal "
         "views); the side letters are printed on each view. The volume is shown along its "
         "nearest anatomical axes without resampling, so an oblique scan appears in its own "
-        "plane. Each view's title gives its plane's position in mm (the RAS coordinate; for "
-        "an oblique scan, of the voxel row shown). The map is drawn in the viewer's inferno "
+        "plane. Each view's title gives its plane's position in mm in DICOM patient "
+        "coordinates (LPS: x increases to the patient's left, y to posterior, z to "
+        "superior), as the napari viewer's status bar and a PACS viewer show them (for an "
+        "oblique scan, of the voxel row shown). The map is drawn in the viewer's inferno "
         f"colours on a fixed 0-1 scale; values below {DISPLAY_THRESHOLD:g} (the viewer's "
         "default threshold) are fully transparent, values from it up are drawn at "
         f"{OVERLAY_OPACITY:.0%} opacity. When the report is given the audited mask (its voxel "

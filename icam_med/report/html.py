@@ -21,6 +21,7 @@ from icam_med.report.content import (
     model_rows,
     review_rules,
     scan_rows,
+    second_class_rows,
     signature_status,
 )
 
@@ -154,6 +155,8 @@ def render_page(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes
         methods=[method_rows(m) for m in data.methods], runs=runs, run_hashes=run_hashes,
         cohort_rows=cohort_rows(metrics), failures=failures, rules=review_rules(),
         review_rows=review_rows, overview_rows=overview_rows,
+        pairs=[s for s in ranked if s.second is not None and s.second.montage],
+        second_rows=second_class_rows,
         appendix=methods_appendix(data), figs=figs,
         img=_img, val=_val, link=lambda s: _link(s, page), page_name=page_name,
         scan_rows=scan_rows, pre_rows=lambda pre: [(p.get("name"), p.get("params"))

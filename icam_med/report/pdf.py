@@ -18,6 +18,7 @@ from icam_med.report.content import (
     model_rows,
     review_rules,
     scan_rows,
+    second_class_rows,
     signature_status,
 )
 
@@ -173,6 +174,17 @@ def render_pdf(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes 
         doc.p(f"{i}. {s.scan_id}: " + "; ".join(s.flags), 8.5)
     if not ranked:
         doc.p("Nothing to review first.", 9)
+    pairs = [s for s in ranked if s.second is not None and s.second.montage]
+    if pairs:
+        doc.h("Misclassification analysis", 12)
+        doc.p("Top row: the map of the predicted class; bottom row: the map of the expected "
+              "class (wrong prediction) or of the runner-up (right but unsure); each row "
+              "through its own map's peak, with its per-layer weights.", 8)
+        for s in pairs:
+            doc.h(f"{s.scan_id}: predicted '{s.predicted_label}', {s.second.why} "
+                  f"'{s.second.label}'", 10)
+            doc.kv(second_class_rows(s))
+            doc.image(s.second.montage, 180)
     doc.h("All scans")
     for s in data.scans:
         p = fmt(s.probability)

@@ -454,7 +454,8 @@ def _region_spec(region: Any, scan_info: ScanInfo,
             "affine); resample it onto the scan first.")
     _check_mask_grid(info.affine, f"region mask {path}", scan_info)
     inside = (mask.as_tensor() != 0).float()
-    return spec, MetaTensor(inside, affine=torch.as_tensor(scan_info.affine), meta=mask.meta)
+    meta = {k: v for k, v in mask.meta.items() if k != "affine"}
+    return spec, MetaTensor(inside, affine=torch.as_tensor(scan_info.affine), meta=meta)
 
 
 def _check_mask_grid(affine: Any, what: str, scan_info: ScanInfo) -> None:
@@ -489,7 +490,7 @@ def _region_on_model_grid(pre: Preprocessor, image: Any, mask: Any) -> torch.Ten
         step["keys"] = keys
         steps.append(step)
     compose = build_preprocessing(steps, source="target region")
-    meta = dict(image.meta)
+    meta = {k: v for k, v in image.meta.items() if k != "affine"}
     region = MetaTensor(mask.as_tensor().to(image.dtype), affine=image.affine.clone(), meta=meta)
     try:
         out = compose({"image": image, "region": region})["region"]

@@ -8,6 +8,13 @@
 | LayerCAM          | ``relu(sum_k relu(G_k) * A_k)``                      | element-wise, positive G  |
 | Integrative CAM   | any term of :data:`ACTIVATION_TERMS` + bias term,    | ``score`` weights, bias 1 |
 |                   | adaptive layer weights and a fusion                  |                           |
+
+The rest of the toolbox (issue 16) is registered here too, so every caller (``explain``,
+audit, report, napari, evaluation) takes it by name: Score-CAM
+(:mod:`icam_med.cam.scorecam`, an engine subclass with no backward pass), the input-gradient
+methods (:mod:`icam_med.cam.gradients`: vanilla gradient, guided backprop, Guided Grad-CAM)
+and SmoothGrad around any of them (:mod:`icam_med.cam.smoothgrad`). Each is called like an
+engine method and returns a :class:`~icam_med.cam.base.CAMResult`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from icam_med.cam.alpha import (
     softmax_channel_weights,
 )
 from icam_med.cam.base import BaseCAM, _LayerContext
+from icam_med.cam.gradients import GuidedBackprop, GuidedGradCAM, VanillaGradient
+from icam_med.cam.scorecam import ScoreCAM
+from icam_med.cam.smoothgrad import SmoothGrad
 from icam_med.cam.targets import ClassTarget
 
 __all__ = [
@@ -34,10 +44,16 @@ __all__ = [
     "METHODS",
     "GradCAM",
     "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
     "HiResCAM",
     "IntegrativeCAM",
     "LayerCAM",
+    "ScoreCAM",
+    "SmoothGrad",
+    "VanillaGradient",
     "make_cam",
+    "method_key",
 ]
 
 
@@ -240,18 +256,34 @@ class IntegrativeCAM(GradCAMPlusPlus):
         return ACTIVATION_TERMS[self.activation_term][0](acts, grads, ctx)
 
 
-METHODS: dict[str, type[BaseCAM]] = {
+#: Every method by name. The engine's CAMs are :class:`BaseCAM` subclasses; the others
+#: (input gradients, SmoothGrad) are called the same way and return the same result.
+METHODS: dict[str, type] = {
     "integrative": IntegrativeCAM,
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "hirescam": HiResCAM,
     "layercam": LayerCAM,
+    "scorecam": ScoreCAM,
+    "gradient": VanillaGradient,
+    "guided-backprop": GuidedBackprop,
+    "guided-gradcam": GuidedGradCAM,
+    "smoothgrad": SmoothGrad,
 }
 
 _ALIASES = {
     "integrativecam": "integrative", "icam": "integrative", "grad-cam": "gradcam",
     "gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "grad-cam++": "gradcam++",
+    "score-cam": "scorecam", "vanilla-gradient": "gradient", "vanillagrad": "gradient",
+    "saliency": "gradient", "guidedbackprop": "guided-backprop",
+    "guided-backpropagation": "guided-backprop", "guidedbackpropgrad": "guided-backprop",
+    "guidedgradcam": "guided-gradcam", "guided-grad-cam": "guided-gradcam",
 }
+
+
+def method_key(method: str) -> str:
+    """The registry name of ``method`` (aliases and case resolved; unknown names unchanged)."""
+    return _ALIASES.get(method.lower(), method.lower())
 
 
 def make_cam(method: str, model: nn.Module, **options: Any) -> BaseCAM:
@@ -260,7 +292,7 @@ def make_cam(method: str, model: nn.Module, **options: Any) -> BaseCAM:
     Raises:
         ValueError: unknown method or option (the message lists the valid ones).
     """
-    key = _ALIASES.get(method.lower(), method.lower())
+    key = method_key(method)
     if key not in METHODS:
         raise ValueError(f"unknown CAM method '{method}'; choose one of {sorted(METHODS)}.")
     cls = METHODS[key]

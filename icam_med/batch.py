@@ -301,15 +301,16 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
         written = write_outputs(explanation, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
                                 audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
                                                    command="audit"))
-        if second is not None:  # its files are sealed in the scan's record, by role
-            from icam_med.paths import class_stem
+        if second is not None:  # NIfTI + summary, sealed in the scan's record by role (no
+            # second Parametric Map: it would copy the source's patient module once more)
+            from icam_med.explain import _write_files
+            from icam_med.paths import class_stem, output_paths
             from icam_med.report.collect import SECOND_CLASS_ROLE
 
-            written += [replace(w, role=f"{SECOND_CLASS_ROLE}:{w.role}") for w in write_outputs(
-                second, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
-                stem=class_stem(second.result.target_class),
-                audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
-                                   command="audit"))]
+            paths = output_paths(Path(task.out_dir) / SCANS_DIR / spec.scan_id, is_dicom=False,
+                                 stem=class_stem(second.result.target_class))
+            written += [replace(w, role=f"{SECOND_CLASS_ROLE}:{w.role}")
+                        for w in _write_files(second, paths, overwrite=False)]
             second.drop_maps()
         # What the coordinator needs to seal; the maps and the engine's internals stay here.
         explanation.drop_maps()

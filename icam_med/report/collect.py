@@ -55,7 +55,7 @@ CONFIDENT_PROBABILITY = 0.9
 #: runner-up class (a wrong prediction gets its expected class's map), for the review list.
 LOW_CONFIDENCE_PROBABILITY = 0.6
 #: The record's roles of that second map's files: ``second_class:cam_nifti``,
-#: ``second_class:summary`` (its class and layer weights), ``second_class:parametric_map``.
+#: ``second_class:summary`` (its class and layer weights); NIfTI only, no Parametric Map.
 SECOND_CLASS_ROLE = "second_class"
 #: A map with more than this fraction of its salient mass outside the body mask is suspicious.
 OUTSIDE_BODY_LIMIT = 0.5

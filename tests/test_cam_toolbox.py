@@ -387,3 +387,40 @@ def test_cli_explain_writes_a_valid_record_naming_the_method(method, options, tm
     assert cam.shape[:3] == scan.shape[:3]
     assert abs(cam.affine - scan.affine).max() < 1e-4
     assert verify_folder(out).ok
+
+
+# ------------------------------------------------------------------ evaluation rows
+
+
+def test_evaluation_scores_every_toolbox_row_in_its_own_group():
+    import numpy as np
+
+    from icam_med.evaluation.evaluate import EvalVolume, evaluate, method_rows, select_rows
+    from icam_med.evaluation.synthetic import EvalSynthesizer, normalise_with_twin
+    from icam_med.networks import LesionNet
+
+    torch.manual_seed(0)
+    model = LesionNet(spatial_dims=3, channels=(4, 8, 8)).eval()
+    rows = method_rows(model, (24, 24, 24), default_options={"layer_weighting": "net"})
+    toolbox = select_rows(rows, ["toolbox"])
+    methods = {r.method for r in toolbox}
+    assert {"gradient", "guided-backprop", "smoothgrad", "guided-gradcam", "scorecam"} <= methods
+    assert all(r.kind == "toolbox" and " @ " not in r.label for r in toolbox)
+    # the existing groups select what they selected before
+    for group in ("default", "baselines", "single-layer", "controls", "variants"):
+        assert not {r.label for r in select_rows(rows, [group])} & {r.label for r in toolbox}
+    rng = np.random.default_rng(0)
+    template = np.zeros((24, 24, 24), np.float32)
+    template[4:18, 4:18, 4:18] = 100 + 10 * rng.standard_normal((14, 14, 14)).astype(np.float32)
+    synth = EvalSynthesizer(template, template > 0, (4.0, 4.0, 4.0), seed=0,
+                            radius_mm=(6.0, 9.0), distractor_radius_mm=(4.0, 5.0))
+    v = synth(0, split="test", label=1, polarity="hypo")
+    x, twin = normalise_with_twin(v.image, v.twin, [{"name": "NormalizeIntensityd",
+                                                     "nonzero": True}])
+    vol = EvalVolume(x=torch.from_numpy(x), mask=torch.from_numpy(v.mask), target=1,
+                     spacing=(4.0, 4.0, 4.0), twin=torch.from_numpy(twin), polarity="hypo")
+    cheap = [r for r in toolbox if not r.label.startswith("smoothgrad[gradient")]
+    result = evaluate(model, [vol], cheap, fractions=(0.0, 0.05), n_randomisation=0, n_boot=50)
+    assert [r["method"] for r in result.rows] == [r.label for r in cheap]
+    for row in result.rows:
+        assert row["pointing_game"] in (0.0, 1.0) and 0.0 <= row["deletion_auc"] <= 1.0

@@ -70,6 +70,7 @@ __all__ = [
     "rank_variants",
     "ranking_markdown",
     "select_rows",
+    "toolbox_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class MethodSpec:
         factory: ``factory(model) -> explain(x, target) -> (N, 1, *spatial) map`` for rows
             that are not one engine call (baselines, controls).
         kind: ``"variant"`` (an Integrative CAM candidate for the default), ``"default"``,
-            ``"baseline"`` or ``"control"``.
+            ``"baseline"``, ``"toolbox"`` (the other methods of the engine, issue 16) or
+            ``"control"``.
         description: one line for the table's legend.
     """
 
@@ -317,6 +319,7 @@ def method_rows(model: nn.Module, spatial_shape: Sequence[int], *,
             # A list: a module may share its name with a preset ("stages" in LesionNet).
             rows.append(MethodSpec(f"{method} @ {layer}", method, {"target_layers": [layer]},
                                    description=f"{method} on the single layer {layer}"))
+    rows.extend(toolbox_rows())
     rows.append(MethodSpec("input intensity (control)", None, factory=_control(intensity_map),
                            kind="control",
                            description="control: the input's intensity; ignores the model"))
@@ -327,8 +330,44 @@ def method_rows(model: nn.Module, spatial_shape: Sequence[int], *,
     return rows
 
 
+def toolbox_rows() -> list[MethodSpec]:
+    """The rest of the toolbox (issue 16), one row per method (group ``toolbox``).
+
+    SmoothGrad appears twice: around the vanilla gradient (the published method) and around
+    the chosen Integrative CAM default; Guided Grad-CAM on the last layer's Grad-CAM (as
+    published) and on the default's fused map. Rows of methods the engine does not have
+    (LRP before it is registered) are left out.
+    """
+    from icam_med.cam import METHODS
+
+    default = engine_default_options()
+    specs = [
+        ("gradient[abs]", "gradient", {"rectify": "abs"},
+         "vanilla gradient |dS/dx| (Simonyan et al.)"),
+        ("guided-backprop[abs]", "guided-backprop", {"rectify": "abs"},
+         "guided backpropagation (Springenberg et al.), |.|"),
+        ("smoothgrad[gradient|n25|s0.15]", "smoothgrad",
+         {"base": "gradient", "n_samples": 25, "sigma": 0.15, "chunk": 8, "seed": 0},
+         "SmoothGrad of the vanilla gradient: 25 noisy copies, sigma 0.15 of the range, "
+         "8 copies per pass"),
+        ("smoothgrad[integrative-default|n8|s0.15]", "smoothgrad",
+         {**default, "base": "integrative", "n_samples": 8, "sigma": 0.15, "chunk": 8, "seed": 0},
+         "SmoothGrad around the Integrative CAM default: 8 noisy copies in one pass"),
+        ("guided-gradcam[gradcam|last]", "guided-gradcam",
+         {"cam": "gradcam", "target_layers": "last"},
+         "Guided Grad-CAM as published: guided backprop x Grad-CAM of the last block"),
+        ("guided-gradcam[integrative-default]", "guided-gradcam", {**default, "cam": "integrative"},
+         "guided backprop x the Integrative CAM default's fused map"),
+        ("scorecam[last]", "scorecam", {"target_layers": "last", "chunk": 32},
+         "Score-CAM (Wang et al.) on the last block: one gradient-free forward per channel"),
+        ("lrp[default]", "lrp", {}, "layer-wise relevance propagation, the method's defaults"),
+    ]
+    return [MethodSpec(label, method, dict(options), kind="toolbox", description=desc)
+            for label, method, options, desc in specs if method in METHODS]
+
+
 #: Row groups accepted by ``--methods`` besides single labels.
-ROW_GROUPS = ("default", "variants", "baselines", "single-layer", "controls")
+ROW_GROUPS = ("default", "variants", "baselines", "single-layer", "controls", "toolbox")
 
 
 def select_rows(rows: Sequence[MethodSpec], wanted: Sequence[str]) -> list[MethodSpec]:
@@ -355,6 +394,8 @@ def select_rows(rows: Sequence[MethodSpec], wanted: Sequence[str]) -> list[Metho
             chosen |= {r.label for r in rows if " @ " in r.label}
         elif w == "baselines":
             chosen |= {r.label for r in rows if r.kind == "baseline"}
+        elif w == "toolbox":
+            chosen |= {r.label for r in rows if r.kind == "toolbox"}
         else:
             unknown.append(w)
     if unknown:

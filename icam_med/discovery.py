@@ -37,12 +37,18 @@ class ScanSpec:
 
 
 def _expand_folder(folder: Path) -> list[Path]:
-    """A folder holding files is one DICOM series; otherwise each NIfTI file and each
-    series folder below it (any depth) is a scan."""
+    """A folder holding files is one DICOM series (unless every non-NIfTI file is a single
+    2-D image, such as a radiograph: then each file is a scan); otherwise each NIfTI file
+    and each series folder below it (any depth) is a scan."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file() and not is_nifti(p)]
     if files:
-        return [folder]
+        from icam_med.io.radiograph import radiograph_files  # single 2-D images: one scan each
+
+        singles = radiograph_files(files)
+        if singles is None:
+            return [folder]
+        return sorted([*singles, *(p for p in entries if p.is_file() and is_nifti(p))])
     out: list[Path] = []
     for p in entries:
         if p.is_file():

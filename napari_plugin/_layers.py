@@ -204,6 +204,10 @@ def dicom_window(info: Any) -> tuple[float, float] | None:
     ``(-160, 240)``), or ``None`` for NIfTI or a series without a usable window."""
     if getattr(info, "format", None) != "dicom":
         return None
+    from icam_med.io.radiograph import is_radiograph
+
+    if is_radiograph(info):  # its values are already the windowed display values
+        return None
     try:
         datasets = info.source_datasets()
     except (OSError, ValueError, AttributeError):

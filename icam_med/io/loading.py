@@ -319,6 +319,10 @@ def load_volume(
     options = GeometryOptions.from_mapping(geometry)
     fmt = detect_format(path)
     p = Path(path).expanduser()
+    from icam_med.io import radiograph  # 2-D images (DX/CR/MG, 2-D NIfTI): their own path
+
+    if volume_index is None and series_uid is None and radiograph.radiograph_source(p):
+        return radiograph.load_radiograph(p, geometry=options)
     data_key = _KEY
     if fmt == "dicom":
         if volume_index is not None:

@@ -137,6 +137,7 @@ class Preprocessor:
     def __init__(self, steps: Sequence[Mapping[str, Any]] = (), *, source: str = "config") -> None:
         self.steps = tuple(_float32_resampling(copy.deepcopy(dict(s))) for s in steps)
         self.compose = build_preprocessing(self.steps, source=source)
+        self.source = source
 
     def __call__(self, image: Any) -> Any:
         """Apply the pipeline to a channel-first MetaTensor; returns the preprocessed MetaTensor."""
@@ -144,6 +145,10 @@ class Preprocessor:
 
         if not isinstance(image, MetaTensor):
             raise TypeError("Preprocessor expects a MetaTensor from icam_med.io.load_volume.")
+        from icam_med.io import radiograph  # a 2-D image runs the pipeline in 2-D
+
+        if radiograph.is_2d_image(image):
+            return radiograph.preprocess_2d(self.compose, image, source=self.source)
         out = self.compose({IMAGE_KEY: image})[IMAGE_KEY]
         if not isinstance(out, MetaTensor):  # pragma: no cover - a transform dropped the meta
             raise ValueError("a preprocessing step returned a plain tensor; its geometry is lost.")
@@ -183,6 +188,11 @@ class Preprocessor:
             ValueError: the map does not match the preprocessed grid, or the pipeline holds
                 a spatial step that cannot be inverted (the result misses the source grid).
         """
+        from icam_med.io import radiograph  # a 2-D image's map goes back in 2-D
+
+        if radiograph.is_2d_image(preprocessed):
+            return radiograph.invert_2d(self, cam_map, preprocessed, source_shape=source_shape,
+                                        source_affine=source_affine, mode=mode)
         m = torch.as_tensor(cam_map).detach().to(dtype=torch.float32)
         if (source_shape is not None and source_affine is not None
                 and _fast_head(preprocessed.applied_operations)):

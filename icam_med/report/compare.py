@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
+import functools
 import io
 import json
 import logging
@@ -312,62 +312,33 @@ th{background:#eee}td.l,th.l{text-align:left}.broken{background:#b00020;color:#f
 padding:12px;font-size:20px;font-weight:bold}.bad{background:#fde0e0}img{max-width:100%}"""
 
 
+@functools.cache
+def _template() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("icam_med.report", "templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("comparison.html.j2")
+
+
 def _html(header_a: dict[str, Any], header_b: dict[str, Any], matched: list[ScanComparison],
           only_a: list[tuple[str, str]], only_b: list[tuple[str, str]], summary: dict[str, Any],
           broken: list[str]) -> str:
-    e = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             "<title>icam-med comparison</title>", f"<style>{_CSS}</style></head><body>"]
-    for b in broken:
-        parts.append(f"<div class='broken'>BROKEN: {e(b)}</div>")
-    parts.append("<h1>Model / method comparison</h1><table><tr><th class='l'></th>"
-                 "<th class='l'>audit A</th><th class='l'>audit B</th></tr>")
-    for key, label in (("folder", "folder"), ("models", "model"), ("methods", "method")):
-        va, vb = header_a[key], header_b[key]
-        va = ", ".join(va) if isinstance(va, list) else va
-        vb = ", ".join(vb) if isinstance(vb, list) else vb
-        parts.append(f"<tr><th class='l'>{label}</th><td class='l'>{e(str(va))}</td>"
-                     f"<td class='l'>{e(str(vb))}</td></tr>")
-    parts.append(f"<tr><th class='l'>verification</th><td class='l'>"
-                 f"{'OK' if header_a['verified'] else 'BROKEN'}</td><td class='l'>"
-                 f"{'OK' if header_b['verified'] else 'BROKEN'}</td></tr></table>")
-    parts.append("<h2>Cohort summary</h2><table>")
-    for k, v in summary.items():
-        parts.append(f"<tr><th class='l'>{e(k)}</th><td>{e(_fmt(v))}</td></tr>")
-    parts.append("</table><p>Scans are matched by the input voxel SHA-256 in each record. "
-                 "Spearman: rank correlation over all voxels of the scan; Dice/IoU: overlap "
-                 "of each map's top 1/5/10&nbsp;% voxels; peak distance: between the two "
-                 "maps' maxima in scanner (RAS) mm.</p>")
+    """The comparison page, rendered from ``templates/comparison.html.j2`` (autoescaped:
+    a folder or scan name can never become markup)."""
+    from markupsafe import Markup
+
     cols = ["scan_id_a", "scan_id_b", "predicted_a", "predicted_b", "probability_a",
             "probability_b", "same_prediction", "spearman",
             *(f"{m}_top{p}" for p in TOP_PERCENTS for m in ("dice", "iou")),
             "peak_distance_mm", "problem"]
-    parts.append("<h2>Per scan</h2><div style='overflow-x:auto'><table><tr>"
-                 + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
-    for c in matched:
-        row = c.row()
-        cls = " class='bad'" if c.same_prediction is False or c.problem else ""
-        parts.append(f"<tr{cls}>" + "".join(
-            f"<td class='l'>{e(_fmt(row[k]))}</td>" if isinstance(row[k], str) or row[k] is None
-            else f"<td>{e(_fmt(row[k]))}</td>" for k in cols) + "</tr>")
-    parts.append("</table></div>")
-    for label, items in (("only in audit A", only_a), ("only in audit B", only_b)):
-        if items:
-            parts.append(f"<h3>Unmatched: {len(items)} scan(s) {label}</h3><ul>"
-                         + "".join(f"<li>{e(sid)} (voxel SHA-256 {e(h[:16])}...)</li>"
-                                   for sid, h in items) + "</ul>")
-    parts.append("<h2>Side by side</h2>")
-    for c in matched:
-        parts.append(f"<h3 id='scan-{e(c.scan_id_a or '')}'>{e(c.scan_id_a or '')} / "
-                     f"{e(c.scan_id_b or '')}</h3>")
-        if c.montage is not None:
-            b64 = base64.b64encode(c.montage).decode("ascii")
-            parts.append(f"<img alt='maps A and B side by side' src='data:image/png;base64,"
-                         f"{b64}'>")
-        else:
-            parts.append(f"<p>no figure: {e(c.problem or 'not drawn')}</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return _template().render(
+        css=Markup(_CSS), broken=broken, header_a=header_a, header_b=header_b,
+        summary=summary, matched=matched, cols=cols, only_a=only_a, only_b=only_b, fmt=_fmt,
+        joined=lambda v: ", ".join(v) if isinstance(v, list) else str(v),
+        b64=lambda png: base64.b64encode(png).decode("ascii"),
+    )
 
 
 def compare_audits(audit_a: str | Path, audit_b: str | Path, out_dir: str | Path, *,

@@ -19,6 +19,7 @@ from icam_med.cam.base import (
     minmax_normalize,
 )
 from icam_med.cam.layers import LAYER_PRESETS
+from icam_med.cam.lrp import LRP, LRP_RULES
 from icam_med.cam.methods import (
     ACTIVATION_TERMS,
     METHODS,
@@ -53,6 +54,8 @@ __all__ = [
     "FUSIONS",
     "LAYER_PRESETS",
     "LAYER_WEIGHTINGS",
+    "LRP",
+    "LRP_RULES",
     "METHODS",
     "BaseCAM",
     "CAMResult",

@@ -454,7 +454,7 @@ class LRP:
         at input resolution; ``layer_maps`` the same at each target layer (if any),
         ``layer_scores`` each target layer's total relevance, ``layer_weights`` empty
         (nothing is fused); ``bias_contributions`` holds ``"input"`` (the input relevance's
-        sum per sample), ``"bias"`` (what the biases absorbed) and ``"stabiliser"`` (the
+        sum per sample), ``"bias"`` (what the biases absorbed) and ``"lost"`` (the
         rest: what the stabiliser and one-sided alpha-beta terms took); the three sum to
         ``scores``.
         """
@@ -475,7 +475,7 @@ class LRP:
                      "device": str(r.input.device)},
             cost={"forward_passes": 2, "backward_passes": 1, "extra_forward_samples": 0},
             bias_contributions={"input": total, "bias": r.bias,
-                                "stabiliser": r.scores - total - r.bias},
+                                "lost": r.scores - total - r.bias},
         )
 
     # ------------------------------------------------------------------ internals

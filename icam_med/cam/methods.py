@@ -35,6 +35,7 @@ from icam_med.cam.alpha import (
 )
 from icam_med.cam.base import BaseCAM, _LayerContext
 from icam_med.cam.gradients import GuidedBackprop, GuidedGradCAM, VanillaGradient
+from icam_med.cam.lrp import LRP
 from icam_med.cam.scorecam import ScoreCAM
 from icam_med.cam.smoothgrad import SmoothGrad
 from icam_med.cam.targets import ClassTarget
@@ -269,6 +270,7 @@ METHODS: dict[str, type] = {
     "guided-backprop": GuidedBackprop,
     "guided-gradcam": GuidedGradCAM,
     "smoothgrad": SmoothGrad,
+    "lrp": LRP,
 }
 
 _ALIASES = {

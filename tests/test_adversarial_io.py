@@ -135,7 +135,11 @@ def test_non_orthonormal_orientation_is_refused_not_called_tilt(tmp_path, iop, w
 
 
 @pytest.mark.parametrize("modality", ["CR", "DX", "OT"])
-def test_single_image_without_position_is_refused_for_3d(tmp_path, modality):
+def test_single_image_without_position_is_a_2d_image_refused_by_a_3d_pipeline(tmp_path,
+                                                                              modality):
+    from icam_med.io import Preprocessor
+    from icam_med.io.radiograph import is_radiograph
+
     folder = _series(tmp_path, volume=blob_volume((1, 6, 7)))
     f = next(folder.iterdir())
     ds = pydicom.dcmread(f)
@@ -143,12 +147,17 @@ def test_single_image_without_position_is_refused_for_3d(tmp_path, modality):
         delattr(ds, keyword)
     ds.Modality = modality
     ds.save_as(f)
-    with pytest.raises(GeometryError, match="single 2-D image without Image Position") as err:
-        load_volume(f)
-    assert modality in str(err.value)
-    # The folder holding it is refused the same way (no position: no volume).
-    with pytest.raises(GeometryError, match=r"no valid Image(Orientation|Position)Patient"):
-        load_volume(folder)
+    # No position: not a slice of a volume but a 2-D image, on its pixel grid (issue 13),
+    # alone or as the one file of a folder.
+    for path in (f, folder):
+        image, info = load_volume(path)
+        assert is_radiograph(info) and image.shape == (1, 7, 6, 1)
+        assert info.modality == modality
+    # A 3-D pipeline refuses it, naming the fix, instead of a raw MONAI traceback.
+    pre = Preprocessor([{"name": "Spacingd", "pixdim": [2.0, 2.0, 2.0]},
+                        {"name": "ResizeWithPadOrCropd", "spatial_size": [8, 8, 8]}])
+    with pytest.raises(ValueError, match="is a 2-D image.*2-D model and 2-D transforms"):
+        pre(image)
 
 
 @pytest.mark.parametrize("slopes", [

@@ -41,6 +41,7 @@ from icam_med.paths import (
     scan_stem,
     sidecar_path_for,
 )
+from icam_med.report.figures import DISPLAY_THRESHOLD
 
 __all__ = [
     "AXIS_LABELS",
@@ -52,6 +53,7 @@ __all__ = [
     "contour_layer",
     "dicom_window",
     "difference_colormap",
+    "difference_layer",
     "explanation_layers",
     "find_audit_scan",
     "from_napari_array",
@@ -82,10 +84,10 @@ _REVERSE = np.eye(4)[[2, 1, 0, 3]]       # (i, j, k, 1) <-> (k, j, i, 1)
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-DEFAULT_THRESHOLD = 0.3
-"""Map values below this are not drawn by default (fixed 0-1 scale). On the demo audit
-(sample lesion brain, demo model), 0.3 leaves 4.3 % of the brain coloured and 76 % of the
-lesion; 0.2 colours 20 % of the brain, 0 all of it."""
+DEFAULT_THRESHOLD = DISPLAY_THRESHOLD
+"""Map values below this are not drawn by default (fixed 0-1 scale): the report's display
+threshold, defined once in :data:`icam_med.report.figures.DISPLAY_THRESHOLD`, so the viewer
+and the report cut maps at the same value."""
 
 
 def map_colormap(threshold: float = 0.0) -> Any:
@@ -138,6 +140,36 @@ def symmetric_limits(data: Any) -> tuple[float, float]:
     m = float(np.abs(finite).max()) if finite.size else 0.0
     m = m if m > 0.0 else 1.0
     return -m, m
+
+
+def difference_layer(first: Any, second: Any, *, name: str,
+                     metadata: Mapping[str, Any] | None = None,
+                     opacity: float = 0.6) -> tuple:
+    """The signed difference ``first - second`` of two map layers on one grid, as a layer
+    data tuple: red where the first map is larger, blue where the second is, transparent
+    at zero, limits symmetric about 0.
+
+    Args:
+        first, second: napari image layers (or anything with ``data`` and a napari
+            ``affine``) holding maps of the same scan grid.
+
+    Raises:
+        ValueError: the two maps are not on one grid (shape or affine differ); the message
+            names both.
+    """
+    a, b = np.asarray(first.data, dtype=np.float32), np.asarray(second.data, dtype=np.float32)
+    aff_a = np.asarray(getattr(first.affine, "affine_matrix", first.affine), dtype=np.float64)
+    aff_b = np.asarray(getattr(second.affine, "affine_matrix", second.affine), dtype=np.float64)
+    if a.shape != b.shape or not np.allclose(aff_a, aff_b, atol=1e-3):
+        raise ValueError(
+            f"'{getattr(first, 'name', 'A')}' (shape {a.shape}) and "
+            f"'{getattr(second, 'name', 'B')}' (shape {b.shape}) are not on one grid, so a "
+            "voxel-wise difference means nothing; compare them side by side instead.")
+    diff = a - b
+    kwargs = _map_kwargs(name, ras_affine(aff_a), {"kind": "difference", **dict(metadata or {})},
+                         colormap=difference_colormap(), contrast_limits=symmetric_limits(diff),
+                         opacity=opacity)
+    return diff, kwargs, "image"
 
 
 def napari_affine(ras_affine: Any) -> np.ndarray:
@@ -568,11 +600,13 @@ def _record_layers(record: Any, prefix: str, *, threshold: float,
     meta = {"kind": "fused", "record": dict(record.data), "record_path": str(record.path),
             "summary": None, "explanation": None, "method": method.name,
             "target_class": method.target.class_index, "target_label": label,
-            "score": method.score, "source_path": str(map_file)}
+            "score": method.score, "source_path": str(map_file),
+            "layer_weights": method.ordered_layer_weights()}
     data, aff = _load_nifti_map(map_file)
     layers = [(data.transpose(2, 1, 0),
                _map_kwargs(f"{prefix} {method.name} [{label}]", aff, meta, threshold=threshold),
                "image")]
+    layers += _second_class_layers(record, prefix, meta, threshold=threshold)
     if not with_layer_maps:
         return layers
     for lname, ref in record.layer_refs.items():
@@ -590,6 +624,45 @@ def _record_layers(record: Any, prefix: str, *, threshold: float,
                                    visible=False, threshold=threshold),
                        "image"))
     return layers
+
+
+def _second_class_layers(record: Any, prefix: str, meta: Mapping[str, Any], *,
+                         threshold: float) -> list[tuple]:
+    """The map of the class a wrong or unsure prediction competes with, when the audit
+    sealed one in the record (roles ``second_class:*``, see docs/report.md): a hidden
+    ``contrast`` layer named with its class and why (expected class / runner-up), its layer
+    weights from its pinned summary in the metadata, ready to compare with the fused map."""
+    import json
+    import logging
+
+    from icam_med.report.collect import SECOND_CLASS_ROLE
+
+    ref = record.output(f"{SECOND_CLASS_ROLE}:cam_nifti")
+    summary_ref = record.output(f"{SECOND_CLASS_ROLE}:summary")
+    if ref is None:
+        return []
+    path, summary_path = record.file(ref), record.file(summary_ref)
+    try:
+        result = json.loads(summary_path.read_text(encoding="utf-8"))["result"]
+        data, aff = _load_nifti_map(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logging.getLogger(__name__).warning("record %s: the second class's map or summary is "
+                                            "unreadable (%s)", record.path, exc)
+        return []
+    index = result.get("target_class")
+    label = result.get("target_label") or f"class {index}"
+    analysis = record.analysis
+    why = "expected class" if analysis is not None and analysis.disagrees else "runner-up"
+    weights = result.get("layer_weights") or {}
+    order = [n for n in record.method.layers if n in weights]
+    second = {**meta, "kind": "contrast", "target_class": index, "target_label": label,
+              "score": result.get("score"), "versus": meta["target_label"], "why": why,
+              "source_path": str(path),
+              "layer_weights": {n: float(weights[n]) for n in order}}
+    return [(data.transpose(2, 1, 0),
+             _map_kwargs(f"{prefix} {record.method.name} [{label}] ({why})", aff, second,
+                         visible=False, threshold=threshold),
+             "image")]
 
 
 def is_saved_map(path: str | Path) -> bool:

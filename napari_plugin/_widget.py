@@ -47,6 +47,7 @@ from napari_plugin._layers import (
     METADATA_KEY,
     UNITS,
     contour_layer,
+    difference_layer,
     explanation_layers,
     from_napari_array,
     map_colormap,
@@ -55,7 +56,8 @@ from napari_plugin._layers import (
 )
 from napari_plugin._view import radiological_view
 
-__all__ = ["ExplainJobResult", "ExplainWidget", "config_choices", "config_trust",
+__all__ = ["COMPARE_DIFF", "COMPARE_GRID", "COMPARE_OFF", "ExplainJobResult", "ExplainWidget",
+           "config_choices", "config_trust",
            "engine_choice_options",
            "layer_to_volume", "method_options_accepted"]
 
@@ -65,6 +67,10 @@ _MAP_KINDS = ("fused", "contrast")
 # every map layer the plugin makes or opens; the display controls act on these
 _REVIEW_KINDS = ("fused", "contrast", "layer", "difference")
 _OTHER_FILE = "other file..."
+# the compare modes of two map layers (two runs, two audits, or a case's two classes)
+COMPARE_OFF = "off"
+COMPARE_GRID = "side by side (grid)"
+COMPARE_DIFF = "difference A - B"
 _CUSTOM_LAYERS = "custom names..."
 _METHOD_DEFAULT = "method default"
 # Registries of icam_med.cam that are not the values of one engine option.
@@ -132,21 +138,43 @@ def engine_choice_options() -> dict[str, dict[str, str]]:
     return options
 
 
+# (resolved path, modification time) -> the config's model section, or None when invalid:
+# each config file is parsed once per version, not on every layer change (napari refreshes
+# the drop-downs then, on the GUI thread).
+_MODEL_SECTIONS: dict[tuple[str, int], Any] = {}
+UNTRAINED = "untrained: random weights"
+
+
+def _model_section(path: str | Path) -> Any:
+    """The config's ``model`` section, parsed once per file version; ``None`` if invalid."""
+    from icam_med.config import load_config
+
+    p = Path(path)
+    try:
+        key = (str(p.resolve()), p.stat().st_mtime_ns)
+    except OSError:
+        return None
+    if key not in _MODEL_SECTIONS:
+        try:
+            _MODEL_SECTIONS[key] = load_config(p).model
+        except (ValueError, OSError):
+            _MODEL_SECTIONS[key] = None
+    return _MODEL_SECTIONS[key]
+
+
 def config_trust(path: str | Path) -> str | None:
     """Why a config's model should not be trusted, or ``None`` for pinned trained weights.
 
     ``"untrained: random weights"`` (no ``weights``: the example templates),
     ``"weights file missing"``, ``"weights not pinned by SHA-256"``, or
-    ``"invalid config"`` (the run will say why).
+    ``"invalid config"`` (the run will say why). The config is parsed once per file
+    version; whether the weights file exists is looked up each time.
     """
-    from icam_med.config import load_config
-
-    try:
-        model = load_config(path).model
-    except (ValueError, OSError):
+    model = _model_section(path)
+    if model is None:
         return "invalid config"
     if model.weights is None:
-        return "untrained: random weights"
+        return UNTRAINED
     if not Path(model.weights).is_file():
         return "weights file missing"
     if not model.weights_sha256:
@@ -154,9 +182,14 @@ def config_trust(path: str | Path) -> str | None:
     return None
 
 
-def config_choices() -> list[tuple[str, str]]:
+def config_choices(show_templates: bool = False) -> list[tuple[str, str]]:
     """The config drop-down: the packaged configs (demo first), each flagged when its model
-    is untrained or unpinned (:func:`config_trust`), then "other file..."."""
+    is unpinned or its weights are missing (:func:`config_trust`), then "other file...".
+
+    The example templates (configs without weights: random, untrained models) are left out
+    unless ``show_templates``; then they are listed, marked UNTRAINED. Any of them can
+    still be opened by path ("other file...").
+    """
     try:
         found = packaged_configs()
     except RuntimeError as exc:  # package data missing from a broken installation
@@ -165,6 +198,8 @@ def config_choices() -> list[tuple[str, str]]:
     choices = []
     for path in found:
         flag = config_trust(path)
+        if flag == UNTRAINED and not show_templates:
+            continue
         choices.append((f"{path.name} ({flag.upper()})" if flag else path.name, str(path)))
     return [*choices, (_OTHER_FILE, _OTHER_FILE)]
 
@@ -448,6 +483,10 @@ class ExplainWidget(Container):
         self.result_layers: list = []
         self.contour: Any = None
         self.scan_copy: Any = None
+        self.compare_layers: list = []       # what compare added (a scan copy, a difference)
+        self._compare_hidden: list = []      # layers compare hid, shown again when it ends
+        self._compare_shown: list = []       # maps compare made visible and named
+        self._comparing = False
         self._cancel_requested = False
         self._in_contour = False
         self.monitor: RunMonitor | None = None
@@ -459,6 +498,10 @@ class ExplainWidget(Container):
 
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self.config = ComboBox(label="config", choices=self._config_choices)
+        self.show_templates = CheckBox(
+            label="show templates", value=False,
+            tooltip="also list the example templates: configs without trained weights "
+                    "(random, untrained models), e.g. example_mr.yaml")
         self.config_file = FileEdit(label="config file", mode="r", filter="*.yaml *.yml",
                                     visible=False)
         self.model_trust = Label(label="model", value="-")
@@ -525,6 +568,20 @@ class ExplainWidget(Container):
             label="side by side", value=False, enabled=False,
             tooltip="show the target class's map and the contrast class's map side by side "
                     "(napari grid: each over the scan, one camera)")
+        self.compare_a = ComboBox(
+            label="map A", choices=self._compare_choices, nullable=True,
+            tooltip="any map: a run, a reopened audit, the predicted class of a case")
+        self.compare_b = ComboBox(
+            label="map B", choices=self._compare_choices, nullable=True,
+            tooltip="the map to compare with A: another run or audit, or the expected "
+                    "class of a misclassified case (opened ready to compare)")
+        self.compare_mode = ComboBox(
+            label="compare", choices=[COMPARE_OFF, COMPARE_GRID, COMPARE_DIFF],
+            value=COMPARE_OFF,
+            tooltip="side by side: each map over its scan in napari's grid (one camera and "
+                    "one slice position: the cursors are linked), each panel named; "
+                    "difference: A - B on one grid, transparent at zero, symmetric limits")
+        self.compare_info = Label(label="weights", value="-")
         self.show_contour = CheckBox(label="iso-contour", value=False)
         self.contour_level = FloatSpinBox(label="contour level", value=0.5, min=0.0, max=1.0,
                                           step=0.05)
@@ -533,15 +590,16 @@ class ExplainWidget(Container):
         self.save_button = PushButton(text="Save audit", enabled=False)
         # A dock that fits a laptop (1366x768): the settings in tabs, the run always in view
         self.sections = {
-            "Model": Container(widgets=[self.image, self.config, self.config_file,
-                                        self.model_trust, self.device]),
+            "Model": Container(widgets=[self.image, self.config, self.show_templates,
+                                        self.config_file, self.model_trust, self.device]),
             "Method": Container(widgets=[self.method, self.layer_preset, self.target_layers,
                                          self.target_class, self.contrast_class,
                                          *self.engine_options.values(), self.bias_weight,
                                          self.layer_maps]),
             "Display": Container(widgets=[self.threshold, self.opacity, self.show_contour,
                                           self.contour_level]),
-            "Compare": Container(widgets=[self.side_by_side]),
+            "Compare": Container(widgets=[self.side_by_side, self.compare_a, self.compare_b,
+                                          self.compare_mode, self.compare_info]),
             "Save": Container(widgets=[self.audit_folder, self.save_button]),
         }
         from qtpy.QtWidgets import QTabWidget
@@ -555,12 +613,14 @@ class ExplainWidget(Container):
                             layout="horizontal", labels=False)
         buttons.native.layout().setContentsMargins(0, 0, 0, 0)
         self.extend([buttons, self.progress, self.status, self.prediction, self.scores])
-        for label in (self.status, self.prediction, self.scores, self.model_trust):
+        for label in (self.status, self.prediction, self.scores, self.model_trust,
+                      self.compare_info):
             label.native.setWordWrap(True)
         self._plot = self._make_plot()
 
         self.config.changed.connect(self._on_config)
         self.config_file.changed.connect(self._on_config)
+        self.show_templates.changed.connect(lambda *_: self.config.reset_choices())
         self.method.changed.connect(self._on_method)
         self.layer_preset.changed.connect(self._on_layer_preset)
         self.explain_button.changed.connect(self.run)
@@ -569,6 +629,8 @@ class ExplainWidget(Container):
         self.opacity.changed.connect(self._apply_display)
         self.show_contour.changed.connect(self._update_contour)
         self.side_by_side.changed.connect(self._update_side_by_side)
+        for box in (self.compare_a, self.compare_b, self.compare_mode):
+            box.changed.connect(self._update_compare)
         self.contour_level.changed.connect(self._update_contour)
         self.save_button.changed.connect(self.save_audit)
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -591,15 +653,12 @@ class ExplainWidget(Container):
                 and (lay.metadata.get(METADATA_KEY) or {}).get("kind", "scan") == "scan"]
 
     def _config_choices(self, _w: Any = None) -> list:
-        return config_choices()
+        templates = getattr(self, "show_templates", None)
+        return config_choices(show_templates=bool(templates is not None and templates.value))
 
     def _model_labels(self) -> tuple:
-        try:
-            from icam_med.config import load_config
-
-            return tuple(load_config(self.config_path()).model.labels)
-        except (ValueError, OSError):
-            return ()
+        model = _model_section(self.config_path()) if self.config.value else None
+        return tuple(model.labels) if model is not None else ()
 
     def _class_choices(self, _w: Any = None) -> list:
         labels = getattr(self, "_cached_labels", ())
@@ -663,6 +722,8 @@ class ExplainWidget(Container):
             self.contour = None
         if self.scan_copy is not None and self.scan_copy not in self.viewer.layers:
             self.scan_copy = None
+        if not self._comparing:
+            self._refresh_compare_choices()
 
     def _make_plot(self) -> Any:
         """A small bar chart of the per-layer weights (matplotlib on Qt, in napari's theme)."""
@@ -1029,11 +1090,14 @@ class ExplainWidget(Container):
             self._in_contour = False
 
     def _draw_contour(self) -> None:
+        """Draw the contour: its one Labels layer is updated in place (data, affine, name)
+        while it exists; it is created once and removed when switched off."""
         maps = self.review_layers(("fused", "contrast", "layer"))
-        if self.contour is not None and self.contour in self.viewer.layers:
-            self.viewer.layers.remove(self.contour)
-        self.contour = None
+        alive = self.contour is not None and self.contour in self.viewer.layers
         if not (self.show_contour.value and maps):
+            if alive:
+                self.viewer.layers.remove(self.contour)
+            self.contour = None
             return
         lay = maps[0]
         selection = list(self.viewer.layers.selection)
@@ -1041,8 +1105,16 @@ class ExplainWidget(Container):
                                         name=f"{lay.name} contour {self.contour_level.value:.2f}",
                                         affine=lay.affine.affine_matrix,
                                         metadata={"of": lay.name})
-        self.contour = self.viewer.add_labels(data, **kwargs)
-        self.contour.contour = 1
+        if alive and self.contour.data.shape == data.shape:
+            self.contour.affine = kwargs["affine"]
+            self.contour.data = data
+            self.contour.name = kwargs["name"]
+            self.contour.metadata[METADATA_KEY] = kwargs["metadata"][METADATA_KEY]
+        else:
+            if alive:
+                self.viewer.layers.remove(self.contour)
+            self.contour = self.viewer.add_labels(data, **kwargs)
+            self.contour.contour = 1
         self.viewer.layers.selection = set(selection) or {lay}  # keep reviewing that map
         self._contour_in_2d_only()
 
@@ -1068,6 +1140,8 @@ class ExplainWidget(Container):
             for lay in contrast:
                 lay.visible = False
             return
+        if self.compare_mode.value != COMPARE_OFF:
+            self.compare_mode.value = COMPARE_OFF  # one grid at a time
         self.show_contour.value = False  # one overlay per panel
         copy = self.viewer.add_image(
             scan.data, name=f"{scan.name} (beside)", affine=scan.affine.affine_matrix,
@@ -1085,6 +1159,180 @@ class ExplainWidget(Container):
         grid.enabled = True
         for lay in (fused[0], contrast[0]):  # each panel says which class it shows
             lay.name_overlay.visible = True
+        self.viewer.reset_view()  # fit both panels: nothing cropped
+
+    # compare --------------------------------------------------------------------------
+    def _compare_choices(self, _w: Any = None) -> list:
+        return [(lay.name, lay) for lay in self.viewer.layers
+                if (lay.metadata.get(METADATA_KEY) or {}).get("kind") in _MAP_KINDS]
+
+    def _refresh_compare_choices(self) -> None:
+        """New map layers: offer them; a case opened with its second class's map (a
+        reopened misclassification) comes ready to compare: A its predicted class's map,
+        B its expected (or runner-up) class's map."""
+        self._comparing = True
+        try:
+            a, b = self.compare_a.value, self.compare_b.value
+            self.compare_a.reset_choices()
+            self.compare_b.reset_choices()
+            gone = [x for x in (a, b) if x is not None and x not in self.viewer.layers]
+            if gone and self.compare_mode.value != COMPARE_OFF:
+                self.compare_mode.value = COMPARE_OFF
+                self._end_compare()
+            if self.compare_a.value is None or self.compare_b.value is None or gone:
+                pair = self._case_pair()
+                if pair is not None:
+                    self.compare_a.value, self.compare_b.value = pair
+            self.compare_info.value = self._weights_text()
+        finally:
+            self._comparing = False
+
+    def _case_pair(self) -> tuple | None:
+        """The latest map layer with a second class's map from the same record."""
+        maps = [lay for lay in self.viewer.layers
+                if (lay.metadata.get(METADATA_KEY) or {}).get("kind") in _MAP_KINDS]
+        for second in reversed(maps):
+            meta = second.metadata[METADATA_KEY]
+            if meta.get("kind") != "contrast" or not meta.get("record_path"):
+                continue
+            first = next((m for m in maps if m.metadata[METADATA_KEY].get("kind") == "fused"
+                          and m.metadata[METADATA_KEY].get("record_path")
+                          == meta["record_path"]), None)
+            if first is not None:
+                return first, second
+        return None
+
+    @staticmethod
+    def layer_weights_of(layer: Any) -> dict:
+        """A map layer's per-layer weights: from its run's summary or its audit record."""
+        meta = (getattr(layer, "metadata", None) or {}).get(METADATA_KEY) or {}
+        weights = meta.get("layer_weights")
+        if not weights:
+            weights = ((meta.get("summary") or {}).get("result") or {}).get("layer_weights")
+        return dict(weights or {})
+
+    def _weights_text(self) -> str:
+        lines = []
+        for tag, lay in (("A", self.compare_a.value), ("B", self.compare_b.value)):
+            if lay is None:
+                continue
+            w = self.layer_weights_of(lay)
+            text = ", ".join(f"{k} {v:.2f}" for k, v in w.items()) if w else "not recorded"
+            lines.append(f"{tag} ({lay.name}): {text}")
+        return "\n".join(lines) or "-"
+
+    def _scan_for(self, map_layer: Any) -> Any:
+        """The scan a map lies on: its run's scan layer, else a scan layer of the same grid."""
+        import napari
+
+        meta = map_layer.metadata.get(METADATA_KEY) or {}
+        name = meta.get("scan_layer")
+        if name is not None and name in self.viewer.layers:
+            return self.viewer.layers[name]
+        aff = map_layer.affine.affine_matrix
+        for lay in self.viewer.layers:
+            kind = (lay.metadata.get(METADATA_KEY) or {}).get("kind", "scan")
+            if (isinstance(lay, napari.layers.Image) and kind == "scan"
+                    and lay.data.shape == map_layer.data.shape
+                    and np.allclose(lay.affine.affine_matrix, aff, atol=1e-3)):
+                return lay
+        return None
+
+    def _end_compare(self) -> None:
+        """Undo what compare did: its layers removed, the grid off, hidden layers shown."""
+        for lay in self.compare_layers:
+            if lay in self.viewer.layers:
+                self.viewer.layers.remove(lay)
+        self.compare_layers = []
+        for lay in self._compare_shown:
+            if lay in self.viewer.layers:
+                lay.name_overlay.visible = False
+        self._compare_shown = []
+        if getattr(self, "_compare_grid", False):
+            self._grid().enabled = False
+            self._compare_grid = False
+        for lay in self._compare_hidden:
+            if lay in self.viewer.layers:
+                lay.visible = True
+        self._compare_hidden = []
+
+    def _grid(self) -> Any:
+        # napari >= 0.9 keeps the grid on viewer.canvas (viewer.grid is deprecated)
+        return self.viewer.canvas.grid if hasattr(self.viewer, "canvas") else self.viewer.grid
+
+    def _update_compare(self, *_: Any) -> None:
+        if self._comparing:
+            return
+        self._comparing = True
+        try:
+            self._end_compare()
+            self.compare_info.value = self._weights_text()
+            mode = self.compare_mode.value
+            if mode == COMPARE_OFF:
+                return
+            a, b = self.compare_a.value, self.compare_b.value
+            if a is None or b is None or a is b:
+                self.compare_mode.value = COMPARE_OFF
+                self._notify_error("compare: choose two different maps as map A and map B.")
+                return
+            if self.side_by_side.value:
+                self.side_by_side.value = False
+            if mode == COMPARE_DIFF:
+                self._show_difference(a, b)
+            else:
+                self._show_grid(a, b)
+        except Exception as exc:  # anything unexpected: a notification, never into Qt
+            self._notify_unexpected(exc)
+        finally:
+            self._comparing = False
+
+    def _show_difference(self, a: Any, b: Any) -> None:
+        try:
+            data, kwargs, _ = difference_layer(
+                a, b, name=f"{a.name} minus {b.name}",
+                metadata={"of": a.name, "minus": b.name, "compare": True},
+                opacity=float(self.opacity.value))
+        except ValueError as exc:
+            self.compare_mode.value = COMPARE_OFF
+            self._notify_error(f"compare: {exc}")
+            return
+        diff = self.viewer.add_image(data, **kwargs)
+        self.compare_layers.append(diff)
+        self.viewer.layers.selection.active = diff
+
+    def _show_grid(self, a: Any, b: Any) -> None:
+        """(scan A + map A) beside (scan B + map B) in napari's grid: one camera and one
+        slice position for both panels, so the cursors are linked; each panel is named by
+        its map's name overlay; the other visible layers are hidden until compare ends."""
+        scan_a, scan_b = self._scan_for(a), self._scan_for(b)
+        if scan_a is not None and scan_b is not None:
+            if scan_b is scan_a:  # one layer cannot sit in two panels: a view of its data
+                scan_b = self.viewer.add_image(
+                    scan_a.data, name=f"{scan_a.name} (beside)",
+                    affine=scan_a.affine.affine_matrix, axis_labels=AXIS_LABELS, units=UNITS,
+                    colormap=scan_a.colormap, contrast_limits=scan_a.contrast_limits,
+                    metadata={METADATA_KEY: {"kind": "scan_copy", "of": scan_a.name}})
+                self.compare_layers.append(scan_b)
+            panels, stride = [scan_a, a, scan_b, b], 2
+        else:
+            panels, stride = [a, b], 1
+        for lay in self.viewer.layers:
+            if lay.visible and not any(lay is x for x in panels):
+                lay.visible = False
+                self._compare_hidden.append(lay)
+        for lay in panels:
+            lay.visible = True
+        layers = self.viewer.layers
+        layers.move_multiple([layers.index(x) for x in panels], 0)
+        grid = self._grid()
+        grid.stride = stride
+        grid.shape = (-1, -1)
+        grid.spacing = 0.05
+        grid.enabled = True
+        self._compare_grid = True
+        for lay in (a, b):
+            lay.name_overlay.visible = True
+        self._compare_shown = [a, b]
         self.viewer.reset_view()  # fit both panels: nothing cropped
 
     # audit ----------------------------------------------------------------------------
@@ -1157,15 +1405,16 @@ class ExplainWidget(Container):
             self._notify_unexpected(exc)
             return []
         self._saved_folder = folder
-        records = {w.path.name: w.path for w in written if w.role == "audit_record"}
+        # each sealed record read once, then shared by the layers it stands for
+        records = {w.path.name: (w.path, json.loads(w.path.read_text(encoding="utf-8")))
+                   for w in written if w.role == "audit_record"}
         for lay in self.result_layers:
             meta = lay.metadata.get(METADATA_KEY) or {}
             stem = (MAP_STEM if meta.get("kind") in ("fused", "layer", "difference")
                     else class_stem(meta.get("target_class")))
-            rec = records.get(record_path_for(map_path(folder, stem)).name)
-            if rec is not None:
-                meta["record"] = json.loads(rec.read_text(encoding="utf-8"))
-                meta["record_path"] = str(rec)
+            found = records.get(record_path_for(map_path(folder, stem)).name)
+            if found is not None:
+                meta["record_path"], meta["record"] = str(found[0]), found[1]
         self.status.value = f"saved audit to {folder}"
         show_info(f"audit saved: {len(written)} files in {folder}")
         return written

@@ -426,3 +426,27 @@ def test_saved_map_opens_as_a_map_overlay(audit_folder, tmp_path):
     shutil.copy(out / "cam.nii.gz", plain)
     _, (scan,) = open_layers(plain)
     assert scan.metadata[METADATA_KEY]["kind"] == "scan"
+
+
+def test_difference_layer_needs_one_grid_and_is_transparent_at_zero():
+    from types import SimpleNamespace
+
+    from napari_plugin._layers import difference_layer, napari_affine
+
+    aff = napari_affine(np.diag([2.0, 2.0, 3.0, 1.0]))
+    a = SimpleNamespace(name="run A", data=np.zeros((4, 5, 6), np.float32), affine=aff)
+    b = SimpleNamespace(name="run B", data=np.zeros((4, 5, 6), np.float32), affine=aff)
+    a.data[1, 2, 3], b.data[2, 2, 2] = 0.8, 0.5
+    data, kwargs, kind = difference_layer(a, b, name="A minus B")
+    assert kind == "image" and kwargs["metadata"][METADATA_KEY]["kind"] == "difference"
+    np.testing.assert_allclose(data, a.data - b.data)
+    assert np.allclose(kwargs["contrast_limits"], (-0.8, 0.8))  # symmetric about zero
+    np.testing.assert_allclose(kwargs["affine"], aff)
+    assert kwargs["colormap"].map(np.array([0.5]))[0, 3] == 0.0
+    moved = SimpleNamespace(name="run C", data=b.data, affine=napari_affine(
+        np.diag([2.0, 2.0, 3.5, 1.0])))
+    with pytest.raises(ValueError, match=r"'run A'.*'run C'.*not on one grid"):
+        difference_layer(a, moved, name="x")
+    with pytest.raises(ValueError, match="not on one grid"):
+        difference_layer(a, SimpleNamespace(name="small", data=b.data[:2], affine=aff),
+                         name="x")

@@ -356,8 +356,16 @@ def test_choices_come_from_the_engine_registries(make_napari_viewer, scan, tmp_p
     tips = {native.itemText(i): native.itemData(i, Qt.ItemDataRole.ToolTipRole)
             for i in range(native.count())}
     assert tips["uniform"] == cam.LAYER_WEIGHTINGS["uniform"]
-    # the packaged configs, demo first, found through importlib.resources
+    # the packaged configs, demo first, found through importlib.resources; the example
+    # templates (no weights) only with "show templates"
+    from napari_plugin._widget import UNTRAINED, config_trust
+
+    trained = [str(p) for p in packaged_configs() if config_trust(p) != UNTRAINED]
+    assert list(widget.config.choices)[:-1] == trained and "demo.yaml" in trained[0]
+    assert len(trained) < len(packaged_configs())
+    widget.show_templates.value = True
     assert list(widget.config.choices)[:-1] == [str(p) for p in packaged_configs()]
+    widget.show_templates.value = False
     # Grad-CAM takes no alpha and no bias term by default: the widget passes neither
     widget.method.value = "gradcam"
     assert not boxes["alpha_fn"].enabled and widget.bias_weight.value == 0.0
@@ -525,13 +533,26 @@ def test_untrained_and_unpinned_models_are_flagged(make_napari_viewer, scan, tmp
     assert config_trust(pinned) is None
 
     _, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
-    # the drop-down: the example templates are marked, the trained demo is not
-    combo = widget.config.native
-    texts = {Path(str(v)).name: s for v, s in
-             zip(widget.config.choices, [combo.itemText(i) for i in range(combo.count())],
-                 strict=True)}
+
+    def listed():
+        combo = widget.config.native
+        return {Path(str(v)).name: s for v, s in
+                zip(widget.config.choices, [combo.itemText(i) for i in range(combo.count())],
+                    strict=True)}
+
+    # the default list: the trained demo, unmarked; the example templates (random weights)
+    # are not in it
+    texts = listed()
     assert texts["demo.yaml"] == "demo.yaml"
+    assert "example_mr.yaml" not in texts and "example_ct.yaml" not in texts
+    assert not any("UNTRAINED" in t for t in texts.values())
+    # "show templates" lists them, marked; the chosen config stays chosen
+    widget.show_templates.value = True
+    texts = listed()
     assert "UNTRAINED" in texts["example_mr.yaml"] and "UNTRAINED" in texts["example_ct.yaml"]
+    assert widget.config.value == "other file..."
+    widget.show_templates.value = False
+    assert "example_mr.yaml" not in listed()
     # the chosen config's state is shown in the dock, and a run says it again
     assert "UNTRAINED" in widget.model_trust.value
     widget.run()
@@ -808,3 +829,153 @@ def test_dock_fits_a_laptop_screen_and_plot_follows_the_theme(make_napari_viewer
     assert to_hex(widget._fig.get_facecolor()) == get_theme("light").background.as_hex()
     assert _bars(widget) > 0  # redrawn with the same weights
     assert errors(notes) == []
+
+
+def _audit_with_a_wrong_prediction(scan: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A real batch audit of ``scan`` listed twice, once per label, so one of the two
+    expected labels disagrees with the (random-weight) model's prediction whatever it is."""
+    from icam_med.audit import AuditRecord
+    from icam_med.batch import run_batch
+
+    listing = tmp_path / "scans.csv"
+    listing.write_text(f"path,label,id\n{scan},absent,as-absent\n{scan},present,as-present\n")
+    out = tmp_path / "audit"
+    assert run_batch([listing], tiny_config(tmp_path), out, progress=False).exit_code == 0
+    wrong = [sid for sid in ("as-absent", "as-present") if AuditRecord.load(
+        out / "scans" / sid / "cam.icam.json").analysis.disagrees]
+    assert len(wrong) == 1
+    return out / "scans" / wrong[0], wrong[0]
+
+
+def test_misclassified_case_opens_with_both_class_maps_ready_to_compare(
+        make_napari_viewer, scan, tmp_path, notes):
+    """Issue 14 items 10 and 5: a reopened wrong prediction brings the expected class's map
+    (sealed by the audit) beside the predicted class's; side by side in the grid (one
+    camera, one cursor: both panels read the same world point), or as a difference."""
+    import json
+
+    from icam_med.audit import AuditRecord
+    from napari_plugin._widget import COMPARE_DIFF, COMPARE_GRID, COMPARE_OFF
+
+    case, _ = _audit_with_a_wrong_prediction(scan, tmp_path)
+    record = AuditRecord.load(case / "cam.icam.json")
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    opened = viewer.open(str(case), plugin="icam-med")
+    first, second = opened[0], opened[1]
+    meta_a, meta_b = first.metadata[METADATA_KEY], second.metadata[METADATA_KEY]
+    expected = record.analysis.expected_label
+    assert meta_a["kind"] == "fused" and meta_b["kind"] == "contrast"
+    assert meta_b["target_label"] == expected and meta_b["why"] == "expected class"
+    assert second.name.endswith(f"[{expected}] (expected class)")
+    # both maps' layer weights: the record's, and the second map's pinned summary's
+    summary = json.loads(record.file(record.output("second_class:summary")).read_text())
+    assert meta_a["layer_weights"] == pytest.approx(dict(record.method.layer_weights))
+    assert meta_b["layer_weights"] == pytest.approx(summary["result"]["layer_weights"])
+    # ready: A is the predicted class's map, B the expected class's
+    assert widget.compare_a.value is first and widget.compare_b.value is second
+    assert "A (" in widget.compare_info.value and "B (" in widget.compare_info.value
+
+    widget.compare_mode.value = COMPARE_GRID
+    grid = viewer.canvas.grid
+    scan_layer = viewer.layers["anatomical"]
+    assert grid.enabled and grid.stride == 2
+    assert tuple(grid.actual_shape(viewer.layers)) in ((1, 2), (2, 1))
+    panels = list(viewer.layers)[:4]  # napari's grid: consecutive pairs, one per panel
+    assert panels[0] is scan_layer and panels[1] is first and panels[3] is second
+    assert panels[2].metadata[METADATA_KEY]["kind"] == "scan_copy"
+    assert all(lay.visible for lay in panels) and not any(
+        lay.visible for lay in list(viewer.layers)[4:])
+    assert first.name_overlay.visible and second.name_overlay.visible
+    # linked cursors: one world point reads both maps at the same voxel
+    peak = np.unravel_index(int(np.argmax(second.data)), second.data.shape)
+    world = go_to_map_peak(viewer, second)  # the slider is the panels' one slice position
+    viewer.cursor.position = world
+    assert second.get_value(viewer.cursor.position, world=True) == pytest.approx(
+        second.data.max())
+    assert first.get_value(viewer.cursor.position, world=True) == pytest.approx(
+        first.data[peak])
+    assert np.array_equal(first.world_to_data(world), second.world_to_data(world))
+
+    widget.compare_mode.value = COMPARE_DIFF
+    assert not grid.enabled and "scan_copy" not in result_kinds(viewer)
+    diff = viewer.layers.selection.active
+    assert diff.metadata[METADATA_KEY]["kind"] == "difference"
+    np.testing.assert_allclose(diff.data, first.data - second.data)
+    lo, hi = diff.contrast_limits
+    assert lo == pytest.approx(-hi) and hi == pytest.approx(np.abs(diff.data).max())
+    assert diff.colormap.map(np.array([0.5]))[0, 3] == 0.0  # zero is transparent
+    widget.compare_mode.value = COMPARE_OFF
+    assert diff not in viewer.layers and scan_layer.visible and first.visible
+    assert not first.name_overlay.visible
+    assert errors(notes) == []
+
+
+def test_two_runs_compare_side_by_side_and_as_a_difference(make_napari_viewer, scan, tmp_path,
+                                                            notes):
+    from napari_plugin._widget import COMPARE_DIFF, COMPARE_GRID, COMPARE_OFF
+
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    widget.run()
+    wait_for_worker(widget)
+    widget.method.value = "gradcam"
+    widget.run()
+    wait_for_worker(widget)
+    runs = [lay for lay in viewer.layers if lay.metadata.get(METADATA_KEY, {}).get("kind")
+            == "fused"]
+    assert len(runs) == 2
+    # the iso-contour is one layer, updated in place as its level or its map changes
+    widget.show_contour.value = True
+    contour = widget.contour
+    widget.contour_level.value = 0.7
+    assert widget.contour is contour and contour in viewer.layers
+    viewer.layers.selection.active = runs[0]
+    assert widget.contour is contour
+    assert contour.metadata[METADATA_KEY]["of"] == runs[0].name
+    np.testing.assert_array_equal(contour.data, runs[0].data >= 0.7)
+    widget.show_contour.value = False
+    assert contour not in viewer.layers
+    widget.compare_a.value, widget.compare_b.value = runs
+    assert "integrative" in widget.compare_info.value and "gradcam" in widget.compare_info.value
+    widget.compare_mode.value = COMPARE_GRID
+    assert viewer.canvas.grid.enabled
+    assert list(viewer.layers)[1] is runs[0] and list(viewer.layers)[3] is runs[1]
+    assert runs[0].name_overlay.visible and runs[1].name_overlay.visible
+    # the contrast class's side-by-side and compare share the grid: one at a time
+    widget.compare_mode.value = COMPARE_DIFF
+    diff = viewer.layers.selection.active
+    np.testing.assert_allclose(diff.data, runs[0].data - runs[1].data)
+    # a map removed while compared ends the compare cleanly
+    viewer.layers.remove(runs[1])
+    assert widget.compare_mode.value == COMPARE_OFF and diff not in viewer.layers
+    # the same map twice is refused with a notification
+    widget.compare_b.value = widget.compare_a.value
+    widget.compare_mode.value = COMPARE_GRID
+    assert widget.compare_mode.value == COMPARE_OFF
+    assert any("two different maps" in m for m in errors(notes))
+
+
+def test_configs_are_parsed_once_not_on_every_layer_change(make_napari_viewer, scan, tmp_path,
+                                                           monkeypatch):
+    import os
+
+    import icam_med.config as config
+    from icam_med.report.figures import DISPLAY_THRESHOLD
+
+    parsed = []
+    real = config.load_config
+    monkeypatch.setattr(config, "load_config",
+                        lambda path, *a, **k: (parsed.append(Path(path).name), real(path, *a, **k))[1])
+    viewer, widget = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
+    assert widget.threshold.value == pytest.approx(DISPLAY_THRESHOLD)  # the report's cut
+    before = len(parsed)
+    for i in range(3):  # each layer change refreshes the drop-downs (napari's reset_choices)
+        viewer.add_image(np.zeros((4, 4, 4), np.float32), name=f"extra {i}")
+    widget.reset_choices()
+    assert len(parsed) == before, parsed[before:]
+    # an edited config is read again (a new modification time)
+    cfg = Path(widget.config_file.value)
+    st = cfg.stat()
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    widget.config_file.value = cfg
+    widget._on_config()
+    assert cfg.name in parsed[before:]

@@ -127,7 +127,7 @@ from pathlib import Path
 import icam_med, napari_plugin
 from napari_plugin import _sample_data, _widget
 from icam_med.resources import sample_scans_dir
-choices = [value for _, value in _widget.config_choices()]
+choices = [value for _, value in _widget.config_choices(show_templates=True)]
 (ct,) = _sample_data.sample_ct()
 audit = _sample_data.sample_audit()
 print(json.dumps({

@@ -15,6 +15,12 @@ downloaded):
   demonstrated on a scan whose truth is known).
 * ``pydicom_ct5n_series/``: a small real CT series (5 slices of 16 x 16) copied from
   pydicom's test data (``dicomdirtests/98892001/CT5N``).
+* ``synthetic_radiographs/``: 2-D samples (:func:`generate_radiographs`): synthetic chest
+  radiographs drawn by :func:`icam_med.evaluation.radiographs.synthetic_radiograph`, one
+  with a bright round finding as a DX file (Imager Pixel Spacing, window), the same kind as
+  a MONOCHROME1 CR file (Pixel Spacing) with its finding elsewhere, a DX without a finding,
+  and the DX finding image as a 2-D NIfTI; the findings' pixel positions are in the
+  manifest (the 2-D demo model, ``configs/demo2d.yaml``, should point at them).
 * ``MANIFEST.json``: what each file is, where it came from, and SHA-256 digests (of the
   NIfTI files' bytes, and of the DICOM series' pixel data and geometry, since DICOM
   files carry fresh UIDs and dates each time they are written).
@@ -45,11 +51,15 @@ __all__ = [
     "LESION_DICOM",
     "LESION_MASK",
     "MANIFEST",
+    "RADIOGRAPHS",
+    "RADIOGRAPH_FILES",
+    "RADIOGRAPH_NIFTI",
     "SAMPLE_NAMES",
     "SEED",
     "dicom_digest",
     "ensure_sample_scans",
     "generate",
+    "generate_radiographs",
     "nifti_bytes",
     "pick_sample_lesion",
     "sample_scan_path",
@@ -61,6 +71,19 @@ LESION = "mni152_t1_2mm_lesion.nii.gz"
 LESION_MASK = "mni152_t1_2mm_lesion_mask.nii.gz"
 LESION_DICOM = "mni152_t1_2mm_lesion_dicom"
 CT_SERIES = "pydicom_ct5n_series"
+RADIOGRAPHS = "synthetic_radiographs"
+#: The 2-D samples in :data:`RADIOGRAPHS`: name -> (modality, photometric, spacing tag,
+#: (row, column) spacing mm, finding centre (row, column) or None, its radius in pixels).
+RADIOGRAPH_FILES: dict[str, tuple[str, str, str, tuple[float, float],
+                                  tuple[int, int] | None, float]] = {
+    "chest_dx_finding.dcm": ("DX", "MONOCHROME2", "ImagerPixelSpacing", (0.4, 0.4),
+                             (120, 170), 18.0),
+    "chest_cr_finding_mono1.dcm": ("CR", "MONOCHROME1", "PixelSpacing", (0.35, 0.35),
+                                   (160, 78), 18.0),
+    "chest_dx_normal.dcm": ("DX", "MONOCHROME2", "ImagerPixelSpacing", (0.4, 0.4), None, 0.0),
+}
+RADIOGRAPH_NIFTI = "chest_dx_finding.nii.gz"
+RADIOGRAPH_SHAPE = (320, 256)  # rows, columns
 MANIFEST = "MANIFEST.json"
 MNI_NOTICE = (
     "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal "
@@ -205,6 +228,14 @@ def generate(out: str | Path, *, force: bool = False) -> dict[str, Any]:
         **dicom_digest(ct_dir),
     }
 
+    radiographs = generate_radiographs(out / RADIOGRAPHS, force=force)
+    files[RADIOGRAPHS + "/"] = {
+        "description": "synthetic 2-D chest radiographs (DX, MONOCHROME1 CR, 2-D NIfTI) with "
+                       "known findings",
+        "findings": radiographs["findings"],
+        "sha256": radiographs["sha256"],
+    }
+
     manifest = {
         "generator": "icam_med.evaluation.samples.generate",
         "seed": SEED,
@@ -217,8 +248,68 @@ def generate(out: str | Path, *, force: bool = False) -> dict[str, Any]:
     return manifest
 
 
+def generate_radiographs(out: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Write the 2-D samples (:data:`RADIOGRAPH_FILES` and :data:`RADIOGRAPH_NIFTI`) into
+    ``out``, deterministically (fixed seeds, UIDs and dates: the same bytes every run).
+
+    Returns:
+        ``{"findings": {name: {"row", "column", "radius_px"} or None}, "sha256": digest of
+        every file's bytes, in name order}``.
+    """
+    from pydicom.uid import generate_uid
+
+    from icam_med.evaluation.radiographs import synthetic_radiograph, write_radiograph
+
+    out = Path(out)
+    if force and out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    build = not out.exists()
+    target = tmp if build else None
+    if build:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    findings: dict[str, Any] = {}
+    for i, (name, (modality, photometric, tag, spacing, centre, radius)) in enumerate(
+            RADIOGRAPH_FILES.items()):
+        findings[name] = (None if centre is None else
+                          {"row": centre[0], "column": centre[1], "radius_px": radius})
+        if target is None:
+            continue
+        image = synthetic_radiograph(np.random.default_rng([SEED, i]), RADIOGRAPH_SHAPE,
+                                     finding=centre, radius=radius or 1.0)
+        uids = {k: generate_uid(entropy_srcs=["icam-med 2-D sample", name, k])
+                for k in ("study", "series", "sop")}
+        write_radiograph(target / name, image, modality=modality, photometric=photometric,
+                         spacing=spacing, spacing_tag=tag, window=(2048.0, 4096.0), uids=uids,
+                         series_description=f"synthetic chest radiograph ({name})",
+                         patient_name="Sample^Synthetic", patient_id="ICAMSAMPLE2D")
+        if name == "chest_dx_finding.dcm":
+            dr, dc = spacing
+            affine = np.diag([-dc, -dr, 1.0, 1.0])  # the DX file's own grid (io.radiograph)
+            data = np.round(image).astype(np.int16).T  # (columns, rows) = (x, y)
+            import nibabel as nib
+
+            img = nib.Nifti1Image(data, affine)
+            img.header.set_xyzt_units("mm")
+            img.header["descrip"] = b"synthetic chest radiograph with a finding (icam-med)"
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            (target / RADIOGRAPH_NIFTI).write_bytes(
+                gzip.compress(img.to_bytes(), compresslevel=9, mtime=0))
+    findings[RADIOGRAPH_NIFTI] = findings["chest_dx_finding.dcm"]
+    if build:
+        tmp.rename(out)
+    h = hashlib.sha256()
+    for f in sorted(out.iterdir()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return {"findings": findings, "sha256": h.hexdigest()}
+
+
 #: Every sample a caller may ask :func:`sample_scan_path` for.
-SAMPLE_NAMES: tuple[str, ...] = (BRAIN, LESION, LESION_MASK, LESION_DICOM, CT_SERIES)
+SAMPLE_NAMES: tuple[str, ...] = (BRAIN, LESION, LESION_MASK, LESION_DICOM, CT_SERIES,
+                                 RADIOGRAPHS)
 
 
 def ensure_sample_scans(folder: str | Path | None = None) -> Path:

@@ -185,6 +185,14 @@ def test_smoothgrad_refuses_bad_options_before_any_work(tiny3d):
                          ({"base": "gradient", "alpha_fn": "exp"}, "invalid option")]:
         with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
             make_cam("smoothgrad", tiny3d, **opts)
+    calls: list[int] = []
+    h = tiny3d.register_forward_pre_hook(lambda _m, inp: calls.append(1))
+    try:  # the input is checked by the engine before the model runs
+        with pytest.raises(ValueError, match="2 channel"):
+            make_cam("smoothgrad", tiny3d, base="gradient")(torch.randn(1, 2, 8, 8, 8))
+    finally:
+        h.remove()
+    assert not calls
 
 
 # ------------------------------------------------------------------ guided backprop and the model

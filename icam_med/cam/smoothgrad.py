@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from icam_med.cam._copies import clean_forward, freeze_target, grouped_target, restore_state
-from icam_med.cam.base import CAMResult, minmax_normalize
+from icam_med.cam.base import BaseCAM, CAMResult, minmax_normalize
 from icam_med.cam.gradients import VanillaGradient, rectify_map
 from icam_med.cam.targets import ClassTarget, resolve_targets
 
@@ -120,24 +120,23 @@ class SmoothGrad:
         """The base method's layers."""
         return self.base.layer_names(spatial_shape)
 
+    def _engine(self) -> BaseCAM:
+        """The engine object that checks inputs for the base method."""
+        for candidate in (self.base, getattr(self.base, "_engine", None),
+                          getattr(self.base, "cam", None)):
+            if isinstance(candidate, BaseCAM):
+                return candidate
+        if not hasattr(self, "_checker"):
+            self._checker = BaseCAM(self.model, "last", device=self.device)
+        return self._checker
+
     def _noise(self, generator: torch.Generator, shape: tuple[int, ...], device: torch.device
                ) -> torch.Tensor:
         return torch.normal(0.0, 1.0, size=shape, generator=generator, device=device)
 
     def __call__(self, x: torch.Tensor, targets: object = None) -> CAMResult:
         """Explain ``x`` ``(N, C, *spatial)``; see :meth:`BaseCAM.__call__` for ``targets``."""
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a torch.Tensor of shape (N, C, *spatial), got "
-                             f"{type(x).__name__}.")
-        if x.ndim < 3 or x.shape[0] == 0:
-            raise ValueError(f"input has shape {tuple(x.shape)}; expected (N, C, *spatial) "
-                             "with N >= 1.")
-        if not x.is_floating_point():
-            x = x.float()
-        x = x.to(self.device)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("input contains NaN or Inf values; clean or mask them before "
-                             "explaining.")
+        x = self._engine()._check_input(x)  # dims, channels, finite: before any pass
         n = x.shape[0]
         target_fn = resolve_targets(targets, n)
         amp = getattr(getattr(self.base, "_engine", self.base), "amp_dtype", None)

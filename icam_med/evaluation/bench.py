@@ -16,7 +16,13 @@ Run as ``icam-med bench``. In one process per network it times, on the networks 
 * option variants that cost extra passes (:data:`VARIANTS`): ``integrative+counterfactual``
   (one more batched gradient-free forward of ``L + 1`` samples), ``integrative+complete``
   (the backward runs to the input), ``integrative+softmax`` (one backward per logit), and
-  the multiplicative fusion of LayerCAM maps (``layercam+multiplicative``).
+  the multiplicative fusion of LayerCAM maps (``layercam+multiplicative``);
+* the rest of the toolbox (:data:`TOOLBOX`, issue 16): vanilla gradient, guided backprop,
+  Guided Grad-CAM on the last block, SmoothGrad of the gradient with 8 copies in one pass
+  and LRP (when registered). Cases whose cost grows with a count, Score-CAM (one forward per
+  channel of the layer: 1024 on DenseNet121's last block), SmoothGrad with one copy per pass
+  (the ``n`` separate calls it replaces) and SmoothGrad around Integrative CAM, are in
+  :data:`CASES` but run only when named (``--case``): :data:`DEFAULT_CASES` leaves them out.
 
 Times are medians over ``repeats`` interleaved rounds after a warm-up (each round runs\nevery case once), so drift on a shared machine hits every case alike; ratios are to\n``fwd+bwd``.
 Peak memory is measured per case in a fresh subprocess, on the second call (the first one
@@ -53,9 +59,28 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "integrative+softmax": ("integrative", {"alpha_fn": "softmax"}),
     "layercam+multiplicative": ("layercam", {"fusion": "multiplicative"}),
 }
+#: the engine's gradient CAMs, timed on the ``stages`` and ``all`` presets
+_LAYER_METHODS = ("integrative", "gradcam", "gradcam++", "hirescam", "layercam")
+#: the other methods (issue 16), one case each: case -> (method, options)
+TOOLBOX: dict[str, tuple[str, dict[str, object]]] = {
+    "gradient": ("gradient", {}),
+    "guided-backprop": ("guided-backprop", {}),
+    "guided-gradcam/last": ("guided-gradcam", {"target_layers": "last"}),
+    "smoothgrad-gradient/n8": ("smoothgrad", {"base": "gradient", "n_samples": 8, "chunk": 8}),
+    "smoothgrad-gradient/n8-chunk1": ("smoothgrad", {"base": "gradient", "n_samples": 8,
+                                                     "chunk": 1}),
+    "smoothgrad-integrative/n8": ("smoothgrad", {"base": "integrative", "n_samples": 8,
+                                                 "chunk": 8, "target_layers": "stages"}),
+    "scorecam/last": ("scorecam", {"target_layers": "last", "chunk": 32}),
+    "lrp": ("lrp", {}),
+}
+# toolbox cases timed only when named: their cost is a count times a pass
+_OPT_IN = ("smoothgrad-gradient/n8-chunk1", "smoothgrad-integrative/n8", "scorecam/last")
 CASES = ["fwd+bwd", "floor", "monai-gradcam", "torchcam-layercam/stages"] + [
-    f"{m}/{p}" for m in METHODS for p in ("stages", "all")
-] + [f"{v}/stages" for v in VARIANTS]
+    f"{m}/{p}" for m in METHODS if m in _LAYER_METHODS for p in ("stages", "all")
+] + [f"{v}/stages" for v in VARIANTS] + [c for c, (m, _) in TOOLBOX.items() if m in METHODS]
+#: what ``icam-med bench`` runs when no ``--case`` is named
+DEFAULT_CASES = [c for c in CASES if c not in _OPT_IN]
 #: network name -> spatial dims, default input size, segmentation output
 NETWORKS: dict[str, tuple[int, int, bool]] = {
     "densenet121-3d": (3, 96, False),
@@ -67,6 +92,9 @@ NETWORKS: dict[str, tuple[int, int, bool]] = {
 # cases that need a classifier output (MONAI's GradCAM scores logits[:, class]; the
 # softmax alpha needs class probabilities)
 _CLASSIFIER_ONLY = ("monai-gradcam", "integrative+softmax/stages")
+# guided backprop needs nn.ReLU modules: the benchmark UNet uses PReLU
+_NEEDS_RELU = ("guided-backprop", "guided-gradcam/last")
+_NO_RELU = ("unet-3d",)
 
 
 @dataclass
@@ -122,7 +150,10 @@ def _score(output: torch.Tensor, target: object) -> torch.Tensor:
 
 
 def applicable(network: str, case: str) -> bool:
-    """Whether a case runs on a network (classifier-only cases skip segmentation nets)."""
+    """Whether a case runs on a network (classifier-only cases skip segmentation nets,
+    guided backprop skips networks without ReLU)."""
+    if network in _NO_RELU and case in _NEEDS_RELU:
+        return False
     return not (NETWORKS[network][2] and case in _CLASSIFIER_ONLY)
 
 
@@ -179,9 +210,13 @@ def make_case(case: str, model: nn.Module, x: torch.Tensor,
             finally:
                 extractor.remove_hooks()
         return run
-    name, _, preset = case.partition("/")
-    method, options = VARIANTS.get(name, (name, {}))
-    cam = make_cam(method, model, target_layers=preset, **options)
+    if case in TOOLBOX:
+        method, options = TOOLBOX[case]
+        cam = make_cam(method, model, **options)
+    else:
+        name, _, preset = case.partition("/")
+        method, options = VARIANTS.get(name, (name, {}))
+        cam = make_cam(method, model, target_layers=preset, **options)
 
     def run():
         cam(x, targets=target)
@@ -261,7 +296,7 @@ def run_benchmark(networks: list[str], device: str = "cpu", repeats: int = 5,
     do not apply to a network (MONAI's Grad-CAM on a segmentation output) are skipped.
     """
     dev = torch.device(device)
-    wanted = cases or CASES
+    wanted = cases or DEFAULT_CASES
     rows: list[BenchRow] = []
     for network in networks:
         cases = [c for c in wanted if applicable(network, c)]

@@ -1,5 +1,5 @@
-"""Segmentation targets end to end (issue 13 items 4 and 6): random-weight MONAI UNet and
-SegResNet explained through the CLI and the batch audit with a config that names a target label
+"""Segmentation targets end to end (issue 13 items 4 and 6): random-weight MONAI UNet, SegResNet
+and BasicUNet explained through the CLI and the batch audit with a config that names a target label
 and a region (the predicted region of a label, or a mask on the scan's grid); each gets a map on
 the scan's grid, its region as cam_region.nii.gz and a valid record with the label, the region's
 SHA-256 and voxel count. Tiny 3-D scans (2-D input is helper E's path, not reachable here).
@@ -34,6 +34,8 @@ SEGMENTERS = {
               "strides": [2], "num_res_units": 0}, "last"),
     "SegResNet": ({"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 8,
                    "blocks_down": [1, 1], "blocks_up": [1]}, "last"),
+    "BasicUNet": ({"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                   "features": [4, 4, 8, 8, 16, 4]}, "last"),
 }
 LABELS = ["background", "lesion"]
 

@@ -620,7 +620,7 @@ class ExplainWidget(Container):
 
         self.config.changed.connect(self._on_config)
         self.config_file.changed.connect(self._on_config)
-        self.show_templates.changed.connect(lambda *_: self.config.reset_choices())
+        self.show_templates.changed.connect(self._on_show_templates)
         self.method.changed.connect(self._on_method)
         self.layer_preset.changed.connect(self._on_layer_preset)
         self.explain_button.changed.connect(self.run)
@@ -655,6 +655,20 @@ class ExplainWidget(Container):
     def _config_choices(self, _w: Any = None) -> list:
         templates = getattr(self, "show_templates", None)
         return config_choices(show_templates=bool(templates is not None and templates.value))
+
+    def _on_show_templates(self, *_: Any) -> None:
+        """List (or drop) the example templates, in the list's own order ("other file..."
+        last; magicgui would append new items at the end), keeping the chosen config."""
+        value = self.config.value
+        native = self.config.native
+        native.blockSignals(True)
+        try:
+            native.clear()
+            self.config.reset_choices()
+        finally:
+            native.blockSignals(False)
+        self.config.value = value if value in self.config.choices else self.config.choices[0]
+        self._on_config()
 
     def _model_labels(self) -> tuple:
         model = _model_section(self.config_path()) if self.config.value else None

@@ -86,7 +86,7 @@ _UP = 4  # training images are drawn at this multiple of the model's size, then 
 
 
 def training_batch(rng: np.random.Generator, n: int, size: int = 64, *,
-                   radius_range: tuple[float, float] = (2.5, 5.0)
+                   radius_range: tuple[float, float] = (2.5, 5.0), upsample: int = _UP
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` radiographs at the model's size, half with a finding.
 
@@ -106,14 +106,15 @@ def training_batch(rng: np.random.Generator, n: int, size: int = 64, *,
             centre = (rng.uniform(0.2, 0.8) * size, rng.uniform(0.15, 0.85) * size)
             centres[i] = centre
             labels[i] = 1
-        # drawn at 4x the size and area-averaged, as a radiograph resized to the model's
-        # input is (its pixel noise averaged away)
-        big = synthetic_radiograph(rng, (_UP * size, _UP * size),
+        # drawn at ``upsample`` x the size and area-averaged, as a radiograph resized to the
+        # model's input is (its pixel noise averaged away)
+        up = max(1, int(upsample))
+        big = synthetic_radiograph(rng, (up * size, up * size),
                                    finding=None if centre is None else (
-                                       _UP * centre[0] + (_UP - 1) / 2,
-                                       _UP * centre[1] + (_UP - 1) / 2),
-                                   radius=_UP * rng.uniform(*radius_range), max_value=1.0)
-        img = big.reshape(size, _UP, size, _UP).mean(axis=(1, 3))
+                                       up * centre[0] + (up - 1) / 2,
+                                       up * centre[1] + (up - 1) / 2),
+                                   radius=up * rng.uniform(*radius_range), max_value=1.0)
+        img = big.reshape(size, up, size, up).mean(axis=(1, 3))
         images[i, 0] = img.T  # (rows, columns) -> (x, y) = (columns, rows)
     return images, labels, centres
 
@@ -231,7 +232,8 @@ def write_radiograph(path: str | Path, display: np.ndarray, *, modality: str = "
 
 
 def train_finding_classifier(model: Any, *, steps: int = 150, batch_size: int = 32,
-                             size: int = 64, seed: int = 0, lr: float = 3e-3) -> list[float]:
+                             size: int = 64, seed: int = 0, lr: float = 3e-3,
+                             upsample: int = _UP) -> list[float]:
     """Train a 2-D classifier (logits absent/present) to find the synthetic finding.
 
     Each image is z-scored (what ``NormalizeIntensityd`` does in the 2-D config); step
@@ -249,7 +251,8 @@ def train_finding_classifier(model: Any, *, steps: int = 150, batch_size: int = 
     losses = []
     model.train()
     for step in range(steps):
-        images, labels, _ = training_batch(np.random.default_rng([seed, step]), batch_size, size)
+        images, labels, _ = training_batch(np.random.default_rng([seed, step]), batch_size, size,
+                                           upsample=upsample)
         mean = images.mean(axis=(1, 2, 3), keepdims=True)
         std = images.std(axis=(1, 2, 3), keepdims=True) + 1e-8
         x = torch.from_numpy((images - mean) / std)
@@ -266,7 +269,8 @@ def train_finding_classifier(model: Any, *, steps: int = 150, batch_size: int = 
         m.momentum = None
     with torch.no_grad():
         for step in range(steps, steps + 8):
-            images, _, _ = training_batch(np.random.default_rng([seed, step]), batch_size, size)
+            images, _, _ = training_batch(np.random.default_rng([seed, step]), batch_size, size,
+                                          upsample=upsample)
             mean = images.mean(axis=(1, 2, 3), keepdims=True)
             std = images.std(axis=(1, 2, 3), keepdims=True) + 1e-8
             model(torch.from_numpy((images - mean) / std))

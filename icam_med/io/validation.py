@@ -279,7 +279,7 @@ def _read_header(path: Path) -> Any:
             f"{path}: is a DICOM object without pixel data (SOP class "
             f"{getattr(ds, 'SOPClassUID', '?')}), not an image; remove it from the series folder."
         )
-    elem = ds.get_item("PixelData")
+    elem = ds.get_item("PixelData", keep_deferred=True)  # its size only: never read it here
     length = getattr(elem, "length", None)
     tell = getattr(elem, "value_tell", None)
     size = path.stat().st_size

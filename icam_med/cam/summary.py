@@ -131,8 +131,23 @@ class MapStatistics:
                 "peak_world_ras_mm": list(self.peak_world_ras_mm)}
 
 
+_STATS_BLOCK = 1 << 20  # voxels converted to float64 at a time (8 MB)
+
+
+def _slabs(a: np.ndarray) -> Any:
+    """``(first index, slab)`` of consecutive slabs of ``a`` along its first axis, each
+    about :data:`_STATS_BLOCK` voxels."""
+    per = max(1, a.size // max(1, a.shape[0]))
+    step = max(1, _STATS_BLOCK // per)
+    for i in range(0, a.shape[0], step):
+        yield i, a[i: i + step]
+
+
 def map_statistics(fused: Any, affine: Any) -> MapStatistics:
     """The one place map figures are computed (JSON summary, record analysis, CLI).
+
+    Sums are taken in float64 a slab at a time (the centre of mass from the map's sums
+    along each axis), so a full-size map never gets a full-size float64 copy.
 
     Args:
         fused: the map on the scan's grid, ``(1, *spatial)`` or ``(*spatial)`` (array or
@@ -140,21 +155,42 @@ def map_statistics(fused: Any, affine: Any) -> MapStatistics:
         affine: the scan's voxel-to-RAS affine, ``(ndim + 1, ndim + 1)``.
     """
     a = fused.detach().cpu().numpy() if hasattr(fused, "detach") else np.asarray(fused)
-    a = np.asarray(a, dtype=np.float64)
     aff = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine,
                      dtype=np.float64)
     if a.ndim == aff.shape[0]:  # a leading channel axis
         a = a[0]
-    peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(a)), a.shape))
+    if a.ndim == 0:
+        a = a.reshape(1)
+    n, per = a.size, a.size // max(1, a.shape[0])
+    lo, hi, above, peak_flat = np.inf, -np.inf, 0, 0
+    first = np.zeros(a.shape[0], dtype=np.float64)  # sums over every axis but the first
+    plane = np.zeros(a.shape[1:], dtype=np.float64)  # sums over the first axis
+    for i, b in _slabs(a):
+        b64 = np.asarray(b, dtype=np.float64)
+        first[i: i + b.shape[0]] = b64.reshape(b.shape[0], -1).sum(axis=1)
+        plane += b64.sum(axis=0)
+        j = int(np.argmax(b))
+        if float(b.flat[j]) > hi:  # strictly greater: the first maximum in C order
+            hi, peak_flat = float(b.flat[j]), i * per + j
+        lo = min(lo, float(b.min()))
+        above += int(np.count_nonzero(b > 0.5))
+    total = float(first.sum())
+    mean = total / n
+    sq = 0.0
+    for _, b in _slabs(a):
+        d = np.subtract(b, mean, dtype=np.float64)
+        sq += float(np.multiply(d, d, out=d).sum())
+    peak = tuple(int(v) for v in np.unravel_index(peak_flat, a.shape))
     world = aff @ np.r_[np.asarray(peak, float), 1.0]
-    total = float(a.sum())
     centroid = None
     if total > 0:
-        grids = np.indices(a.shape, dtype=np.float64)
-        centroid = tuple(round(float((g * a).sum() / total), COORDINATE_DIGITS) for g in grids)
+        profiles = [first] + [plane.sum(axis=tuple(k for k in range(plane.ndim) if k != d))
+                              for d in range(plane.ndim)]
+        centroid = tuple(round(float(np.arange(len(p), dtype=np.float64) @ p / total),
+                               COORDINATE_DIGITS) for p in profiles)
     return MapStatistics(
-        shape=tuple(int(s) for s in a.shape), min=float(a.min()), max=float(a.max()),
-        mean=float(a.mean()), std=float(a.std()), frac_above_half=float((a > 0.5).mean()),
+        shape=tuple(int(s) for s in a.shape), min=lo, max=hi, mean=mean,
+        std=float(np.sqrt(sq / n)), frac_above_half=above / n,
         peak_voxel=peak,
         peak_world_ras_mm=tuple(round(float(v), COORDINATE_DIGITS) for v in world[:-1]),
         centroid_voxel=centroid,

@@ -6,9 +6,15 @@ are MONAI's ``NibabelReader`` (NIfTI) and this package's registered
 :class:`~icam_med.io.reader.SimpleITKDICOMReader` (DICOM), and returns
 
 * a :class:`monai.data.MetaTensor` of shape ``(1, X, Y, Z)`` (channel first; spatial axes in
-  the file's own index order: column, row, slice for DICOM), float32, whose ``affine`` maps
-  voxel indices to RAS world millimetres (MONAI's convention), and
+  the file's own index order: column, row, slice for DICOM), C-contiguous, whose ``affine``
+  maps voxel indices to RAS world millimetres (MONAI's convention), and
 * a :class:`ScanInfo` with what the audit record, the writers and the viewer need.
+
+The voxels keep the type they are stored in when it is an 8- or 16-bit integer type (a CT's
+int16 Hounsfield units: half the memory of float32, and no full-size float copy until the
+preprocessing needs one, see :class:`~icam_med.io.preprocessing.Preprocessor`); every other
+type becomes float32 (never float64). The audit's voxel hash is over the values as float32
+either way (:func:`icam_med.audit.voxel_sha256`), so it does not depend on this choice.
 """
 
 from __future__ import annotations
@@ -35,11 +41,15 @@ from icam_med.io.validation import (
 )
 from icam_med.paths import is_nifti
 
-__all__ = ["ScanInfo", "detect_format", "load_volume", "make_loader"]
+__all__ = ["KEPT_DTYPES", "ScanInfo", "detect_format", "load_volume", "make_loader"]
 
 log = logging.getLogger(__name__)
 
 _KEY = "image"
+
+#: Voxel types a loaded volume keeps (float32 holds each of their values exactly); any other
+#: type is converted to float32.
+KEPT_DTYPES = (np.int8, np.uint8, np.int16, np.uint16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +71,8 @@ class ScanInfo:
         checks: the geometry checks done, passed or warned.
         volume_index: the volume chosen from a 4-D NIfTI, else ``None``.
         n_volumes: number of volumes in the file (1 for 3-D).
-        source_dtype: the stored voxel type before conversion to float32.
+        source_dtype: the stored voxel type (the loaded array keeps it when it is one of
+            :data:`KEPT_DTYPES`, else it holds float32).
         series_description: DICOM Series Description (may be empty).
         study_instance_uid, series_instance_uid, frame_of_reference_uid: DICOM UIDs.
         sop_instance_uids: SOP Instance UID of each source file, in slice order.
@@ -162,12 +173,13 @@ def detect_format(path: str | Path) -> str:
 
 
 def make_loader(keys: str | list[str] = "image", *, series_uid: str | None = None,
-                file_names: list[str] | None = None) -> Any:
+                file_names: list[str] | None = None, dtype: Any = np.float32) -> Any:
     """A MONAI ``LoadImaged`` that reads NIfTI (nibabel) and DICOM (SimpleITK) alike.
 
     The :class:`~icam_med.io.reader.SimpleITKDICOMReader` is registered on top of MONAI's
     ``NibabelReader``, so folders and DICOM files go to it and NIfTI files to nibabel. The
-    result is channel-first. Use it as the first transform of a user's own pipeline.
+    result is channel-first, of type ``dtype`` (``None``: as the reader gives it). Use it as
+    the first transform of a user's own pipeline.
     """
     import warnings
 
@@ -182,16 +194,42 @@ def make_loader(keys: str | list[str] = "image", *, series_uid: str | None = Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             loader = LoadImaged(keys=keys, reader="NibabelReader", image_only=True,
-                                ensure_channel_first=True, dtype=np.float32)
+                                ensure_channel_first=True, dtype=dtype)
     finally:
         plugin_log.setLevel(level)
     loader.register(SimpleITKDICOMReader(series_uid=series_uid, file_names=file_names))
     return loader
 
 
-@functools.lru_cache(maxsize=1)
-def _shared_loader() -> Any:
-    return make_loader(_KEY)
+@functools.lru_cache(maxsize=4)
+def _shared_loader(dtype: str | None = None) -> Any:
+    """The loader giving ``dtype`` (``None``: the reader's own type; load_volume decides)."""
+    return make_loader(_KEY, dtype=None if dtype is None else np.dtype(dtype))
+
+
+def _nifti_load_dtype(nii: Any) -> str:
+    """The type a NIfTI's voxels are loaded in: its stored type in native byte order when
+    that is one of :data:`KEPT_DTYPES` and no scaling applies, else float32."""
+    stored = np.dtype(nii.get_data_dtype()).newbyteorder("=")
+    proxy = nii.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    scaled = not (np.all(np.asarray(slope) == 1) and np.all(np.asarray(inter) == 0))
+    if not scaled and any(stored == np.dtype(t) for t in KEPT_DTYPES):
+        return stored.str
+    return np.dtype(np.float32).str
+
+
+def _kept(image: Any) -> Any:
+    """The loaded image in its stored type if that is one of :data:`KEPT_DTYPES`, else in
+    float32; C-contiguous (readers hand over transposed views), metadata kept."""
+    import torch
+
+    kept = {torch.int8, torch.uint8, torch.int16, torch.uint16}
+    if image.dtype not in kept and image.dtype != torch.float32:
+        image = image.to(torch.float32)  # one conversion; contiguous like its source
+    if not image.is_contiguous():
+        image = image.contiguous()
+    return image
 
 
 def _spatial_affine(affine: Any) -> np.ndarray:
@@ -246,15 +284,17 @@ def _load_multiframe(sel: DicomSelection, path: Path, tol: float) -> Any:
 
     assert sel.frame_order is not None and sel.header_affine is not None
     image = hd.imread(str(path))
+    # Each frame rescaled in float64 (as every earlier version), then held as float32: the
+    # same values, without a full-size float64 copy.
     frames = [image.get_frame(i + 1, dtype=np.float64, apply_real_world_transform=False)
-              for i in sel.frame_order]
+              .astype(np.float32) for i in sel.frame_order]
     array_xyz = np.transpose(np.stack(frames), (2, 1, 0))  # (k, r, c) -> (c, r, k)
     try:
-        vol = image.get_volume(dtype=np.float64, apply_real_world_transform=False)
+        vol = image.get_volume(dtype=np.float32, apply_real_world_transform=False)
     except Exception as exc:  # irregular or tilted stacks: highdicom builds no volume
         log.debug("%s: highdicom built no volume (%s); frames sorted by position only", path, exc)
         return _as_metatensor(array_xyz, sel.header_affine, path)
-    other = np.transpose(np.asarray(vol.array, dtype=np.float64), (2, 1, 0))
+    other = np.transpose(np.asarray(vol.array, dtype=np.float32), (2, 1, 0))
     other_aff = _hd_affine_ras(vol)
     if other.shape == array_xyz.shape and float(other_aff[:3, 2] @ sel.header_affine[:3, 2]) < 0:
         other = other[:, :, ::-1]  # highdicom stacked the frames the other way round
@@ -308,8 +348,9 @@ def load_volume(
             config's ``geometry`` mapping).
 
     Returns:
-        ``(image, info)``: a float32 :class:`~monai.data.MetaTensor` ``(1, X, Y, Z)`` with the
-        RAS affine, and its :class:`ScanInfo`.
+        ``(image, info)``: a :class:`~monai.data.MetaTensor` ``(1, X, Y, Z)`` with the RAS
+        affine, in the stored voxel type when that is one of :data:`KEPT_DTYPES` (int16 for
+        a CT) and float32 otherwise, and its :class:`ScanInfo`.
 
     Raises:
         FileNotFoundError, PermissionError: the path cannot be read.
@@ -356,7 +397,8 @@ def load_volume(
                 data = data[..., None]
             image = _as_metatensor(data, header_affine, p)
         else:
-            image = _shared_loader()({data_key: str(p)}, reader)[data_key]
+            load_dtype = _nifti_load_dtype(nii) if fmt == "nifti" else None
+            image = _shared_loader(load_dtype)({data_key: str(p)}, reader)[data_key]
     except (GeometryError, FileNotFoundError, PermissionError):
         raise
     except Exception as exc:
@@ -379,13 +421,16 @@ def load_volume(
         h = sel.headers[0]
         unsigned = int(getattr(h, "PixelRepresentation", 0)) == 0
         source_dtype = f"{'u' if unsigned else ''}int{int(getattr(h, 'BitsAllocated', 16))}"
-    arr = image.array if hasattr(image, "array") else np.asarray(image)
-    fixed, finite_check = check_finite(np.asarray(arr), str(p), options)
-    if finite_check.status == "warned":
-        import torch
+    image = _kept(image)
+    if image.is_floating_point():
+        fixed, finite_check = check_finite(image.numpy(), str(p), options)
+        if finite_check.status == "warned":
+            import torch
 
-        image = image.clone()
-        image.data = torch.as_tensor(fixed)
+            image = image.clone()
+            image.data = torch.as_tensor(fixed)
+    else:  # integer voxels are finite: no full-size test array
+        finite_check = GeometryCheck("finite_values", "passed", "no NaN/Inf voxels")
     checks.append(finite_check)
     image.meta["filename_or_obj"] = str(p)
     affine = np.asarray(image.affine, dtype=np.float64)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Preprocessor", "build_preprocessing", "resample_to_grid"]
+__all__ = ["REINDEXING_STEPS", "Preprocessor", "build_preprocessing", "resample_to_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,19 @@ def build_preprocessing(steps: Sequence[Mapping[str, Any]], *,
     return mt.Compose(built)
 
 
+#: Dictionary transforms that only move, flip, crop or pad voxels (constant 0 padding by
+#: default): exact in the scan's stored integer type, so the image need not be float yet.
+REINDEXING_STEPS = frozenset({
+    "Orientationd", "Flipd", "SpatialPadd", "BorderPadd", "DivisiblePadd", "SpatialCropd",
+    "CenterSpatialCropd", "CropForegroundd", "ResizeWithPadOrCropd",
+})
+
+
+def _as_float32(image: Any) -> Any:
+    """The image as float32 (the same tensor when it is already), metadata kept."""
+    return image if image.dtype == torch.float32 else image.to(torch.float32)
+
+
 class Preprocessor:
     """A config's preprocessing, applied to a loaded scan and inverted onto its grid.
 
@@ -140,7 +153,15 @@ class Preprocessor:
         self.source = source
 
     def __call__(self, image: Any) -> Any:
-        """Apply the pipeline to a channel-first MetaTensor; returns the preprocessed MetaTensor."""
+        """Apply the pipeline to a channel-first MetaTensor; returns the preprocessed
+        MetaTensor, float32.
+
+        An integer image (a CT's int16, as :func:`~icam_med.io.load_volume` keeps it) stays
+        in its type through the leading steps that only re-index voxels
+        (:data:`REINDEXING_STEPS`: exact in any type) and becomes float32 just before the
+        first other step (a resampling or intensity transform), or at the end: the only
+        full-size float copy, with the values the float32 path gave.
+        """
         from monai.data import MetaTensor
 
         if not isinstance(image, MetaTensor):
@@ -149,10 +170,26 @@ class Preprocessor:
 
         if radiograph.is_2d_image(image):
             return radiograph.preprocess_2d(self.compose, image, source=self.source)
-        out = self.compose({IMAGE_KEY: image})[IMAGE_KEY]
+        data = {IMAGE_KEY: image}
+        first = self.first_float_step
+        if first:
+            data = self.compose(data, end=first)
+        data[IMAGE_KEY] = _as_float32(data[IMAGE_KEY])
+        if first < len(self.compose.transforms):
+            data = self.compose(data, start=first)
+        out = _as_float32(data[IMAGE_KEY])
         if not isinstance(out, MetaTensor):  # pragma: no cover - a transform dropped the meta
             raise ValueError("a preprocessing step returned a plain tensor; its geometry is lost.")
         return out
+
+    @property
+    def first_float_step(self) -> int:
+        """Index of the first step that needs float voxels (the steps before it only
+        re-index them: :data:`REINDEXING_STEPS`); the number of steps if none does."""
+        for i, step in enumerate(self.steps):
+            if step["name"] not in REINDEXING_STEPS:
+                return i
+        return len(self.steps)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each transform with its parameters and whether it is inverted, JSON-safe."""

@@ -109,6 +109,11 @@ def prepare(config: ICAMConfig | str | Path, device: str | torch.device = "cpu")
     dev = torch.device(device)
     where = f"config {cfg.path}" if cfg.path else "config"
     GeometryOptions.from_mapping(cfg.geometry)  # refuse unknown geometry options up front
+    region = cfg.target.region if cfg.target is not None else None
+    if region is not None and region.mask is not None and not Path(region.mask).exists():
+        raise FileNotFoundError(
+            f"{where}: target.region.mask {region.mask} does not exist; give a mask file "
+            "(NIfTI or DICOM) on the scan's grid, relative to the config's folder.")
     preprocessor = Preprocessor(cfg.preprocessing, source=where)
     model, info = load_model(cfg.model, dev)
     prepared = Prepared(cfg, model, info, preprocessor, dev)
@@ -888,6 +893,10 @@ def explain_scan(
     planned = output_paths(out_dir, is_dicom=is_dicom_guess)
     _refuse_existing(planned, overwrite)
     check_before_writing(planned["cam_nifti"], None)  # audited outputs: refused even now
+    spec = RegionConfig.parse(region) if isinstance(region, str | Path) else region
+    if isinstance(spec, RegionConfig) and spec.mask is not None and not spec.mask.exists():
+        raise FileNotFoundError(f"region mask {spec.mask} does not exist; give a mask file "
+                                "(NIfTI or DICOM) on the scan's grid.")
     prepared = config if isinstance(config, Prepared) else prepare(config, device)
     image, info = load_volume(scan_path, series_uid=series_uid, volume_index=volume_index,
                               geometry=prepared.config.geometry)

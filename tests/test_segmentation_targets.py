@@ -202,6 +202,21 @@ def test_mask_off_the_scan_grid_is_refused_before_any_output(tmp_path, nifti_sca
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("where", ["config", "cli"])
+def test_missing_mask_is_refused_before_the_scan_is_read(tmp_path, nifti_scan, capsys, where):
+    target = {"label": "lesion"}
+    if where == "config":
+        target["region"] = {"mask": "no_such_mask.nii.gz"}
+    config = _config(tmp_path, "UNet", target=target)
+    out = tmp_path / "out"
+    extra = ["--region", str(tmp_path / "no_such_mask.nii.gz")] if where == "cli" else []
+    rc = cli_main(["explain", str(nifti_scan), "--config", str(config), "--out", str(out),
+                   *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_mask.nii.gz" in err and "does not exist" in err
+    assert not out.exists()
+
+
 def test_region_for_a_classifier_is_refused(tmp_path, nifti_scan, capsys):
     data = {"model": {"name": "dn", "architecture": "DenseNet121",
                       "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,

@@ -95,6 +95,9 @@ _CLASSIFIER_ONLY = ("monai-gradcam", "integrative+softmax/stages")
 # guided backprop needs nn.ReLU modules: the benchmark UNet uses PReLU
 _NEEDS_RELU = ("guided-backprop", "guided-gradcam/last")
 _NO_RELU = ("unet-3d",)
+# LRP has rules for conv/BatchNorm/ReLU/pooling nets only: not the SE gates' sigmoid, not
+# the UNet's InstanceNorm/PReLU
+_LRP_NETWORKS = ("densenet121-3d", "densenet121-2d", "resnet18-3d")
 
 
 @dataclass
@@ -151,8 +154,10 @@ def _score(output: torch.Tensor, target: object) -> torch.Tensor:
 
 def applicable(network: str, case: str) -> bool:
     """Whether a case runs on a network (classifier-only cases skip segmentation nets,
-    guided backprop skips networks without ReLU)."""
+    guided backprop networks without ReLU, LRP networks it has no rules for)."""
     if network in _NO_RELU and case in _NEEDS_RELU:
+        return False
+    if case == "lrp" and network not in _LRP_NETWORKS:
         return False
     return not (NETWORKS[network][2] and case in _CLASSIFIER_ONLY)
 

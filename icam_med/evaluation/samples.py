@@ -261,21 +261,16 @@ def generate_radiographs(out: str | Path, *, force: bool = False) -> dict[str, A
     from icam_med.evaluation.radiographs import synthetic_radiograph, write_radiograph
 
     out = Path(out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    build = not out.exists()
-    target = tmp if build else None
-    if build:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    # Always drawn afresh (four small files, well under a second) into a temporary folder:
+    # an equal folder is left untouched, a stale or damaged one replaced.
+    target = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
     findings: dict[str, Any] = {}
     for i, (name, (modality, photometric, tag, spacing, centre, radius)) in enumerate(
             RADIOGRAPH_FILES.items()):
         findings[name] = (None if centre is None else
                           {"row": centre[0], "column": centre[1], "radius_px": radius})
-        if target is None:
-            continue
         image = synthetic_radiograph(np.random.default_rng([SEED, i]), RADIOGRAPH_SHAPE,
                                      finding=centre, radius=radius or 1.0)
         uids = {k: generate_uid(entropy_srcs=["icam-med 2-D sample", name, k])
@@ -298,13 +293,24 @@ def generate_radiographs(out: str | Path, *, force: bool = False) -> dict[str, A
             (target / RADIOGRAPH_NIFTI).write_bytes(
                 gzip.compress(img.to_bytes(), compresslevel=9, mtime=0))
     findings[RADIOGRAPH_NIFTI] = findings["chest_dx_finding.dcm"]
-    if build:
-        tmp.rename(out)
-    h = hashlib.sha256()
-    for f in sorted(out.iterdir()):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return {"findings": findings, "sha256": h.hexdigest()}
+
+    def digest(folder: Path) -> str:
+        h = hashlib.sha256()
+        for f in sorted(folder.iterdir()):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()
+
+    fresh = digest(target)
+    if out.exists() and not force and out.is_dir() and digest(out) == fresh:
+        shutil.rmtree(target)
+    else:
+        if out.exists():
+            if not force:
+                log.warning("%s differs from a fresh generation: replacing it", out)
+            shutil.rmtree(out)
+        target.rename(out)
+    return {"findings": findings, "sha256": fresh}
 
 
 #: Every sample a caller may ask :func:`sample_scan_path` for.

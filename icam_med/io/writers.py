@@ -432,6 +432,13 @@ def write_parametric_map(
     p = check_writable(path, overwrite=overwrite)
     if scan_info.format != "dicom":
         raise ValueError("a DICOM Parametric Map needs a DICOM source; write NIfTI for NIfTI input.")
+    from icam_med.io.radiograph import is_radiograph
+
+    if is_radiograph(scan_info):
+        raise ValueError(
+            f"{scan_info.path}: is a 2-D image (radiograph) without patient coordinates, where "
+            "a Parametric Map's frames cannot be placed; write its Presentation State "
+            "(icam_med.io.radiograph.write_presentation_state) and the NIfTI map instead.")
     data = _map_array(cam_map)
     if tuple(scan_info.shape) != data.shape:
         raise ValueError(

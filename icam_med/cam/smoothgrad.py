@@ -148,6 +148,11 @@ class SmoothGrad:
         finally:
             restore()
         target_fn = freeze_target(target_fn, clean)
+        if isinstance(target_fn, ClassTarget) and clean.ndim != 2:
+            raise ValueError(
+                f"a class index target needs a classification output (N, K); the model output "
+                f"has per-sample shape {tuple(clean.shape[1:])}. Use SegmentationTarget for "
+                "segmentation.")
         if isinstance(target_fn, ClassTarget) and clean.ndim == 2:
             classes: torch.Tensor | None = target_fn.indices(n, x.device)
             if bool(((classes < 0) | (classes >= clean.shape[1])).any()):

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from icam_med.display import DISPLAY_THRESHOLD, MAP_CMAP
 from icam_med.paths import (
     AUDIT_FOLDER_SUFFIX,
     RECORD_SUFFIX,
@@ -41,7 +42,6 @@ from icam_med.paths import (
     scan_stem,
     sidecar_path_for,
 )
-from icam_med.report.figures import DISPLAY_THRESHOLD
 
 __all__ = [
     "AXIS_LABELS",
@@ -86,7 +86,7 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 DEFAULT_THRESHOLD = DISPLAY_THRESHOLD
 """Map values below this are not drawn by default (fixed 0-1 scale): the report's display
-threshold, defined once in :data:`icam_med.report.figures.DISPLAY_THRESHOLD`, so the viewer
+threshold, defined once in :data:`icam_med.display.DISPLAY_THRESHOLD`, so the viewer
 and the report cut maps at the same value."""
 
 
@@ -111,7 +111,7 @@ def map_colormap(threshold: float = 0.0) -> Any:
     controls = np.linspace(0.0, 1.0, 65)
     if thr > 0.0:
         controls = np.unique(np.concatenate([controls, [max(thr - eps, 0.0), thr]]))
-    colors = np.asarray(ensure_colormap("inferno").map(controls), dtype=float)
+    colors = np.asarray(ensure_colormap(MAP_CMAP).map(controls), dtype=float)
     colors[:, 3] = ((controls >= thr) & (controls > 0.0)).astype(float)
     return Colormap(colors=colors, controls=controls,
                     name=f"icam inferno (cut at {thr:.2f})")

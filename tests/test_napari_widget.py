@@ -959,7 +959,7 @@ def test_configs_are_parsed_once_not_on_every_layer_change(make_napari_viewer, s
     import os
 
     import icam_med.config as config
-    from icam_med.report.figures import DISPLAY_THRESHOLD
+    from icam_med.display import DISPLAY_THRESHOLD
 
     parsed = []
     real = config.load_config

@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+# The display threshold and colormap are the viewer's: defined once in icam_med.display.
+from icam_med.display import DISPLAY_THRESHOLD, MAP_CMAP
+
 __all__ = [
     "DISPLAY_THRESHOLD",
     "RASVolume",
@@ -36,15 +39,9 @@ __all__ = [
     "to_ras",
 ]
 
-#: Map values below this are not drawn over the scan (fully transparent). Defined here
-#: once: the napari viewer's default threshold is this value (napari_plugin imports it).
-#: On the demo audit (sample lesion brain, demo model), 0.3 leaves 4.3 % of the brain
-#: coloured and 76 % of the lesion; 0.2 colours 20 % of the brain, 0 all of it.
-DISPLAY_THRESHOLD = 0.3
 #: Opacity of the map where it is drawn over the scan.
 OVERLAY_OPACITY = 0.7
-#: The map's colormap (the viewer's) and the mask outline's colour.
-MAP_CMAP = "inferno"
+#: The mask outline's colour.
 MASK_COLOUR = "#00e5ff"
 
 

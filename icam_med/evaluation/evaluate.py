@@ -35,8 +35,10 @@ term x layer weighting x fusion x bias term, from the names the engine exposes),
 single-layer classics on every stage, the engine's LayerCAM on ``stages`` with uniform
 weights, TorchCAM's fused LayerCAM on the same layers, FullGrad-style all-bias maps, the
 coarse-to-fine multiplicative fusion of the engine's LayerCAM maps (Poly-CAM-style
-prototype), and the input intensity and edge controls. :func:`rank_variants` applies the
-rule that picks the default (docs/evaluation.md).
+prototype), the rest of the toolbox (:func:`toolbox_rows`, group ``toolbox``: gradient,
+guided backprop, SmoothGrad, Guided Grad-CAM, Score-CAM, LRP), and the input intensity and
+edge controls. :func:`rank_variants` applies the rule that picks the default
+(docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ bench: venv
 	$(BIN)/icam-med bench --size 64 --repeats 3 --json runs/bench.json
 
 evaluate: venv
-	$(BIN)/icam-med evaluate --split test --n-volumes 20 --n-randomisation 5 --methods default,baselines,single-layer,controls --out runs/evaluation
+	$(BIN)/icam-med evaluate --split test --n-volumes 20 --n-randomisation 5 --methods default,baselines,single-layer,controls,toolbox --out runs/evaluation
 
 # The plugin's sample scans: the checkout's sample_data/scans (as make demo), not the user cache.
 napari: venv

@@ -52,7 +52,15 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    """What :func:`verify_folder` found."""
+    """What :func:`verify_folder` found.
+
+    Attributes:
+        verified_scans: scan id -> the ledger position of its (last) ``scan`` entry whose
+            record and outputs verify.
+        voxel_hashes: scan id -> the input voxel SHA-256 pinned by the record of the entry
+            in ``verified_scans`` (read while verifying it: a resumed audit reads no record
+            twice).
+    """
 
     folder: Path
     n_entries: int = 0
@@ -61,6 +69,7 @@ class VerifyReport:
     n_files: int = 0
     problems: list[Problem] = field(default_factory=list)
     verified_scans: dict[str, int] = field(default_factory=dict)
+    voxel_hashes: dict[str, str] = field(default_factory=dict)
     head_sha256: str | None = None
     signed_runs: list[str] = field(default_factory=list)
     unsigned_runs: list[str] = field(default_factory=list)
@@ -150,19 +159,19 @@ def _check_file(root: Path, ref: OutputRef | None, what: str) -> str | None:
     return None
 
 
-def _check_record(root: Path, entry: LedgerEntry) -> list[str]:
-    """Problems with a scan entry's record and outputs."""
+def _check_record(root: Path, entry: LedgerEntry) -> tuple[list[str], str | None]:
+    """Problems with a scan entry's record and outputs, and the voxel hash it pins."""
     ref = entry.record
     bad = _check_file(root, ref, "record")
     if bad:
-        return [bad]
+        return [bad], None
     assert ref is not None
     path = resolve_inside(root, ref.path)
     assert path is not None
     try:
         record = AuditRecord.load(path, root=root)
     except RecordError as exc:
-        return [f"record '{ref.path}' {exc.detail}"]
+        return [f"record '{ref.path}' {exc.detail}"], None
     problems = []
     if not record.self_hash_ok() or record.record_sha256 != entry.record_sha256:
         problems.append(f"record '{ref.path}' does not match its own hash or the ledger's")
@@ -174,7 +183,7 @@ def _check_record(root: Path, entry: LedgerEntry) -> list[str]:
         bad = _check_file(root, out, f"output ({out.role or '?'})")
         if bad:
             problems.append(bad)
-    return problems
+    return problems, record.input.voxel_sha256
 
 
 def verify_folder(folder: str | Path, *, check_files: bool = True,
@@ -255,12 +264,14 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
                 referenced.add(entry.record.path)
             referenced.update(o.path for o in entry.outputs)
             if check_files:
-                found = _check_record(root, entry)
+                found, voxels = _check_record(root, entry)
                 report.problems.extend(Problem(i, f"entry {seq}: {m}", "outputs",
                                                entry.scan_id) for m in found)
                 report.n_files += 1 + len(entry.outputs)
                 if not found and entry.scan_id is not None:
                     report.verified_scans[entry.scan_id] = seq
+                    if voxels is not None:
+                        report.voxel_hashes[entry.scan_id] = voxels
         elif entry.kind == "failure":
             report.n_failures += 1
     _check_signatures(root, report, heads, by_seq, public_key)

@@ -204,7 +204,7 @@ def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: s
     mask_fraction = mask_sha = mask_volume = peak_in_mask = None
     if mask is not None:
         a = fused.detach().cpu().numpy() if hasattr(fused, "detach") else np.asarray(fused)
-        a = np.asarray(a, dtype=np.float64).reshape(stats.shape)
+        a = a.reshape(stats.shape)  # float32: sums below accumulate in float64, no copy
         m = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
         m = m[0] if m.ndim == a.ndim + 1 else m
         if m.shape != a.shape:
@@ -213,9 +213,10 @@ def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: s
                 "on the scan's own grid."
             )
         inside = m != 0
-        total = float(a.sum())
+        total = float(a.sum(dtype=np.float64))
         mask_sha = voxel_sha256(m)
-        mask_fraction = float((a * inside).sum() / total) if total > 0 else None
+        inside_mass = float(a[inside].sum(dtype=np.float64))
+        mask_fraction = inside_mass / total if total > 0 else None
         # Context: an evenly spread map puts mask_volume_fraction of its mass in the mask.
         mask_volume = float(inside.mean()) if inside.size else None
         peak_in_mask = bool(inside[tuple(stats.peak_voxel)]) if total > 0 else None
@@ -298,6 +299,7 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
             if task.intended_use is not None:
                 analysis["intended_use"] = task.intended_use.check(info, image)
             second = second_class_explanation(prepared, image, info, explanation, analysis)
+        del image, mask  # the loaded volume is not needed to write: free it first
         written = write_outputs(explanation, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
                                 audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
                                                    command="audit"))
@@ -583,24 +585,6 @@ class ResumePlan:
     refused: dict[str, str] = field(default_factory=dict)
 
 
-def _recorded_voxel_hashes(out: Path, ledger: Ledger) -> dict[str, str]:
-    """Scan id -> the input voxel SHA-256 its latest record pins (records read inside the
-    folder only; unreadable ones are left out: verify reports them)."""
-    latest: dict[str, LedgerEntry] = {}
-    for entry in ledger.entries():
-        if entry.kind == "scan" and entry.scan_id is not None:
-            latest[entry.scan_id] = entry
-    hashes = {}
-    for sid, entry in latest.items():
-        if entry.record is None:
-            continue
-        try:
-            hashes[sid] = AuditRecord.load_inside(out, entry.record.path).input.voxel_sha256
-        except RecordError:
-            continue
-    return hashes
-
-
 def _same_scan(spec: ScanSpec, recorded: str | None, geometry: Any) -> str | None:
     """None when the scan's voxels still hash to the recorded SHA-256, else why not."""
     from icam_med.io import load_volume
@@ -632,6 +616,7 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
     """
     ledger.repair_torn_tail()
     done: dict[str, int] = {}
+    recorded: dict[str, str] = {}  # the voxel hash each verified record pins
     tampered: dict[str, str] = {}
     if ledger.path.exists():
         report = verify_folder(out)
@@ -641,11 +626,10 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
                 f"the ledger of {out} is broken ({broken[0]}); run `icam-med verify {out}`, "
                 "keep the folder as evidence and audit into a new folder."
             )
-        done = dict(report.verified_scans)
+        done, recorded = dict(report.verified_scans), dict(report.voxel_hashes)
         for p in report.problems:
             if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
                 tampered.setdefault(p.scan_id, str(p))
-    recorded = _recorded_voxel_hashes(out, ledger) if done else {}
     plan = ResumePlan()
     for spec in scans:
         if spec.scan_id in done:

@@ -903,6 +903,7 @@ def explain_scan(
     explanation = explain_volume(image, info, prepared, method=method,
                                  method_options=method_options, targets=targets,
                                  region=region, layer_maps=layer_maps)
+    del image  # the loaded volume is not needed to write: free it before the writers run
     written = write_explanation(explanation, out_dir, overwrite=overwrite)
     return explanation, written
 

@@ -29,8 +29,6 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 
 _MEASURE = (
@@ -40,23 +38,6 @@ _MEASURE = (
     "wall = time.perf_counter() - t\n"
     "print('BENCH', rc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
 )
-
-
-def synthetic_ct(shape_xyz: tuple[int, int, int]) -> np.ndarray:
-    """``(slices, rows, columns)`` int16 Hounsfield units: air, an elliptic body, a lesion."""
-    nx, ny, nz = shape_xyz
-    y, x = np.mgrid[0:ny, 0:nx].astype(np.float32)
-    body = ((x - nx / 2) / (0.42 * nx)) ** 2 + ((y - ny / 2) / (0.32 * ny)) ** 2 <= 1.0
-    vol = np.full((nz, ny, nx), -1000, dtype=np.int16)
-    rng = np.random.default_rng(0)
-    for k in range(nz):
-        sl = np.where(body, 40, -1000).astype(np.int16)
-        sl += rng.integers(-20, 21, size=sl.shape, dtype=np.int16)
-        dz = (k - 0.55 * nz) / (0.05 * nz)
-        lesion = ((x - 0.6 * nx) / (0.04 * nx)) ** 2 + ((y - 0.45 * ny) / (0.04 * ny)) ** 2 + dz**2
-        sl[lesion <= 1.0] = 180
-        vol[k] = sl
-    return vol
 
 
 def extract_revision(rev: str, dest: Path) -> Path:
@@ -96,6 +77,7 @@ def main() -> None:
     ap.add_argument("--keep", help="keep the series and outputs in this folder")
     args = ap.parse_args()
     from icam_med.evaluation.dicom_series import write_dicom_series
+    from icam_med.evaluation.pipeline_bench import synthetic_ct
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="icam-bench-"))
     work.mkdir(parents=True, exist_ok=True)

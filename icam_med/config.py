@@ -461,7 +461,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{where}: expected a mapping with the sections model, preprocessing, method, "
-            f"geometry, audit at the top level, got {type(data).__name__}."
+            f"geometry, audit, target, inference at the top level, got {type(data).__name__}."
         )
     if any(not isinstance(k, str) for k in data):
         raise ConfigError(f"{where}: every top-level key must be a string, got {list(data)!r}.")

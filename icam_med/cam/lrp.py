@@ -11,8 +11,9 @@ built on a *deep copy* of the model (the user's model is never touched):
 
 * **BatchNorm after a convolution** (the conv's only reader) is folded into it
   (``W' = W * s``, ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``); any other
-  BatchNorm (a pre-activation network's ``norm -> relu -> conv``) passes relevance unchanged,
-  which is the zero-bias epsilon rule of an element-wise scaling.
+  BatchNorm (a pre-activation network's ``norm -> relu -> conv``) takes Captum's epsilon rule
+  with its shift in ``z`` (passing relevance unchanged would put the shift's share on inputs
+  near zero, and the next ratio diverges), so that shift absorbs its share (tallied).
 * **Convolutions and linear layers** take the chosen rule: ``epsilon``
   (``R_i = sum_j a_i w_ij / (z_j + eps * sign(z_j)) R_j``) or ``alpha-beta``
   (``R_i = sum_j (alpha z_ij^+ / z_j^+ - beta z_ij^- / z_j^-) R_j`` with the contributions
@@ -20,8 +21,9 @@ built on a *deep copy* of the model (the user's model is never touched):
   The epsilon rule keeps each bias in ``z`` (Captum's rule): the biases absorb their share,
   which is tallied, so input relevance + bias relevance = score. Leaving the bias out of
   ``z`` diverges for conv+BN networks (``z`` changes sign where the folded bias dominates).
-  The alpha-beta rule leaves biases out (``zero_bias=True``, default; its ratios are of
-  same-signed sums, so they stay in [0, 1]): the input relevance alone sums to the score.
+  The alpha-beta rule leaves conv/linear biases out (``zero_bias=True``, default; its ratios
+  are of same-signed sums, so they stay in [0, 1]): where every BatchNorm folds (ResNet) the
+  input relevance alone sums to the score; unfolded BatchNorm shifts absorb theirs (tallied).
 * **Pooling** takes Captum's epsilon rule (proportional to the pooled values), **ReLU** and
   dropout pass relevance (Captum's rule for them), identity/flatten pass it unchanged.
 * **Residual additions** of MONAI's ``ResNetBlock`` / ``ResNetBottleneck`` become Captum's
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icam_med.cam.base import BaseCAM, CAMResult, minmax_normalize
-from icam_med.cam.layers import _BATCHNORM, _consumers
+from icam_med.cam.layers import _BATCHNORM, _consumers, own_bias
 from icam_med.cam.targets import ClassTarget, resolve_targets
 
 __all__ = ["LRP", "LRP_RULES"]
@@ -104,8 +106,7 @@ def _rules() -> Any:
             self.bias: torch.Tensor | None = None
 
         def _manipulate_weights(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
-            bias = getattr(module, "bias", None)
-            self.bias = None if bias is None else bias.detach()
+            self.bias = own_bias(module)  # a BatchNorm's: beta - gamma * mean / sqrt(var + eps)
 
         def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
             divide = super()._create_backward_hook_output(outputs)
@@ -114,13 +115,13 @@ def _rules() -> Any:
                 g = divide(grad)
                 if self.bias is not None:
                     b = self.bias.view(1, -1, *(1,) * (g.ndim - 2))
-                    _add(self.tally, (g.detach() * b).flatten(1).sum(1))
+                    _add(self.tally, (g.detach() * b.to(g)).flatten(1).sum(1))
                 return g
 
             return hook
 
     class PassRule(PropagationRule):
-        """Relevance passes unchanged (identity, flatten, dropout, an unfolded BatchNorm)."""
+        """Relevance passes unchanged (identity, flatten, dropout3d...)."""
 
         def _manipulate_weights(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
             return None
@@ -319,8 +320,8 @@ class LRP:
             a larger value absorbs relevance of weak activations (less noise, less
             conservation).
         alpha, beta: the ``alpha-beta`` rule's weights, ``alpha - beta = 1``, ``beta >= 0``.
-        zero_bias: alpha-beta only: leave biases out of ``z`` (default ``True``), so the
-            input relevance sums to the score; ``False`` splits each bias by sign into
+        zero_bias: alpha-beta only: leave conv/linear biases (folded BatchNorms included) out
+            of ``z`` (default ``True``), so they absorb nothing; ``False`` splits each bias by sign into
             ``z+``/``z-`` and lets it absorb its share. The epsilon rule always keeps the bias
             (``True`` is refused: it diverges on conv+BN networks).
         device: where it runs; default the model's device (the model is never moved).
@@ -360,7 +361,7 @@ class LRP:
             raise ValueError(
                 "zero_bias=True applies to rule='alpha-beta' only: with the epsilon rule, z "
                 "without the bias of a conv+BatchNorm network changes sign where the bias "
-                "dominates, and the relevance diverges (its sum was 1e9 times the score on a "
+                "dominates, and the relevance diverges (its sum was 5e9 times the score on a "
                 "MONAI ResNet18). The epsilon rule keeps the bias in z; what it absorbs is "
                 "reported in result.bias_contributions['bias'].")
         # the engine's checks: a convolutional 2D/3D eager model, layer names, the device
@@ -386,9 +387,9 @@ class LRP:
             "library": "captum",
             "rule": self.rule,
             "target_layers": spec if spec is None or isinstance(spec, str) else list(spec),
-            "composite": "conv/linear: rule; BatchNorm after a conv: folded into it, else pass; "
-                         "pooling and residual sums: epsilon (proportional); ReLU, dropout, "
-                         "identity, flatten, concatenation: pass",
+            "composite": "conv/linear: rule; BatchNorm after a conv: folded into it, else "
+                         "epsilon with its shift; pooling and residual sums: epsilon "
+                         "(proportional); ReLU, dropout, identity, flatten, concatenation: pass",
             "map": "relu(sum over input channels of the input relevance), min-max normalised",
             "upsampling": "none (input resolution)",
         }
@@ -435,7 +436,7 @@ class LRP:
                    for name in names]
         try:
             with torch.no_grad():  # Captum's first pass needs no graph; its second enables it
-                rel = lib.LRP(head).attribute(x.detach().clone())
+                rel = lib.LRP(head).attribute(x.detach().clone().requires_grad_(True))
         finally:
             for h in handles:
                 h.remove()
@@ -544,6 +545,8 @@ class LRP:
                 rules[name] = "add"
             elif isinstance(m, _POOL):
                 rules[name] = "pool"
+            elif isinstance(m, _BATCHNORM):
+                rules[name] = "norm"
             elif type(m) in _CAPTUM_PASS:
                 rules[name] = "captum"
                 continue  # Captum clones and hooks it itself
@@ -560,8 +563,8 @@ class LRP:
             if kind == "rule":
                 m.rule = (lib.TallyEpsilonRule(self.epsilon, tally) if self.rule == "epsilon"
                           else lib.AlphaBetaRule(self.alpha, self.beta, self.zero_bias, tally))
-            elif kind in ("pool", "add"):
-                m.rule = lib.EpsilonRule(_STABILISER)
+            elif kind in ("pool", "add", "norm"):
+                m.rule = lib.TallyEpsilonRule(_STABILISER, tally)
             elif kind == "pass":
                 m.rule = lib.PassRule()
 

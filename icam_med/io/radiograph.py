@@ -66,6 +66,7 @@ __all__ = [
     "load_radiograph",
     "pixel_spacing",
     "preprocess_2d",
+    "radiograph_files",
     "radiograph_source",
     "write_overlay_png",
     "write_presentation_state",
@@ -140,6 +141,19 @@ def radiograph_source(path: str | Path) -> Path | None:
             "which takes each file as a scan."
         )
     return flat[0]
+
+
+def radiograph_files(files: Sequence[str | Path]) -> list[Path] | None:
+    """``files`` (a folder's non-NIfTI files) when every one is a single 2-D DICOM image,
+    each then a scan of its own; else ``None`` (the folder is a series)."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        return None
+    for f in paths:
+        ds = _header(f)
+        if ds is None or not _is_2d_header(ds):
+            return None
+    return paths
 
 
 def _nifti_is_2d(path: Path) -> bool:
@@ -324,7 +338,10 @@ def display_pixels(ds: Any, source: str = "image") -> tuple[np.ndarray, Geometry
         steps.append(f"rescale slope {float(ds.get('RescaleSlope', 1) or 1):g}, intercept "
                      f"{float(ds.get('RescaleIntercept', 0) or 0):g}")
     if ds.get("VOILUTSequence"):
-        values = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+        # a LUT is indexed by the (integer) modality values: whole floats are given as ints
+        lut_in = values.astype(np.int64) if np.array_equal(values, np.rint(values)) else values
+        values = np.asarray(apply_voi_lut(lut_in, ds, index=0, prefer_lut=True),
+                            dtype=np.float64)
         lo, hi = 0.0, 2.0 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
         steps.append("VOI LUT (first of "
                      f"{len(ds.VOILUTSequence)})")

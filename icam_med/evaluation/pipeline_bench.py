@@ -220,6 +220,7 @@ def run_pipeline_bench(work: str | Path, *, n_scans: int = 4,
             raise RuntimeError(f"backend {backend} failed (exit {proc.returncode}):\n"
                                f"{proc.stderr[-3000:]}")
         rows.append(PipelineRow(**json.loads(line)))
+        say(f"{backend} done: {line}")  # each row as soon as it is known (long runs)
     return rows
 
 

@@ -174,12 +174,14 @@ def map_statistics(fused: Any, affine: Any) -> MapStatistics:
             hi, peak_flat = float(b.flat[j]), i * per + j
         lo = min(lo, float(b.min()))
         above += int(np.count_nonzero(b > 0.5))
+        del b64  # before the next slab is made
     total = float(first.sum())
     mean = total / n
     sq = 0.0
     for _, b in _slabs(a):
         d = np.subtract(b, mean, dtype=np.float64)
         sq += float(np.multiply(d, d, out=d).sum())
+        del d
     peak = tuple(int(v) for v in np.unravel_index(peak_flat, a.shape))
     world = aff @ np.r_[np.asarray(peak, float), 1.0]
     centroid = None

@@ -156,7 +156,7 @@ def test_single_image_without_position_is_a_2d_image_refused_by_a_3d_pipeline(tm
     # A 3-D pipeline refuses it, naming the fix, instead of a raw MONAI traceback.
     pre = Preprocessor([{"name": "Spacingd", "pixdim": [2.0, 2.0, 2.0]},
                         {"name": "ResizeWithPadOrCropd", "spatial_size": [8, 8, 8]}])
-    with pytest.raises(ValueError, match="is a 2-D image.*2-D model and 2-D transforms"):
+    with pytest.raises(ValueError, match=r"is a 2-D image.*2-D model and 2-D transforms"):
         pre(image)
 
 

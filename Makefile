@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.icam-med-installed
 
 
-.PHONY: venv system-deps demo test lint bench napari evaluate clean sample-data
+.PHONY: venv system-deps demo test lint bench napari evaluate clean sample-data demo2d-model
 
 venv: $(STAMP)
 
@@ -32,9 +32,11 @@ DEMO_OUT ?= runs/demo
 demo: venv
 	$(BIN)/python scripts/make_sample_data.py
 	$(BIN)/icam-med audit sample_data/demo_cohort.csv --config configs/demo.yaml --out $(DEMO_OUT) --pdf
+	$(BIN)/icam-med audit sample_data/scans/synthetic_radiographs --config configs/demo2d.yaml --out $(DEMO_OUT)-2d
 	@echo
 	@echo "Outputs:  $(DEMO_OUT)/  (scans/<id>/cam.nii.gz, cam.icam.json, ledger.jsonl, summary.csv)"
 	@echo "Report:   $(DEMO_OUT)/report.html  (and report.pdf)"
+	@echo "2-D:      $(DEMO_OUT)-2d/  (synthetic radiographs: cam.nii.gz, cam_overlay.png, cam_gsps.dcm, report.html)"
 	@echo "Verify:   $(BIN)/icam-med verify $(DEMO_OUT)"
 	@echo "napari:   make napari, then File > Open Sample > icam-med, or"
 	@echo "          $(BIN)/napari --plugin icam-med sample_data/scans/mni152_t1_2mm_lesion.nii.gz $(DEMO_OUT)/scans/mni152-lesion-nifti/cam.nii.gz"
@@ -59,6 +61,9 @@ evaluate: venv
 # The plugin's sample scans: the checkout's sample_data/scans (as make demo), not the user cache.
 napari: venv
 	ICAM_MED_SAMPLE_DIR=$(CURDIR)/sample_data/scans $(BIN)/napari
+
+demo2d-model: venv
+	$(BIN)/python scripts/train_demo2d_model.py
 
 sample-data: venv
 	$(BIN)/python scripts/make_sample_data.py

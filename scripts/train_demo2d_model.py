@@ -9,7 +9,7 @@ and z-scored, as ``configs/demo2d.yaml``'s preprocessing does to a radiograph on
 
 Usage::
 
-    python scripts/train_demo2d_model.py            # writes sample_data/demo2d_finding_net.*
+    python scripts/train_demo2d_model.py            # writes sample_data/demo2d/demo2d_finding_net.*
     python scripts/train_demo2d_model.py --steps 2 --out /tmp/smoke --no-config-update
 """
 
@@ -27,7 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo2d.yaml"
-DEFAULT_OUT = REPO / "sample_data"
+DEFAULT_OUT = REPO / "sample_data" / "demo2d"  # its own folder: its own MODEL_CARD.md
 WEIGHTS_NAME = "demo2d_finding_net.safetensors"
 REPORT_NAME = "demo2d_finding_net.training.json"
 

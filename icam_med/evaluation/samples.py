@@ -278,7 +278,7 @@ def generate_radiographs(out: str | Path, *, force: bool = False) -> dict[str, A
         write_radiograph(target / name, image, modality=modality, photometric=photometric,
                          spacing=spacing, spacing_tag=tag, window=(2048.0, 4096.0), uids=uids,
                          series_description=f"synthetic chest radiograph ({name})",
-                         patient_name="Sample^Synthetic", patient_id="ICAMSAMPLE2D")
+                         patient_name="Anonymous^Phantom", patient_id="PHANTOM2D")
         if name == "chest_dx_finding.dcm":
             dr, dc = spacing
             affine = np.diag([-dc, -dr, 1.0, 1.0])  # the DX file's own grid (io.radiograph)

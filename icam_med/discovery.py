@@ -89,6 +89,13 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
         return rows
 
 
+def _kind(path: Path) -> str:
+    """The format part of a scan's name: ``nii`` (``.nii``/``.nii.gz``), ``dcm``, ``dicom``
+    (a folder, or a file without a suffix)."""
+    suffixes = [x.lower().lstrip(".") for x in path.suffixes if x.lower() != ".gz"]
+    return suffixes[-1] if suffixes else "dicom"
+
+
 def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
     """Turn command-line inputs into scans with unique ids.
 
@@ -100,7 +107,9 @@ def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
 
     Returns:
         Scans in input order. Ids come from the ``id`` column or the file/folder name; when
-        two names clash, parent folder names are prefixed (``sub-01_T1w``).
+        two names clash, the format is appended when it tells them apart
+        (``chest_dx_finding_dcm`` and ``chest_dx_finding_nii``), otherwise parent folder
+        names are prefixed (``sub-01_T1w``).
 
     Raises:
         ValueError: a CSV without a path column, or no scans at all.
@@ -128,6 +137,11 @@ def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
         dup = next(x for x in explicit if explicit.count(x) > 1)
         raise ValueError(f"scan id '{dup}' is used twice in the scan list; ids must be unique.")
     ids = [safe_name(r["id"]) if r["id"] else name(r, 0) for r in rows]
+    # Same name, different formats side by side (``x.dcm`` and ``x.nii.gz``): the format tells
+    # them apart without the parent folders (which would reach up to the user's home).
+    clashes = {i for i, x in enumerate(ids) if ids.count(x) > 1 and not rows[i]["id"]}
+    for i in clashes:
+        ids[i] = safe_name(f"{name(rows[i], 0)}_{_kind(rows[i]['path'])}")
     # Clashing names get as many parent folder names as it takes to tell them apart.
     for levels in range(1, 8):
         clashes = {i for i, x in enumerate(ids) if ids.count(x) > 1 and not rows[i]["id"]}

@@ -217,6 +217,15 @@ def test_scan_ids_are_unique_and_stable(tmp_path):
                        "sub-02/anat/T1w.nii.gz,present,A\n")
     with pytest.raises(ValueError, match="scan id 'A' is used twice"):
         collect_scans([listing])
+    # The same name in two formats side by side: told apart by the format, never by the
+    # folders above (ids carry no part of the user's path).
+    from icam_med.evaluation.samples import generate_radiographs
+
+    side = tmp_path / "radiographs"
+    generate_radiographs(side)  # chest_dx_finding.dcm beside chest_dx_finding.nii.gz
+    assert sorted(s.scan_id for s in collect_scans([side])) == [
+        "chest_cr_finding_mono1", "chest_dx_finding_dcm", "chest_dx_finding_nii",
+        "chest_dx_normal"]
 
 
 def test_map_analysis_mass_in_mask():

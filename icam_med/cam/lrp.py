@@ -49,6 +49,7 @@ import logging
 import math
 import re
 import types
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -435,7 +436,11 @@ class LRP:
         handles = [modules[name].register_forward_hook(self._layer_hook(name, layer_rel))
                    for name in names]
         try:
-            with torch.no_grad():  # Captum's first pass needs no graph; its second enables it
+            with torch.no_grad(), warnings.catch_warnings():
+                # Captum's first pass needs no graph; its second enables it (and warns that
+                # the input "did not already require gradients" on every call: noise here).
+                warnings.filterwarnings("ignore", message="Input Tensor .* did not already "
+                                        "require gradients")
                 rel = lib.LRP(head).attribute(x.detach().clone().requires_grad_(True))
         finally:
             for h in handles:

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=_args.positive_int, default=5, help="timed runs per case (median)")
     parser.add_argument("--batch", type=_args.positive_int, default=1, help="batch size (default: 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--case", action="append", help="only these cases (default: all)")
+    parser.add_argument("--case", action="append", help="only these cases (default: the default cases; the costly toolbox cases, e.g. "
+                             "scorecam/last, run only when named)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     pipe = parser.add_argument_group(
         "pipeline benchmark (--pipeline): batch audits of synthetic full-size CT series")

@@ -480,6 +480,13 @@ class BaseCAM:
         self.layer_names(spatial_shape)
         return list(self._probe_cache[tuple(int(s) for s in spatial_shape)][0])
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward pass, under autocast when ``amp_dtype`` is set."""
+        if self.amp_dtype is not None:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                return self.model(x)
+        return self.model(x)
+
     def __call__(self, x: torch.Tensor, targets: object = None) -> CAMResult:
         """Explain ``x`` of shape ``(N, C, *spatial)``.
 
@@ -522,11 +529,7 @@ class BaseCAM:
                         self._complete_hook(name, bias.to(self.device), ctx)))
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                if self.amp_dtype is not None:
-                    with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
-                        output = self.model(x_in)
-                else:
-                    output = self.model(x_in)
+                output = self._forward(x_in)
                 for h in handles:
                     h.remove()
                 handles.clear()
@@ -894,11 +897,7 @@ class BaseCAM:
         batch.append(base.expand_as(x))
         stacked = torch.cat(batch, 0)
         del batch
-        if self.amp_dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
-                out = self.model(stacked)
-        else:
-            out = self.model(stacked)
+        out = self._forward(stacked)
         per = []
         for j in range(len(names) + 1):
             s, _ = self._scores(out[j * n:(j + 1) * n], target_fn, n)

@@ -143,11 +143,7 @@ class VanillaGradient:
                             self._guide_hook(guided_nodes, relu_calls)))
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                if e.amp_dtype is not None:
-                    with torch.autocast(device_type=e.device.type, dtype=e.amp_dtype):
-                        output = self.model(x_in)
-                else:
-                    output = self.model(x_in)
+                output = e._forward(x_in)
                 for h in handles:
                     h.remove()
                 handles.clear()

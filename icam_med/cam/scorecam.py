@@ -85,12 +85,6 @@ class ScoreCAM(BaseCAM):
                        ctx: _LayerContext) -> torch.Tensor:  # pragma: no cover - not used
         raise NotImplementedError("Score-CAM computes its maps without gradients.")
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amp_dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
-                return self.model(x)
-        return self.model(x)
-
     def __call__(self, x: torch.Tensor, targets: object = None) -> CAMResult:
         """Explain ``x`` ``(N, C, *spatial)``; see :meth:`BaseCAM.__call__` for ``targets``."""
         x = self._check_input(x)

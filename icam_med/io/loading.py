@@ -247,8 +247,10 @@ def _axcodes(affine: np.ndarray) -> str:
     return "".join(c or "?" for c in nib.aff2axcodes(np.asarray(affine)[:4, :4]))
 
 
-def _as_metatensor(array_xyz: np.ndarray, affine: np.ndarray, path: Path) -> Any:
-    """A channel-first float32 MetaTensor with the metadata MONAI's readers give."""
+def _as_metatensor(array_xyz: np.ndarray, affine: np.ndarray, path: Path,
+                   **extra_meta: Any) -> Any:
+    """A channel-first float32 MetaTensor with the metadata MONAI's readers give (plus
+    ``extra_meta``, e.g. the 2-D marker of a radiograph)."""
     import torch
     from monai.data import MetaTensor
     from monai.utils import MetaKeys, SpaceKeys
@@ -262,6 +264,7 @@ def _as_metatensor(array_xyz: np.ndarray, affine: np.ndarray, path: Path) -> Any
         MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
         "spacing": np.linalg.norm(aff[:3, :3], axis=0),
         "filename_or_obj": str(path),
+        **extra_meta,
     }
     return MetaTensor(torch.from_numpy(a), affine=torch.as_tensor(aff), meta=meta)
 

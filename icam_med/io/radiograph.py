@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from icam_med.io.loading import _as_metatensor, _axcodes
 from icam_med.io.validation import (
     GeometryCheck,
     GeometryError,
@@ -367,28 +368,8 @@ def display_pixels(ds: Any, source: str = "image") -> tuple[np.ndarray, Geometry
 
 def _as_2d_metatensor(plane_xy: np.ndarray, affine_ras: np.ndarray, path: Path) -> Any:
     """``(1, X, Y, 1)`` float32 MetaTensor with the 4x4 RAS affine, marked as 2-D."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.utils import MetaKeys, SpaceKeys
-
-    a = np.ascontiguousarray(plane_xy, dtype=np.float32)[None, :, :, None]
-    aff = np.asarray(affine_ras, dtype=np.float64)
-    meta = {
-        MetaKeys.ORIGINAL_AFFINE: aff.copy(),
-        MetaKeys.SPACE: SpaceKeys.RAS,
-        MetaKeys.SPATIAL_SHAPE: np.asarray(a.shape[1:]),
-        MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
-        "spacing": np.linalg.norm(aff[:3, :3], axis=0),
-        "filename_or_obj": str(path),
-        SPATIAL_DIMS_KEY: 2,
-    }
-    return MetaTensor(torch.from_numpy(a), affine=torch.as_tensor(aff), meta=meta)
-
-
-def _axcodes(affine: np.ndarray) -> str:
-    import nibabel as nib
-
-    return "".join(c or "?" for c in nib.aff2axcodes(np.asarray(affine)[:4, :4]))
+    return _as_metatensor(np.asarray(plane_xy)[:, :, None], affine_ras, path,
+                          **{SPATIAL_DIMS_KEY: 2})
 
 
 def load_radiograph(path: str | Path, *, geometry: GeometryOptions | Mapping[str, Any] | None

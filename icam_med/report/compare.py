@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import functools
 import io
 import json
 import logging
@@ -312,14 +311,10 @@ th{background:#eee}td.l,th.l{text-align:left}.broken{background:#b00020;color:#f
 padding:12px;font-size:20px;font-weight:bold}.bad{background:#fde0e0}img{max-width:100%}"""
 
 
-@functools.cache
 def _template() -> Any:
-    import jinja2
+    from icam_med.report.html import template
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("icam_med.report", "templates"),
-                             autoescape=True, trim_blocks=True, lstrip_blocks=True,
-                             undefined=jinja2.StrictUndefined)
-    return env.get_template("comparison.html.j2")
+    return template("comparison.html.j2")
 
 
 def _html(header_a: dict[str, Any], header_b: dict[str, Any], matched: list[ScanComparison],

@@ -57,13 +57,14 @@ def page_name(page: int) -> str:
 
 
 @functools.cache
-def _template() -> Any:
+def template(name: str = "report.html.j2") -> Any:
+    """A Jinja2 template of ``icam_med/report/templates`` (autoescaped, strict), loaded once."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("icam_med.report", "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True,
                              undefined=jinja2.StrictUndefined)
-    return env.get_template("report.html.j2")
+    return env.get_template(name)
 
 
 def _img(png: bytes | None, alt: str, width: int | None = None) -> Any:
@@ -148,7 +149,7 @@ def render_page(data: CohortData, metrics: dict[str, Any], figs: dict[str, bytes
                       "yes" if s.verified else Markup('<span class="flag">no</span>'),
                       _val(None if s.outside_body is None else f"{s.outside_body:.0%}"),
                       str(len(s.flags))] for s in data.scans]
-    return _template().render(
+    return template().render(
         css=Markup(CSS), data=data, built=built, page=page, n_pages=n_pages,
         scans=[s for s in data.scans if s.page == page], ranked=ranked, glance=glance,
         signature=signature_status(data.verify), models=models,

@@ -142,9 +142,13 @@ def test_gantry_tilt_tag_alone_is_refused(tmp_path, prepared):
     assert_refused(tmp_path / "s", prepared, tmp_path / "out", r"gantry tilt", r"15\.00")
 
 
-def test_image_without_position_is_refused(tmp_path, prepared):
+def test_image_without_position_is_a_2d_image_refused_by_a_3d_pipeline(tmp_path, prepared):
+    # A single CR without Image Position/Orientation is a radiograph (issue 13: it takes
+    # the 2-D path); a 3-D config on it is refused before any output, naming the file and
+    # the fix, not with a MONAI traceback.
     assert_refused(dicomdir_series("77654033/CR1"), prepared, tmp_path / "out",
-                   r"CR1/6154", r"ImageOrientationPatient")
+                   r"77654033/CR1", r"is a 2-D image", r"2-D model and 2-D transforms",
+                   exc=ValueError)
 
 
 # -- files ----------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from icam_med._version import __version__
+from icam_med._worker import init_worker
 from icam_med.audit import (
     AuditRecord,
     Ledger,
@@ -333,40 +334,6 @@ def _run_local(task: WorkerTask, scans: Sequence[ScanSpec]) -> Iterator[ScanOutc
         yield explain_task(task, spec)
 
 
-def _die_with(parent: int) -> None:
-    """End this worker process when ``parent`` (its coordinator) dies, even by SIGKILL.
-
-    On Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); on every
-    system a daemon thread also checks once a second that the parent is still there.
-    """
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="icam-med-parent-watch", daemon=True).start()
-
-
-def _init_worker(threads: int, parent: int) -> None:
-    import torch
-
-    _die_with(parent)
-    torch.set_num_threads(threads)
-
-
 def _lost(spec: ScanSpec, exc: BaseException) -> ScanOutcome:
     """The outcome of a scan whose worker died (killed by the OOM killer, say)."""
     return ScanOutcome(scan_id=spec.scan_id, pid=None, error=f"{type(exc).__name__}: {exc}")
@@ -381,7 +348,7 @@ def _run_processes(task: WorkerTask, scans: Sequence[ScanSpec],
     threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscription of the cores
     # Workers die with this process (even when it is killed), so a killed run leaves no
     # orphans behind.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
                              initargs=(threads, os.getpid())) as pool:
         futures = {pool.submit(explain_task, task, s): s for s in scans}
         try:

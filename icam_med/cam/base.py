@@ -480,6 +480,18 @@ class BaseCAM:
         self.layer_names(spatial_shape)
         return list(self._probe_cache[tuple(int(s) for s in spatial_shape)][0])
 
+    def _begin_call(self, x: torch.Tensor, targets: object) -> tuple[Any, ...]:
+        """Every check of a call, before any pass: the checked input, its batch size, the
+        target function, the hooked layers, the model's modules and their training flags."""
+        x = self._check_input(x)
+        n = x.shape[0]
+        target_fn = resolve_targets(targets, n)
+        layers, out_shape = self._resolve(x)
+        self._check_targets(target_fn, out_shape)
+        modules = dict(self.model.named_modules())
+        training = {m: m.training for m in self.model.modules()}
+        return x, n, target_fn, layers, modules, training
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward pass, under autocast when ``amp_dtype`` is set."""
         if self.amp_dtype is not None:
@@ -500,13 +512,7 @@ class BaseCAM:
             ValueError: wrong dimensionality, channels, non-finite values, targets out of
                 range or of the wrong kind; raised before the explained pass runs.
         """
-        x = self._check_input(x)
-        n = x.shape[0]
-        target_fn = resolve_targets(targets, n)
-        layers, out_shape = self._resolve(x)
-        self._check_targets(target_fn, out_shape)
-        modules = dict(self.model.named_modules())
-        training = {m: m.training for m in self.model.modules()}
+        x, _n, target_fn, layers, modules, training = self._begin_call(x, targets)
         records = {r.name: r for r in self._probe_cache[tuple(x.shape[2:])][0]}
         ctx = _LayerContext(input_size=tuple(x.shape[2:]),
                             mode="bilinear" if self.spatial_dims == 2 else "trilinear")

@@ -29,7 +29,6 @@ from torch import nn
 
 from icam_med.cam._copies import clean_forward, freeze_target, grouped_scores
 from icam_med.cam.base import BaseCAM, CAMResult, _LayerContext, minmax_normalize
-from icam_med.cam.targets import resolve_targets
 
 __all__ = ["SCORECAM_WEIGHTS", "ScoreCAM"]
 
@@ -87,13 +86,7 @@ class ScoreCAM(BaseCAM):
 
     def __call__(self, x: torch.Tensor, targets: object = None) -> CAMResult:
         """Explain ``x`` ``(N, C, *spatial)``; see :meth:`BaseCAM.__call__` for ``targets``."""
-        x = self._check_input(x)
-        n = x.shape[0]
-        target_fn = resolve_targets(targets, n)
-        layers, out_shape = self._resolve(x)
-        self._check_targets(target_fn, out_shape)
-        modules = dict(self.model.named_modules())
-        training = {m: m.training for m in self.model.modules()}
+        x, n, target_fn, layers, modules, training = self._begin_call(x, targets)
         ctx = _LayerContext(input_size=tuple(x.shape[2:]),
                             mode="bilinear" if self.spatial_dims == 2 else "trilinear")
         acts: dict[str, torch.Tensor] = {}

@@ -467,18 +467,37 @@ class BaseCAM:
                 return list(next(iter(self._layer_cache.values())))
             raise ValueError(f"target_layers='{self.target_layers}' depends on the input shape; "
                              "pass spatial_shape.")
-        key = tuple(int(s) for s in spatial_shape)
-        if key not in self._layer_cache:
-            example = torch.zeros((1, self.in_channels, *key), device=self.device,
-                                  dtype=self._param_dtype())
-            self._probe(example)
+        key = self._probed(spatial_shape)
         return list(self._layer_cache[key])
 
     def layer_records(self, spatial_shape: Sequence[int]) -> list[LayerRecord]:
         """What the probe saw for inputs of ``spatial_shape``: every module with a spatial
-        output, its kind, whether a preset may choose it, and the modules carrying its bias."""
-        self.layer_names(spatial_shape)
-        return list(self._probe_cache[tuple(int(s) for s in spatial_shape)][0])
+        output, its kind, whether a preset may choose it, and the modules carrying its bias.
+
+        Works alike for a preset and for an explicit list of layers (one probe forward pass
+        per input size, cached and shared with the explanation).
+
+        Raises:
+            ValueError: the model has no spatial layer at this size, or a named target layer
+                gives no spatial feature map at this size.
+        """
+        return list(self._probe_cache[self._probed(spatial_shape)][0])
+
+    def output_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """The model's output shape per sample for inputs of ``spatial_shape``: ``(K,)``
+        for a classifier, ``(K, *spatial)`` for a segmentation network (from the same cached
+        probe as :meth:`layer_records`)."""
+        return tuple(self._probe_cache[self._probed(spatial_shape)][1])
+
+    def _probed(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """The cache key of ``spatial_shape``, after one probe pass at that size if none ran
+        yet (an example of zeros in the model's dtype, on its device)."""
+        key = tuple(int(s) for s in spatial_shape)
+        if key not in self._probe_cache:
+            example = torch.zeros((1, self.in_channels, *key), device=self.device,
+                                  dtype=self._param_dtype())
+            self._probe(example)
+        return key
 
     def _begin_call(self, x: torch.Tensor, targets: object) -> tuple[Any, ...]:
         """Every check of a call, before any pass: the checked input, its batch size, the

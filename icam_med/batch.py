@@ -26,7 +26,8 @@ system).
 
 Resuming: a scan is done when the ledger holds its ``scan`` entry, all its files still
 verify and the scan given now still has the voxel SHA-256 its record pins (a changed scan
-under an old id is refused, not skipped). A re-run skips exactly those, removes what an interrupted run left of the others
+under an old id is refused, not skipped; so is a scan whose target region mask changed: the
+mask's voxel SHA-256 is compared with the record's). A re-run skips exactly those, removes what an interrupted run left of the others
 (files no entry names) and redoes them. A scan whose logged outputs no longer verify is
 never overwritten (it is evidence): it is reported as failed.
 """
@@ -67,20 +68,21 @@ from icam_med.audit.record import RecordAnalysis
 from icam_med.audit.signing import check_key_outside, load_signing_key, sign_head
 from icam_med.audit.trail import AuditContext
 from icam_med.cam.summary import map_statistics
-from icam_med.config import ICAMConfig, load_config
+from icam_med.config import ICAMConfig, RegionConfig, load_config
 from icam_med.discovery import ScanSpec, collect_scans
 from icam_med.paths import SCANS_DIR
 
 __all__ = ["MODEL_CACHE", "BatchResult", "ModelCache", "ResumePlan", "ScanOutcome", "WorkerTask",
            "choose_backend", "commit_outcome", "explain_task", "map_analysis", "plan_resume",
-           "run_batch", "summary_rows", "worker_task", "write_summary"]
+           "region_mask_of", "run_batch", "scan_region", "summary_rows", "worker_task",
+           "write_summary"]
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.csv"
 SUMMARY_COLUMNS = (
     "scan_id", "status", "predicted_class", "predicted_label", "score", "expected_label",
-    "disagrees", "target_label", "map_min", "map_max", "map_mean", "map_frac_above_0.5",
+    "disagrees", "target_label", "region_source", "region_voxels", "region_sha256", "map_min", "map_max", "map_mean", "map_frac_above_0.5",
     "peak_voxel", "peak_world_ras_mm", "centroid_voxel", "mask_fraction", "record",
     "ledger_seq", "reason",
 )
@@ -161,6 +163,8 @@ class ScanOutcome:
         seconds: time spent on the worker.
         identifiers: the scan's identifying header values, once it was loaded (in memory
             only: the coordinator screens failure reasons with them; never written).
+        region_mask: the scan's own target region mask (a ``masks`` region), once found:
+            the coordinator keeps its path out of failure reasons as it does the scan's.
     """
 
     scan_id: str
@@ -172,6 +176,7 @@ class ScanOutcome:
     prepare_count: int | None = None
     seconds: float = 0.0
     identifiers: tuple[str, ...] = ()
+    region_mask: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -243,6 +248,60 @@ def _load_mask(spec: ScanSpec, info: Any, geometry: Any) -> Any:
     return mask
 
 
+def region_mask_of(region: RegionConfig | None, spec: ScanSpec) -> Path | None:
+    """The target region mask file of one scan: its own mask under a ``masks`` region
+    (:meth:`~icam_med.config.RegionConfig.mask_for`), the one mask of a ``mask`` region,
+    else ``None`` (a predicted region, or no region)."""
+    if region is None:
+        return None
+    if region.kind == "masks":
+        return region.mask_for(spec.path, spec.scan_id)
+    return Path(region.mask) if region.kind == "mask" and region.mask is not None else None
+
+
+def scan_region(config: ICAMConfig, spec: ScanSpec) -> RegionConfig | None:
+    """The target region of one scan of a batch, checked before its scan is read.
+
+    A ``masks`` region becomes this scan's own mask file; any other region is the config's
+    own (``None``: :func:`~icam_med.explain.explain_volume` takes it from the config). That
+    the mask lies on the scan's grid is checked by ``explain_volume`` before the model runs.
+
+    Raises:
+        FileNotFoundError: the scan's mask does not exist (the message names the scan, the
+            mask, the pattern and the fix).
+        ValueError: the pattern leads to the scan itself.
+    """
+    region = config.target.region if config.target is not None else None
+    if region is None or region.kind != "masks":
+        return None
+    path = region.mask_for(spec.path, spec.scan_id)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"scan {spec.scan_id}: its region mask {path} does not exist; put the scan's mask "
+            "there (NIfTI or DICOM, on the scan's grid), correct the per-scan mask pattern "
+            "(the config's target.region, or --region-masks), or leave the scan out of the "
+            "batch.")
+    if path.absolute() == Path(spec.path).absolute():
+        raise ValueError(
+            f"scan {spec.scan_id}: the per-scan mask pattern leads to the scan itself; give "
+            "the masks a name or folder of their own (e.g. 'masks/{scan}.nii.gz' or "
+            "'{dir}/{scan}_seg.nii.gz').")
+    return RegionConfig("mask", mask=path)
+
+
+def _drop_region_masks(scans: list[ScanSpec], region: RegionConfig | None) -> list[ScanSpec]:
+    """The scans less those that are another scan's region mask (a folder holding
+    ``case01.nii.gz`` and ``case01_seg.nii.gz`` gives both: the second is a mask)."""
+    if region is None or region.kind != "masks":
+        return scans
+    masks = {region.mask_for(s.path, s.scan_id).absolute() for s in scans}
+    kept = [s for s in scans if Path(s.path).absolute() not in masks]
+    if len(kept) < len(scans):
+        log.info("%d input(s) are other scans' region masks (target.region.masks %r) and are "
+                 "not audited as scans", len(scans) - len(kept), region.pattern)
+    return kept or scans
+
+
 def second_class_explanation(prepared: Any, image: Any, info: Any, explanation: Any,
                              analysis: dict[str, Any]) -> Any:
     """Misclassification analysis (docs/report.md): the map of the class a labelled scan's
@@ -285,13 +344,16 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
         from icam_med.explain import explain_volume, write_outputs
         from icam_med.io import load_volume
 
+        outcome.region_mask = region_mask_of(
+            task.config.target.region if task.config.target is not None else None, spec)
+        region = scan_region(task.config, spec)  # a missing mask: refused before any work
         with MODEL_CACHE.lock:
             prepared = MODEL_CACHE.get(task.key, task.config, task.device)
             image, info = load_volume(spec.path, geometry=task.config.geometry)
             outcome.identifiers = identifiers_from_scan(info)
             if task.seed is not None:
                 torch.manual_seed(task.seed)
-            explanation = explain_volume(image, info, prepared)
+            explanation = explain_volume(image, info, prepared, region=region)
             mask = _load_mask(spec, info, task.config.geometry) if spec.mask else None
             analysis = map_analysis(
                 explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,
@@ -481,17 +543,20 @@ def worker_task(cfg: ICAMConfig, weights_sha256: str | None, device: str,
                       intended_use=intended_use)
 
 
-def _failure_reason(error: str, spec: ScanSpec) -> tuple[str, tuple[str, ...]]:
+def _failure_reason(error: str, spec: ScanSpec,
+                    region_mask: Path | None = None) -> tuple[str, tuple[str, ...]]:
     """A failure reason that names the scan by its id, never by its path.
 
-    Every spelling of the scan's (and mask's) path becomes ``<scan ID>`` (``<mask of ID>``),
+    Every spelling of the scan's (and mask's) path becomes ``<scan ID>`` (``<mask of ID>``;
+    its target region mask's ``<region mask of ID>``),
     so what is left below it (``<scan ID>/IM0001.dcm``) is relative. Returns the text and the
     folder and file names on those paths, which the ledger withholds from the reason too
     (see :meth:`icam_med.audit.Ledger.log_failure`).
     """
     names: set[str] = set()
     for p, label in ((spec.path, f"<scan {spec.scan_id}>"),
-                     (spec.mask, f"<mask of {spec.scan_id}>")):
+                     (spec.mask, f"<mask of {spec.scan_id}>"),
+                     (region_mask, f"<region mask of {spec.scan_id}>")):
         if p is None:
             continue
         forms = {str(p), str(p.expanduser()), str(p.absolute())}
@@ -570,13 +635,55 @@ def _same_scan(spec: ScanSpec, recorded: str | None, geometry: Any) -> str | Non
     return None
 
 
+def _region_records(out: Path, ledger: Ledger) -> dict[str, str]:
+    """Scan id -> the path of the record of its last ``scan`` entry."""
+    paths: dict[str, str] = {}
+    for entry in ledger.entries():
+        if entry.kind == "scan" and entry.scan_id is not None and entry.record is not None:
+            paths[entry.scan_id] = entry.record.path
+    return paths
+
+
+def _same_region(out: Path, spec: ScanSpec, record_path: str | None, mask: Path,
+                 geometry: Any) -> str | None:
+    """None when the scan's target region mask still hashes to the region SHA-256 its
+    record pins (:func:`icam_med.explain.region_summary`: the uint8 ``mask != 0`` on the
+    scan's grid), else why not."""
+    from icam_med.io import load_volume
+
+    try:
+        rec = AuditRecord.load_inside(out, record_path) if record_path else None
+    except RecordError:
+        rec = None
+    recorded = (rec.method.region or {}).get("sha256") if rec is not None else None
+    if recorded is None:
+        return ("it was audited without this target region mask (its record pins none); the "
+                "old outputs are kept as evidence: audit with the mask into a new folder")
+    if not mask.exists():
+        return ("its target region mask is missing now, so it cannot be confirmed to be the "
+                "audited one; restore the mask, or audit into a new folder")
+    try:
+        region, _ = load_volume(mask, geometry=geometry)
+    except Exception as exc:  # the reason's text may quote the path: keep its type only
+        return (f"its target region mask cannot be read now to confirm it is the audited "
+                f"one ({type(exc).__name__})")
+    import torch
+
+    if voxel_sha256((region.as_tensor() != 0).to(torch.uint8)) != recorded:
+        return ("its target region mask changed since it was audited (the mask's voxel "
+                "SHA-256 differs from the record's region); the old outputs are kept as "
+                "evidence: audit with the new mask into a new folder or under a new id")
+    return None
+
+
 def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
-                geometry: Any = None) -> ResumePlan:
+                geometry: Any = None, region: RegionConfig | None = None) -> ResumePlan:
     """Sort the scans into done, refused and to do, from the folder's verification.
 
     A scan is done (skipped) only when its logged outputs verify *and* the scan given now
-    still has the voxel SHA-256 its record pins; a changed scan under an old id is refused,
-    never reported as already done.
+    still has the voxel SHA-256 its record pins *and*, with a mask region (``region``: the
+    run's ``target.region``), its mask still has the region SHA-256 its record pins; a
+    changed scan or mask under an old id is refused, never reported as already done.
 
     Raises:
         ValueError: the ledger's chain is broken (nothing is done in such a folder).
@@ -598,9 +705,14 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
             if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
                 tampered.setdefault(p.scan_id, str(p))
     plan = ResumePlan()
+    records = (_region_records(out, ledger)
+               if done and region is not None and region.kind in ("mask", "masks") else {})
     for spec in scans:
         if spec.scan_id in done:
             changed = _same_scan(spec, recorded.get(spec.scan_id), geometry)
+            mask = region_mask_of(region, spec)
+            if changed is None and mask is not None:
+                changed = _same_region(out, spec, records.get(spec.scan_id), mask, geometry)
             if changed is None:
                 plan.skipped.append(spec.scan_id)
             else:
@@ -639,7 +751,7 @@ def commit_outcome(out: Path, ledger: Ledger, spec: ScanSpec, outcome: ScanOutco
         except Exception as exc:  # a scan that cannot be sealed fails alone
             error = f"{type(exc).__name__}: {exc}"
     _clean_leftovers(out, ledger, spec.scan_id)  # what a failed worker or seal left
-    reason, names = _failure_reason(error, spec)
+    reason, names = _failure_reason(error, spec, outcome.region_mask)
     entry = ledger.log_failure(spec.scan_id, reason, run_id=result.run_id,
                                identifiers=outcome.identifiers, names=names)
     result.failed[spec.scan_id] = entry.data["reason"]
@@ -669,7 +781,7 @@ def _commit_all(out: Path, ledger: Ledger, todo: Sequence[ScanSpec],
 def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
               out_dir: str | Path, *, workers: int = 0, cluster: Any = None,
               device: str = "cpu", operator: str | None = None, seed: int | None = 0,
-              progress: bool = True) -> BatchResult:
+              progress: bool = True, region_masks: str | None = None) -> BatchResult:
     """Explain many scans into one audited output folder (resumable).
 
     The steps: check the inputs (folder, config, site key, scan list, weights hash), take
@@ -688,6 +800,11 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
         operator: a pseudonymous operator id for the records.
         seed: torch seed set before each scan (recorded); ``None`` to leave it.
         progress: show a progress bar (scans done, rate, ETA) on stderr.
+        region_masks: each scan's own target region mask, as a pattern (``--region-masks``;
+            see :meth:`~icam_med.config.RegionConfig.masks_pattern`, relative to the working
+            folder); it replaces the config's ``target.region``, whose ``label`` it needs.
+            Inputs that are another scan's mask are not audited as scans. A scan whose mask
+            is missing or off its grid fails alone, before anything is written for it.
 
     Returns:
         A :class:`BatchResult`; ``result.exit_code`` is 1 when any scan failed.
@@ -708,10 +825,13 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
                              "pip install 'icam-med[dask]'.") from None
     out = _check_output_folder(Path(out_dir))
     cfg = config if isinstance(config, ICAMConfig) else load_config(config)
+    if region_masks is not None:
+        cfg = _with_region_masks(cfg, region_masks)
+    region = cfg.target.region if cfg.target is not None else None
     site_key = load_site_key(cfg.audit, base_dir=cfg.path.parent if cfg.path else None)
     signing_key = load_signing_key(cfg.audit, base_dir=cfg.path.parent if cfg.path else None)
     check_key_outside(signing_key, out)
-    scans = collect_scans(inputs)
+    scans = _drop_region_masks(collect_scans(inputs), region)
     if operator is not None and (not operator.strip() or len(operator) > 64):
         raise ValueError(f"--operator {operator!r}: give a short pseudonymous id (1-64 chars).")
     weights_sha = _weights_sha256(cfg)  # the run's one read of the weights file
@@ -721,7 +841,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     result = BatchResult(out_dir=out, run_id=uuid.uuid4().hex, n_scans=len(scans))
     with FolderLock(out) as lock:
         ledger = Ledger(out)
-        plan = plan_resume(out, ledger, scans, cfg.geometry)
+        plan = plan_resume(out, ledger, scans, cfg.geometry, region)
         result.skipped, result.failed = list(plan.skipped), dict(plan.refused)
         backend, outcomes = choose_backend(task, plan.todo, workers=workers, cluster=cluster)
         ledger.append("run-start", run_id=result.run_id, details={
@@ -732,6 +852,7 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
             "device": device, "seed": seed, "operator": operator,
             "signing_key_id": signing_key.key_id if signing_key else None,
             "intended_use_card_sha256": use.card_sha256 if use else None,
+            **({"target_region": region.to_dict()} if region is not None else {}),
         })
         for scan_id, reason in plan.refused.items():
             ledger.log_failure(scan_id, reason, run_id=result.run_id)
@@ -748,6 +869,18 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
             sign_head(out, signing_key, result.run_id, end.seq, end.sha256)
         write_summary(out)
     return result
+
+
+def _with_region_masks(cfg: ICAMConfig, pattern: str) -> ICAMConfig:
+    """The config with ``target.region`` replaced by per-scan masks (``--region-masks``)."""
+    if cfg.target is None:
+        where = f"config {cfg.path}" if cfg.path else "the config"
+        raise ValueError(
+            f"--region-masks {pattern!r} needs a target label to explain over each scan's mask, "
+            f"but {where} has no 'target' section: add 'target: {{label: LABEL}}' (a label of "
+            "model.labels or an output channel). Nothing was processed.")
+    region = RegionConfig.masks_pattern(pattern, Path.cwd(), where="--region-masks")
+    return replace(cfg, target=replace(cfg.target, region=region))
 
 
 # ---------------------------------------------------------------------------------------
@@ -802,6 +935,9 @@ def summary_rows(out_dir: str | Path) -> list[dict[str, str]]:
             predicted_class=_fmt(method.predicted.class_index),
             predicted_label=_fmt(method.predicted.label),
             target_label=_fmt(method.target.label), score=_fmt(method.score),
+            region_source=_fmt((method.region or {}).get("source")),
+            region_voxels=_fmt((method.region or {}).get("voxels")),
+            region_sha256=_fmt((method.region or {}).get("sha256")),
             expected_label=_fmt(analysis.expected_label),
             disagrees=_fmt(analysis.disagrees),
             map_min=_fmt(stats.get("min")), map_max=_fmt(stats.get("max")),

@@ -22,6 +22,7 @@ A config file has up to seven top-level sections::
     target:           # what to explain (default: a classifier's predicted class)
       label: lesion   # a class or, for a segmentation network, an output channel
       region: predicted   # segmentation only: predicted | {predicted: LABEL} | {mask: FILE}
+                          #   | {masks: PATTERN} (one mask per scan: masks/{scan}_seg.nii.gz)
     inference:        # how the model runs on a scan (default: one pass on the model input)
       sliding_window: {roi_size: [96, 96, 96], overlap: 0.25, mode: gaussian}
 
@@ -209,17 +210,24 @@ def _check_label(value: Any, *, allow_true: bool = False) -> Any:
         raise ValueError("expected a label (a string) or a channel/class index (an "
                          "integer >= 0)")
     return value
-_REGION_FORMS = "'predicted', {predicted: LABEL} or {mask: FILE}"
+_REGION_FORMS = ("'predicted', {predicted: LABEL}, {mask: FILE} or {masks: PATTERN} (one mask "
+                 "per scan)")
+#: The placeholders of a per-scan mask pattern (``target.region.masks``, ``--region-masks``).
+MASK_PATTERN_FIELDS = ("scan", "id", "dir")
+#: The names a mask in a masks folder may have (``DIR/<scan>`` + one of these).
+_MASK_DIR_ENDINGS = (".nii.gz", ".nii", ".dcm", "")
 
 
 class RegionSection(BaseModel):
     """``target.region``: the voxels whose summed output a segmentation target explains:
     ``predicted`` (the model's own region of the target label), ``{predicted: LABEL}`` (its
-    region of another label) or ``{mask: FILE}`` (a mask on the scan's grid)."""
+    region of another label), ``{mask: FILE}`` (one mask on the scan's grid) or
+    ``{masks: PATTERN}`` (each scan's own mask: see :meth:`RegionConfig.mask_for`)."""
 
     model_config = _STRICT
     predicted: Literal[True] | _Label | None = None
     mask: Annotated[str, Field(min_length=1)] | None = None
+    masks: Annotated[str, Field(min_length=1)] | None = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -357,15 +365,21 @@ class RegionConfig:
     """The region a segmentation target sums its output over.
 
     Attributes:
-        kind: ``"predicted"`` (the voxels the model predicts as ``label``) or ``"mask"``.
+        kind: ``"predicted"`` (the voxels the model predicts as ``label``), ``"mask"`` (one
+            mask file) or ``"masks"`` (each scan's own mask, found by ``pattern``).
         label: for ``predicted``, the label (name or channel index) whose predicted region
             is used; ``None`` means the target's own label.
         mask: for ``mask``, the mask file (on the scan's grid; non-zero = inside).
+        pattern: for ``masks``, where each scan's mask is (see :meth:`mask_for`).
+        base: for ``masks``, the folder a relative pattern is relative to (the config's
+            folder; the working folder for ``--region-masks``).
     """
 
-    kind: Literal["predicted", "mask"]
+    kind: Literal["predicted", "mask", "masks"]
     label: str | int | None = None
     mask: Path | None = None
+    pattern: str | None = None
+    base: Path | None = None
 
     @classmethod
     def parse(cls, text: str | Path) -> RegionConfig:
@@ -388,10 +402,85 @@ class RegionConfig:
             return cls("predicted", int(label) if label.isdigit() else label)
         return cls("mask", mask=Path(value).expanduser())
 
+    @classmethod
+    def masks_pattern(cls, pattern: str, base: str | Path | None = None, *,
+                      where: str = "--region-masks") -> RegionConfig:
+        """A per-scan mask region (``target.region.masks`` or ``--region-masks``), checked.
+
+        ``pattern`` is a path with placeholders: ``{scan}`` (the scan's name without its
+        format ending: ``case01`` for ``case01.nii.gz``, the folder's name for a DICOM series
+        folder), ``{id}`` (its id in the batch), ``{dir}`` (the folder the scan is in);
+        ``{{`` and ``}}`` are literal braces. Without a placeholder it names a folder holding
+        one mask per scan, named as the scan (``DIR/<scan>.nii.gz``, ``.nii``, ``.dcm``, or a
+        DICOM file or folder ``DIR/<scan>``). A relative pattern is relative to ``base``.
+
+        Raises:
+            ValueError: an unknown or malformed placeholder, or a pattern without a
+                placeholder that is not a folder (the message names ``where``).
+        """
+        import string
+
+        base_dir = Path(base) if base is not None else Path.cwd()
+        text = str(pattern).strip()
+        try:
+            parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text)
+                      if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"{where} {text!r} is not a valid pattern ({exc}); write the "
+                             "placeholders as {scan}, {id} or {dir}, literal braces as {{ }}."
+                             ) from None
+        fields = [f for f, _, _ in parsed]
+        fancy = next((f for f, spec, conv in parsed if spec or conv), None)
+        if fancy is not None:
+            raise ValueError(f"{where} {text!r}: the placeholder {{{fancy}}} has a format "
+                             "specification or conversion; write plain {scan}, {id} or {dir}.")
+        unknown = sorted({f for f in fields if f not in MASK_PATTERN_FIELDS})
+        if unknown:
+            raise ValueError(
+                f"{where} {text!r}: unknown placeholder {{{unknown[0]}}}; a pattern may use "
+                "{scan} (the scan's name without .nii.gz/.nii/.dcm), {id} (its batch id) and "
+                "{dir} (the scan's folder).")
+        if not fields:
+            folder = Path(text).expanduser()
+            folder = folder if folder.is_absolute() else base_dir / folder
+            if not folder.is_dir():
+                raise ValueError(
+                    f"{where} {text!r} has no placeholder, so it must be a folder of masks "
+                    f"named as their scans, but {folder} is not a folder: give the folder, or "
+                    "a pattern such as 'masks/{scan}_seg.nii.gz' (one file for every scan is "
+                    "'mask: FILE').")
+        return cls("masks", pattern=text, base=base_dir.resolve())
+
+    def mask_for(self, scan_path: str | Path, scan_id: str | None = None) -> Path:
+        """The mask file (or DICOM folder) of one scan under a ``masks`` region, whether or
+        not it exists (the caller refuses a missing one, naming the scan).
+
+        Raises:
+            ValueError: this is not a ``masks`` region.
+        """
+        from icam_med.paths import scan_stem
+
+        if self.kind != "masks" or self.pattern is None:
+            raise ValueError(f"mask_for needs a 'masks' region, this is {self.kind!r}.")
+        scan = Path(scan_path).expanduser()
+        name = scan_stem(scan)
+        base = self.base if self.base is not None else Path.cwd()
+        values = {"scan": name, "id": scan_id or name, "dir": str(scan.absolute().parent)}
+        text = self.pattern.format_map(values)
+        path = Path(text).expanduser()
+        path = path if path.is_absolute() else base / path
+        if text == self.pattern.replace("{{", "{").replace("}}", "}"):  # a folder of masks
+            candidates = [path / f"{name}{end}" for end in _MASK_DIR_ENDINGS]
+            return next((c for c in candidates if c.exists()), candidates[0])
+        return path
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the mask as its file name only: records never name input paths)."""
-        return {"kind": self.kind, "label": self.label,
-                "mask": self.mask.name if self.mask is not None else None}
+        out = {"kind": self.kind, "label": self.label,
+               "mask": self.mask.name if self.mask is not None else None}
+        if self.kind == "masks":
+            out["pattern"] = self.pattern
+        return out
 
 
 @dataclass(frozen=True)
@@ -556,12 +645,18 @@ def _target(section: TargetSection | None, resolve: Any, where: str) -> TargetCo
     region = None
     r = section.region
     if r is not None:
-        if (r.mask is None) == (r.predicted is None):
+        given = [k for k in ("predicted", "mask", "masks") if getattr(r, k) is not None]
+        if len(given) != 1:
             raise ConfigError(
-                f"{where}: 'target.region' must give exactly one of 'predicted' and 'mask' "
-                f"(got {sorted(r.model_fields_set) or 'neither'}); the region is one of "
-                f"{_REGION_FORMS}.")
-        if r.mask is not None:
+                f"{where}: 'target.region' must give exactly one of 'predicted', 'mask' and "
+                f"'masks' (got {given or 'none'}); the region is one of {_REGION_FORMS}.")
+        if r.masks is not None:
+            try:
+                region = RegionConfig.masks_pattern(r.masks, resolve("."),
+                                                    where="'target.region.masks'")
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        elif r.mask is not None:
             region = RegionConfig("mask", mask=resolve(r.mask))
         else:
             region = RegionConfig("predicted", None if r.predicted is True else r.predicted)

@@ -444,6 +444,8 @@ def _region_spec(region: Any, scan_info: ScanInfo,
     else:
         raise ValueError(f"region {region!r}: expected 'predicted', 'predicted:LABEL', a mask "
                          "file on the scan's grid or a mask tensor.")
+    if spec.kind == "masks":  # a per-scan mask pattern: this scan's own (icam_med.batch too)
+        spec = RegionConfig("mask", mask=spec.mask_for(scan_info.path))
     if spec.kind == "predicted":
         return spec, None
     path = Path(spec.mask) if spec.mask is not None else None

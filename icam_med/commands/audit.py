@@ -17,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "columns path[,label][,mask][,id]")
     parser.add_argument("--config", required=True, help="YAML run config (model, preprocessing, method)")
     parser.add_argument("--out", required=True, help="output folder (created if missing; re-run to resume)")
+    parser.add_argument("--region-masks", metavar="PATTERN",
+                        help="segmentation targets: each scan's own region mask, e.g. "
+                             "'masks/{scan}_seg.nii.gz' ({scan}: the scan's name without "
+                             ".nii.gz/.nii/.dcm, {id}: its batch id, {dir}: its folder) or a "
+                             "folder of masks named as their scans; replaces the config's "
+                             "target.region (the config gives target.label)")
     parser.add_argument("--workers", type=_args.non_negative_int, default=0, metavar="N",
                         help="N local worker processes (default: work in this process)")
     parser.add_argument("--cluster", metavar="ADDRESS",
@@ -37,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}.")
     result = run_batch(args.inputs, args.config, args.out, workers=args.workers,
                        cluster=args.cluster, device=args.device, operator=args.operator,
-                       seed=args.seed, progress=not args.no_progress)
+                       seed=args.seed, progress=not args.no_progress,
+                       region_masks=args.region_masks)
     for scan_id, reason in result.failed.items():
         echo(f"failed: {scan_id}: {reason}", file=sys.stderr)
     echo(result.line())

@@ -463,25 +463,45 @@ class EvaluationResult:
                 return (row[f"{col}_mean"], row[f"{col}_ci_low"], row[f"{col}_ci_high"])
         raise KeyError(f"no summary row for method {method!r}, group {group!r}.")
 
-    def summary_markdown(self, title: str | None = None) -> str:
-        """Tables in Markdown: dark vs bright per metric, then the randomisation check."""
+    def summary_markdown(self, title: str | None = None, *, by_polarity: bool = True) -> str:
+        """Tables in Markdown: the metrics, then the randomisation check.
+
+        Args:
+            title: the section's heading.
+            by_polarity: one column per metric for dark and one for bright lesions (the
+                brain benchmark); ``False`` gives one column per metric over every case (a
+                suite with one polarity, such as the radiographs' bright findings), and
+                leaves out the distractor column when no case has a distractor.
+        """
         labels = [m.label for m in self.methods]
         lines = [f"### {title}", ""] if title else []
-        lines += ["| Method | Pointing % dark ↑ | Pointing % bright ↑ | Deletion AUC dark ↓ | "
-                  "Deletion AUC bright ↓ | Energy dark ↑ | Energy bright ↑ | Distractor hit % ↓ "
-                  "| CPU ms ↓ |", "|---|" + "---|" * 8]
+        if by_polarity:
+            cols = [("pointing_game", "hypo", "Pointing % dark ↑"),
+                    ("pointing_game", "hyper", "Pointing % bright ↑"),
+                    ("deletion_auc", "hypo", "Deletion AUC dark ↓"),
+                    ("deletion_auc", "hyper", "Deletion AUC bright ↓"),
+                    ("energy_in_mask", "hypo", "Energy dark ↑"),
+                    ("energy_in_mask", "hyper", "Energy bright ↑"),
+                    ("distractor_hit", "all", "Distractor hit % ↓"),
+                    ("runtime_ms", "all", "CPU ms ↓")]
+        else:
+            cols = [("pointing_game", "all", "Pointing % ↑"),
+                    ("deletion_auc", "all", "Deletion AUC ↓"),
+                    ("energy_in_mask", "all", "Energy in finding ↑")]
+            if any(r.get("distractor_hit") is not None for r in self.rows):
+                cols.append(("distractor_hit", "all", "Distractor hit % ↓"))
+            cols.append(("runtime_ms", "all", "CPU ms ↓"))
+        lines += ["| Method | " + " | ".join(c[2] for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
         for label in labels:
-            cells = []
-            for col, group in (("pointing_game", "hypo"), ("pointing_game", "hyper"),
-                               ("deletion_auc", "hypo"), ("deletion_auc", "hyper"),
-                               ("energy_in_mask", "hypo"), ("energy_in_mask", "hyper"),
-                               ("distractor_hit", "all"), ("runtime_ms", "all")):
-                cells.append(_fmt(col, *self.cell(label, group, col)))
+            cells = [_fmt(col, *self.cell(label, group, col)) for col, group, _ in cols]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         n = self.settings.get("n_volumes")
         counts = self.settings.get("n_by_polarity", {})
         lines += ["", f"Mean [95 % bootstrap CI] over {n} volumes ({counts.get('hypo', '?')} "
                   f"dark, {counts.get('hyper', '?')} bright). ↑ higher is better, ↓ lower is "
+                  "better." if by_polarity else
+                  f"Mean [95 % bootstrap CI] over {n} cases. ↑ higher is better, ↓ lower is "
                   "better."]
         if self.rho_columns:
             nr = self.settings.get("n_randomisation_volumes")

@@ -620,23 +620,27 @@ def normalise_with_twin(image: np.ndarray, twin: np.ndarray,
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Normalise a volume and its healthy twin with the volume's own statistics.
 
-    With the evaluation configs' only intensity step (``NormalizeIntensityd`` over the
-    non-zero voxels) the twin is normalised with the lesioned volume's mean and SD, so the
-    two stay equal wherever the raw volumes are (a deletion that copies a voxel outside
-    the lesion changes nothing). Any other intensity steps are applied to each volume
-    separately (the twin then differs slightly everywhere).
+    With a single ``NormalizeIntensityd`` step (over the non-zero voxels, as in the 3-D
+    evaluation configs, or over every pixel, as in the 2-D demo config) the twin is
+    normalised with the lesioned volume's mean and SD, so the two stay equal wherever the
+    raw volumes are (a deletion that copies a voxel outside the lesion changes nothing).
+    Any other intensity steps are applied to each volume separately (the twin then differs
+    slightly everywhere).
 
     Returns:
         ``(x, x_twin)``, each ``(1, *spatial)`` float32.
     """
     steps = [dict(s) for s in intensity_steps]
     x = normalise(image, intensity_steps)
-    if steps != [{"name": "NormalizeIntensityd", "nonzero": True}]:
+    step = steps[0] if len(steps) == 1 else {}
+    if step.get("name") != "NormalizeIntensityd" or set(step) - {"name", "nonzero"}:
         return x, normalise(twin, intensity_steps)
-    vals = image[image != 0].astype(np.float64)
+    nonzero = bool(step.get("nonzero", False))
+    vals = (image[image != 0] if nonzero else np.ravel(image)).astype(np.float64)
     mean, sd = float(vals.mean()), float(vals.std())
     t = np.asarray(twin, dtype=np.float32)
-    out = np.where(t != 0, (t - np.float32(mean)) / np.float32(sd if sd > 0 else 1.0), 0.0)
+    scaled = (t - np.float32(mean)) / np.float32(sd if sd > 0 else 1.0)
+    out = np.where(t != 0, scaled, 0.0) if nonzero else scaled
     out = out.astype(np.float32)[None]
     # Where the raw volumes agree, take the bytes of x itself (MONAI's float rounding).
     same = (np.asarray(image) == t)[None]

@@ -6,7 +6,7 @@ pulling in the report or the audit package.
 
 from __future__ import annotations
 
-__all__ = ["DISPLAY_THRESHOLD", "MAP_CMAP"]
+__all__ = ["DISPLAY_THRESHOLD", "MAP_CMAP", "REGION_COLOUR"]
 
 #: Map values below this are not drawn over the scan (fully transparent): the viewer's
 #: default threshold and the report's montages cut maps at this one value. On the demo
@@ -15,3 +15,7 @@ __all__ = ["DISPLAY_THRESHOLD", "MAP_CMAP"]
 DISPLAY_THRESHOLD = 0.3
 #: The maps' colormap (matplotlib's and napari's name), on a fixed 0-1 scale.
 MAP_CMAP = "inferno"
+#: The outline of a segmentation target's explained region (``cam_region.nii.gz``) in the
+#: report's figures and its Labels layer in the viewer: a pure green, a colour that neither
+#: the grey scan, the inferno map nor the cyan mask outline has.
+REGION_COLOUR = "#00ff00"

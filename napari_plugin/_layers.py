@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from icam_med.display import DISPLAY_THRESHOLD, MAP_CMAP
+from icam_med.display import DISPLAY_THRESHOLD, MAP_CMAP, REGION_COLOUR
 from icam_med.paths import (
     AUDIT_FOLDER_SUFFIX,
     RECORD_SUFFIX,
@@ -65,6 +65,7 @@ __all__ = [
     "napari_affine",
     "new_audit_folder_for",
     "ras_affine",
+    "region_layer",
     "scan_layer",
     "symmetric_limits",
     "to_napari_array",
@@ -538,7 +539,9 @@ def audit_folder_layers(folder: str | Path, *,
     Each record ``*.icam.json`` is read through :meth:`icam_med.audit.AuditRecord.load`
     (schema-checked); its fused map (role ``cam_nifti``, visible) and its layer maps (roles
     ``layer_map:<layer>``, hidden) are the files the record names, each placed by the affine
-    in its own NIfTI header, with the sealed record in the layer's metadata. The scan found
+    in its own NIfTI header, with the sealed record in the layer's metadata; a segmentation
+    target's region (role ``target_region``) opens as a Labels layer
+    (:func:`region_layer`), named after the target label. The scan found
     by :func:`find_audit_scan` comes first; its voxel hash is compared with the records', and
     a mismatch is reported in the scan layer's metadata (``record_mismatch``) and logged.
 
@@ -607,6 +610,7 @@ def _record_layers(record: Any, prefix: str, *, threshold: float,
                _map_kwargs(f"{prefix} {method.name} [{label}]", aff, meta, threshold=threshold),
                "image")]
     layers += _second_class_layers(record, prefix, meta, threshold=threshold)
+    layers += _region_layers(record, prefix, label)
     if not with_layer_maps:
         return layers
     for lname, ref in record.layer_refs.items():
@@ -624,6 +628,74 @@ def _record_layers(record: Any, prefix: str, *, threshold: float,
                                    visible=False, threshold=threshold),
                        "image"))
     return layers
+
+
+REGION_ROLE = "target_region"
+"""The record's role of a segmentation target's region (``cam_region.nii.gz``)."""
+
+
+def region_layer(region: np.ndarray, affine_ras: Any, *, name: str,
+                 metadata: Mapping[str, Any] | None = None) -> tuple:
+    """A segmentation target's explained region as a Labels layer data tuple: 1 inside
+    (drawn in :data:`icam_med.display.REGION_COLOUR`, the report's outline colour), 0
+    transparent, placed by its own voxel-to-RAS affine exactly as the map layers are.
+
+    Args:
+        region: the region on the scan's grid in the file's ``(X, Y, Z)`` order (non-zero =
+            inside).
+        affine_ras: its 4x4 voxel-to-RAS affine.
+        name: layer name.
+        metadata: kept under ``metadata["icam_med"]`` with ``kind = "region"``.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    aff = np.asarray(affine_ras, dtype=np.float64)
+    data = (np.asarray(region) != 0).astype(np.uint8).transpose(2, 1, 0)
+    return data, {
+        "name": name,
+        "affine": napari_affine(aff),
+        "axis_labels": AXIS_LABELS,
+        "units": UNITS,
+        "colormap": DirectLabelColormap(color_dict={1: REGION_COLOUR, None: "transparent"}),
+        "opacity": 0.5,
+        "blending": "translucent_no_depth",
+        "metadata": {METADATA_KEY: {**dict(metadata or {}), "kind": "region",
+                                    "affine_ras": aff.tolist(),
+                                    "world": "LPS mm, napari axes (z, y, x)"}},
+    }, "labels"
+
+
+def _region_layers(record: Any, prefix: str, label: str) -> list[tuple]:
+    """The region a segmentation target explained (role ``target_region``), as a Labels
+    layer named ``<prefix> region [<label>]``, with the record's region summary (source,
+    labels, SHA-256, voxels) in its metadata; none for a record without one. A file whose
+    voxel count is not the record's is still shown, flagged ``record_mismatch`` and logged
+    (``icam-med verify`` says what changed)."""
+    import logging
+
+    ref = record.output(REGION_ROLE)
+    if ref is None:
+        return []
+    path = record.file(ref)
+    log = logging.getLogger(__name__)
+    try:
+        if path is None or not path.is_file():
+            raise FileNotFoundError(ref.path)
+        data, aff = _load_nifti_map(path)
+    except (OSError, ValueError) as exc:
+        log.warning("record %s: the target region %s is missing or unreadable (%s)",
+                    record.path, ref.path, exc)
+        return []
+    info = dict(record.method.region or {})
+    voxels = int(np.count_nonzero(data))
+    mismatch = info.get("voxels") is not None and int(info["voxels"]) != voxels
+    if mismatch:
+        log.warning("record %s: the target region %s has %d voxels, the record says %s",
+                    record.path, ref.path, voxels, info.get("voxels"))
+    return [region_layer(data, aff, name=f"{prefix} region [{label}]", metadata={
+        "region": info, "target_label": label, "target_class": record.method.target.class_index,
+        "record_path": str(record.path), "source_path": str(path), "voxels": voxels,
+        "record_mismatch": mismatch})]
 
 
 def _second_class_layers(record: Any, prefix: str, meta: Mapping[str, Any], *,
@@ -677,7 +749,8 @@ def map_file_layers(path: str | Path, *, threshold: float = DEFAULT_THRESHOLD) -
     """A saved map (see :func:`is_saved_map`) as a map overlay, not as a grey scan.
 
     An audit map (``cam.nii.gz`` + ``cam.icam.json``) opens as its record's fused map, named
-    after its folder (which carries the scan: ``t1_icam``), with the map colormap; a map the
+    after its folder (which carries the scan: ``t1_icam``), with the map colormap (and its
+    explained region as a Labels layer, for a segmentation target); a map the
     writer saved opens with the kind its sidecar names (a difference map with the diverging
     colormap), its record or summary in the metadata.
 

@@ -36,6 +36,7 @@ __all__ = [
     "CONFIDENT_PROBABILITY",
     "LOW_CONFIDENCE_PROBABILITY",
     "OUTSIDE_BODY_LIMIT",
+    "REGION_ROLE",
     "SALIENT_LEVEL",
     "SECOND_CLASS_ROLE",
     "CohortData",
@@ -43,8 +44,10 @@ __all__ = [
     "SecondClass",
     "body_mask",
     "collect",
+    "montage_title",
     "outside_fraction",
     "probabilities",
+    "region_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ LOW_CONFIDENCE_PROBABILITY = 0.6
 #: The record's roles of that second map's files: ``second_class:cam_nifti``,
 #: ``second_class:summary`` (its class and layer weights); NIfTI only, no Parametric Map.
 SECOND_CLASS_ROLE = "second_class"
+#: The record's role of a segmentation target's explained region (``cam_region.nii.gz``).
+REGION_ROLE = "target_region"
 #: A map with more than this fraction of its salient mass outside the body mask is suspicious.
 OUTSIDE_BODY_LIMIT = 0.5
 #: The salient part of a map: values at or above this (maps are normalised to [0, 1]).
@@ -147,6 +152,9 @@ class ScanItem:
     peak_in_mask: bool | None = None     # whether the map's peak lies inside the mask
     use_violations: list[str] = field(default_factory=list)  # outside the intended use
     mask_shown: str = "not given"        # "outlined", "not given", "hash differs", "grid differs"
+    region: dict[str, Any] | None = None  # a segmentation target's region (record summary)
+    region_shown: str = "none"           # "outlined", "none", "missing", "unreadable",
+    #                                      "grid differs", "voxels differ", "not drawn"
     outside_body: float | None = None
     scan_shown: str = "not given"        # "matched", "not given", "hash differs", "unreadable"
     map_state: str = "not read"          # "ok", "missing", "unreadable", "empty"
@@ -303,6 +311,9 @@ def _fill_from_record(item: ScanItem, rec: AuditRecord) -> None:
         item.probability = probs[0] if len(probs) == 1 else probs[idx]
     # Records store canonical (sorted) JSON: restore the network's layer order.
     item.layer_weights = method.ordered_layer_weights()
+    if method.region is not None:
+        item.region = dict(method.region)
+        item.region_shown = "not drawn"  # until the figures are drawn with it
     if analysis is not None:
         exp = analysis.expected_label
         item.expected_label = None if exp is None else str(exp)
@@ -360,6 +371,58 @@ def _read_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
+def _read_region(item: ScanItem, rec: AuditRecord, cam_shape: tuple[int, ...],
+                 cam_affine: np.ndarray) -> np.ndarray | None:
+    """The explained region (role :data:`REGION_ROLE`) as 0/1 on the map's grid, when the
+    record has one and its file holds the voxel count the record states; else ``None``,
+    with :attr:`ScanItem.region_shown` saying why."""
+    ref = rec.output(REGION_ROLE)
+    path = rec.file(ref) if ref is not None else None
+    if path is None or not path.is_file():
+        item.region_shown = "missing"
+        item.problems.append("the explained region's file (cam_region.nii.gz) is missing")
+        return None
+    try:
+        data, affine = _read_map(path)
+    except Exception as exc:  # messages may name the path: keep only the type
+        log.warning("scan %s: region unreadable (%s)", item.scan_id, type(exc).__name__)
+        item.region_shown = "unreadable"
+        return None
+    if data.shape != tuple(cam_shape) or not np.allclose(affine, cam_affine, atol=1e-3):
+        item.region_shown = "grid differs"
+        return None
+    inside = data != 0
+    want = (item.region or {}).get("voxels")
+    if want is not None and int(inside.sum()) != int(want):
+        item.region_shown = "voxels differ"
+        return None
+    item.region_shown = "outlined"
+    return inside.astype(np.float32)
+
+
+def region_label(region: dict[str, Any] | None) -> str:
+    """The legend's words for a region: ``explained region: 'lesion' (mask file)`` or
+    ``explained region: predicted 'lesion'``."""
+    r = region or {}
+    label = r.get("label") or (f"class {r['class_index']}" if r.get("class_index") is not None
+                               else "target")
+    if r.get("source") == "predicted":
+        of = r.get("region_label") or label
+        return f"explained region: '{label}' over the voxels predicted as '{of}'"
+    return f"explained region: '{label}' over the given mask"
+
+
+def montage_title(item: ScanItem) -> str:
+    """A scan's montage title: its id, the predicted (and expected) label; for a
+    segmentation target (no single prediction), the label explained over its region."""
+    if item.region is not None:
+        return f"{item.scan_id}: '{item.target_label}' explained over its region"
+    title = f"{item.scan_id}: predicted {item.predicted_label}"
+    if item.expected_label is not None:
+        title += f", expected {item.expected_label}"
+    return title
+
+
 def _load_pictures(item: ScanItem, source: Path | None, geometry: Any,
                    mask_path: Path | None = None) -> None:
     """Read the map (and the scan and mask, if given), compute the body check and draw
@@ -413,18 +476,23 @@ def _load_pictures(item: ScanItem, source: Path | None, geometry: Any,
             mask = None
         if mask is not None:
             mask_ras = to_ras(mask, cam_affine)
-    title = f"{item.scan_id}: predicted {item.predicted_label}"
-    if item.expected_label is not None:
-        title += f", expected {item.expected_label}"
+    region_ras = None
+    if rec is not None and item.region is not None:
+        region = _read_region(item, rec, cam_np.shape, cam_affine)
+        if region is not None:
+            region_ras = to_ras(region, cam_affine)
     map_ras = to_ras(cam_np, cam_affine)
-    item.montage = montage_png(map_ras, scan_ras, title=title, mask_ras=mask_ras)
+    words = region_label(item.region)
+    item.montage = montage_png(map_ras, scan_ras, title=montage_title(item), mask_ras=mask_ras,
+                               region_ras=region_ras, region_label=words)
     if item.second is not None:
         _second_picture(item, item.second, map_ras, cam_np.shape, cam_affine, scan_ras,
-                        mask_ras)
+                        mask_ras, region_ras, words)
 
 
 def _second_picture(item: ScanItem, second: SecondClass, map_ras: Any, shape: tuple,
-                    affine: np.ndarray, scan_ras: Any, mask_ras: Any) -> None:
+                    affine: np.ndarray, scan_ras: Any, mask_ras: Any,
+                    region_ras: Any = None, region_words: str = "") -> None:
     """The predicted class's map beside the second class's (same planes, both weights)."""
     from icam_med.report.figures import class_pair_png, to_ras
 
@@ -446,6 +514,7 @@ def _second_picture(item: ScanItem, second: SecondClass, map_ras: Any, shape: tu
 
     second.montage = class_pair_png(
         map_ras, to_ras(other, other_affine), scan_ras, mask_ras=mask_ras,
+        region_ras=region_ras, region_label=region_words or "explained region",
         labels=(name("predicted", item.predicted_label, item.probability),
                 name(second.why, second.label, second.probability)),
         weights=(item.layer_weights, second.layer_weights),

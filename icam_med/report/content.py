@@ -27,6 +27,7 @@ __all__ = [
     "methods_appendix",
     "model_rows",
     "overlap_text",
+    "region_text",
     "review_rules",
     "scan_rows",
     "second_class_rows",
@@ -169,14 +170,52 @@ def overlap_text(mask_fraction: float | None, mask_volume_fraction: float | None
     return text
 
 
+_REGION_SHOWN = {
+    "outlined": "outline drawn in green on the slices that cross it",
+    "missing": "not drawn: its file (cam_region.nii.gz) is missing",
+    "unreadable": "not drawn: its file is unreadable",
+    "grid differs": "not drawn: its file is not on the map's grid",
+    "voxels differ": "not drawn: its file's voxel count is not the record's",
+    "not drawn": "not drawn (figures not built)",
+}
+
+
+def region_text(s: Any) -> str | None:
+    """A segmentation target's explained region in words (both reports): its label, where
+    it comes from (the mask file given, or the model's predicted voxels of a label), its
+    voxel count on the scan's grid, its SHA-256 and whether its outline is drawn; ``None``
+    for a scan without a region."""
+    r = getattr(s, "region", None)
+    if r is None:
+        return None
+    label = r.get("label") or f"class {r.get('class_index')}"
+    if r.get("source") == "predicted":
+        src = f"predicted (the voxels the model labels '{r.get('region_label') or label}')"
+    elif r.get("source") == "mask":
+        src = "mask file"
+    else:
+        src = fmt(r.get("source"))
+    voxels = r.get("voxels")
+    text = (f"'{label}' summed over the region: {src}, "
+            f"{'-' if voxels is None else int(voxels)} voxels on the scan's grid")
+    if r.get("model_grid_voxels") is not None:
+        text += f" ({fmt(float(r['model_grid_voxels']))} on the model's grid)"
+    if r.get("sha256"):
+        text += f", voxel SHA-256 {str(r['sha256'])[:12]}..."
+    shown = getattr(s, "region_shown", "not drawn")
+    return f"{text}; {_REGION_SHOWN.get(shown, f'not drawn ({shown})')}"
+
+
 def scan_rows(s: Any) -> list[tuple[str, str]]:
     """The facts of one scan, formatted, for both reports."""
     inp = s.record.input if s.record is not None else None
+    region = region_text(s)
     return [
         ("status", fmt(s.status)), ("predicted", fmt(s.predicted_label)),
         ("probability of the predicted class", fmt(s.probability)),
         ("explained class (target)", fmt(s.target_label)),
         ("target score (logit)", fmt(s.score)),
+        *([("explained region (segmentation target)", region)] if region else []),
         ("expected label", fmt(s.expected_label)),
         ("agrees with expected label", fmt(None if s.disagrees is None else not s.disagrees)),
         ("salient map mass (values >= 0.5) outside the body", _pct(s.outside_body)),
@@ -377,6 +416,13 @@ def methods_appendix(data: CohortData) -> list[tuple[str, list[str]]]:
         "default threshold) are fully transparent, values from it up are drawn at "
         f"{OVERLAY_OPACITY:.0%} opacity. When the report is given the audited mask (its voxel "
         "SHA-256 must match the record's), its outline is drawn in cyan.",
+        *(["For a segmentation target, the score explained is the target label's output "
+           "summed over a region (a mask file, or the voxels the model predicts as a label). "
+           "That region, as the audit wrote it on the scan's grid (cam_region.nii.gz, pinned "
+           "in the record), is outlined in green on every slice that crosses it, a third row "
+           "of slices runs through the region's voxel nearest its centroid, and the legend "
+           "under the slices names it."]
+          if any(getattr(s, "region", None) is not None for s in data.scans) else []),
     ]))
     sections.append(("Limitations", [
         "A class-activation map shows where the model's evidence for the target class lies, "

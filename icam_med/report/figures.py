@@ -13,7 +13,9 @@ show.
 Colours are the napari viewer's: the map in ``inferno`` on a fixed 0-1 scale, cut hard at
 the display threshold (:data:`DISPLAY_THRESHOLD`, the viewer's default): values below it
 are fully transparent, values above it drawn at one opacity over the grey scan. A lesion
-mask, when given, is drawn as an outline.
+mask, when given, is drawn as an outline (cyan); a segmentation target's explained region
+(the audit's ``cam_region.nii.gz``) as an outline in :data:`REGION_COLOUR`, with a third row
+of slices through the region and a legend naming it.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ from typing import Any
 import numpy as np
 
 # The display threshold and colormap are the viewer's: defined once in icam_med.display.
-from icam_med.display import DISPLAY_THRESHOLD, MAP_CMAP
+from icam_med.display import DISPLAY_THRESHOLD, MAP_CMAP, REGION_COLOUR
 
 __all__ = [
     "DISPLAY_THRESHOLD",
+    "REGION_COLOUR",
     "RASVolume",
     "class_pair_png",
     "confusion_png",
     "layer_weights_png",
+    "montage_figure",
     "montage_png",
     "score_distribution_png",
     "to_ras",
@@ -43,6 +47,8 @@ __all__ = [
 OVERLAY_OPACITY = 0.7
 #: The mask outline's colour.
 MASK_COLOUR = "#00e5ff"
+#: Line width (points) of a segmentation target's region outline.
+REGION_LINE_WIDTH = 1.5
 
 
 @dataclass(frozen=True)
@@ -159,11 +165,23 @@ def _grey_window(scan_ras: RASVolume | None) -> tuple[np.ndarray | None, float, 
     return scan_ras.data, lo, (hi if hi > lo else lo + 1.0)
 
 
+def _outline(ax: Any, vol: np.ndarray, axis: int, index: int, spacing: Sequence[float],
+             h: int, v: int, colour: str, width: float) -> None:
+    """The 0.5 iso-line of a 0/1 volume on one slice (voxel centres in mm), if the slice
+    cuts its border."""
+    ms = _slice(vol, axis, index)
+    if ms.any() and not ms.all():
+        xs = (np.arange(ms.shape[1]) + 0.5) * spacing[h]
+        ys = (np.arange(ms.shape[0]) + 0.5) * spacing[v]
+        ax.contour(xs, ys, ms, levels=[0.5], colors=colour, linewidths=width)
+
+
 def _draw_view(ax: Any, map_ras: RASVolume, grey: Any, window: tuple[float, float],
                mask: np.ndarray | None, view: tuple, point: Sequence[int],
-               peak: Sequence[int], cmap: Any, threshold: float) -> None:
-    """One slice panel: scan, map (cut at ``threshold``), mask outline, peak, side letters
-    and the plane's LPS position, in mm and in radiological orientation."""
+               peak: Sequence[int], cmap: Any, threshold: float,
+               region: np.ndarray | None = None) -> None:
+    """One slice panel: scan, map (cut at ``threshold``), mask and region outlines, peak,
+    side letters and the plane's LPS position, in mm and in radiological orientation."""
     name, axis, (h, v), sides = view
     m = map_ras.data
     size_mm = np.array(m.shape) * np.array(map_ras.spacing)
@@ -177,11 +195,10 @@ def _draw_view(ax: Any, map_ras: RASVolume, grey: Any, window: tuple[float, floa
         ax.imshow(_slice(m, axis, point[axis]), cmap=cmap, vmin=0.0, vmax=1.0,
                   origin="lower", extent=extent, interpolation="nearest")
     if mask is not None:
-        ms = _slice(mask, axis, point[axis])
-        if ms.any() and not ms.all():
-            xs = (np.arange(ms.shape[1]) + 0.5) * map_ras.spacing[h]
-            ys = (np.arange(ms.shape[0]) + 0.5) * map_ras.spacing[v]
-            ax.contour(xs, ys, ms, levels=[0.5], colors=MASK_COLOUR, linewidths=1.2)
+        _outline(ax, mask, axis, point[axis], map_ras.spacing, h, v, MASK_COLOUR, 1.2)
+    if region is not None:
+        _outline(ax, region, axis, point[axis], map_ras.spacing, h, v, REGION_COLOUR,
+                 REGION_LINE_WIDTH)
     # Radiological display: the patient's right (sagittal: anterior) on the left.
     ax.set_xlim(size_mm[h], 0.0)
     ax.set_ylim(0.0, size_mm[v])
@@ -203,6 +220,25 @@ def _mask_of(mask_ras: RASVolume | None, shape: tuple[int, ...]) -> np.ndarray |
     return (mask_ras.data != 0).astype(np.float32)
 
 
+def _region_point(region: np.ndarray) -> tuple[int, ...]:
+    """The region's voxel nearest its centroid (a concave region's centroid may lie
+    outside it): the slices through it cut the region."""
+    idx = np.argwhere(region > 0)
+    d2 = ((idx - idx.mean(0)) ** 2).sum(1)
+    return tuple(int(i) for i in idx[int(np.argmin(d2))])
+
+
+def _outline_legend(fig: Any, region_label: str, outlined_mask: bool) -> None:
+    """The legend of the outlines, under the panels (figures with a region only)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=REGION_COLOUR, lw=REGION_LINE_WIDTH, label=region_label)]
+    if outlined_mask:
+        handles.append(Line2D([], [], color=MASK_COLOUR, lw=1.2, label="given mask"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8,
+               frameon=False)
+
+
 def _colorbar(fig: Any, axes: Any, cmap: Any, threshold: float, over_scan: bool,
               outlined: bool) -> None:
     from matplotlib.cm import ScalarMappable
@@ -221,16 +257,12 @@ def _colorbar(fig: Any, axes: Any, cmap: Any, threshold: float, over_scan: bool,
     cbar.set_label(text, fontsize=8)
 
 
-def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
-                title: str = "", dpi: int = 80, mask_ras: RASVolume | None = None,
-                threshold: float = DISPLAY_THRESHOLD) -> bytes:
-    """Axial, coronal and sagittal slices through the map's peak and the volume's centre.
-
-    The map (``[0, 1]``, ``inferno``) is drawn over the scan (grey, 1st-99th percentile
-    window), transparent below ``threshold``, with a colour bar marking the threshold;
-    without a scan the map is drawn alone. A cross marks the map's peak; the mask, if
-    given (same grid), is outlined. Titles give each plane's LPS position in mm.
-    """
+def montage_figure(map_ras: RASVolume, scan_ras: RASVolume | None, *,
+                   title: str = "", mask_ras: RASVolume | None = None,
+                   threshold: float = DISPLAY_THRESHOLD, region_ras: RASVolume | None = None,
+                   region_label: str = "explained region") -> Any:
+    """The figure of :func:`montage_png` (a matplotlib ``Figure`` on the Agg canvas); its
+    rows of panels are ``fig.axes[:3 * rows]`` in row order, the colour bar after them."""
     import matplotlib
 
     m = map_ras.data
@@ -238,19 +270,47 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
     centre = tuple(s // 2 for s in m.shape)
     grey, lo, hi = _grey_window(scan_ras)
     mask = _mask_of(mask_ras, m.shape)
+    region = _mask_of(region_ras, m.shape)
+    if region is not None and not region.any():
+        region = None
+    rows = [("through the map's peak", peak), ("through the scan's centre", centre)]
+    if region is not None:
+        rows.append(("through the region", _region_point(region)))
     cmap = matplotlib.colormaps[MAP_CMAP]
-    fig = _figure(9.6, 6.6)
-    axes = fig.subplots(2, 3)
-    for row, (label, point) in enumerate((("through the map's peak", peak),
-                                          ("through the scan's centre", centre))):
+    fig = _figure(9.6, 3.3 * len(rows))
+    axes = fig.subplots(len(rows), 3)
+    for row, (label, point) in enumerate(rows):
         for col, view in enumerate(_VIEWS):
             _draw_view(axes[row, col], map_ras, grey, (lo, hi), mask, view, point, peak, cmap,
-                       threshold)
+                       threshold, region)
         axes[row, 0].set_ylabel(label, fontsize=9)
     _colorbar(fig, axes, cmap, threshold, grey is not None, mask is not None)
+    if region is not None:
+        _outline_legend(fig, region_label, mask is not None)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _fig_png(fig, dpi)
+    return fig
+
+
+def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
+                title: str = "", dpi: int = 80, mask_ras: RASVolume | None = None,
+                threshold: float = DISPLAY_THRESHOLD, region_ras: RASVolume | None = None,
+                region_label: str = "explained region") -> bytes:
+    """Axial, coronal and sagittal slices through the map's peak and the volume's centre.
+
+    The map (``[0, 1]``, ``inferno``) is drawn over the scan (grey, 1st-99th percentile
+    window), transparent below ``threshold``, with a colour bar marking the threshold;
+    without a scan the map is drawn alone. A cross marks the map's peak; the mask, if
+    given (same grid), is outlined. Titles give each plane's LPS position in mm.
+
+    A segmentation target's explained region (``region_ras``, same grid, non-zero inside)
+    is outlined in :data:`REGION_COLOUR` on every panel it crosses, a third row of slices
+    runs through it (its voxel nearest its centroid), and a legend names it
+    (``region_label``). Without a region the figure is the two-row one.
+    """
+    return _fig_png(montage_figure(map_ras, scan_ras, title=title, mask_ras=mask_ras,
+                                   threshold=threshold, region_ras=region_ras,
+                                   region_label=region_label), dpi)
 
 
 def _weights_bars(ax: Any, weights: Mapping[str, float], top: float) -> None:
@@ -270,7 +330,8 @@ def _weights_bars(ax: Any, weights: Mapping[str, float], top: float) -> None:
 def class_pair_png(first: RASVolume, second: RASVolume, scan_ras: RASVolume | None, *,
                    labels: Sequence[str], weights: Sequence[Mapping[str, float]],
                    title: str = "", dpi: int = 80, mask_ras: RASVolume | None = None,
-                   threshold: float = DISPLAY_THRESHOLD) -> bytes:
+                   threshold: float = DISPLAY_THRESHOLD, region_ras: RASVolume | None = None,
+                   region_label: str = "explained region") -> bytes:
     """Misclassification analysis: the predicted class's map (top row) beside the map of
     the class it competes with (bottom row), axial, coronal and sagittal slices each
     through its own map's peak (marked +: where the model found the most evidence for
@@ -282,6 +343,8 @@ def class_pair_png(first: RASVolume, second: RASVolume, scan_ras: RASVolume | No
         scan_ras: the scan under both, or ``None``.
         labels: each row's name (e.g. ``predicted 'absent' (p = 0.97)``).
         weights: each map's per-layer weights, in network order.
+        region_ras, region_label: a segmentation target's region, outlined on every panel
+            with a legend (see :func:`montage_png`).
     """
     import matplotlib
 
@@ -292,6 +355,9 @@ def class_pair_png(first: RASVolume, second: RASVolume, scan_ras: RASVolume | No
     peak2 = _peak(second.data)
     grey, lo, hi = _grey_window(scan_ras)
     mask = _mask_of(mask_ras, first.data.shape)
+    region = _mask_of(region_ras, first.data.shape)
+    if region is not None and not region.any():
+        region = None
     cmap = matplotlib.colormaps[MAP_CMAP]
     fig = _figure(12.0, 6.6)
     axes = fig.subplots(2, 4, width_ratios=[1, 1, 1, 0.8])
@@ -300,11 +366,14 @@ def class_pair_png(first: RASVolume, second: RASVolume, scan_ras: RASVolume | No
         for col, view in enumerate(_VIEWS):
             ax = axes[row, col]
             own = peak if row == 0 else peak2
-            _draw_view(ax, vol, grey, (lo, hi), mask, view, own, own, cmap, threshold)
+            _draw_view(ax, vol, grey, (lo, hi), mask, view, own, own, cmap, threshold,
+                       region)
         axes[row, 0].set_ylabel(label, fontsize=9)
         _weights_bars(axes[row, 3], w, top)
         axes[row, 3].set_title("per-layer weights", fontsize=9)
     _colorbar(fig, axes[:, :3], cmap, threshold, grey is not None, mask is not None)
+    if region is not None:
+        _outline_legend(fig, region_label, mask is not None)
     if title:
         fig.suptitle(title, fontsize=10)
     return _fig_png(fig, dpi)

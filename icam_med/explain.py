@@ -497,10 +497,20 @@ def _region_on_model_grid(pre: Preprocessor, image: Any, mask: Any) -> torch.Ten
         step["keys"] = keys
         steps.append(step)
     compose = build_preprocessing(steps, source="target region")
-    meta = {k: v for k, v in image.meta.items() if k != "affine"}
-    region = MetaTensor(mask.as_tensor().to(image.dtype), affine=image.affine.clone(), meta=meta)
+
+    def run(data: dict[str, Any]) -> dict[str, Any]:  # the mask takes the image's grid
+        img = data["image"]
+        m = mask.as_tensor()
+        m = m[..., 0] if img.ndim == m.ndim - 1 else m  # a radiograph runs in 2-D
+        meta = {k: v for k, v in img.meta.items() if k != "affine"}
+        region = MetaTensor(m.to(img.dtype), affine=img.affine.clone(), meta=meta)
+        return {"image": compose({"image": img, "region": region})["region"]}
+
+    from icam_med.io import radiograph
+
     try:
-        out = compose({"image": image, "region": region})["region"]
+        out = (radiograph.preprocess_2d(run, image) if radiograph.is_2d_image(image)
+               else run({"image": image})["image"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"the region mask could not be brought to the model's grid by the "
                          f"preprocessing {[s['name'] for s in pre.steps]}: {exc}") from exc

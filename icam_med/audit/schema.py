@@ -4,6 +4,12 @@ validation against them.
 Every failure is one error type per document kind, both :class:`ValueError` subclasses
 that name the file (and ledger line) and the first offending field:
 :class:`RecordError` for records, :class:`LedgerError` for ledger entries.
+
+Every document is first checked by a compiled validator (``fastjsonschema``: the schema turned into Python
+code once per process, about 15x faster than ``jsonschema`` on a record). A document it
+accepts is valid; one it refuses (or that makes it fail in any way) is checked again by
+``jsonschema``'s draft 2020-12 validator, the reference, which decides and words every
+violation. ``verify`` of a large folder spends its time in the first check only.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ __all__ = [
     "LEDGER_SCHEMA_FILE",
     "RECORD_SCHEMA_FILE",
     "RECORD_SCHEMA_VERSION",
+    "RECORD_SCHEMA_VERSIONS",
     "AuditFormatError",
     "LedgerError",
     "RecordError",
@@ -27,7 +34,11 @@ __all__ = [
     "validate_record",
 ]
 
-RECORD_SCHEMA_VERSION = "1.0"
+#: The version new records are written in. 1.1 added optional fields only
+#: (``method.target.region``, ``method.sliding_window``, ...); see docs/audit.md.
+RECORD_SCHEMA_VERSION = "1.1"
+#: Every record version the schema (and so ``verify``) accepts.
+RECORD_SCHEMA_VERSIONS = ("1.0", "1.1")
 RECORD_SCHEMA_FILE = "audit-record-v1.schema.json"
 LEDGER_SCHEMA_FILE = "ledger-entry-v1.schema.json"
 _MAX_ERRORS = 20
@@ -99,11 +110,38 @@ def load_record_schema() -> dict[str, Any]:
 
 @functools.cache
 def _validator(name: str) -> Any:
+    """The reference validator (``jsonschema``, draft 2020-12): built, and the schema
+    checked, once per process, and only when a document fails the compiled check."""
     from jsonschema import Draft202012Validator
 
     schema = _load(name)
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
+
+
+@functools.cache
+def _compiled(name: str) -> Any:
+    """The schema compiled to Python by ``fastjsonschema`` (once per process, ~0.15 s).
+
+    The schemas use only keywords that mean the same in draft 7, which fastjsonschema
+    implements, and in draft 2020-12 (``type``, ``properties``, ``required``,
+    ``additionalProperties``, ``items`` with one schema, ``enum``, ``const``, ``pattern``,
+    ``minimum``, ``oneOf``, ``if``/``then``, ``$ref`` to ``#/$defs/...``); a test checks
+    that both validators agree on every single-field change to real records and entries.
+    """
+    import fastjsonschema
+
+    return fastjsonschema.compile(_load(name))
+
+
+def _passes(name: str, document: Any) -> bool:
+    """Whether the compiled validator accepts ``document`` (``False`` on any failure of
+    its own, so that the reference validator decides)."""
+    try:
+        _compiled(name)(document)
+    except Exception:  # its JsonSchemaValueException, or anything odd input makes it raise
+        return False
+    return True
 
 
 _REQUIRED = re.compile(r"^'([^']*)' is a required property$")
@@ -120,6 +158,8 @@ def _field(error: Any, whole: str) -> str:
 
 def _errors(name: str, document: Any, whole: str) -> tuple[str | None, list[str]]:
     """``(first field, messages)`` of every violation, sorted by location."""
+    if _passes(name, document):
+        return None, []
     errors = sorted(_validator(name).iter_errors(document),
                     key=lambda e: [str(p) for p in e.absolute_path])
     lines = [f"{'.'.join(str(p) for p in e.absolute_path) or whole}: {e.message}"

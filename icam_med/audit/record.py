@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import os
 import platform
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -451,17 +452,22 @@ def resolve_inside(root: str | Path, rel: Any) -> Path | None:
     """
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         return None
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or "\\" in rel:
+    if rel.startswith("/") or "\\" in rel or ".." in rel.split("/"):
         return None
-    base = Path(root).resolve()
+    # os.path on strings: verify calls this for every file of a folder, and pathlib's
+    # parsing cost as much as the file system look-ups themselves
     try:
-        target = (base / p).resolve()
-    except (OSError, RuntimeError):  # a symlink loop
+        base = os.path.realpath(root)
+        joined = os.path.join(base, rel)
+        try:
+            target = os.path.realpath(joined, strict=True)
+        except FileNotFoundError:  # a missing file: the caller says so
+            target = os.path.realpath(joined)
+    except OSError:  # a symlink loop, a folder that cannot be searched
         return None
-    if not target.is_relative_to(base):
+    if target != base and not target.startswith(base.rstrip("/") + "/"):
         return None
-    return base / p
+    return Path(base) / rel
 
 
 @dataclass(frozen=True)

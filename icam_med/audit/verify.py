@@ -8,13 +8,17 @@ evidence stops holding.
 
 from __future__ import annotations
 
+import os
+import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icam_med.audit.hashing import ZERO_HASH, sha256_file
+from icam_med.audit.hashing import ZERO_HASH, sha256_bytes, sha256_file
 from icam_med.audit.ledger import LEDGER_NAME, LedgerEntry
 from icam_med.audit.record import (
+    MAX_RECORD_BYTES,
     RECORD_SUFFIX,
     AuditRecord,
     OutputRef,
@@ -141,35 +145,70 @@ def _check_signatures(root: Path, report: VerifyReport, heads: dict[str, LedgerE
                 "signature"))
 
 
-def _check_file(root: Path, ref: OutputRef | None, what: str) -> str | None:
-    """None if the file matches its reference, else what is wrong."""
+def _threads() -> int:
+    """Threads that check files at once: two per core (one hashes while the other reads),
+    at most 8. On the 2-core development VM, re-hashing 350 MB of maps took 3.0-3.3 s with
+    one thread, 1.9-2.1 s with two and 1.5-1.7 s with four."""
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def _open_checked(root: Path, ref: OutputRef | None, what: str
+                  ) -> tuple[Path | None, str | None]:
+    """``(the file, None)`` when the ref names a file inside the folder of the recorded
+    size, else ``(None, what is wrong)``."""
     if ref is None:
-        return f"{what}: no file reference"
+        return None, f"{what}: no file reference"
     path = resolve_inside(root, ref.path)
     if path is None:
-        return (f"{what}: path {ref.path!r} is not a relative path inside the folder "
-                "(absolute, '..', or a symbolic link leading out of it)")
-    if not path.is_file():
-        return f"{what} '{ref.path}' is missing"
-    size = path.stat().st_size
+        return None, (f"{what}: path {ref.path!r} is not a relative path inside the folder "
+                      "(absolute, '..', or a symbolic link leading out of it)")
+    try:
+        st = os.stat(path)  # one stat: is it a file, and its size
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return None, f"{what} '{ref.path}' is missing"
+    size = st.st_size
     if size != ref.size:
-        return f"{what} '{ref.path}' was changed (size {size}, recorded {ref.size})"
-    if sha256_file(path) != ref.sha256:
-        return f"{what} '{ref.path}' was changed (its SHA-256 differs from the ledger's)"
-    return None
+        return None, f"{what} '{ref.path}' was changed (size {size}, recorded {ref.size})"
+    return path, None
+
+
+def _changed(ref: OutputRef, what: str) -> str:
+    return f"{what} '{ref.path}' was changed (its SHA-256 differs from the ledger's)"
+
+
+def _check_file(root: Path, ref: OutputRef | None, what: str) -> str | None:
+    """None if the file matches its reference, else what is wrong."""
+    path, bad = _open_checked(root, ref, what)
+    if bad:
+        return bad
+    assert path is not None and ref is not None
+    return None if sha256_file(path) == ref.sha256 else _changed(ref, what)
 
 
 def _check_record(root: Path, entry: LedgerEntry) -> tuple[list[str], str | None]:
-    """Problems with a scan entry's record and outputs, and the voxel hash it pins."""
+    """Problems with a scan entry's record and outputs, and the voxel hash it pins.
+
+    The record is read once: its bytes are hashed against the ledger and then parsed.
+    """
     ref = entry.record
-    bad = _check_file(root, ref, "record")
+    path, bad = _open_checked(root, ref, "record")
     if bad:
         return [bad], None
-    assert ref is not None
-    path = resolve_inside(root, ref.path)
-    assert path is not None
+    assert path is not None and ref is not None
+    if ref.size > MAX_RECORD_BYTES:  # hash it without holding it; the reader refuses it
+        raw = None
+        if sha256_file(path) != ref.sha256:
+            return [_changed(ref, "record")], None
+    else:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_RECORD_BYTES + 1)
+        if sha256_bytes(raw) != ref.sha256:
+            return [_changed(ref, "record")], None
     try:
-        record = AuditRecord.load(path, root=root)
+        record = (AuditRecord.load(path, root=root) if raw is None
+                  else AuditRecord.from_bytes(raw, path=path, root=root))
     except RecordError as exc:
         return [f"record '{ref.path}' {exc.detail}"], None
     problems = []
@@ -234,46 +273,66 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
     by_seq: dict[int, LedgerEntry] = {}
     referenced: set[str] = set()
     seen_hashes: set[str] = set()
-    for i, raw in enumerate(lines, start=1):
-        report.n_entries += 1
-        try:
-            entry = LedgerEntry.parse(raw, i, path=ledger)
-        except LedgerError as exc:
-            report.problems.append(Problem(i, exc.detail))
-            prev = None  # the chain cannot be followed past this line
-            report.head_sha256 = None
-            continue
-        seq = entry.seq
-        if not entry.hash_ok():
-            report.problems.append(Problem(i, f"entry {seq} was changed: its hash does not match"))
-        if seq != i:
-            report.problems.append(Problem(
-                i, f"holds entry {seq}, expected {i}: entries were removed, inserted or reordered"))
-        elif prev is not None and entry.previous_sha256 != prev:
-            report.problems.append(Problem(
-                i, f"entry {seq} does not chain to the entry before it (removed or reordered)"))
-        prev = entry.sha256
-        report.head_sha256 = prev
-        heads[entry.run_id] = entry  # a run's last entry is its head
-        by_seq.setdefault(entry.seq, entry)
-        if entry.hash_ok():
-            seen_hashes.add(prev)
-        if entry.kind == "scan":
-            report.n_scans += 1
-            if entry.record is not None:
-                referenced.add(entry.record.path)
-            referenced.update(o.path for o in entry.outputs)
-            if check_files:
-                found, voxels = _check_record(root, entry)
-                report.problems.extend(Problem(i, f"entry {seq}: {m}", "outputs",
-                                               entry.scan_id) for m in found)
-                report.n_files += 1 + len(entry.outputs)
-                if not found and entry.scan_id is not None:
-                    report.verified_scans[entry.scan_id] = seq
-                    if voxels is not None:
-                        report.voxel_hashes[entry.scan_id] = voxels
-        elif entry.kind == "failure":
-            report.n_failures += 1
+    # The chain is walked here, in order; each scan's files are checked by a thread pool
+    # (hashing and reading release the GIL) and their problems put back in ledger order.
+    chunks: list[list[Problem] | tuple[int, LedgerEntry, Future[Any]]] = []
+    pool = ThreadPoolExecutor(_threads()) if check_files else None
+    try:
+        for i, raw in enumerate(lines, start=1):
+            report.n_entries += 1
+            found: list[Problem] = []
+            chunks.append(found)
+            try:
+                entry = LedgerEntry.parse(raw, i, path=ledger)
+            except LedgerError as exc:
+                found.append(Problem(i, exc.detail))
+                prev = None  # the chain cannot be followed past this line
+                report.head_sha256 = None
+                continue
+            seq = entry.seq
+            hash_ok = entry.hash_ok()
+            if not hash_ok:
+                found.append(Problem(i, f"entry {seq} was changed: its hash does not match"))
+            if seq != i:
+                found.append(Problem(
+                    i, f"holds entry {seq}, expected {i}: entries were removed, inserted or "
+                       "reordered"))
+            elif prev is not None and entry.previous_sha256 != prev:
+                found.append(Problem(
+                    i, f"entry {seq} does not chain to the entry before it (removed or "
+                       "reordered)"))
+            prev = entry.sha256
+            report.head_sha256 = prev
+            heads[entry.run_id] = entry  # a run's last entry is its head
+            by_seq.setdefault(entry.seq, entry)
+            if hash_ok:
+                seen_hashes.add(prev)
+            if entry.kind == "scan":
+                report.n_scans += 1
+                outputs = entry.outputs
+                if entry.record is not None:
+                    referenced.add(entry.record.path)
+                referenced.update(o.path for o in outputs)
+                if pool is not None:
+                    chunks.append((i, entry, pool.submit(_check_record, root, entry)))
+                    report.n_files += 1 + len(outputs)
+            elif entry.kind == "failure":
+                report.n_failures += 1
+        for chunk in chunks:
+            if isinstance(chunk, list):
+                report.problems.extend(chunk)
+                continue
+            i, entry, future = chunk
+            messages, voxels = future.result()
+            report.problems.extend(Problem(i, f"entry {entry.seq}: {m}", "outputs",
+                                           entry.scan_id) for m in messages)
+            if not messages and entry.scan_id is not None:
+                report.verified_scans[entry.scan_id] = entry.seq
+                if voxels is not None:
+                    report.voxel_hashes[entry.scan_id] = voxels
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     _check_signatures(root, report, heads, by_seq, public_key)
     if anchor is not None and anchor.lower() not in seen_hashes:
         report.problems.append(Problem(

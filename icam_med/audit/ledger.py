@@ -51,6 +51,9 @@ LOCK_NAME = ".icam-med.lock"
 LEDGER_SCHEMA = "icam-med.ledger-entry/1"
 #: An entry names a record and its outputs; a line far longer than this is not an entry.
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
+#: ledger file -> what :meth:`Ledger.referenced_paths` last read of it: device, inode, bytes
+#: read (whole lines), the last line read (with its newline) and the paths pinned so far.
+_PINNED: dict[Path, tuple[int, int, int, bytes, frozenset[str]]] = {}
 
 
 def entry_sha256(entry: Mapping[str, Any]) -> str:
@@ -223,12 +226,44 @@ class Ledger:
 
     def referenced_paths(self) -> set[str]:
         """Every path (relative to the folder) that a well-formed entry pins: records and
-        outputs. Nothing may remove or replace these files."""
-        paths: set[str] = set()
-        for entry in self.entries():
+        outputs. Nothing may remove or replace these files.
+
+        The ledger only grows, and this is asked before every write and seal of a batch: a
+        process remembers what it read of each ledger (up to the last complete line) and
+        reads only the lines appended since, as long as the file is the same one (device
+        and inode) and still holds, where the read stopped, the line it read last. Anything
+        else (a ledger truncated, replaced or rewritten there) is read again from the
+        start. Without this, a coordinator sealing N scans re-read N ledger lines per scan
+        (a seal of the 1000th scan spent ~0.2 s in it).
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return set()
+        try:
+            st = os.fstat(fd)
+            start, paths = 0, set()
+            seen = _PINNED.get(self.path)
+            if seen is not None and seen[:2] == (st.st_dev, st.st_ino) \
+                    and seen[2] <= st.st_size \
+                    and os.pread(fd, len(seen[3]), seen[2] - len(seen[3])) == seen[3]:
+                start, paths = seen[2], set(seen[4])
+            data = os.pread(fd, st.st_size - start, start) if st.st_size > start else b""
+        finally:
+            os.close(fd)
+        end = data.rfind(b"\n") + 1  # a torn last line is no entry (yet)
+        lines = data[:end].split(b"\n")[:-1]
+        for raw in lines:
+            try:  # a malformed line pins nothing (verify reports it)
+                entry = LedgerEntry.parse(raw, path=self.path)
+            except LedgerError:
+                continue
             if entry.record is not None:
                 paths.add(entry.record.path)
             paths.update(o.path for o in entry.outputs)
+        if lines:
+            _PINNED[self.path] = (st.st_dev, st.st_ino, start + end, lines[-1] + b"\n",
+                                  frozenset(paths))
         return paths
 
     def entries(self) -> list[LedgerEntry]:

@@ -597,29 +597,50 @@ def _real_values(ds) -> tuple[np.ndarray, float, float]:
 def _read_back_everywhere(pm_path: Path, cam: MetaTensor, image, tmp_path: Path, info) -> None:
     """dciodvfy, pydicom, highdicom, dcmqi's paramap2itkimage and dcm2niix all agree.
 
-    The default uint16 map (values within the stated quantisation 1/65535 of the float map)
-    is checked by all but dcmqi, which reads float pixel data only (dcmqi 1.5.7 crashes on
-    integer maps); for dcmqi a float32 map of the same source is written next to it and
-    checked by every reader, exactly."""
-    _read_back(pm_path, cam, image, tmp_path / "uint16", dcmqi=False)
+    The default map (float pixel data quantised to multiples of 2**-16, Deflated Explicit
+    VR Little Endian) is checked by dciodvfy (on the same dataset inflated: dciodvfy reads
+    no deflated file), pydicom, highdicom and dcmqi: every value exactly the multiple of
+    2**-16 nearest the float map. dcm2niix reads no deflated file; the uncompressed options
+    are written next to it and checked by every reader that reads them: uint16 + RWVM
+    (values within the stated quantisation 1/65535) by all but dcmqi (dcmqi 1.5.7 crashes
+    on integer maps), float32 exactly by all."""
     ds = pydicom.dcmread(pm_path)
-    assert ds.BitsAllocated == 16 and "PixelData" in ds
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
+    assert ds.BitsAllocated == 32 and "FloatPixelData" in ds and "PixelData" not in ds
+    _read_back(pm_path, cam, image, tmp_path / "deflated", dcmqi=True, dcm2niix=False,
+               quantum=2.0**-16)
+    uint16 = write_parametric_map(cam, info, tmp_path / "pm_uint16.dcm", method="integrative",
+                                  pixel_type="uint16", compress="none")
+    assert pydicom.dcmread(uint16).BitsAllocated == 16
+    _read_back(uint16, cam, image, tmp_path / "uint16", dcmqi=False)
     float_path = write_parametric_map(cam, info, tmp_path / "pm_float32.dcm",
-                                      method="integrative", pixel_type="float32")
+                                      method="integrative", pixel_type="float32", compress="none")
     _read_back(float_path, cam, image, tmp_path / "float32", dcmqi=True)
 
 
-def _read_back(pm_path: Path, cam: MetaTensor, image, tmp_path: Path, *, dcmqi: bool) -> None:
+def _read_back(pm_path: Path, cam: MetaTensor, image, tmp_path: Path, *, dcmqi: bool,
+               dcm2niix: bool = True, quantum: float | None = None) -> None:
+    """Every reader named: each frame at its map slice's world position, with its values
+    (float pixel data: exactly; quantised to ``quantum``: exactly the nearest multiple;
+    uint16 + RWVM: within 1/65535)."""
     tmp_path.mkdir()
     errors, warnings = dciodvfy(pm_path)
     assert errors == [], errors
     assert not any("Laterality" in w for w in warnings), warnings
     truth_xyz = cam[0].numpy()
+    # the values a reader must give: the float map, or its multiples of the quantum
+    expected_xyz = (truth_xyz if quantum is None else
+                    (np.round(truth_xyz.astype(np.float64) / quantum) * quantum))
+    if quantum is not None:  # the stated quantisation, and values that really need it
+        assert np.abs(expected_xyz - truth_xyz).max() <= quantum / 2
+        assert not np.array_equal(expected_xyz, truth_xyz)
     # pydicom + highdicom: every frame at the world position of its map slice
     ds = pydicom.dcmread(pm_path)
     pm = hd.pm.ParametricMap.from_dataset(ds)
     real, slope, intercept = _real_values(ds)
     atol = 0.0 if "FloatPixelData" in ds else 1 / 65535
+    if quantum is not None:  # stored exactly as multiples of the quantum
+        assert np.array_equal(real / quantum, np.round(real / quantum))
     anatomy = pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
     region = anatomy.AnatomicRegionSequence[0]
     assert region.CodeValue and region.CodeMeaning
@@ -631,17 +652,33 @@ def _read_back(pm_path: Path, cam: MetaTensor, image, tmp_path: Path, *, dcmqi: 
         k = int(np.argmin([np.linalg.norm(lps_of(image.affine, (0, 0, i)) - ipp)
                            for i in range(truth_xyz.shape[2])]))
         np.testing.assert_allclose(lps_of(image.affine, (0, 0, k)), ipp, atol=1e-3)
-        np.testing.assert_allclose(real[j], truth_xyz[:, :, k].T, rtol=0, atol=atol)
+        np.testing.assert_allclose(real[j], expected_xyz[:, :, k].T, rtol=0, atol=atol)
         if atol:  # highdicom applies the mapping itself: the same values
             np.testing.assert_allclose(
                 pm.get_frame(j + 1, dtype=np.float64, apply_real_world_transform=True),
                 truth_xyz[:, :, k].T, rtol=0, atol=atol)
+    if "FloatPixelData" in ds:  # highdicom 0.28 reads no float frame, but float volumes
+        _read_back_highdicom_volume(pm, image, expected_xyz)
     if dcmqi:
-        _read_back_dcmqi(pm_path, image, truth_xyz, tmp_path)
-    _read_back_dcm2niix(pm_path, image, truth_xyz, tmp_path, slope, intercept, atol)
+        _read_back_dcmqi(pm_path, image, expected_xyz, tmp_path)
+    if dcm2niix:
+        _read_back_dcm2niix(pm_path, image, truth_xyz, tmp_path, slope, intercept, atol)
+
+
+def _read_back_highdicom_volume(pm, image, expected_xyz: np.ndarray) -> None:
+    # highdicom's own geometry: its volume's slices (in its order) at the map's positions
+    volume = pm.get_volume()
+    assert volume.array.shape == (expected_xyz.shape[2], *expected_xyz.shape[1::-1])
+    for kk in range(volume.array.shape[0]):
+        world = (np.asarray(volume.affine) @ [kk, 0, 0, 1])[:3]
+        k = int(np.argmin([np.linalg.norm(lps_of(image.affine, (0, 0, i)) - world)
+                           for i in range(expected_xyz.shape[2])]))
+        np.testing.assert_allclose(lps_of(image.affine, (0, 0, k)), world, atol=1e-3)
+        np.testing.assert_array_equal(volume.array[kk], expected_xyz[:, :, k].T)
 
 
 def _read_back_dcmqi(pm_path: Path, image, truth_xyz: np.ndarray, tmp_path: Path) -> None:
+    # (truth_xyz: the values the map holds, as float32 exactly)
     # dcmqi (3D Slicer's reader): needs Frame Anatomy; NRRD in LPS with the same grid
     exe = Path(sys.executable).parent / "paramap2itkimage"
     if not exe.exists():

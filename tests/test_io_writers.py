@@ -112,12 +112,13 @@ def real_frames(pm) -> np.ndarray:
                      for j in range(int(pm.NumberOfFrames))])
 
 
-def check_parametric_map(tmp_path, scan, pixel_type="uint16"):
+def check_parametric_map(tmp_path, scan, pixel_type="uint16", compress="deflate"):
     image, info = load_volume(scan)
     cam = MetaTensor(ramp_map(info.shape), affine=image.affine)
     path = write_parametric_map(cam, info, tmp_path / "pm" / "cam_pm.dcm", method="integrative",
                                 parameters={"alpha_fn": "exp", "bias_weight": 1.0},
-                                target_label="present", pixel_type=pixel_type)
+                                target_label="present", pixel_type=pixel_type,
+                                compress=compress)
     errors, _warnings = dciodvfy(path)
     assert errors == [], errors
     raw = path.read_bytes()
@@ -154,23 +155,28 @@ def check_parametric_map(tmp_path, scan, pixel_type="uint16"):
     assert "integrative" in equipment.ContributionDescription
     assert '"alpha_fn":"exp"' in equipment.ContributionDescription
     # Values: every frame sits at its source slice's position and holds that slice's map
-    # (exactly as float32; within the stated quantisation 1/65535 as uint16 + RWVM).
+    # (exactly as uncompressed float32; exactly its multiple of 2**-16 nearest, deflated;
+    # within the stated quantisation 1/65535 as uint16 + RWVM).
     frames = _frames_by_position(pm, real_frames(pm))
     for k, ds in enumerate(info.source_datasets()):
         pos = tuple(round(float(v), 3) for v in ds.ImagePositionPatient)
         truth = cam[0, :, :, k].numpy().T
-        if pixel_type == "float32":
+        if pixel_type == "float32" and compress == "none":
             np.testing.assert_array_equal(frames[pos], truth)
+        elif pixel_type == "float32":
+            np.testing.assert_array_equal(frames[pos], np.round(truth * 65536.0) / 65536.0)
+            assert np.abs(frames[pos] - truth).max() <= 2.0**-17
         else:
             np.testing.assert_allclose(frames[pos], truth, rtol=0, atol=1 / 65535)
     return pm
 
 
-@pytest.mark.parametrize("pixel_type", ["uint16", "float32"])
-def test_parametric_map_on_written_series(tmp_path, pixel_type):
+@pytest.mark.parametrize(("pixel_type", "compress"), [("uint16", "none"), ("uint16", "deflate"),
+                                                      ("float32", "none"), ("float32", "deflate")])
+def test_parametric_map_on_written_series(tmp_path, pixel_type, compress):
     write_dicom_series(blob_volume((4, 6, 7)), tmp_path / "s", spacing=(0.8, 1.1, 3.0),
                        origin=(-10, 5, 40), modality="CT", patient_name="Doe^Jane")
-    pm = check_parametric_map(tmp_path, tmp_path / "s", pixel_type)
+    pm = check_parametric_map(tmp_path, tmp_path / "s", pixel_type, compress)
     assert str(pm.PatientName) == "Doe^Jane"  # same patient as its source, as DICOM requires
 
 
@@ -234,9 +240,10 @@ def test_parametric_map_jpeg_ls_lossless(tmp_path):
     zz, yy, xx = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in info.shape], indexing="ij")
     smooth = torch.exp(-(zz**2 + yy**2 + xx**2) * 2.0)[None]
     cam = MetaTensor(smooth, affine=image.affine)
-    plain = write_parametric_map(cam, info, tmp_path / "plain.dcm", method="gradcam")
+    plain = write_parametric_map(cam, info, tmp_path / "plain.dcm", method="gradcam",
+                                 pixel_type="uint16", compress="none")
     packed = write_parametric_map(cam, info, tmp_path / "packed.dcm", method="gradcam",
-                                  compress=True)
+                                  pixel_type="uint16", compress=True)
     assert dciodvfy(packed)[0] == []
     ds = pydicom.dcmread(packed)
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless

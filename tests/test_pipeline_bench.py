@@ -70,3 +70,27 @@ def test_verify_report_carries_the_voxel_hashes_resume_needs(tmp_path, monkeypat
     plan = plan_resume(out, Ledger(out), specs)
     assert sorted(plan.skipped) == sorted(report.verified_scans) and not plan.todo
     assert len(loads) == 3
+
+
+def test_bench_verify_builds_a_sealed_folder_and_times_verify(tmp_path, capsys):
+    cfg = write_tiny_config(tmp_path)
+    rows_file = tmp_path / "verify.json"
+    argv = ["bench", "--verify", "3", "--shape", "20", "18", "8", "--config", str(cfg),
+            "--work", str(tmp_path / "w"), "--json", str(rows_file)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "built 3 sealed scans" in out and "sealing took" in out
+    assert "verify: 3 scans, 12 files" in out and "as a fresh process" in out
+    row = json.loads(rows_file.read_text())
+    assert row["ok"] and row["n_scans"] == 3 and row["files"] == 12
+    assert row["verify_s"] > 0 and row["cli_s"] > row["verify_s"]  # start-up included
+    assert row["seal_first_s"] > 0 and row["seal_last_s"] > 0
+    folder = tmp_path / "w" / "audit-3"
+    report = verify_folder(folder)
+    assert report.ok and report.n_scans == 3
+    assert row["bytes"] == sum(f.stat().st_size for f in folder.rglob("*")
+                               if f.is_file() and f.name != ".icam-med.lock")
+    # run again: the folder is reused (nothing built), and still verifies
+    assert main(argv) == 0
+    assert "reused the folder of 3 sealed scans" in capsys.readouterr().out
+    assert json.loads(rows_file.read_text())["seal_first_s"] is None

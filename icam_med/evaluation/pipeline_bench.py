@@ -16,7 +16,8 @@ in-process backend: every stage; the other backends: ``record``); ``preprocess``
 
 :func:`sealed_folder` builds a large audit folder cheaply (one small scan explained once,
 its outputs written and sealed N times with the library's own writers) to time
-``icam-med verify`` on it (:func:`time_verify`).
+``icam-med verify`` on it (:func:`time_verify`); :func:`run_verify_bench` does both
+(``icam-med bench --verify N``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BACKENDS", "PipelineRow", "format_pipeline_table", "run_pipeline_bench",
-           "sealed_folder", "synthetic_ct", "time_verify", "write_series"]
+           "run_verify_bench", "sealed_folder", "synthetic_ct", "time_verify", "write_series"]
 
 BACKENDS = ("local", "workers", "dask")
 STAGES = ("load", "preprocess", "engine", "inverse", "write", "record")
@@ -240,11 +241,19 @@ def format_pipeline_table(rows: Sequence[PipelineRow], shape_xyz: Sequence[int])
     return "\n".join(lines)
 
 
-def sealed_folder(out: str | Path, n: int, config: str | Path, scan: str | Path) -> Path:
+def sealed_folder(out: str | Path, n: int, config: str | Path, scan: str | Path, *,
+                  seal_seconds: list[float] | None = None,
+                  progress: Callable[[str], None] | None = None) -> Path:
     """An audit folder of ``n`` sealed scans made cheaply: ``scan`` explained once, its
     outputs written (:func:`icam_med.explain.write_outputs`) and sealed
     (:func:`icam_med.explain.seal_outputs`) ``n`` times under one lock, as a batch's workers
-    and coordinator would."""
+    and coordinator would.
+
+    Args:
+        seal_seconds: if given, each seal's seconds are appended to it (the coordinator's
+            per-scan cost as the folder grows).
+        progress: called with a line every 100 scans.
+    """
     import copy
     from dataclasses import replace
 
@@ -259,15 +268,20 @@ def sealed_folder(out: str | Path, n: int, config: str | Path, scan: str | Path)
     prepared = prepare(config)
     image, info = load_volume(scan, geometry=prepared.config.geometry)
     explanation = explain_volume(image, info, prepared)
+    sent = copy.copy(explanation)
+    sent.drop_maps()
     with FolderLock(out) as lock:
         ctx = AuditContext(root=out, command="audit", lock=lock, site_key=None)
         for i in range(n):
             sid = f"s{i:05d}"
             audit = replace(ctx, scan_id=sid)
             written = write_outputs(explanation, out / SCANS_DIR / sid, audit=audit)
-            sent = copy.copy(explanation)
-            sent.drop_maps()
+            t0 = time.perf_counter()
             seal_outputs(sent, written, out / SCANS_DIR / sid, audit=audit)
+            if seal_seconds is not None:
+                seal_seconds.append(time.perf_counter() - t0)
+            if progress is not None and (i + 1) % 100 == 0:
+                progress(f"{i + 1} of {n} scans sealed")
     return out
 
 
@@ -278,6 +292,71 @@ def time_verify(folder: str | Path) -> tuple[float, Any]:
     t0 = time.perf_counter()
     report = verify_folder(folder)
     return time.perf_counter() - t0, report
+
+
+def run_verify_bench(work: str | Path, *, n_scans: int, shape_xyz: Sequence[int],
+                     config: str | Path | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build an audit folder of ``n_scans`` sealed scans (:func:`sealed_folder`, one
+    synthetic CT series of ``shape_xyz``) and time ``icam-med verify`` on it.
+
+    The folder is reused when ``work/audit-<n>`` already holds ``n_scans`` sealed scans.
+
+    Returns:
+        ``n_scans``, ``files`` and ``bytes`` re-hashed, ``build_s``, the coordinator's
+        median seal seconds over the first and the last tenth of the scans
+        (``seal_first_s``, ``seal_last_s``: flat when sealing does not grow with the
+        ledger), ``verify_s`` (in this process, validators compiled), ``cli_s`` (a fresh
+        ``icam-med verify`` process, start-up included), ``ms_per_scan`` and ``mb_per_s``
+        (both from ``verify_s``), and ``ok``.
+
+    Raises:
+        RuntimeError: the folder does not verify, or the command fails.
+    """
+    from icam_med.resources import packaged_config
+
+    if n_scans < 1:
+        raise ValueError(f"--verify {n_scans}: give at least 1 scan.")
+    work = Path(work)
+    say = progress or (lambda _line: None)
+    cfg = Path(config) if config is not None else packaged_config("example_ct")
+    folder = work / f"audit-{n_scans}"
+    seals: list[float] = []
+    t0 = time.perf_counter()
+    ledger = folder / "ledger.jsonl"
+    n_lines = len(ledger.read_bytes().splitlines()) if ledger.is_file() else 0
+    if n_lines != n_scans:
+        if folder.exists():
+            raise RuntimeError(f"{folder} holds {n_lines} ledger entries, not {n_scans}: "
+                               "remove it or choose another --work folder.")
+        [series] = write_series(work / "series", 1, shape_xyz)
+        say(f"building {folder}: {n_scans} sealed scans of one {tuple(shape_xyz)} CT series")
+        sealed_folder(folder, n_scans, cfg, series, seal_seconds=seals, progress=say)
+    build_s = time.perf_counter() - t0
+    say("verifying (in process, then as a fresh `icam-med verify`)")
+    time_verify(folder)  # once, for the page cache and the compiled validators
+    verify_s, report = time_verify(folder)
+    if not report.ok:
+        raise RuntimeError(f"the benchmark folder does not verify: {report.summary()}")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "icam_med", "verify", str(folder)],
+                          capture_output=True, text=True)
+    cli_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"icam-med verify {folder} failed (exit {proc.returncode}): "
+                           f"{proc.stderr[-2000:]}")
+    files = [f for f in folder.rglob("*") if f.is_file() and f.name != ".icam-med.lock"]
+    n_bytes = sum(f.stat().st_size for f in files)
+    tenth = max(1, len(seals) // 10)
+    return {
+        "n_scans": n_scans, "files": report.n_files, "bytes": n_bytes,
+        "build_s": round(build_s, 2),
+        "seal_first_s": _median(seals[:tenth]), "seal_last_s": _median(seals[-tenth:]),
+        "verify_s": round(verify_s, 3), "cli_s": round(cli_s, 3),
+        "ms_per_scan": round(1000 * verify_s / n_scans, 3),
+        "mb_per_s": round(n_bytes / 1e6 / verify_s, 1) if verify_s else None,
+        "ok": report.ok,
+    }
 
 
 if __name__ == "__main__":  # one backend's run, in a fresh process (run_pipeline_bench)

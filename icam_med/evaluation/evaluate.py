@@ -4,7 +4,10 @@
 model's input space (where the ground-truth masks live), and scores each map with
 :mod:`icam_med.evaluation.metrics`. The volumes come from the harder benchmark
 (:class:`icam_med.evaluation.synthetic.EvalSynthesizer`): dark and bright lesions, one or
-two per volume, bright distractors outside the brain, and each volume's healthy twin.
+two per volume, bright distractors outside the brain, and each volume's healthy twin; or,
+in 2-D, from held-out synthetic radiographs with one known bright finding and their healthy
+twins (:mod:`icam_med.evaluation.radiograph_suite`, ``icam-med evaluate --suite
+radiographs``).
 
 ============================  ==================================================  ==========
 column                        what                                                better

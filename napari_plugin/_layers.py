@@ -375,7 +375,9 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
     Returns, in order: the fused map (visible overlay), each layer's map (hidden), and, when
     ``contrast`` (a second Explanation, for another class) is given, its fused map (hidden)
     and the signed difference ``fused - contrast`` (hidden; red where the first class is
-    favoured, blue where the second is, transparent at zero, symmetric limits).
+    favoured, blue where the second is, transparent at zero, symmetric limits); last, for a
+    segmentation target, the explained region as a Labels layer (:func:`region_layer`,
+    ``kind = "region"``).
 
     Maps keep contrast limits ``(0, 1)``; ``threshold`` is a hard cut in their colormap
     (:func:`map_colormap`), kept in the metadata as ``threshold``.
@@ -437,7 +439,27 @@ def explanation_layers(explanation: Any, *, scan_name: str = "scan",
                         contrast_limits=symmetric_limits(diff), opacity=opacity),
             "image",
         ))
+    region = getattr(explanation, "target_region", None)
+    if region is not None:
+        layers.append(region_layer(
+            to_napari_array(region).transpose(2, 1, 0), _region_affine(region, aff),
+            name=f"{scan_name} region [{target}]",
+            metadata={"region": dict(explanation.region_info or {}), "method": method,
+                      "target_class": result.target_class, "target_label": target,
+                      "record_path": None, "record_mismatch": False,
+                      "voxels": int(np.count_nonzero(to_napari_array(region)))}))
     return layers
+
+
+def _region_affine(region: Any, default: np.ndarray) -> np.ndarray:
+    """The region's own voxel-to-RAS affine (a MetaTensor's), else ``default`` (the scan's:
+    the region lies on the scan's grid)."""
+    aff = getattr(region, "affine", None)
+    if aff is None:
+        return default
+    aff = np.asarray(aff.detach().cpu().numpy() if hasattr(aff, "detach") else aff,
+                     dtype=np.float64)
+    return aff if aff.shape == (4, 4) else default
 
 
 def contour_layer(map_data: np.ndarray, level: float, *, name: str, affine: Any,

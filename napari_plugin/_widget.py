@@ -78,7 +78,7 @@ _NOT_OPTIONS = ("METHODS", "LAYER_PRESETS")
 # A registry named ``<OPTION>S`` lists the values of the option ``<option>``
 # (BIAS_MODES -> bias_mode, LAYER_WEIGHTINGS -> layer_weighting, FUSIONS -> fusion);
 # the exceptions to that naming rule:
-_OPTION_OF_REGISTRY = {"ALPHA_FUNCTIONS": "alpha_fn"}
+_OPTION_OF_REGISTRY = {"ALPHA_FUNCTIONS": "alpha_fn", "LRP_RULES": "rule"}
 # Errors the library raises for bad input (bad geometry, wrong channels, missing files...):
 # shown as notifications with the library's message, never raised into Qt.
 _USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
@@ -511,10 +511,12 @@ class ExplainWidget(Container):
         presets = list(_engine.LAYER_PRESETS)
         default_layers = method_options_accepted(self.method.value).get("target_layers")
         self.layer_preset = ComboBox(
-            label="target layers", choices=[*presets, _CUSTOM_LAYERS],
+            label="target layers", choices=self._layer_choices,
             value=default_layers if default_layers in presets else presets[0],
             tooltip="a preset of the engine (icam_med.cam.LAYER_PRESETS: 'stages' is the "
-                    "last layer of each resolution), or your own module names")
+                    "last layer of each resolution), or your own module names; "
+                    f"'{_METHOD_DEFAULT}' (methods whose layers are optional: input "
+                    "gradients hook none, LRP's are extra layer maps) passes none")
         self.target_layers = LineEdit(
             label="layer names", value=self.layer_preset.value, visible=False,
             tooltip="comma-separated module names (model.named_modules()), or a preset: "
@@ -705,9 +707,37 @@ class ExplainWidget(Container):
         self.target_class.reset_choices()
         self.contrast_class.reset_choices()
 
+    def _layers_optional(self) -> bool:
+        """Whether the chosen method's layers are optional (its ``target_layers`` defaults
+        to ``None``: input-gradient methods hook none, LRP adds layer maps only when
+        given, SmoothGrad leaves them to its base method) or not taken at all."""
+        method = getattr(self, "method", None)
+        if method is None:
+            return False
+        return method_options_accepted(method.value).get("target_layers") is None
+
+    def _layer_choices(self, _w: Any = None) -> list:
+        """The layer presets, custom names, and for a method whose layers are optional,
+        first, the method's own default (no layers passed)."""
+        first = [_METHOD_DEFAULT] if self._layers_optional() else []
+        return [*first, *_engine.LAYER_PRESETS, _CUSTOM_LAYERS]
+
     def _on_method(self, *_: Any) -> None:
-        """Enable the options the chosen method takes (e.g. alpha_fn for Grad-CAM++)."""
+        """Enable the options the chosen method takes (e.g. alpha_fn for Grad-CAM++); a
+        method whose layers are optional starts at its own default (no layers passed),
+        and leaving it for one that needs layers selects that method's default preset."""
         accepted = method_options_accepted(self.method.value)
+        previous = self.layer_preset.value
+        self.layer_preset.reset_choices()
+        if self._layers_optional():
+            self.layer_preset.value = _METHOD_DEFAULT
+        elif previous == _METHOD_DEFAULT or self.layer_preset.value not in (
+                *_engine.LAYER_PRESETS, _CUSTOM_LAYERS):
+            default = accepted.get("target_layers")
+            self.layer_preset.value = (default if default in _engine.LAYER_PRESETS
+                                       else next(iter(_engine.LAYER_PRESETS)))
+        elif self.layer_preset.value != previous:
+            self.layer_preset.value = previous
         for option, box in self.engine_options.items():
             box.enabled = option in accepted
         self.bias_weight.enabled = "bias_weight" in accepted
@@ -720,7 +750,9 @@ class ExplainWidget(Container):
     def _on_layer_preset(self, *_: Any) -> None:
         custom = self.layer_preset.value == _CUSTOM_LAYERS
         self.target_layers.visible = custom
-        if not custom:
+        if self.layer_preset.value == _METHOD_DEFAULT:
+            self.target_layers.value = ""
+        elif not custom:
             self.target_layers.value = self.layer_preset.value
 
     def _on_layers_changed(self, *_: Any) -> None:
@@ -797,13 +829,15 @@ class ExplainWidget(Container):
 
     # running --------------------------------------------------------------------------
     def method_options(self) -> dict:
-        """The engine options the widget's values stand for."""
-        layers = self.target_layers.value.strip() or "stages"
-        target_layers: Any = layers
-        if "," in layers:
-            target_layers = [s.strip() for s in layers.split(",") if s.strip()]
+        """The engine options the widget's values stand for: the layers only for a method
+        that takes them and not left at its own default."""
         accepted = method_options_accepted(self.method.value)
-        opts: dict = {"target_layers": target_layers}
+        opts: dict = {}
+        if "target_layers" in accepted and self.layer_preset.value != _METHOD_DEFAULT:
+            layers = self.target_layers.value.strip() or "stages"
+            opts["target_layers"] = (
+                [s.strip() for s in layers.split(",") if s.strip()] if "," in layers
+                else layers)
         if "bias_weight" in accepted:
             opts["bias_weight"] = float(self.bias_weight.value)
         for option, box in self.engine_options.items():
@@ -986,13 +1020,14 @@ class ExplainWidget(Container):
         first, second = out.first, out.second
         scan = self._scan_layer
         self._remove_results(scan.name, first.result.method)
-        for data, kwargs, _kind in out.layers:  # built in the worker: only added here
+        for data, kwargs, kind in out.layers:  # built in the worker: only added here
             name = kwargs["name"]
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
             meta = kwargs["metadata"][METADATA_KEY]
             meta["scan_layer"] = scan.name
-            layer = self.viewer.add_image(data, **kwargs)  # (fires _on_layers_changed)
+            # (fires _on_layers_changed); a segmentation target's region is a Labels layer
+            layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
             self.result_layers.append(layer)
         self.result = out  # only now: the layers above stand for it
         fused = self._map_layers(("fused",))
@@ -1018,8 +1053,8 @@ class ExplainWidget(Container):
         self.side_by_side.value = False
         for lay in list(self.viewer.layers):
             meta = lay.metadata.get(METADATA_KEY) or {}
-            if (meta.get("kind") in _REVIEW_KINDS and meta.get("scan_layer") == scan_name
-                    and meta.get("method") == method):
+            if (meta.get("kind") in (*_REVIEW_KINDS, "region")
+                    and meta.get("scan_layer") == scan_name and meta.get("method") == method):
                 self.viewer.layers.remove(lay)
         self.result_layers = []
         if self.contour is not None and self.contour in self.viewer.layers:
@@ -1424,7 +1459,7 @@ class ExplainWidget(Container):
                    for w in written if w.role == "audit_record"}
         for lay in self.result_layers:
             meta = lay.metadata.get(METADATA_KEY) or {}
-            stem = (MAP_STEM if meta.get("kind") in ("fused", "layer", "difference")
+            stem = (MAP_STEM if meta.get("kind") in ("fused", "layer", "difference", "region")
                     else class_stem(meta.get("target_class")))
             found = records.get(record_path_for(map_path(folder, stem)).name)
             if found is not None:

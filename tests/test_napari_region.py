@@ -4,6 +4,8 @@ with the region as a Labels layer, in the same physical space as the scan and th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -99,3 +101,42 @@ def test_opening_the_map_file_itself_brings_its_region(make_napari_viewer, audit
     assert kinds == ["fused", "region"]
     fused, region = layers
     np.testing.assert_allclose(fused.affine.affine_matrix, region.affine.affine_matrix)
+
+
+def test_a_widget_run_shows_the_region_and_its_saved_audit_reopens_with_it(
+        make_napari_viewer, audits, tmp_path):
+    """The dock widget explaining the UNet config (target lesion over the mask) adds the
+    region as a Labels layer on the scan's grid, once per run; Save audit then writes it,
+    and the saved folder reopens with it."""
+    from napari_plugin._screenshot import wait_for_worker
+    from napari_plugin._widget import ExplainWidget
+
+    scan = tmp_path / "seg.nii.gz"
+    scan.write_bytes(audits["scan"].read_bytes())
+    viewer = make_napari_viewer()
+    viewer.open(str(scan), plugin="icam-med")
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.config.value = "other file..."
+    widget.config_file.value = write_unet_config(tmp_path, mask=audits["mask"])
+    for _ in range(2):  # a redo replaces the run's layers, the region included
+        widget.run()
+        wait_for_worker(widget)
+        assert widget.result is not None and widget.result.ok
+        regions = [lay for lay in viewer.layers
+                   if (lay.metadata.get(METADATA_KEY) or {}).get("kind") == "region"]
+        assert len(regions) == 1
+    (region,) = regions
+    assert region.__class__.__name__ == "Labels" and "lesion" in region.name
+    scan_layer = viewer.layers["seg"]
+    np.testing.assert_allclose(region.affine.affine_matrix, scan_layer.affine.affine_matrix,
+                               atol=1e-5)
+    truth = np.asarray(nib.load(str(audits["mask"])).dataobj) != 0
+    np.testing.assert_array_equal(np.asarray(region.data) != 0, truth.transpose(2, 1, 0))
+    assert region.metadata[METADATA_KEY]["region"]["voxels"] == int(truth.sum())
+    written = widget.save_audit()
+    folder = Path(written[0].path).parent
+    assert (folder / "cam_region.nii.gz").is_file()
+    assert region.metadata[METADATA_KEY]["record_path"]  # the sealed record it stands for
+    reopened = make_napari_viewer().open(str(folder), plugin="icam-med")
+    assert [lay.metadata[METADATA_KEY]["kind"] for lay in reopened].count("region") == 1

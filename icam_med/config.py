@@ -475,11 +475,13 @@ class RegionConfig:
         return path
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (the mask as its file name only: records never name input paths)."""
-        out = {"kind": self.kind, "label": self.label,
+        """JSON form (the mask as its file name only, a pattern as its file-name part: records
+        and the ledger never name input paths)."""
+        out: dict[str, Any] = {"kind": self.kind, "label": self.label,
                "mask": self.mask.name if self.mask is not None else None}
-        if self.kind == "masks":
-            out["pattern"] = self.pattern
+        if self.kind == "masks":  # its file-name part only ({scan}_seg.nii.gz): no folders
+            name = Path(self.pattern or "").name
+            out["pattern"] = name if "{" in name else None
         return out
 
 

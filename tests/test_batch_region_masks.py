@@ -137,10 +137,12 @@ def test_each_scan_is_explained_over_its_own_mask(cohort, capsys):
         assert rows[scan_id]["region_source"] == "mask"
         assert rows[scan_id]["region_voxels"] == str(n)
         assert rows[scan_id]["region_sha256"] == hashes[scan_id]
-    # the run's target region is in the ledger's run-start (the pattern, no file name)
+    # the run's target region is in the ledger's run-start (the pattern's file-name part: the
+    # ledger names no input folder)
     start = next(json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "run-start")
-    assert start["details"]["target_region"]["pattern"] == PATTERN
+    assert start["details"]["target_region"] == {"kind": "masks", "label": None, "mask": None,
+                                                 "pattern": "{scan}_seg.nii.gz"}
 
 
 def test_a_missing_mask_fails_its_scan_alone_before_anything_is_written(cohort, capsys):

@@ -195,3 +195,19 @@ def test_a_missing_region_file_is_said_not_drawn(audits, tmp_path):
     assert "not drawn: its file (cam_region.nii.gz) is missing" in text
     (png,) = _montages(html)
     assert int(_green(_rgb(png)).sum()) == 0
+
+
+def test_pdf_pages_with_the_region_render_and_no_words_collide(audits, tmp_path):
+    from render_helpers import pdf_to_pngs
+    from test_report import _pdf_words
+
+    pdf = audits["seg"] / "report.pdf"
+    pages = _pdf_words(pdf)
+    assert len(pages) == len(pdf_to_pngs(pdf, tmp_path / "p"))
+    assert any("region" in w[4] for page in pages for w in page)
+    for n, words in enumerate(pages, start=1):
+        for i, a in enumerate(words):
+            for b in words[i + 1:]:
+                ox = min(a[2], b[2]) - max(a[0], b[0])
+                oy = min(a[3], b[3]) - max(a[1], b[1])
+                assert not (ox > 0.5 and oy > 1.0), f"page {n}: '{a[4]}' overlaps '{b[4]}'"

@@ -211,3 +211,19 @@ def test_pdf_pages_with_the_region_render_and_no_words_collide(audits, tmp_path)
                 ox = min(a[2], b[2]) - max(a[0], b[0])
                 oy = min(a[3], b[3]) - max(a[1], b[1])
                 assert not (ox > 0.5 and oy > 1.0), f"page {n}: '{a[4]}' overlaps '{b[4]}'"
+
+
+def test_a_2d_image_region_is_outlined_on_its_one_plane():
+    """A radiograph's map is one plane (X, Y, 1): the region is outlined there, its side
+    views (one voxel thick) draw no outline and need none, and no third row is added."""
+    from icam_med.report.figures import montage_png
+
+    affine = np.diag([0.5, 0.5, 1.0, 1.0])
+    cam = np.zeros((30, 20, 1), np.float32)
+    cam[10:15, 5:9, 0] = 1.0
+    region = np.zeros((30, 20, 1), np.float32)
+    region[8:16, 4:10, 0] = 1.0
+    png = montage_png(to_ras(cam, affine), None, region_ras=to_ras(region, affine),
+                      region_label="explained region: 'nodule' over the given mask")
+    assert Image.open(io.BytesIO(png)).size == (round(9.6 * DPI), round(6.6 * DPI))
+    assert int(_green(_rgb(png)).sum()) > 20

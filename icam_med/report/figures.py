@@ -168,9 +168,9 @@ def _grey_window(scan_ras: RASVolume | None) -> tuple[np.ndarray | None, float, 
 def _outline(ax: Any, vol: np.ndarray, axis: int, index: int, spacing: Sequence[float],
              h: int, v: int, colour: str, width: float) -> None:
     """The 0.5 iso-line of a 0/1 volume on one slice (voxel centres in mm), if the slice
-    cuts its border."""
+    cuts its border (a slice one voxel thick, the side views of a 2-D image, has none)."""
     ms = _slice(vol, axis, index)
-    if ms.any() and not ms.all():
+    if min(ms.shape) >= 2 and ms.any() and not ms.all():
         xs = (np.arange(ms.shape[1]) + 0.5) * spacing[h]
         ys = (np.arange(ms.shape[0]) + 0.5) * spacing[v]
         ax.contour(xs, ys, ms, levels=[0.5], colors=colour, linewidths=width)
@@ -274,7 +274,7 @@ def montage_figure(map_ras: RASVolume, scan_ras: RASVolume | None, *,
     if region is not None and not region.any():
         region = None
     rows = [("through the map's peak", peak), ("through the scan's centre", centre)]
-    if region is not None:
+    if region is not None and min(m.shape) > 1:  # (a 2-D image shows it whole already)
         rows.append(("through the region", _region_point(region)))
     cmap = matplotlib.colormaps[MAP_CMAP]
     fig = _figure(9.6, 3.3 * len(rows))
@@ -305,7 +305,8 @@ def montage_png(map_ras: RASVolume, scan_ras: RASVolume | None, *,
 
     A segmentation target's explained region (``region_ras``, same grid, non-zero inside)
     is outlined in :data:`REGION_COLOUR` on every panel it crosses, a third row of slices
-    runs through it (its voxel nearest its centroid), and a legend names it
+    runs through it (its voxel nearest its centroid; not for a 2-D image, whose one plane
+    shows it whole), and a legend names it
     (``region_label``). Without a region the figure is the two-row one.
     """
     return _fig_png(montage_figure(map_ras, scan_ras, title=title, mask_ras=mask_ras,

@@ -249,9 +249,12 @@ def _load_mask(spec: ScanSpec, info: Any, geometry: Any) -> Any:
 
 
 def region_mask_of(region: RegionConfig | None, spec: ScanSpec) -> Path | None:
-    """The target region mask file of one scan: its own mask under a ``masks`` region
-    (:meth:`~icam_med.config.RegionConfig.mask_for`), the one mask of a ``mask`` region,
-    else ``None`` (a predicted region, or no region)."""
+    """The target region mask file of one scan: the scan list's ``region`` entry for it,
+    else its own mask under a ``masks`` region
+    (:meth:`~icam_med.config.RegionConfig.mask_for`), else the one mask of a ``mask``
+    region, else ``None`` (a predicted region, or no region)."""
+    if spec.region is not None:
+        return Path(spec.region)
     if region is None:
         return None
     if region.kind == "masks":
@@ -262,29 +265,37 @@ def region_mask_of(region: RegionConfig | None, spec: ScanSpec) -> Path | None:
 def scan_region(config: ICAMConfig, spec: ScanSpec) -> RegionConfig | None:
     """The target region of one scan of a batch, checked before its scan is read.
 
-    A ``masks`` region becomes this scan's own mask file; any other region is the config's
-    own (``None``: :func:`~icam_med.explain.explain_volume` takes it from the config). That
-    the mask lies on the scan's grid is checked by ``explain_volume`` before the model runs.
+    The scan list's ``region`` entry, or under a ``masks`` region the scan's own mask file,
+    becomes a ``mask`` region; otherwise ``None`` (:func:`~icam_med.explain.explain_volume`
+    takes the config's). That the mask lies on the scan's grid is checked by
+    ``explain_volume`` before the model runs.
 
     Raises:
         FileNotFoundError: the scan's mask does not exist (the message names the scan, the
-            mask, the pattern and the fix).
-        ValueError: the pattern leads to the scan itself.
+            mask and the fix).
+        ValueError: the mask is the scan itself, or a scan list names a region mask but
+            the config names no target label.
     """
     region = config.target.region if config.target is not None else None
-    if region is None or region.kind != "masks":
+    if spec.region is None and (region is None or region.kind != "masks"):
         return None
-    path = region.mask_for(spec.path, spec.scan_id)
+    path = region_mask_of(region, spec)
+    assert path is not None
+    source = ("the scan list's 'region' column" if spec.region is not None else
+              "the per-scan mask pattern (the config's target.region, or --region-masks)")
+    if config.target is None:
+        raise ValueError(
+            f"scan {spec.scan_id}: {source} gives it a region mask, but the config has no "
+            "target label to explain over it: add 'target: {label: LABEL}' to the config.")
     if not path.exists():
         raise FileNotFoundError(
             f"scan {spec.scan_id}: its region mask {path} does not exist; put the scan's mask "
-            "there (NIfTI or DICOM, on the scan's grid), correct the per-scan mask pattern "
-            "(the config's target.region, or --region-masks), or leave the scan out of the "
-            "batch.")
+            f"there (NIfTI or DICOM, on the scan's grid), correct {source}, or leave the "
+            "scan out of the batch.")
     if path.absolute() == Path(spec.path).absolute():
         raise ValueError(
-            f"scan {spec.scan_id}: the per-scan mask pattern leads to the scan itself; give "
-            "the masks a name or folder of their own (e.g. 'masks/{scan}.nii.gz' or "
+            f"scan {spec.scan_id}: {source} leads to the scan itself; give the masks a name "
+            "or folder of their own (e.g. 'masks/{scan}.nii.gz' or "
             "'{dir}/{scan}_seg.nii.gz').")
     return RegionConfig("mask", mask=path)
 
@@ -292,13 +303,16 @@ def scan_region(config: ICAMConfig, spec: ScanSpec) -> RegionConfig | None:
 def _drop_region_masks(scans: list[ScanSpec], region: RegionConfig | None) -> list[ScanSpec]:
     """The scans less those that are another scan's region mask (a folder holding
     ``case01.nii.gz`` and ``case01_seg.nii.gz`` gives both: the second is a mask)."""
-    if region is None or region.kind != "masks":
+    if not any(s.region is not None for s in scans) and (region is None
+                                                         or region.kind != "masks"):
         return scans
-    masks = {region.mask_for(s.path, s.scan_id).absolute() for s in scans}
+    masks = {p.absolute() for s in scans
+             if (s.region is not None or (region is not None and region.kind == "masks"))
+             and (p := region_mask_of(region, s)) is not None}
     kept = [s for s in scans if Path(s.path).absolute() not in masks]
     if len(kept) < len(scans):
-        log.info("%d input(s) are other scans' region masks (target.region.masks %r) and are "
-                 "not audited as scans", len(scans) - len(kept), region.pattern)
+        log.info("%d input(s) are other scans' region masks and are not audited as scans",
+                 len(scans) - len(kept))
     return kept or scans
 
 
@@ -705,8 +719,9 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
             if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
                 tampered.setdefault(p.scan_id, str(p))
     plan = ResumePlan()
-    records = (_region_records(out, ledger)
-               if done and region is not None and region.kind in ("mask", "masks") else {})
+    masked = ((region is not None and region.kind in ("mask", "masks"))
+              or any(s.region is not None for s in scans))
+    records = _region_records(out, ledger) if done and masked else {}
     for spec in scans:
         if spec.scan_id in done:
             changed = _same_scan(spec, recorded.get(spec.scan_id), geometry)
@@ -745,7 +760,8 @@ def commit_outcome(out: Path, ledger: Ledger, spec: ScanSpec, outcome: ScanOutco
     if error is None:
         try:
             seal_outputs(outcome.explanation, outcome.written, out / SCANS_DIR / spec.scan_id,
-                         audit=replace(ctx, scan_id=spec.scan_id, analysis=outcome.analysis))
+                         audit=replace(ctx, scan_id=spec.scan_id, analysis=outcome.analysis,
+                                       identifiers=outcome.identifiers or None))
             result.done.append(spec.scan_id)
             return
         except Exception as exc:  # a scan that cannot be sealed fails alone

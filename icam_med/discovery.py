@@ -28,12 +28,15 @@ class ScanSpec:
         path: a DICOM series folder, a DICOM file or a NIfTI file.
         expected_label: the label a reader or the ground truth gives, if known.
         mask: a mask on the scan's grid (NIfTI or DICOM); the map's mass inside it is reported.
+        region: a segmentation target's region mask for this scan (the scan list's
+            ``region`` column): it replaces the config's ``target.region`` for this scan.
     """
 
     scan_id: str
     path: Path
     expected_label: str | None = None
     mask: Path | None = None
+    region: Path | None = None
 
 
 def _expand_folder(folder: Path) -> list[Path]:
@@ -76,17 +79,25 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"scan list {path}, line {n}: empty '{path_col}'.")
             p = Path(raw).expanduser()
             p = p if p.is_absolute() else path.parent / p
-            mask = (row.get(cols["mask"]) or "").strip() if "mask" in cols else ""
-            mp = Path(mask).expanduser() if mask else None
-            if mp is not None and not mp.is_absolute():
-                mp = path.parent / mp
+            mp, rp = (_relative_path(row, cols, key, path) for key in ("mask", "region"))
             rows.append({
                 "path": p,
                 "label": ((row.get(label_col) or "").strip() or None) if label_col else None,
                 "mask": mp,
+                "region": rp,
                 "id": (row.get(cols["id"]) or "").strip() or None if "id" in cols else None,
             })
         return rows
+
+
+def _relative_path(row: dict[str, Any], cols: dict[str, str], key: str,
+                   csv_path: Path) -> Path | None:
+    """The path in column ``key`` of a scan list's row (relative to the list), or ``None``."""
+    text = (row.get(cols[key]) or "").strip() if key in cols else ""
+    if not text:
+        return None
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else csv_path.parent / p
 
 
 def _kind(path: Path) -> str:
@@ -101,7 +112,8 @@ def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
 
     Args:
         inputs: NIfTI files, DICOM files, DICOM series folders, folders of those, or CSV
-            files with a ``path`` column and optional ``label``, ``mask`` and ``id`` columns
+            files with a ``path`` column and optional ``label``, ``mask``, ``region`` and
+            ``id`` columns
             (relative paths are relative to the CSV). A path that does not exist is kept:
             that scan fails alone, with its reason recorded.
 
@@ -155,5 +167,6 @@ def collect_scans(inputs: Iterable[str | Path]) -> list[ScanSpec]:
         seen[scan_id] = seen.get(scan_id, 0) + 1
         if seen[scan_id] > 1:  # the very same path listed twice
             scan_id = f"{scan_id}-{seen[scan_id]}"
-        scans.append(ScanSpec(scan_id, row["path"], row["label"], row["mask"]))
+        scans.append(ScanSpec(scan_id, row["path"], row["label"], row["mask"],
+                              row.get("region")))
     return scans

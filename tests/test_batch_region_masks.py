@@ -276,3 +276,32 @@ def test_mask_pattern_placeholders(tmp_path):
         tmp_path / "seg" / "a_ct" / "ct.series{x}.nii.gz"
     beside = RegionConfig.masks_pattern("{dir}/{scan}_seg.nii.gz", tmp_path)
     assert beside.mask_for(tmp_path / "x" / "t1.nii.gz") == tmp_path / "x" / "t1_seg.nii.gz"
+
+
+def test_a_scan_list_names_each_scans_region_mask(cohort, capsys):
+    """A CSV scan list's ``region`` column (relative to the list): masks with any names
+    (here nnU-Net's: the image case_0001_0000, its label case_0001). An empty cell takes
+    the config's region (predicted here); a row naming a missing mask fails that scan."""
+    labels = cohort["root"] / "labelsTr"
+    labels.mkdir()
+    shutil.copy(cohort["masks"] / "case01_seg.nii.gz", labels / "case_0001.nii.gz")
+    rows = ["path,id,region",
+            "scans/case01.nii.gz,case_0001_0000,labelsTr/case_0001.nii.gz",
+            "scans/case02.nii.gz,case_0002_0000,",
+            "scans/case03,case_0003_0000,labelsTr/case_0003.nii.gz"]
+    scan_list = cohort["root"] / "cohort.csv"
+    scan_list.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = _config(cohort["root"], "predicted")
+    out = cohort["root"] / "audit"
+    rc = _audit(scan_list, "--config", config, "--out", out)
+    captured = capsys.readouterr()
+    assert rc == 1
+    line = next(x for x in captured.err.splitlines() if x.startswith("failed: case_0003_0000"))
+    assert "<region mask of case_0003_0000> does not exist" in line
+    assert "the scan list's 'region' column" in line
+    first = _record(out, "case_0001_0000")["method"]["target"]["region"]
+    assert first["source"] == "mask" and first["voxels"] == cohort["voxels"]["case01"]
+    assert first["sha256"] == _mask_sha(labels / "case_0001.nii.gz")
+    second = _record(out, "case_0002_0000")["method"]["target"]["region"]
+    assert second["source"] == "predicted"
+    assert not (out / "scans" / "case_0003_0000").exists()

@@ -14,7 +14,8 @@ HELP = "batch audit: explain many scans into one audited folder (local, processe
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+",
                         help="NIfTI files, DICOM series folders, folders of them, or a CSV with "
-                             "columns path[,label][,mask][,id]")
+                             "columns path[,label][,mask][,region][,id] (region: the scan's target "
+                             "region mask)")
     parser.add_argument("--config", required=True, help="YAML run config (model, preprocessing, method)")
     parser.add_argument("--out", required=True, help="output folder (created if missing; re-run to resume)")
     parser.add_argument("--region-masks", metavar="PATTERN",

@@ -111,3 +111,95 @@ def test_a_damaged_line_pins_nothing_and_the_rest_still_counts(folder):
     lines = ledger.read_bytes().splitlines(keepends=True)
     ledger.write_bytes(lines[0] + b'{"not": "an entry"}\n' + lines[2])
     assert Ledger(out).referenced_paths() == _pins(0) | _pins(2)
+
+
+# -- the identifiers a seal screens the record for: only identifying elements decoded -------
+def _identifiers_decoding_everything(headers) -> set[str]:
+    """The screen as it was: every element of every header decoded, then its keyword
+    looked up (the oracle for the faster one)."""
+    from icam_med.audit.phi import _TEXT_VRS, identifying_keywords
+
+    values: set[str] = set()
+    for ds in headers:
+        for elem in ds:
+            if elem.keyword not in identifying_keywords() or elem.VR not in _TEXT_VRS:
+                continue
+            items = elem.value if type(elem.value).__name__ == "MultiValue" else [elem.value]
+            values.update(str(v).strip() for v in items if v is not None and str(v).strip())
+    return values
+
+
+def test_the_scan_identifiers_are_those_of_every_element_decoded(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pydicom
+    from _audit_util import PHI
+    from io_helpers import pydicom_file
+
+    from icam_med.audit.phi import identifiers_from_scan
+    from icam_med.evaluation.dicom_series import write_dicom_series
+
+    vol = np.random.default_rng(0).integers(0, 500, (10, 12, 6)).astype(np.int16)
+    write_dicom_series(vol, tmp_path / "s", patient_name=PHI["PatientName"],
+                       patient_id=PHI["PatientID"], patient_birth_date=PHI["PatientBirthDate"],
+                       InstitutionName=PHI["InstitutionName"],
+                       AccessionNumber=PHI["AccessionNumber"],
+                       ReferringPhysicianName=PHI["ReferringPhysicianName"])
+    headers = [pydicom.dcmread(f, stop_before_pixels=True)
+               for f in sorted((tmp_path / "s").iterdir())]
+    # real headers of other kinds, private tags and repeating groups included
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm"):
+        headers.append(pydicom.dcmread(pydicom_file(name), stop_before_pixels=True))
+    headers[0].add_new(0x60020022, "LO", "overlay of QUIXOTE")  # OverlayDescription, group 6002
+    headers[0].add_new(0x00091001, "LO", "private PANZA")  # private: not a known keyword
+    expected = _identifiers_decoding_everything(headers)
+    assert {PHI["PatientName"], PHI["PatientID"], PHI["AccessionNumber"]} <= expected
+    got = set(identifiers_from_scan(SimpleNamespace(headers=headers)))
+    assert got == expected
+
+
+def test_a_seal_screens_the_record_with_the_identifiers_the_worker_read(tmp_path, monkeypatch):
+    """A batch's coordinator seals with the identifiers its worker read from the scan's
+    headers (AuditContext.identifiers) instead of reading every header again; a record
+    holding one of them is still refused, and nothing is sealed."""
+    import copy
+    from dataclasses import replace
+
+    import numpy as np
+    from io_helpers import write_tiny_config
+
+    import icam_med.audit.trail as trail
+    from icam_med.audit import AuditContext
+    from icam_med.audit.ledger import FolderLock
+    from icam_med.evaluation.dicom_series import write_dicom_series
+    from icam_med.explain import explain_volume, prepare, seal_outputs, write_outputs
+    from icam_med.io import load_volume
+
+    vol = np.random.default_rng(0).integers(0, 500, (16, 14, 8)).astype(np.int16)
+    write_dicom_series(vol, tmp_path / "s", modality="CT")
+    prepared = prepare(write_tiny_config(tmp_path))
+    image, info = load_volume(tmp_path / "s")
+    explanation = explain_volume(image, info, prepared)
+    sent = copy.copy(explanation)
+    sent.drop_maps()
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def no_header_reading(_info):
+        raise AssertionError("the coordinator read the headers again")
+
+    monkeypatch.setattr(trail, "identifiers_from_scan", no_header_reading)
+    with FolderLock(out) as lock:
+        ctx = AuditContext(root=out, command="audit", lock=lock, site_key=None)
+        ok = replace(ctx, scan_id="a", identifiers=("QUIXOTE^ALONSO",))
+        written = write_outputs(explanation, out / "scans" / "a", audit=ok)
+        seal_outputs(sent, written, out / "scans" / "a", audit=ok)
+        # the model's name is in every record: as an identifier, the record is refused
+        bad = replace(ctx, scan_id="b", identifiers=("tiny-classifier",))
+        written = write_outputs(explanation, out / "scans" / "b", audit=bad)
+        with pytest.raises(ValueError, match="patient identifiers"):
+            seal_outputs(sent, written, out / "scans" / "b", audit=bad)
+    assert not (out / "scans" / "b" / "cam.icam.json").exists()
+    report = verify_folder(out)
+    assert report.n_scans == 1 and list(report.verified_scans) == ["a"]

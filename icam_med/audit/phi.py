@@ -219,6 +219,15 @@ def hash_uid(uid: str, key: SiteKey) -> str:
     return hmac.new(key.secret, uid.strip().encode("ascii"), hashlib.sha256).hexdigest()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _identifying_tag(tag: int) -> bool:
+    """Whether a top-level element's keyword (as pydicom's ``DataElement.keyword`` gives
+    it: the data dictionary's, ``""`` for private and unknown tags) is identifying."""
+    from pydicom.datadict import dictionary_has_tag, dictionary_keyword
+
+    return dictionary_has_tag(tag) and dictionary_keyword(tag) in identifying_keywords()
+
+
 def identifiers_from_scan(info: Any) -> tuple[str, ...]:
     """The identifying values of a loaded scan, to forbid them in its record.
 
@@ -230,15 +239,18 @@ def identifiers_from_scan(info: Any) -> tuple[str, ...]:
         The text values of every attribute in :func:`identifying_keywords` present in the
         headers (top level), and the raw UIDs, deduplicated.
     """
-    keywords = identifying_keywords()
     values: set[str] = set()
     for ds in getattr(info, "headers", ()) or ():
         try:
-            elements = list(ds) if hasattr(ds, "__iter__") else []
+            # Only the identifying elements are decoded (the tags are told apart once per
+            # process): decoding every element of every slice's header was most of the
+            # coordinator's seal of a DICOM series.
+            tags = list(ds.keys()) if hasattr(ds, "keys") else []
+            elements = [ds[t] for t in tags if _identifying_tag(int(t))]
         except Exception:  # a damaged header: nothing more to collect from it
             continue
         for elem in elements:
-            if getattr(elem, "keyword", None) not in keywords or elem.VR not in _TEXT_VRS:
+            if elem.VR not in _TEXT_VRS:
                 continue
             value = elem.value
             items = value if isinstance(value, (list, tuple)) or type(value).__name__ == \

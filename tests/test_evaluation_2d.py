@@ -27,6 +27,7 @@ from icam_med.evaluation.evaluate import (
     method_rows,
     select_rows,
 )
+from icam_med.evaluation.synthetic import normalise_with_twin
 from icam_med.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,9 +90,14 @@ def test_cases_put_the_finding_where_it_was_drawn_on_the_model_grid(demo2d, case
     assert float(cols.float().mean()) == pytest.approx(expect_col, abs=0.5)
     assert float(rows.float().mean()) == pytest.approx(expect_row, abs=0.5)
     assert int(vol.mask.sum()) == pytest.approx(np.pi * (case.radius / 4) ** 2, rel=0.25)
-    # Normalised with the image's own statistics, the twin equals x wherever the raw
-    # radiographs agree after the resize.
+    # z-scored over the whole image (the config's NormalizeIntensityd); the twin with the
+    # image's statistics: equal to x wherever the raw radiographs agree after the resize.
     assert abs(float(vol.x.mean())) < 1e-4 and abs(float(vol.x.std()) - 1) < 1e-3
+    image, twin = (np.asarray(a.T, np.float32) for a in (case.image, case.twin))
+    x, x_twin = normalise_with_twin(image, twin, [{"name": "NormalizeIntensityd"}])
+    same = image == twin
+    assert same.any() and np.array_equal(x[0][same], x_twin[0][same])
+    np.testing.assert_allclose(x_twin[0], (twin - image.mean()) / image.std(), atol=1e-4)
     # The real model sees the finding on these held-out cases.
     with torch.no_grad():
         p = torch.softmax(model(torch.stack([v.x for v in cases])), 1)[:, 1]

@@ -282,7 +282,8 @@ def scan_region(config: ICAMConfig, spec: ScanSpec) -> RegionConfig | None:
     path = region_mask_of(region, spec)
     assert path is not None
     source = ("the scan list's 'region' column" if spec.region is not None else
-              "the per-scan mask pattern (the config's target.region, or --region-masks)")
+              "the per-scan mask pattern (in the config's target.region, or given on the "
+              "command line)")
     if config.target is None:
         raise ValueError(
             f"scan {spec.scan_id}: {source} gives it a region mask, but the config has no "

@@ -29,6 +29,10 @@ def test_bench_pipeline_audits_series_and_reports_every_figure(tmp_path, capsys)
     [row] = json.loads(rows_file.read_text())
     assert row["failed"] == 0 and row["n_scans"] == 2 and row["scans_per_min"] > 0
     assert all(row["stages_s"][s] is not None and row["stages_s"][s] >= 0 for s in STAGES)
+    # the worker's total covers its stages (load to write)
+    worker_stages = sum(row["stages_s"][s] for s in STAGES if s != "record")
+    assert row["worker_s"] >= 0.9 * worker_stages
+    assert "worker total (s)" in table
     assert row["coordinator_peak_mb"] > 50  # a Python process with torch
     # every scan's outputs were written: a map, a Parametric Map, a summary and a record
     audit = next((tmp_path / "w").glob("audit-local-*"))

@@ -238,8 +238,14 @@ def run(args: argparse.Namespace) -> int:
                            "weights_sha256": info.to_dict().get("weights_sha256"),
                            "elapsed_seconds": round(elapsed, 1), "model_correct": n_correct})
         echo(md)
-        echo(f"{cfg.model.name}: model correct on {n_correct}/{result.settings['n_volumes']} "
-             f"volumes; {elapsed:.0f} s")
+        if suite == "radiographs":
+            neg = result.settings["negatives"]
+            echo(f"{cfg.model.name}: model correct on {n_correct}/{result.settings['n_volumes']} "
+                 f"radiographs with a finding and {neg['model_said_absent']}/{neg['n']} "
+                 f"without; {elapsed:.0f} s")
+        else:
+            echo(f"{cfg.model.name}: model correct on {n_correct}/"
+                 f"{result.settings['n_volumes']} volumes; {elapsed:.0f} s")
 
     ranking = []
     if any(tables[0][1].labels(("variant",))):

@@ -78,20 +78,18 @@ def _faces(ms: np.ndarray, sp_h: float, sp_v: float) -> np.ndarray:
     return np.asarray(pts, dtype=float).reshape(-1, 2)
 
 
-def test_region_outline_is_drawn_where_the_region_is(audits):
-    seg, folder = audits["seg"], audits["folder"]
-    html = (seg / "report.html").read_text("utf-8")
-    (png,) = _montages(html)
-    # The report's picture is the library's montage of the audited map, scan and region.
-    data = collect(seg, scans=[audits["scan"]])
-    (item,) = data.scans
+def _check_outline(png: bytes, item, folder, scan, mask) -> None:
+    """The report's montage ``png`` of ``item`` is the library's figure of the audited map,
+    scan and region (``folder``'s cam.nii.gz / cam_region.nii.gz, the region being ``mask``);
+    on each of its panels the green outline runs along the region's border on that slice
+    and nowhere else; the only other green is the legend's line."""
     assert item.montage == png and item.region_shown == "outlined" and item.scan_shown == "matched"
     cam = nib.load(str(folder / "cam.nii.gz"))
     region_img = nib.load(str(folder / "cam_region.nii.gz"))
-    image, info = load_volume(audits["scan"])
+    image, info = load_volume(scan)
     region = (np.asarray(region_img.dataobj) != 0).astype(np.float32)
     # the region on the scan's grid is the mask given to the audit
-    assert np.array_equal(region != 0, np.asarray(nib.load(str(audits["mask"])).dataobj) != 0)
+    assert np.array_equal(region != 0, np.asarray(nib.load(str(mask)).dataobj) != 0)
     map_ras = to_ras(np.asarray(cam.dataobj, dtype=np.float32), cam.affine)
     region_ras = to_ras(region, region_img.affine)
     fig = montage_figure(map_ras, to_ras(np.asarray(image[0].numpy(), np.float32), info.affine),
@@ -150,6 +148,44 @@ def test_region_outline_is_drawn_where_the_region_is(audits):
     outside = np.argwhere(green & ~in_panels)
     lowest_panel = min(height - ax.get_window_extent().y0 for ax in panels)
     assert len(outside) > 0 and (outside[:, 0] > lowest_panel).all()
+
+
+def test_region_outline_is_drawn_where_the_region_is(audits):
+    seg = audits["seg"]
+    (png,) = _montages((seg / "report.html").read_text("utf-8"))
+    (item,) = collect(seg, scans=[audits["scan"]]).scans
+    _check_outline(png, item, audits["folder"], audits["scan"], audits["mask"])
+
+
+def test_each_scan_of_a_batch_is_outlined_with_its_own_region(tmp_path):
+    """The scan list's region column gives each scan its own mask (issue 13): each scan's
+    montage outlines its own region, and its text states its own voxel count."""
+    rows = ["path,region,id"]
+    masks = {}
+    for i, box in enumerate((np.s_[5:12, 7:14, 6:12], np.s_[12:20, 4:9, 3:8])):
+        sub = tmp_path / f"case{i}"
+        sub.mkdir()
+        scan, _ = write_scan_and_mask(sub, name=f"case{i}")
+        mask = np.zeros(nib.load(str(scan)).shape, np.uint8)
+        mask[box] = 1
+        masks[f"case{i}"] = (scan, sub / f"case{i}_region.nii.gz", int(mask.sum()))
+        nib.save(nib.Nifti1Image(mask, nib.load(str(scan)).affine), str(masks[f"case{i}"][1]))
+        rows.append(f"{scan},{masks[f'case{i}'][1]},case{i}")
+    listing = tmp_path / "scans.csv"
+    listing.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "audit"
+    assert cli_main(["audit", str(listing), "--config", str(write_unet_config(tmp_path)),
+                     "--out", str(out), "--no-progress"]) == 0
+    html = (out / "report.html").read_text("utf-8")
+    text = " ".join(_text(html).split())
+    items = {s.scan_id: s for s in collect(out, scans=[listing]).scans}
+    assert set(items) == set(masks)
+    for sid, (scan, mask, voxels) in masks.items():
+        item = items[sid]
+        assert item.region["voxels"] == voxels and item.region["source"] == "mask"
+        assert f"mask file, {voxels} voxels on the scan's grid" in text
+        assert item.montage in _montages(html)
+        _check_outline(item.montage, item, out / "scans" / sid, scan, mask)
 
 
 def test_report_text_names_the_region(audits):

@@ -652,10 +652,6 @@ def _record_layers(record: Any, prefix: str, *, threshold: float,
     return layers
 
 
-REGION_ROLE = "target_region"
-"""The record's role of a segmentation target's region (``cam_region.nii.gz``)."""
-
-
 def region_layer(region: np.ndarray, affine_ras: Any, *, name: str,
                  metadata: Mapping[str, Any] | None = None) -> tuple:
     """A segmentation target's explained region as a Labels layer data tuple: 1 inside
@@ -694,6 +690,8 @@ def _region_layers(record: Any, prefix: str, label: str) -> list[tuple]:
     voxel count is not the record's is still shown, flagged ``record_mismatch`` and logged
     (``icam-med verify`` says what changed)."""
     import logging
+
+    from icam_med.report.collect import REGION_ROLE
 
     ref = record.output(REGION_ROLE)
     if ref is None:

@@ -186,11 +186,16 @@ _BODY_PART_SCT = {
 _WHOLE_BODY = ("38266002", "Entire body")
 
 
+# Float Pixel Data, Double Float Pixel Data, Pixel Data
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
 def _deidentified_safe(datasets: list[Any]) -> list[Any]:
     """Copies of the source headers with missing Type 2 patient/study attributes empty, and
     an invalid birth date, study date/time or a Patient's Sex outside DICOM's enumeration
-    (M, F, O) emptied. The originals are never changed (new element objects replace the
-    shared ones), and values are never logged."""
+    (M, F, O) emptied; without pixel data. The originals are never changed (new element
+    objects replace the shared ones; deferred pixel data is not read), and values are never
+    logged."""
     import pydicom
     from pydicom.valuerep import DA, TM
 
@@ -204,7 +209,10 @@ def _deidentified_safe(datasets: list[Any]) -> list[Any]:
         # A new top-level mapping of the same (raw, undecoded) elements: replacing one below
         # never touches the original; nested sequences stay shared and are only read.
         # (``ds.keys()``: iterating a Dataset itself would decode every element)
-        d = pydicom.Dataset({tag: ds.get_item(tag) for tag in ds.keys()})  # noqa: SIM118
+        # No pixel data: highdicom needs none, and the loader's headers hold it deferred
+        # (reading it here kept every source slice in memory: 150 MB for 300 CT slices).
+        d = pydicom.Dataset({tag: ds.get_item(tag) for tag in ds.keys()  # noqa: SIM118
+                             if tag not in _PIXEL_DATA_TAGS})
         if hasattr(ds, "file_meta"):
             d.file_meta = ds.file_meta
         for keyword in _TYPE2_FROM_SOURCE:
@@ -436,6 +444,20 @@ class _Deflating:
         self.written += len(out)
         if self.written % 2:  # PS3.5 A.5: a deflated stream of odd length gets a null byte
             self._fh.write(b"\x00")
+
+
+@contextlib.contextmanager
+def _buffered_read_size(size: int) -> Iterator[None]:
+    """pydicom reads buffered values in ``size`` chunks meanwhile (its default, 8 KiB,
+    costs a second of Python calls per 300 MB of pixel data)."""
+    from pydicom.config import settings
+
+    before = settings.buffered_read_size
+    settings.buffered_read_size = size
+    try:
+        yield
+    finally:
+        settings.buffered_read_size = before
 
 
 def _save_deflated(pm: Any, fh: Any, level: int) -> None:
@@ -675,7 +697,8 @@ def write_parametric_map(
         if k in pm:
             del pm[k]
     pm.preamble = b"\x00" * 128
-    with _header_values_withheld(), atomic_write(p, overwrite=overwrite) as fh:
+    with _header_values_withheld(), _buffered_read_size(1 << 20), \
+            atomic_write(p, overwrite=overwrite) as fh:
         if compression in ("jpeg-ls", "rle"):
             from pydicom.uid import JPEGLSLossless, RLELossless
 

@@ -19,8 +19,10 @@ Three steps, so callers can reuse the expensive parts:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -226,6 +228,21 @@ class Explanation:
         }
 
 
+def _release_freed_memory() -> None:
+    """Give the C heap's free memory back to the operating system (glibc only).
+
+    glibc keeps memory freed by many mid-sized blocks (the engine's activations and
+    gradients: about 380 MB after a DenseNet121 at 96x96x64) for reuse, so it stays in the
+    process's resident memory while the map is carried back and written. ``malloc_trim(0)``
+    returns it. Elsewhere (macOS, Windows, musl) this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: no malloc_trim
+        log.debug("malloc_trim not available; freed memory stays with the process")
+
+
 def _resolve_targets(targets: Any, labels: Sequence[str]) -> Any:
     """Let users name a class by its label (``"present"``) as well as by its index."""
     if isinstance(targets, str):
@@ -278,6 +295,20 @@ def explain_volume(
             (a segmentation network without a target label, a region for a classifier, a
             mask off the scan's grid, an empty region).
     """
+    loaded = [image]
+    del image  # held by the list only: freed once preprocessed, if the caller holds none
+    return _explain_loaded(loaded, scan_info, prepared, method=method,
+                           method_options=method_options, targets=targets, region=region,
+                           layer_maps=layer_maps)
+
+
+def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, *,
+                    method: str | None, method_options: Mapping[str, Any] | None,
+                    targets: Any, region: Any, layer_maps: bool) -> Explanation:
+    """:func:`explain_volume` of the image in ``loaded`` (a one-item list, emptied here): the
+    loaded volume is released as soon as the model input exists, before the engine runs
+    (:func:`explain_scan` keeps no other reference: 157 MB for a 512x512x300 int16 CT)."""
+    image = loaded.pop()
     prov = provenance(image, device=prepared.device, audit_config=prepared.config.audit,
                       config_path=prepared.config.path)  # for the audit record
     cfg_target = prepared.config.target
@@ -294,6 +325,7 @@ def explain_volume(
     pre = prepared.preprocessor
     x = pre(image)
     region_model = _region_on_model_grid(pre, image, mask) if mask is not None else None
+    del image
     labels = prepared.model_info.labels
     cam = prepared.cam(method, method_options)
     dtype = getattr(torch, prepared.model_info.dtype, torch.float32)
@@ -322,6 +354,8 @@ def explain_volume(
                 "score per class): remove the region (target.region / --region).")
         target = _resolve_targets(targets, labels)
     result = cam(batch, targets=target).cpu()
+    del batch
+    _release_freed_memory()  # the engine's activations and gradients
     t2 = time.perf_counter()
     summary = CAMSummary.from_result(result)
     target_region = region_info = None
@@ -613,6 +647,7 @@ def _explain_sliding(scan_info: ScanInfo, prepared: Prepared, x: Any, cam: Any,
                           region=None if region_model is None else region_model[0],
                           region_class=region_k)
     del volume
+    _release_freed_memory()  # the windows' activations and gradients
     t2 = time.perf_counter()
     summary = CAMSummary(method=res.method, options=dict(res.options), score=res.score,
                          target_class=k, predicted_class=None, logits=None, probabilities=None,
@@ -912,10 +947,11 @@ def explain_scan(
     prepared = config if isinstance(config, Prepared) else prepare(config, device)
     image, info = load_volume(scan_path, series_uid=series_uid, volume_index=volume_index,
                               geometry=prepared.config.geometry)
-    explanation = explain_volume(image, info, prepared, method=method,
-                                 method_options=method_options, targets=targets,
-                                 region=region, layer_maps=layer_maps)
-    del image  # the loaded volume is not needed to write: free it before the writers run
+    loaded = [image]
+    del image  # only the list holds the volume: it is freed once the model input exists
+    explanation = _explain_loaded(loaded, info, prepared, method=method,
+                                  method_options=method_options, targets=targets,
+                                  region=region, layer_maps=layer_maps)
     written = write_explanation(explanation, out_dir, overwrite=overwrite)
     return explanation, written
 

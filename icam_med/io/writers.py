@@ -762,7 +762,7 @@ def quantise_float(values: np.ndarray) -> np.ndarray:
 
     ``round(v * 2**16) / 2**16`` in float32: scaling by a power of two and rounding to an
     integer are exact, so each result is exactly ``k / 65536`` for an integer ``k``, within
-    ``2**-17`` of ``v``. Of a value in [0, 1], at least the 7 low mantissa bits are zero.
+    ``2**-17`` of ``v``. Of a value in [0, 1], the 8 low mantissa bits are zero.
     """
     out = np.multiply(values, np.float32(1.0 / FLOAT_QUANTUM), dtype=np.float32)
     np.rint(out, out=out)

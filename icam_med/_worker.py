@@ -13,7 +13,7 @@ import os
 import threading
 import time
 
-__all__ = ["die_with", "init_worker"]
+__all__ = ["die_with", "host_name", "init_worker", "share_cores"]
 
 
 def die_with(parent: int) -> None:
@@ -49,3 +49,32 @@ def init_worker(threads: int, parent: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def host_name() -> str:
+    """This process's host name (run on each Dask worker to count the workers per host)."""
+    import socket
+
+    return socket.gethostname()
+
+
+def share_cores(workers_on_host: dict[str, int]) -> int:
+    """Set torch's thread count of this (Dask worker) process to its share of the host's cores.
+
+    Run on every worker of a cluster (``Client.run``) before the first scan. A Dask nanny
+    starts its worker with ``OMP_NUM_THREADS=1``, so torch would run one thread on a host of
+    any size (one worker on a 16-core node: 1 core busy); ``W`` workers on a host of ``C``
+    cores get ``C // W`` threads each, as ``--workers`` gives its processes.
+
+    Args:
+        workers_on_host: worker processes per host name (:func:`host_name` on each worker).
+
+    Returns:
+        The thread count set.
+    """
+    import torch
+
+    n = max(1, int(workers_on_host.get(host_name(), 1)))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    torch.set_num_threads(threads)
+    return threads

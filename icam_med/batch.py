@@ -43,6 +43,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from icam_med._version import __version__
-from icam_med._worker import init_worker
+from icam_med._worker import host_name, init_worker, share_cores
 from icam_med.audit import (
     AuditRecord,
     Ledger,
@@ -447,6 +448,9 @@ def _run_dask(task: WorkerTask, scans: Sequence[ScanSpec], cluster: Any) -> Iter
     else:  # an address or a cluster object
         client, own = Client(cluster), True
     try:
+        # torch threads per worker: its share of its host's cores (a nanny sets 1), as --workers
+        hosts = Counter(client.run(host_name).values())
+        client.run(share_cores, dict(hosts))
         [task_future] = client.scatter([task], broadcast=True)
         futures = {client.submit(explain_task, task_future, s, pure=False,
                                  key=f"icam-med-{s.scan_id}-{uuid.uuid4().hex[:8]}"): s

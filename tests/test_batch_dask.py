@@ -78,3 +78,30 @@ def test_local_cluster_and_processes_match_local_run(tmp_path):
             assert [o["path"] for o in a["outputs"]] == [o["path"] for o in b["outputs"]]
             assert a["runtime"]["versions"] == b["runtime"]["versions"]
             assert b["activity"]["command"] == "audit"
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_dask_workers_use_their_share_of_the_host_cores(tmp_path):
+    """A Dask nanny starts its worker with OMP_NUM_THREADS=1, so torch would run one thread
+    however many cores the host has; a batch gives each worker its share of its host's cores
+    (all of them for the one worker here), as --workers does."""
+    import os
+
+    cfg = write_config(tmp_path)
+    write_scans(tmp_path / "scans", 1, seed=5)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=50) as cluster, \
+            distributed.Client(cluster) as client:
+        before = set(client.run(_torch_threads).values())
+        result = run_batch([tmp_path / "scans"], cfg, tmp_path / "dask", cluster=client,
+                           progress=False)
+        after = set(client.run(_torch_threads).values())
+    assert result.exit_code == 0
+    assert after == {os.cpu_count() or 1}
+    if (os.cpu_count() or 1) > 1:
+        assert before == {1}  # Dask's own setting, which the batch replaced

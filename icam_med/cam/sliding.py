@@ -214,7 +214,7 @@ def explain_sliding(
                          f"matching roi_size {list(window.roi_size)}, got {got}.")
     spatial = tuple(int(s) for s in x.shape[2:])
     x = x.float()
-    _check_dense_output(cam, x.shape[1], window)
+    _check_dense_output(cam, window)
     if region is not None:
         region = torch.as_tensor(region).float()
         if region.ndim == n_dims + 1:
@@ -300,17 +300,14 @@ def explain_sliding(
         layer_scores=score_sum, method=method, options=dict(options), window=window)
 
 
-def _check_dense_output(cam: Any, channels: int, window: SlidingWindow) -> None:
+def _check_dense_output(cam: Any, window: SlidingWindow) -> None:
     """Refuse a classifier before any window runs, from the engine's (cached) probe of one
-    window; an engine without a probe is left to the target's own check."""
-    probe = getattr(cam, "_probe", None)
-    if not callable(probe):
+    window (:meth:`BaseCAM.output_shape`); an engine without one is left to the target's own
+    check."""
+    output_shape = getattr(cam, "output_shape", None)
+    if not callable(output_shape):
         return
-    param = next((p for p in cam.model.parameters() if p.is_floating_point()), None)
-    example = torch.zeros((1, channels, *window.roi_size),
-                          device=param.device if param is not None else "cpu",
-                          dtype=param.dtype if param is not None else torch.float32)
-    _, out_shape = probe(example)
+    out_shape = output_shape(window.roi_size)
     if len(out_shape) < 2:
         raise ValueError(
             f"the model returns {tuple(out_shape)} class scores for a window, not a "

@@ -445,11 +445,10 @@ def _is_segmentation(cam: Any, spatial: tuple[int, ...], example: torch.Tensor) 
     """Whether the model's output is a map (N, K, *spatial) rather than class scores, from
     the engine's probe of this input size (one forward per input size, cached: the
     explanation reuses it)."""
-    probe = getattr(cam, "_probe", None)
-    if callable(probe):
-        _, out_shape = probe(example[:1])
-        return len(out_shape) > 1
-    with torch.no_grad():  # pragma: no cover - an engine without the probe
+    output_shape = getattr(cam, "output_shape", None)
+    if callable(output_shape):
+        return len(output_shape(spatial)) > 1
+    with torch.no_grad():  # a method without the engine's probe (input-gradient wrappers)
         out = cam.model(example[:1])
     return isinstance(out, torch.Tensor) and out.ndim > 2
 

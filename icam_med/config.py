@@ -1,6 +1,6 @@
 """Run configuration: model, preprocessing pipeline and CAM method, from YAML.
 
-A config file has up to seven top-level sections::
+A config file has up to eight top-level sections::
 
     model:            # see ModelSection (or: {bundle: PATH, bundle_config: inference.json})
       name: demo-lesion-cnn
@@ -25,6 +25,13 @@ A config file has up to seven top-level sections::
                           #   | {masks: PATTERN} (one mask per scan: masks/{scan}_seg.nii.gz)
     inference:        # how the model runs on a scan (default: one pass on the model input)
       sliding_window: {roi_size: [96, 96, 96], overlap: 0.25, mode: gaussian}
+    outputs:          # how the outputs are encoded (defaults shown)
+      parametric_map:     # the DICOM Parametric Map written for DICOM input
+        pixel_type: float32   # float32 (exact to 2**-16) | uint16 (integer + slope 1/65535)
+        compression: deflate  # deflate | none | jpeg-ls | rle (jpeg-ls, rle: uint16 only).
+                              #   deflate is the smallest float file, but dcm2niix and many
+                              #   PACS refuse it: for those, 'none' (any pixel type) or
+                              #   pixel_type uint16 with jpeg-ls or rle (lossless).
 
 The file is checked against typed pydantic models (:class:`ConfigSchema`): every key must be
 known (``extra="forbid"``), booleans must be YAML booleans (a quoted ``"false"`` is an
@@ -62,6 +69,7 @@ __all__ = [
     "ICAMConfig",
     "MethodConfig",
     "ModelConfig",
+    "ParametricMapConfig",
     "RegionConfig",
     "SlidingWindowConfig",
     "TargetConfig",
@@ -291,6 +299,30 @@ class InferenceSection(BaseModel):
     sliding_window: SlidingWindowSection | None = None
 
 
+#: ``outputs.parametric_map.pixel_type``: the writer's (:func:`icam_med.io.writers.write_parametric_map`).
+PM_PIXEL_TYPES = ("float32", "uint16")
+#: ``outputs.parametric_map.compression``: the writer's ``compress`` values
+#: (:data:`icam_med.io.writers.PM_COMPRESSIONS`); the last two need ``uint16``.
+PM_COMPRESSIONS = ("deflate", "none", "jpeg-ls", "rle")
+_INTEGER_ONLY_COMPRESSIONS = ("jpeg-ls", "rle")
+
+
+class ParametricMapSection(BaseModel):
+    """``outputs.parametric_map``: the DICOM Parametric Map's pixel type and compression
+    (the writer's defaults: float pixel data, deflated)."""
+
+    model_config = _STRICT
+    pixel_type: Literal["float32", "uint16"] = "float32"
+    compression: Literal["deflate", "none", "jpeg-ls", "rle"] = "deflate"
+
+
+class OutputsSection(BaseModel):
+    """``outputs``: how the output files are encoded."""
+
+    model_config = _STRICT
+    parametric_map: ParametricMapSection = Field(default_factory=ParametricMapSection)
+
+
 class ConfigSchema(BaseModel):
     """A whole config file."""
 
@@ -302,6 +334,7 @@ class ConfigSchema(BaseModel):
     audit: AuditSection = Field(default_factory=AuditSection)
     target: TargetSection | None = None
     inference: InferenceSection = Field(default_factory=InferenceSection)
+    outputs: OutputsSection = Field(default_factory=OutputsSection)
 
 
 def _bundle_spec(m: ModelSection, schema: ConfigSchema, resolve: Any, where: str) -> Any:
@@ -512,6 +545,32 @@ class SlidingWindowConfig:
 
 
 @dataclass(frozen=True)
+class ParametricMapConfig:
+    """``outputs.parametric_map``: how the DICOM Parametric Map is encoded (see
+    :func:`icam_med.io.writers.write_parametric_map`).
+
+    Attributes:
+        pixel_type: ``"float32"`` (float pixel data, quantised to multiples of 2**-16) or
+            ``"uint16"`` (unsigned 16-bit pixels with a Real World Value Mapping, slope
+            ``1/65535``).
+        compression: ``"deflate"`` (Deflated Explicit VR Little Endian: the smallest float
+            file; dcm2niix and many PACS refuse it), ``"none"`` (Explicit VR Little Endian:
+            every reader), ``"jpeg-ls"`` (JPEG-LS lossless) or ``"rle"`` (RLE lossless); the
+            last two for ``uint16`` only.
+    """
+
+    pixel_type: str = "float32"
+    compression: str = "deflate"
+
+    def writer_options(self) -> dict[str, str]:
+        """The keyword arguments of :func:`~icam_med.io.writers.write_parametric_map`."""
+        return {"pixel_type": self.pixel_type, "compress": self.compression}
+
+    def to_dict(self) -> dict[str, str]:
+        return {"pixel_type": self.pixel_type, "compression": self.compression}
+
+
+@dataclass(frozen=True)
 class ICAMConfig:
     """A whole run configuration.
 
@@ -529,6 +588,8 @@ class ICAMConfig:
     target: TargetConfig | None = None
     #: Sliding-window inference (``None``: one pass on the preprocessed scan).
     sliding_window: SlidingWindowConfig | None = None
+    #: The DICOM Parametric Map's encoding (``outputs.parametric_map``).
+    parametric_map: ParametricMapConfig = field(default_factory=ParametricMapConfig)
 
 
 def _where(path: Path | None) -> str:
@@ -552,7 +613,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{where}: expected a mapping with the sections model, preprocessing, method, "
-            f"geometry, audit, target, inference at the top level, got {type(data).__name__}."
+            "geometry, audit, target, inference, outputs at the top level, got "
+            f"{type(data).__name__}."
         )
     if any(not isinstance(k, str) for k in data):
         raise ConfigError(f"{where}: every top-level key must be a string, got {list(data)!r}.")
@@ -627,6 +689,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
     audit = schema.audit.model_dump(exclude_unset=True)
     target = _target(schema.target, resolve, where)
     sliding = _sliding_window(schema.inference.sliding_window, spatial, where)
+    parametric_map = _parametric_map(schema.outputs.parametric_map, where)
     return ICAMConfig(
         model=model,
         preprocessing=pre,
@@ -637,6 +700,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None,
         raw=copy.deepcopy(dict(data)),
         target=target,
         sliding_window=sliding,
+        parametric_map=parametric_map,
     )
 
 
@@ -681,6 +745,20 @@ def _sliding_window(section: SlidingWindowSection | None, spatial: tuple[int, ..
                                overlap=float(section.overlap), mode=section.mode,
                                sigma_scale=float(section.sigma_scale),
                                padding_mode=section.padding_mode, cval=float(section.cval))
+
+
+def _parametric_map(section: ParametricMapSection, where: str) -> ParametricMapConfig:
+    """``outputs.parametric_map`` as a :class:`ParametricMapConfig`; refuses a compression
+    DICOM does not define for float pixel data."""
+    if section.compression in _INTEGER_ONLY_COMPRESSIONS and section.pixel_type != "uint16":
+        raise ConfigError(
+            f"{where}: 'outputs.parametric_map.compression' {section.compression!r} needs "
+            f"'pixel_type: uint16', got pixel_type {section.pixel_type!r}: DICOM defines no "
+            "encapsulated (JPEG-LS, RLE) compression of float pixel data. With float32 use "
+            "'compression: deflate' or 'none'; or set 'pixel_type: uint16' (integer pixels, "
+            "values within 1/65535) to keep 'compression: "
+            f"{section.compression}'.")
+    return ParametricMapConfig(pixel_type=section.pixel_type, compression=section.compression)
 
 
 def load_config(path: str | Path) -> ICAMConfig:

@@ -45,7 +45,7 @@ from icam_med.audit.trail import (
     record_explanation,
 )
 from icam_med.cam.summary import CAMSummary, MapStatistics, map_statistics
-from icam_med.config import ICAMConfig, RegionConfig, load_config
+from icam_med.config import ICAMConfig, ParametricMapConfig, RegionConfig, load_config
 from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
 from icam_med.io.radiograph import is_radiograph
@@ -153,6 +153,8 @@ class Explanation:
         region_info: what the record says of that region (see :func:`region_summary`).
         sliding_window: the sliding-window settings and window counts, when the model runs
             by sliding window; ``None`` otherwise.
+        parametric_map: how the DICOM Parametric Map is encoded when written (the config's
+            ``outputs.parametric_map``; the writer's defaults for one built by hand).
     """
 
     fused: Any
@@ -171,6 +173,7 @@ class Explanation:
     target_region: Any = field(default=None, repr=False)
     region_info: dict[str, Any] | None = None
     sliding_window: dict[str, Any] | None = None
+    parametric_map: ParametricMapConfig = field(default_factory=ParametricMapConfig)
 
     def value_range(self) -> tuple[float, float]:
         """The fused map's ``(min, max)`` (from the map, or :attr:`map_range` once dropped).
@@ -393,6 +396,7 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
         provenance=prov,
         target_region=target_region,
         region_info=region_info,
+        parametric_map=prepared.config.parametric_map,
     )
 
 
@@ -663,7 +667,8 @@ def _explain_sliding(scan_info: ScanInfo, prepared: Prepared, x: Any, cam: Any,
         timing={"preprocess": t1 - t0, "cam": t2 - t1, "invert": t3 - t2, "total": t3 - t0},
         labels=tuple(labels), config_path=prepared.config.path, cam_result=None,
         preprocessed=x, provenance=prov, target_region=target_region,
-        region_info=region_info, sliding_window=res.describe())
+        region_info=region_info, sliding_window=res.describe(),
+        parametric_map=prepared.config.parametric_map)
 
 
 @dataclass(frozen=True)
@@ -854,6 +859,7 @@ def _write_files(explanation: Explanation, paths: Mapping[str, Path],
     info = explanation.scan_info
     written: list[WrittenFile] = []
     notes: list[str] = []
+    pm_encoding: dict[str, str] | None = None
 
     def record(path: Path, role: str) -> None:
         written.append(_written(path, role))
@@ -865,12 +871,15 @@ def _write_files(explanation: Explanation, paths: Mapping[str, Path],
                     overwrite=overwrite)
         record(paths["cam_nifti"], "cam_nifti")
         if "parametric_map" in paths:
+            encoding = explanation.parametric_map  # the config's outputs.parametric_map
             try:
                 write_parametric_map(
                     explanation.fused, info, paths["parametric_map"], method=method,
                     parameters=dict(explanation.result.options),
-                    target_label=explanation.target_label, overwrite=overwrite)
+                    target_label=explanation.target_label, overwrite=overwrite,
+                    **encoding.writer_options())
                 record(paths["parametric_map"], "parametric_map")
+                pm_encoding = encoding.to_dict()
             except ValueError as exc:  # e.g. a multi-frame source without plane positions
                 log.warning("no Parametric Map written: %s", exc)
                 notes.append(f"no Parametric Map written: {exc}")
@@ -893,6 +902,8 @@ def _write_files(explanation: Explanation, paths: Mapping[str, Path],
             record(paths["target_region"], "target_region")
         summary = explanation.to_dict()
         summary["outputs"] = [w.to_dict() for w in written]
+        if pm_encoding is not None:  # sealed with the summary's hash in the audit record
+            summary["parametric_map_encoding"] = pm_encoding
         summary["notes"] = notes
         atomic_write_text(paths["summary"], json.dumps(summary, indent=2, sort_keys=False) + "\n",
                           overwrite=overwrite)

@@ -757,6 +757,10 @@ def write_outputs(explanation: Explanation, out_dir: str | Path, *, stem: str = 
     them and logged them: a worker killed here leaves at most unlogged files, which
     ``verify`` reports and the next run removes.
 
+    The Parametric Map (DICOM input) is encoded as ``explanation.parametric_map`` says (the
+    config's ``outputs.parametric_map``: pixel type and compression), and that choice is
+    recorded as ``parametric_map_encoding`` in the JSON summary.
+
     Args:
         explanation: from :func:`explain_volume`.
         out_dir: the scan's output folder.

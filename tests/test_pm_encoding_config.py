@@ -165,3 +165,27 @@ def test_unknown_compression_is_refused_naming_the_choices(tmp_path):
     message = str(info.value)
     assert "outputs.parametric_map.compression" in message and "jpeg2000" in message
     assert "'rle'" in message and "'none'" in message
+
+
+def test_batch_audit_honours_the_config(tmp_path, ct_series, capsys):
+    from pydicom.uid import JPEGLSLossless
+
+    from icam_med.audit.verify import verify_folder
+
+    cfg = _config(tmp_path, {"parametric_map": {"pixel_type": "uint16",
+                                                "compression": "jpeg-ls"}})
+    scans = tmp_path / "scans.csv"
+    scans.write_text(f"path\n{ct_series}\n", encoding="utf-8")
+    out = tmp_path / "audit"
+    rc = cli.main(["audit", str(scans), "--config", str(cfg), "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out + captured.err
+    (pm,) = out.rglob("*_parametric_map.dcm")
+    ds = pydicom.dcmread(pm)
+    assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+    assert ds.pixel_array.dtype == np.uint16
+    (summary,) = out.rglob("*_summary.json")
+    assert json.loads(summary.read_text(encoding="utf-8"))["parametric_map_encoding"] == {
+        "pixel_type": "uint16", "compression": "jpeg-ls"}
+    report = verify_folder(out)  # the summary (and so the encoding) is sealed in the record
+    assert report.ok, report.problems

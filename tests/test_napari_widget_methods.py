@@ -15,11 +15,10 @@ pytest.importorskip("napari")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager
 from qtpy.QtCore import Qt
-from test_napari_layers import tiny_config
+from test_napari_widget import _viewer_with_tiny_widget
 
 from icam_med import cam
 from napari_plugin._screenshot import wait_for_worker
-from napari_plugin._widget import ExplainWidget
 
 pytestmark = pytest.mark.gui
 
@@ -32,12 +31,7 @@ def widget(make_napari_viewer, tmp_path):
     yields the widget and the error notifications shown meanwhile."""
     scan = tmp_path / "anatomical.nii"
     shutil.copy(ANATOMICAL, scan)
-    viewer = make_napari_viewer()
-    viewer.open(str(scan), plugin="icam-med")
-    w = ExplainWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    w.config.value = "other file..."
-    w.config_file.value = tiny_config(tmp_path)
+    _, w = _viewer_with_tiny_widget(make_napari_viewer, scan, tmp_path)
     seen: list = []
     notification_manager.notification_ready.connect(seen.append)
     w.errors = seen

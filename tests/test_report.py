@@ -543,12 +543,17 @@ def test_pdf_has_no_colliding_text(audit, masked, tmp_path):
     for k, pdf in enumerate((audit["report"].pdf, masked["report"].pdf)):
         pages = _pdf_words(pdf)
         assert len(pages) == len(pdf_to_pngs(pdf, tmp_path / f"r{k}"))  # every page renders
-        for n, words in enumerate(pages, start=1):
-            for i, a in enumerate(words):
-                for b in words[i + 1:]:
-                    ox = min(a[2], b[2]) - max(a[0], b[0])
-                    oy = min(a[3], b[3]) - max(a[1], b[1])
-                    assert not (ox > 0.5 and oy > 1.0), f"page {n}: '{a[4]}' overlaps '{b[4]}'"
+        assert_no_colliding_words(pages)
+
+
+def assert_no_colliding_words(pages) -> None:
+    """No two words of any page (as from :func:`_pdf_words`) overlap."""
+    for n, words in enumerate(pages, start=1):
+        for i, a in enumerate(words):
+            for b in words[i + 1:]:
+                ox = min(a[2], b[2]) - max(a[0], b[0])
+                oy = min(a[3], b[3]) - max(a[1], b[1])
+                assert not (ox > 0.5 and oy > 1.0), f"page {n}: '{a[4]}' overlaps '{b[4]}'"
 
 
 def test_signature_status_in_the_header(audit, tmp_path):

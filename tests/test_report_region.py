@@ -235,18 +235,13 @@ def test_a_missing_region_file_is_said_not_drawn(audits, tmp_path):
 
 def test_pdf_pages_with_the_region_render_and_no_words_collide(audits, tmp_path):
     from render_helpers import pdf_to_pngs
-    from test_report import _pdf_words
+    from test_report import _pdf_words, assert_no_colliding_words
 
     pdf = audits["seg"] / "report.pdf"
     pages = _pdf_words(pdf)
     assert len(pages) == len(pdf_to_pngs(pdf, tmp_path / "p"))
     assert any("region" in w[4] for page in pages for w in page)
-    for n, words in enumerate(pages, start=1):
-        for i, a in enumerate(words):
-            for b in words[i + 1:]:
-                ox = min(a[2], b[2]) - max(a[0], b[0])
-                oy = min(a[3], b[3]) - max(a[1], b[1])
-                assert not (ox > 0.5 and oy > 1.0), f"page {n}: '{a[4]}' overlaps '{b[4]}'"
+    assert_no_colliding_words(pages)
 
 
 def test_a_2d_image_region_is_outlined_on_its_one_plane():

@@ -399,6 +399,11 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
         outcome.written = tuple(written)
     except Exception as exc:  # a bad scan fails alone; the reason travels back
         outcome.error = f"{type(exc).__name__}: {exc}"
+    # The scan's volume and full-size maps are gone: hand their memory back before the next
+    # scan, or glibc keeps it and each scan's peak sits on the last one's leftovers.
+    from icam_med.explain import _release_freed_memory
+
+    _release_freed_memory()
     outcome.prepare_count = MODEL_CACHE.prepare_count
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -181,8 +181,9 @@ class Explanation:
         Raises:
             ValueError: neither the map nor its range is held.
         """
-        if self.fused is not None:
-            return float(self.fused.min()), float(self.fused.max())
+        if self.fused is not None:  # numpy: no copy of an x-fastest map (torch made one)
+            a = self.fused.detach().cpu().numpy()
+            return float(a.min()), float(a.max())
         if self.map_range is None:
             raise ValueError("this explanation holds neither its fused map nor its range.")
         return self.map_range

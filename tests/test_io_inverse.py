@@ -111,7 +111,8 @@ def test_wrong_source_is_still_refused():
 
 
 def test_resample_to_grid_slabs_and_nearest():
-    """Slab size never changes the result; nearest keeps label values."""
+    """Slab size never changes the result; the output is laid out x fastest; nearest keeps
+    label values."""
     low = smooth_map((9, 7, 5))
     low_aff = np.diag([2.0, 2.5, 3.0, 1.0])
     aff = np.diag([0.9, 1.1, 1.3, 1.0])
@@ -119,6 +120,8 @@ def test_resample_to_grid_slabs_and_nearest():
     one = resample_to_grid(low, low_aff, (19, 15, 11), aff, slab_voxels=19 * 15)
     big = resample_to_grid(low, low_aff, (19, 15, 11), aff, slab_voxels=10**9)
     torch.testing.assert_close(one, big)
+    # laid out x fastest (NIfTI's and DICOM frames' order): the writers need no transpose
+    assert one.shape == (1, 19, 15, 11) and one.permute(0, 3, 2, 1).is_contiguous()
     labels = torch.randint(0, 4, (1, 9, 7, 5)).float()
     near = resample_to_grid(labels, low_aff, (19, 15, 11), aff, mode="nearest")
     assert set(near.unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}

@@ -143,6 +143,22 @@ def _slabs(a: np.ndarray) -> Any:
         yield i, a[i: i + step]
 
 
+def _first_in_reversed_order(hits: np.ndarray, offset: int) -> tuple[int, ...]:
+    """The index in ``hits`` (a slab of a reversed-axes view, ``offset`` along its first
+    axis) of the True element that comes first in the map's own C order: the smallest
+    index along the view's last axis, then the one before it, and so on."""
+    idx: list[int] = []
+    sub = hits
+    while sub.ndim > 1:
+        k = int(np.argmax(sub.any(axis=tuple(range(sub.ndim - 1)))))
+        idx.append(k)
+        sub = sub[..., k]
+    idx.append(int(np.argmax(sub)))
+    view_index = idx[::-1]
+    view_index[0] += offset
+    return tuple(view_index)
+
+
 def map_statistics(fused: Any, affine: Any) -> MapStatistics:
     """The one place map figures are computed (JSON summary, record analysis, CLI).
 
@@ -161,33 +177,51 @@ def map_statistics(fused: Any, affine: Any) -> MapStatistics:
         a = a[0]
     if a.ndim == 0:
         a = a.reshape(1)
-    n, per = a.size, a.size // max(1, a.shape[0])
+    # Slabs along the axis that is slowest in memory: the first for a C-ordered map, the
+    # last for an x-fastest one (as the one-pass inverse returns it), else every slab would
+    # be a strided copy. ``t`` is that view; its axis j is the map's axis perm[j].
+    reverse = a.ndim > 1 and not a.flags.c_contiguous and a.T.flags.c_contiguous
+    t = a.T if reverse else a
+    n, per = t.size, t.size // max(1, t.shape[0])
     lo, hi, above, peak_flat = np.inf, -np.inf, 0, 0
-    first = np.zeros(a.shape[0], dtype=np.float64)  # sums over every axis but the first
-    plane = np.zeros(a.shape[1:], dtype=np.float64)  # sums over the first axis
-    for i, b in _slabs(a):
+    peak_t: tuple[int, ...] | None = None
+    first = np.zeros(t.shape[0], dtype=np.float64)  # sums over every axis but t's first
+    plane = np.zeros(t.shape[1:], dtype=np.float64)  # sums over t's first axis
+    for i, b in _slabs(t):
         b64 = np.asarray(b, dtype=np.float64)
         first[i: i + b.shape[0]] = b64.reshape(b.shape[0], -1).sum(axis=1)
         plane += b64.sum(axis=0)
-        j = int(np.argmax(b))
-        if float(b.flat[j]) > hi:  # strictly greater: the first maximum in C order
-            hi, peak_flat = float(b.flat[j]), i * per + j
+        if reverse:  # the first maximum in the map's own C order, ties included
+            m = float(b.max())
+            if m >= hi:
+                cand = _first_in_reversed_order(b == m, i)
+                if m > hi or peak_t is None or cand[::-1] < peak_t[::-1]:
+                    hi, peak_t = m, cand
+        else:
+            j = int(np.argmax(b))
+            if float(b.flat[j]) > hi:  # strictly greater: the first maximum in C order
+                hi, peak_flat = float(b.flat[j]), i * per + j
         lo = min(lo, float(b.min()))
         above += int(np.count_nonzero(b > 0.5))
         del b64  # before the next slab is made
     total = float(first.sum())
     mean = total / n
     sq = 0.0
-    for _, b in _slabs(a):
+    for _, b in _slabs(t):
         d = np.subtract(b, mean, dtype=np.float64)
         sq += float(np.multiply(d, d, out=d).sum())
         del d
-    peak = tuple(int(v) for v in np.unravel_index(peak_flat, a.shape))
+    if reverse:
+        peak = tuple(int(v) for v in (peak_t or (0,) * t.ndim)[::-1])
+    else:
+        peak = tuple(int(v) for v in np.unravel_index(peak_flat, a.shape))
     world = aff @ np.r_[np.asarray(peak, float), 1.0]
     centroid = None
     if total > 0:
         profiles = [first] + [plane.sum(axis=tuple(k for k in range(plane.ndim) if k != d))
                               for d in range(plane.ndim)]
+        if reverse:  # t's axes are the map's in reverse
+            profiles = profiles[::-1]
         centroid = tuple(round(float(np.arange(len(p), dtype=np.float64) @ p / total),
                                COORDINATE_DIGITS) for p in profiles)
     return MapStatistics(

@@ -469,9 +469,10 @@ def _separable_resample(low: torch.Tensor, m: np.ndarray, axes: list[int],
                         shape: tuple[int, int, int], mode: str, padding_mode: str,
                         slab_voxels: int) -> torch.Tensor:
     """Trilinear interpolation as three 1-D passes (exactly the tensor-product rule
-    ``grid_sample`` applies), slab by slab along the output's first axis: for each slab,
-    the low-resolution planes it needs are interpolated along the last axes, then blended
-    along the first into the output. Memory beyond the output is a few slabs (no
+    ``grid_sample`` applies), slab by slab along the output's last axis: for each slab,
+    the low-resolution planes it needs are interpolated along the other axes, then blended
+    along the last into the output. The result ``(C, X, Y, Z)`` is a view of memory laid
+    out ``(C, Z, Y, X)`` (x fastest, as the writers need it). Memory beyond the output is a few slabs (no
     intermediate with two full-resolution axes: 150 MB and three times that at its peak for
     a 512x512x300 scan)."""
     dev = low.device
@@ -493,15 +494,21 @@ def _separable_resample(low: torch.Tensor, m: np.ndarray, axes: list[int],
             planes = planes[(*lead, i0)] * w0.view(view) + planes[(*lead, i1)] * w1.view(view)
         return planes
 
+    # The work runs in reversed axis order, slab by slab along the output's last axis, so the
+    # output's memory is (C, Z, Y, X): the x-fastest order of NIfTI and of DICOM frames,
+    # which the writers then read without a transposing copy of the full-size map.
+    vol = vol.permute(0, 3, 2, 1)
+    weights = {0: weights[2], 1: weights[1], 2: weights[0]}
+    rev = (shape[2], shape[1], shape[0])
     i0, i1, w0, w1 = weights[0]
-    out = torch.empty((c, *shape), dtype=torch.float32, device=dev)
-    step = max(1, slab_voxels // max(1, shape[1] * shape[2]))
-    for x0 in range(0, shape[0], step):
-        sl = slice(x0, min(shape[0], x0 + step))
+    out = torch.empty((c, *rev), dtype=torch.float32, device=dev)
+    step = max(1, slab_voxels // max(1, rev[1] * rev[2]))
+    for z0 in range(0, rev[0], step):
+        sl = slice(z0, min(rev[0], z0 + step))
         a, b = i0[sl], i1[sl]
         first = int(torch.minimum(a.min(), b.min()))
         last = int(torch.maximum(a.max(), b.max()))
         planes = last_axes(vol[:, first: last + 1])  # the low planes this slab needs
         torch.add(planes[:, a - first] * w0[sl].view(1, -1, 1, 1),
                   planes[:, b - first] * w1[sl].view(1, -1, 1, 1), out=out[:, sl])
-    return out
+    return out.permute(0, 3, 2, 1)  # (C, X, Y, Z), a view of the (C, Z, Y, X) memory

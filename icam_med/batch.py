@@ -68,7 +68,7 @@ from icam_med.audit.phi import identifiers_from_scan, load_site_key
 from icam_med.audit.record import RecordAnalysis
 from icam_med.audit.signing import check_key_outside, load_signing_key, sign_head
 from icam_med.audit.trail import AuditContext
-from icam_med.cam.summary import map_statistics
+from icam_med.cam.summary import MapStatistics, map_statistics
 from icam_med.config import ICAMConfig, RegionConfig, load_config
 from icam_med.discovery import ScanSpec, collect_scans
 from icam_med.paths import SCANS_DIR
@@ -193,7 +193,8 @@ class ScanOutcome:
 
 def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: str | None = None,
                  predicted_class: int | None = None,
-                 predicted_label: str | None = None) -> dict[str, Any]:
+                 predicted_label: str | None = None,
+                 stats: MapStatistics | None = None) -> dict[str, Any]:
     """The record's ``analysis`` section: map statistics, where the map's mass lies, and
     whether the prediction disagrees with the expected label.
 
@@ -203,11 +204,12 @@ def map_analysis(fused: Any, affine: Any, *, mask: Any = None, expected_label: s
         mask: a mask on the same grid (non-zero = inside), or ``None``.
         expected_label: the expected label (a class label or index as text).
         predicted_class, predicted_label: the model's prediction.
+        stats: the map's statistics when already computed (``Explanation.map_statistics``).
 
     Raises:
         ValueError: the mask's shape differs from the map's.
     """
-    stats = map_statistics(fused, affine)
+    stats = stats if stats is not None else map_statistics(fused, affine)
     mask_fraction = mask_sha = mask_volume = peak_in_mask = None
     if mask is not None:
         a = fused.detach().cpu().numpy() if hasattr(fused, "detach") else np.asarray(fused)
@@ -374,7 +376,8 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
             analysis = map_analysis(
                 explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,
                 predicted_class=explanation.result.predicted_class,
-                predicted_label=explanation.predicted_label)
+                predicted_label=explanation.predicted_label,
+                stats=explanation.map_statistics())
             if task.intended_use is not None:
                 analysis["intended_use"] = task.intended_use.check(info, image)
             second = second_class_explanation(prepared, image, info, explanation, analysis)
@@ -659,27 +662,12 @@ def _same_scan(spec: ScanSpec, recorded: str | None, geometry: Any) -> str | Non
     return None
 
 
-def _region_records(out: Path, ledger: Ledger) -> dict[str, str]:
-    """Scan id -> the path of the record of its last ``scan`` entry."""
-    paths: dict[str, str] = {}
-    for entry in ledger.entries():
-        if entry.kind == "scan" and entry.scan_id is not None and entry.record is not None:
-            paths[entry.scan_id] = entry.record.path
-    return paths
-
-
-def _same_region(out: Path, spec: ScanSpec, record_path: str | None, mask: Path,
-                 geometry: Any) -> str | None:
-    """None when the scan's target region mask still hashes to the region SHA-256 its
-    record pins (:func:`icam_med.explain.region_summary`: the uint8 ``mask != 0`` on the
-    scan's grid), else why not."""
+def _same_region(recorded: str | None, mask: Path, geometry: Any) -> str | None:
+    """None when the scan's target region mask still hashes to ``recorded``, the region
+    SHA-256 its record pins (:func:`icam_med.explain.region_summary`: the uint8
+    ``mask != 0`` on the scan's grid), else why not."""
     from icam_med.io import load_volume
 
-    try:
-        rec = AuditRecord.load_inside(out, record_path) if record_path else None
-    except RecordError:
-        rec = None
-    recorded = (rec.method.region or {}).get("sha256") if rec is not None else None
     if recorded is None:
         return ("it was audited without this target region mask (its record pins none); the "
                 "old outputs are kept as evidence: audit with the mask into a new folder")
@@ -715,6 +703,7 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
     ledger.repair_torn_tail()
     done: dict[str, int] = {}
     recorded: dict[str, str] = {}  # the voxel hash each verified record pins
+    regions: dict[str, str] = {}  # and its target region's hash, where it has one
     tampered: dict[str, str] = {}
     if ledger.path.exists():
         report = verify_folder(out)
@@ -725,19 +714,17 @@ def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
                 "keep the folder as evidence and audit into a new folder."
             )
         done, recorded = dict(report.verified_scans), dict(report.voxel_hashes)
+        regions = dict(report.region_hashes)
         for p in report.problems:
             if p.kind == "outputs" and p.scan_id and p.scan_id not in done:
                 tampered.setdefault(p.scan_id, str(p))
     plan = ResumePlan()
-    masked = ((region is not None and region.kind in ("mask", "masks"))
-              or any(s.region is not None for s in scans))
-    records = _region_records(out, ledger) if done and masked else {}
     for spec in scans:
         if spec.scan_id in done:
             changed = _same_scan(spec, recorded.get(spec.scan_id), geometry)
             mask = region_mask_of(region, spec)
             if changed is None and mask is not None:
-                changed = _same_region(out, spec, records.get(spec.scan_id), mask, geometry)
+                changed = _same_region(regions.get(spec.scan_id), mask, geometry)
             if changed is None:
                 plan.skipped.append(spec.scan_id)
             else:

@@ -174,6 +174,8 @@ class Explanation:
     region_info: dict[str, Any] | None = None
     sliding_window: dict[str, Any] | None = None
     parametric_map: ParametricMapConfig = field(default_factory=ParametricMapConfig)
+    _statistics: MapStatistics | None = field(default=None, init=False, repr=False,
+                                              compare=False)
 
     def value_range(self) -> tuple[float, float]:
         """The fused map's ``(min, max)`` (from the map, or :attr:`map_range` once dropped).
@@ -204,8 +206,11 @@ class Explanation:
 
     def map_statistics(self) -> MapStatistics:
         """Peak (voxel index and RAS world mm), range, mean and centroid of the fused map
-        (:func:`icam_med.cam.summary.map_statistics`)."""
-        return map_statistics(self.fused, self.scan_info.affine)
+        (:func:`icam_med.cam.summary.map_statistics`), computed once: the summary, the
+        batch's analysis and the CLI's report read the same figures."""
+        if self._statistics is None:
+            self._statistics = map_statistics(self.fused, self.scan_info.affine)
+        return self._statistics
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary (no patient identifiers, no raw UIDs or paths)."""

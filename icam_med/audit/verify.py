@@ -64,6 +64,8 @@ class VerifyReport:
         voxel_hashes: scan id -> the input voxel SHA-256 pinned by the record of the entry
             in ``verified_scans`` (read while verifying it: a resumed audit reads no record
             twice).
+        region_hashes: scan id -> the target region's SHA-256 pinned by that record, for
+            the scans explained over a region.
     """
 
     folder: Path
@@ -74,6 +76,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     verified_scans: dict[str, int] = field(default_factory=dict)
     voxel_hashes: dict[str, str] = field(default_factory=dict)
+    region_hashes: dict[str, str] = field(default_factory=dict)
     head_sha256: str | None = None
     signed_runs: list[str] = field(default_factory=list)
     unsigned_runs: list[str] = field(default_factory=list)
@@ -187,8 +190,8 @@ def _check_file(root: Path, ref: OutputRef | None, what: str) -> str | None:
     return None if sha256_file(path) == ref.sha256 else _changed(ref, what)
 
 
-def _check_record(root: Path, entry: LedgerEntry) -> tuple[list[str], str | None]:
-    """Problems with a scan entry's record and outputs, and the voxel hash it pins.
+def _check_record(root: Path, entry: LedgerEntry) -> tuple[list[str], AuditRecord | None]:
+    """Problems with a scan entry's record and outputs, and the record (once parsed).
 
     The record is read once: its bytes are hashed against the ledger and then parsed.
     """
@@ -222,7 +225,7 @@ def _check_record(root: Path, entry: LedgerEntry) -> tuple[list[str], str | None
         bad = _check_file(root, out, f"output ({out.role or '?'})")
         if bad:
             problems.append(bad)
-    return problems, record.input.voxel_sha256
+    return problems, record
 
 
 def verify_folder(folder: str | Path, *, check_files: bool = True,
@@ -323,13 +326,16 @@ def verify_folder(folder: str | Path, *, check_files: bool = True,
                 report.problems.extend(chunk)
                 continue
             i, entry, future = chunk
-            messages, voxels = future.result()
+            messages, record = future.result()
             report.problems.extend(Problem(i, f"entry {entry.seq}: {m}", "outputs",
                                            entry.scan_id) for m in messages)
             if not messages and entry.scan_id is not None:
                 report.verified_scans[entry.scan_id] = entry.seq
-                if voxels is not None:
-                    report.voxel_hashes[entry.scan_id] = voxels
+                if record is not None:
+                    report.voxel_hashes[entry.scan_id] = record.input.voxel_sha256
+                    region = (record.method.region or {}).get("sha256")
+                    if region is not None:
+                        report.region_hashes[entry.scan_id] = region
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

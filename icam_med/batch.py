@@ -71,6 +71,7 @@ from icam_med.audit.trail import AuditContext
 from icam_med.cam.summary import MapStatistics, map_statistics
 from icam_med.config import ICAMConfig, RegionConfig, load_config
 from icam_med.discovery import ScanSpec, collect_scans
+from icam_med.memory import release_freed_memory
 from icam_med.paths import SCANS_DIR
 
 __all__ = ["MODEL_CACHE", "BatchResult", "ModelCache", "ResumePlan", "ScanOutcome", "WorkerTask",
@@ -369,19 +370,29 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
             prepared = MODEL_CACHE.get(task.key, task.config, task.device)
             image, info = load_volume(spec.path, geometry=task.config.geometry)
             outcome.identifiers = identifiers_from_scan(info)
+            intended = (task.intended_use.check(info, image)
+                        if task.intended_use is not None else None)
+            # Only a labelled scan can need a second map (of the class its prediction
+            # competes with); otherwise the volume is handed over to be freed as soon as
+            # the model input exists, before the engine's and the map's peaks.
+            second_source = image if spec.expected_label is not None else None
+            handed = [image]
+            del image
             if task.seed is not None:
                 torch.manual_seed(task.seed)
-            explanation = explain_volume(image, info, prepared, region=region)
+            explanation = explain_volume(handed.pop(), info, prepared, region=region)
             mask = _load_mask(spec, info, task.config.geometry) if spec.mask else None
             analysis = map_analysis(
                 explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,
                 predicted_class=explanation.result.predicted_class,
                 predicted_label=explanation.predicted_label,
                 stats=explanation.map_statistics())
-            if task.intended_use is not None:
-                analysis["intended_use"] = task.intended_use.check(info, image)
-            second = second_class_explanation(prepared, image, info, explanation, analysis)
-        del image, mask  # the loaded volume is not needed to write: free it first
+            if intended is not None:
+                analysis["intended_use"] = intended
+            second = (second_class_explanation(prepared, second_source, info, explanation,
+                                               analysis)
+                      if second_source is not None else None)
+        del second_source, mask  # the loaded volume is not needed to write: free it first
         written = write_outputs(explanation, Path(task.out_dir) / SCANS_DIR / spec.scan_id,
                                 audit=AuditContext(root=Path(task.out_dir), scan_id=spec.scan_id,
                                                    command="audit"))
@@ -404,9 +415,7 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
         outcome.error = f"{type(exc).__name__}: {exc}"
     # The scan's volume and full-size maps are gone: hand their memory back before the next
     # scan, or glibc keeps it and each scan's peak sits on the last one's leftovers.
-    from icam_med.explain import _release_freed_memory
-
-    _release_freed_memory()
+    release_freed_memory()
     outcome.prepare_count = MODEL_CACHE.prepare_count
     outcome.seconds = time.perf_counter() - started
     return outcome

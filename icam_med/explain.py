@@ -19,10 +19,8 @@ Three steps, so callers can reuse the expensive parts:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -50,6 +48,7 @@ from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
 from icam_med.io.radiograph import is_radiograph
 from icam_med.io.validation import GeometryOptions
+from icam_med.memory import release_freed_memory
 from icam_med.models import ModelInfo, check_input_contract, load_model
 from icam_med.paths import MAP_STEM, is_nifti, output_paths
 
@@ -237,21 +236,6 @@ class Explanation:
         }
 
 
-def _release_freed_memory() -> None:
-    """Give the C heap's free memory back to the operating system (glibc only).
-
-    glibc keeps memory freed by many mid-sized blocks (the engine's activations and
-    gradients: about 380 MB after a DenseNet121 at 96x96x64) for reuse, so it stays in the
-    process's resident memory while the map is carried back and written. ``malloc_trim(0)``
-    returns it. Elsewhere (macOS, Windows, musl) this does nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: no malloc_trim
-        log.debug("malloc_trim not available; freed memory stays with the process")
-
-
 def _resolve_targets(targets: Any, labels: Sequence[str]) -> Any:
     """Let users name a class by its label (``"present"``) as well as by its index."""
     if isinstance(targets, str):
@@ -332,9 +316,16 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
                          "per window and layer); leave out --layer-maps.")
     t0 = time.perf_counter()
     pre = prepared.preprocessor
-    x = pre(image)
-    region_model = _region_on_model_grid(pre, image, mask) if mask is not None else None
-    del image
+    if mask is None:  # the preprocessing frees the volume once its first copy exists
+        holder = [image]
+        del image
+        x = pre(holder)
+        region_model = None
+    else:  # the mask follows the image through the same steps: keep it until then
+        x = pre(image)
+        region_model = _region_on_model_grid(pre, image, mask)
+        del image
+    release_freed_memory()  # the full-size volume and its copies, before the engine's peak
     labels = prepared.model_info.labels
     cam = prepared.cam(method, method_options)
     dtype = getattr(torch, prepared.model_info.dtype, torch.float32)
@@ -364,7 +355,7 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
         target = _resolve_targets(targets, labels)
     result = cam(batch, targets=target).cpu()
     del batch
-    _release_freed_memory()  # the engine's activations and gradients
+    release_freed_memory()  # the engine's activations and gradients
     t2 = time.perf_counter()
     summary = CAMSummary.from_result(result)
     target_region = region_info = None
@@ -656,7 +647,7 @@ def _explain_sliding(scan_info: ScanInfo, prepared: Prepared, x: Any, cam: Any,
                           region=None if region_model is None else region_model[0],
                           region_class=region_k)
     del volume
-    _release_freed_memory()  # the windows' activations and gradients
+    release_freed_memory()  # the windows' activations and gradients
     t2 = time.perf_counter()
     summary = CAMSummary(method=res.method, options=dict(res.options), score=res.score,
                          target_class=k, predicted_class=None, logits=None, probabilities=None,

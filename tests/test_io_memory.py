@@ -209,3 +209,65 @@ def test_voxel_hash_is_over_values_whatever_the_stored_type():
     # types float32 does not hold exactly are hashed as they are
     assert voxel_sha256(a.astype(np.int32)) != voxel_sha256(a)
     assert voxel_sha256(a.astype(np.float64)) != voxel_sha256(a)
+
+
+def test_dicom_series_voxels_come_back_in_xyz_order_exactly(ct_series):
+    """The reader's plane-by-plane transpose gives the written voxels at (column, row,
+    slice), C-contiguous, so MONAI makes no copy of its own."""
+    folder, _ = ct_series
+    image, _ = load_volume(folder)
+    written = _ct_volume()  # (slice, row, column) as write_dicom_series stored it
+    assert image.shape == (1, *written.shape[::-1])
+    assert image.is_contiguous()
+    np.testing.assert_array_equal(image[0].numpy(), written.transpose(2, 1, 0))
+
+
+def test_plane_transpose_matches_numpy_on_odd_shapes():
+    from icam_med.io.reader import _xyz_contiguous
+
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1, 1), (3, 1, 7), (5, 9, 2), (17, 4, 33)]:
+        zyx = rng.integers(-1000, 1000, size=shape).astype(np.int16)
+        out = _xyz_contiguous(zyx)
+        assert out.flags.c_contiguous and out.dtype == np.int16
+        np.testing.assert_array_equal(out, np.ascontiguousarray(zyx.T))
+
+
+def test_handed_over_volume_is_freed_before_the_float_copy(ct_series, monkeypatch):
+    """Given in a list (as the explain pipeline does), the loaded volume is gone when the
+    full-size float32 copy is made: the two never coexist at the preprocessing's peak."""
+    import weakref
+
+    from icam_med.io import preprocessing
+
+    folder, _ = ct_series
+    image, _ = load_volume(folder)
+    alive_at_float: list[bool] = []
+    ref = weakref.ref(image)
+    real = preprocessing._as_float32
+
+    def spy(t):
+        if t.dtype != torch.float32:
+            alive_at_float.append(ref() is not None)
+        return real(t)
+
+    monkeypatch.setattr(preprocessing, "_as_float32", spy)
+    holder = [image]
+    del image
+    x = Preprocessor(CT_STEPS)(holder)
+    assert holder == [] and x.dtype == torch.float32
+    assert alive_at_float == [False]
+    # Passed directly, the caller's reference keeps it (and the result is the same).
+    image, _ = load_volume(folder)
+    ref = weakref.ref(image)
+    alive_at_float.clear()
+    y = Preprocessor(CT_STEPS)(image)
+    assert alive_at_float == [True]
+    torch.testing.assert_close(x.as_tensor(), y.as_tensor(), rtol=0, atol=0)
+
+
+def test_preprocessor_refuses_a_list_of_other_than_one_image(ct_series):
+    folder, _ = ct_series
+    image, _ = load_volume(folder)
+    with pytest.raises(ValueError, match="one image in the list, got 2"):
+        Preprocessor(CT_STEPS)([image, image])

@@ -161,9 +161,20 @@ class Preprocessor:
         (:data:`REINDEXING_STEPS`: exact in any type) and becomes float32 just before the
         first other step (a resampling or intensity transform), or at the end: the only
         full-size float copy, with the values the float32 path gave.
+
+        Args:
+            image: the MetaTensor, or a one-item list holding it: the list is emptied, so
+                that when the caller keeps no other reference the loaded volume is freed as
+                soon as the first step has made its copy, before the float copy exists
+                (157 MB less at the peak for a 512x512x300 int16 CT).
         """
         from monai.data import MetaTensor
 
+        holder = image if isinstance(image, list) else None
+        if holder is not None:
+            if len(holder) != 1:
+                raise ValueError(f"Preprocessor expects one image in the list, got {len(holder)}.")
+            image = holder.pop()
         if not isinstance(image, MetaTensor):
             raise TypeError("Preprocessor expects a MetaTensor from icam_med.io.load_volume.")
         from icam_med.io import radiograph  # a 2-D image runs the pipeline in 2-D
@@ -171,6 +182,7 @@ class Preprocessor:
         if radiograph.is_2d_image(image):
             return radiograph.preprocess_2d(self.compose, image, source=self.source)
         data = {IMAGE_KEY: image}
+        del image  # with a list given, ``data`` now holds the only reference
         first = self.first_float_step
         if first:
             data = self.compose(data, end=first)

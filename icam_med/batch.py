@@ -697,6 +697,44 @@ def _same_region(recorded: str | None, mask: Path, geometry: Any) -> str | None:
     return None
 
 
+def check_same_configuration(out: Path, ledger: Ledger, *, config_sha: str | None,
+                             weights_sha: str | None, region: dict[str, Any] | None) -> None:
+    """Refuse to resume a folder audited with another config, model or target region.
+
+    An audit folder is one configuration's evidence: every record of it comes from the same
+    config file, weights and target region, so its report and summary compare like with
+    like. Each ``run-start`` entry logs them; a later run that differs in any (the config's
+    SHA-256, the weights' SHA-256, or the region: a mask pattern against predicted regions)
+    is refused before any work, naming what changed. Runs without a config file (no SHA-256
+    on either side) are not compared on it.
+
+    Raises:
+        ValueError: the folder's earlier run used another configuration.
+    """
+    if not ledger.path.exists():
+        return
+    starts = [e for e in ledger.entries() if e.kind == "run-start"]
+    if not starts:
+        return
+    first = starts[0].details
+    changed = []
+    if config_sha and first.get("config_sha256") and first["config_sha256"] != config_sha:
+        changed.append(f"the config file's SHA-256 ({first['config_sha256'][:12]}... then, "
+                       f"{config_sha[:12]}... now; any edit of the file changes it)")
+    if (first.get("model_weights_sha256") or None) != (weights_sha or None):
+        was, now = first.get("model_weights_sha256"), weights_sha
+        changed.append(f"the model weights ({(was or 'none')[:12]} then, {(now or 'none')[:12]} now)")
+    if (first.get("target_region") or None) != (region or None):
+        changed.append(f"the target region ({first.get('target_region') or 'none'} then, "
+                       f"{region or 'none'} now)")
+    if changed:
+        raise ValueError(
+            f"{out} holds an audit made with another configuration (run "
+            f"{starts[0].run_id}): {'; '.join(changed)}. A folder "
+            "holds one configuration's records: audit into a new folder, or resume with the "
+            "config, weights and region of the first run.")
+
+
 def plan_resume(out: Path, ledger: Ledger, scans: Sequence[ScanSpec],
                 geometry: Any = None, region: RegionConfig | None = None) -> ResumePlan:
     """Sort the scans into done, refused and to do, from the folder's verification.
@@ -861,15 +899,18 @@ def run_batch(inputs: Iterable[str | Path], config: str | Path | ICAMConfig,
     use = IntendedUse.from_card(card) if card is not None else None
     task = worker_task(cfg, weights_sha, device, seed, out, use)
     result = BatchResult(out_dir=out, run_id=uuid.uuid4().hex, n_scans=len(scans))
+    config_sha = sha256_file(cfg.path) if cfg.path else None
     with FolderLock(out) as lock:
         ledger = Ledger(out)
+        check_same_configuration(out, ledger, config_sha=config_sha, weights_sha=weights_sha,
+                                 region=region.to_dict() if region is not None else None)
         plan = plan_resume(out, ledger, scans, cfg.geometry, region)
         result.skipped, result.failed = list(plan.skipped), dict(plan.refused)
         backend, outcomes = choose_backend(task, plan.todo, workers=workers, cluster=cluster)
         ledger.append("run-start", run_id=result.run_id, details={
             "command": "audit", "icam_med_version": __version__, "n_scans": len(scans),
             "n_todo": len(plan.todo), "n_already_done": len(plan.skipped),
-            "config_sha256": sha256_file(cfg.path) if cfg.path else None,
+            "config_sha256": config_sha,
             "model_weights_sha256": weights_sha, "backend": backend,
             "device": device, "seed": seed, "operator": operator,
             "signing_key_id": signing_key.key_id if signing_key else None,

@@ -305,3 +305,40 @@ def test_a_scan_list_names_each_scans_region_mask(cohort, capsys):
     second = _record(out, "case_0002_0000")["method"]["target"]["region"]
     assert second["source"] == "predicted"
     assert not (out / "scans" / "case_0003_0000").exists()
+
+
+def test_resume_with_another_region_or_config_is_refused_before_any_work(
+        cohort, capsys, monkeypatch):
+    """A folder holds one configuration's audit: resuming it with predicted regions after a
+    run over per-scan masks, or with an edited config, is refused before anything is logged
+    or written; the first run's configuration resumes as before."""
+    named = cohort["root"] / "labels"
+    named.mkdir()
+    for scan_id in ("case01", "case02", "case03"):
+        shutil.copy(cohort["masks"] / f"{scan_id}_seg.nii.gz", named / f"{scan_id}.nii.gz")
+    config = _config(cohort["root"], "predicted")
+    out = cohort["root"] / "audit"
+    monkeypatch.chdir(cohort["root"])
+    assert _audit(cohort["scans"], "--config", config, "--out", out,
+                  "--region-masks", "labels") == 0
+    capsys.readouterr()
+    ledger = (out / "ledger.jsonl").read_bytes()
+
+    rc = _audit(cohort["scans"], "--config", config, "--out", out)  # predicted, not masks
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "another configuration" in err and "the target region" in err
+    assert "'kind': 'masks'" in err and "new folder" in err
+
+    edited = config.read_text(encoding="utf-8").replace("gradcam", "layercam")
+    assert edited != config.read_text(encoding="utf-8")
+    config.write_text(edited, encoding="utf-8")
+    rc = _audit(cohort["scans"], "--config", config, "--out", out, "--region-masks", "labels")
+    err = capsys.readouterr().err
+    assert rc == 2 and "the config file's SHA-256" in err
+    assert (out / "ledger.jsonl").read_bytes() == ledger  # nothing logged by either
+
+    config.write_text(edited.replace("layercam", "gradcam"), encoding="utf-8")
+    assert _audit(cohort["scans"], "--config", config, "--out", out,
+                  "--region-masks", "labels") == 0
+    assert "3 already done, 0 failed" in capsys.readouterr().out

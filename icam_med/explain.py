@@ -48,6 +48,7 @@ from icam_med.io.loading import ScanInfo, load_volume
 from icam_med.io.preprocessing import Preprocessor
 from icam_med.io.radiograph import is_radiograph
 from icam_med.io.validation import GeometryOptions
+from icam_med.io.writers import quantise_map_
 from icam_med.memory import release_freed_memory
 from icam_med.models import ModelInfo, check_input_contract, load_model
 from icam_med.paths import MAP_STEM, is_nifti, output_paths
@@ -366,8 +367,8 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
         _check_region_not_empty(region_model, spec, labels, region_k)
         target_region, region_info = _region_on_scan(
             spec, mask, region_model, pre, x, scan_info, k, region_k, labels)
-    fused = pre.invert(result.fused[0], x, source_shape=scan_info.shape,
-                       source_affine=scan_info.affine).clamp_(0.0, 1.0)
+    fused = quantise_map_(pre.invert(result.fused[0], x, source_shape=scan_info.shape,
+                                     source_affine=scan_info.affine))
     back_layers = {}
     if layer_maps:
         size = tuple(x.shape[1:])
@@ -375,8 +376,8 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
             mode = "trilinear" if m.ndim == 5 else "bilinear"
             up = torch.nn.functional.interpolate(m.float(), size=size, mode=mode,
                                                  align_corners=False)[0]
-            back_layers[name] = pre.invert(up, x, source_shape=scan_info.shape,
-                                           source_affine=scan_info.affine).clamp_(0.0, 1.0)
+            back_layers[name] = quantise_map_(pre.invert(up, x, source_shape=scan_info.shape,
+                                                         source_affine=scan_info.affine))
     t3 = time.perf_counter()
     return Explanation(
         fused=fused,
@@ -653,8 +654,8 @@ def _explain_sliding(scan_info: ScanInfo, prepared: Prepared, x: Any, cam: Any,
                          target_class=k, predicted_class=None, logits=None, probabilities=None,
                          layer_weights=dict(res.layer_weights), layer_scores=dict(res.layer_scores))
     pre = prepared.preprocessor
-    fused = pre.invert(res.fused, x, source_shape=scan_info.shape,
-                       source_affine=scan_info.affine).clamp_(0.0, 1.0)
+    fused = quantise_map_(pre.invert(res.fused, x, source_shape=scan_info.shape,
+                                     source_affine=scan_info.affine))
     target_region, region_info = _region_on_scan(spec, mask, res.region, pre, x, scan_info,
                                                  k, region_k, labels)
     t3 = time.perf_counter()

@@ -124,3 +124,42 @@ def test_same_maps_with_and_without_isal(tmp_path, series, monkeypatch):
     np.testing.assert_array_equal(outs["default"][0], cam[0].numpy())
     np.testing.assert_array_equal(outs["default"][0], outs["stdlib"][0])
     np.testing.assert_array_equal(outs["default"][1], outs["stdlib"][1])
+
+
+def test_written_maps_hold_exactly_the_quantised_map_every_reader_sees(tmp_path):
+    """The map on the scan's grid is quantised once, before anything reads it: the NIfTI
+    map, the Parametric Map, the layer maps and the record's statistics all hold the same
+    multiples of 2**-16, and a reader recomputing the peak from the file finds the
+    record's."""
+    import nibabel as nib
+    from io_helpers import write_tiny_config
+
+    from icam_med.cam.summary import map_statistics
+    from icam_med.explain import explain_scan
+    from icam_med.io.writers import quantise_map_
+
+    write_dicom_series(blob_volume((10, 24, 20)), tmp_path / "s", spacing=(0.9, 0.7, 2.0),
+                       origin=(-8, 3, 20), modality="CT")
+    torch.manual_seed(0)
+    ex, _ = explain_scan(tmp_path / "s", write_tiny_config(tmp_path), tmp_path / "out",
+                         layer_maps=True)
+    fused = ex.fused[0].numpy()
+    assert fused.max() > 0 and np.all(np.mod(fused.astype(np.float64) / FLOAT_QUANTUM, 1) == 0)
+    img = nib.load(tmp_path / "out" / "cam.nii.gz")
+    on_disk = np.asarray(img.dataobj)
+    assert on_disk.dtype == np.float32
+    np.testing.assert_array_equal(on_disk, fused)
+    for name in ex.layer_maps:
+        layer = np.asarray(nib.load(next((tmp_path / "out").glob("*layer*.nii.gz"))).dataobj)
+        assert np.all(np.mod(layer.astype(np.float64) / FLOAT_QUANTUM, 1) == 0), name
+    _, pm = _pixels(next((tmp_path / "out").glob("*.dcm")))
+    assert np.isclose(pm.max(), fused.max(), rtol=0, atol=0)
+    recorded = ex.map_statistics()
+    again = map_statistics(torch.from_numpy(on_disk)[None], img.affine)
+    assert again.peak_voxel == recorded.peak_voxel and again.max == recorded.max
+    # the rounding: half to even on the quantum, values clamped to [0, 1], in place
+    t = torch.tensor([-0.2, FLOAT_QUANTUM / 2, 1.5 * FLOAT_QUANTUM, 0.3, 1.7])
+    assert quantise_map_(t) is t
+    expected = np.clip(np.rint(np.array([-0.2, 0.5, 1.5, 0.3 / FLOAT_QUANTUM, 1.7 / FLOAT_QUANTUM])
+                               ) * FLOAT_QUANTUM, 0, 1).astype(np.float32)
+    np.testing.assert_array_equal(t.numpy(), expected)

@@ -43,14 +43,16 @@ import torch
 from icam_med._version import __version__
 from icam_med.io.atomic import atomic_write, check_writable
 
-__all__ = ["CAM_QUANTITY_CODE", "FLOAT_QUANTUM", "quantise_float", "quantise_uint16", "write_nifti",
-           "write_parametric_map"]
+__all__ = ["CAM_QUANTITY_CODE", "FLOAT_QUANTUM", "quantise_float", "quantise_map_",
+           "quantise_uint16", "write_nifti", "write_parametric_map"]
 
 log = logging.getLogger(__name__)
 
 #: gzip level of ``.nii.gz`` maps, chosen by measurement (scripts/bench_outputs.py): on a
 #: smooth 256x256x150 float32 map every level from 1 to 9 gives 0.75-0.754 of the raw
-#: bytes (the low mantissa bits do not compress), and level 1 is the fastest.
+#: bytes (the low mantissa bits do not compress), and level 1 is the fastest. The maps
+#: explain writes are quantised first (:func:`quantise_map_`): a 512x512x300 CT's map then
+#: gzips at level 1 to 11.9 MB instead of 32.4 MB (ISA-L, 0.19 s either way).
 NIFTI_GZIP_LEVEL = 1
 
 # No standard code exists for a class-activation map: a private (99-prefixed) coding scheme.
@@ -791,6 +793,21 @@ def quantise_float(values: np.ndarray) -> np.ndarray:
     np.rint(out, out=out)
     out *= np.float32(FLOAT_QUANTUM)
     return out.astype("<f4", copy=False)
+
+
+def quantise_map_(cam_map: torch.Tensor) -> torch.Tensor:
+    """``cam_map`` clamped to [0, 1] and rounded to multiples of :data:`FLOAT_QUANTUM`, in
+    place (returned for chaining): the values every written map holds.
+
+    The same rounding as :func:`quantise_float` (half to even, exact in float32), applied to
+    the map on the scan's grid before anything reads it, so the statistics in the record,
+    the NIfTI file, the Parametric Map and a viewer all see the same values. Each value moves
+    by at most ``2**-17``; the zeroed low mantissa bits make a full-size CT's gzip NIfTI map
+    0.37 of its unquantised size (32.4 -> 11.9 MB), and the bytes the coordinator re-hashes
+    per scan fall with it.
+    """
+    q = 1.0 / FLOAT_QUANTUM
+    return cam_map.clamp_(0.0, 1.0).mul_(q).round_().mul_(FLOAT_QUANTUM)
 
 
 def _float32_le(values: np.ndarray) -> np.ndarray:

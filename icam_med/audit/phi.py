@@ -331,11 +331,73 @@ def identifier_pattern(identifiers: Iterable[str]) -> re.Pattern[str] | None:
     ``ScaleIntensityRanged``; ``DOE`` still matches in ``DOE_JOHN_01`` or ``doe-scan``.
     ``None`` when there is nothing to look for.
     """
-    needles = _needles(identifiers)
+    return _alternation(_needles(identifiers))
+
+
+#: A needle of digits in dot-separated groups (a UID, a patient ID of digits, a date
+#: ``19800101``): matched by :class:`_IdentifierMatcher` without a regular expression.
+_DOTTED_NEEDLE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_DIGIT_DOT_RUN = re.compile(r"[0-9.]+")
+#: What the token boundary of :func:`identifier_pattern` excludes, with the same flags.
+_TOKEN_CHAR = re.compile(r"[0-9a-z]", re.IGNORECASE)
+
+
+class _IdentifierMatcher:
+    """Whether a text holds an identifier as a whole token: exactly
+    ``identifier_pattern(identifiers).search(text)``, built faster.
+
+    A 300-slice series brings 300 SOP Instance UIDs, and compiling their alternation took
+    13-20 ms of every seal. Needles of dot-separated digit groups are looked up in a set
+    instead: such a needle can only occur inside a maximal run of digits and dots, starting
+    at the run's start or after a dot and ending at the run's end or before a dot (a digit on
+    either side would join the token); at the run's ends the character outside must not be a
+    token character (``[0-9a-z]``, case-insensitively), as in the pattern. Every other needle
+    goes into a (short) regular expression as before.
+    """
+
+    def __init__(self, needles: list[str]) -> None:
+        dotted = [n for n in needles if _DOTTED_NEEDLE.fullmatch(n)]
+        self.dotted = frozenset(dotted)
+        self.max_parts = max((n.count(".") + 1 for n in dotted), default=0)
+        self.pattern = _alternation([n for n in needles if n not in self.dotted])
+
+    def search(self, text: str) -> bool:
+        if self.pattern is not None and self.pattern.search(text):
+            return True
+        if not self.dotted:
+            return False
+        return any(self._in_run(text, m.start(), m.end())
+                   for m in _DIGIT_DOT_RUN.finditer(text))
+
+    def _in_run(self, text: str, start: int, end: int) -> bool:
+        parts = text[start:end].split(".")
+        left_open = start == 0 or not _TOKEN_CHAR.match(text[start - 1])
+        right_open = end == len(text) or not _TOKEN_CHAR.match(text[end])
+        last = len(parts) - 1
+        for p in range(len(parts)):
+            if (p == 0 and not left_open) or not parts[p]:
+                continue
+            for q in range(p, min(len(parts), p + self.max_parts)):
+                if not parts[q] or (q == last and not right_open):
+                    break
+                if ".".join(parts[p:q + 1]) in self.dotted:
+                    return True
+        return False
+
+
+def _alternation(needles: list[str]) -> re.Pattern[str] | None:
     if not needles:
         return None
     body = "|".join(re.escape(n) for n in needles)
     return re.compile(rf"(?<![0-9a-z])(?:{body})(?![0-9a-z])", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=8)
+def _matcher(identifiers: tuple[str, ...]) -> _IdentifierMatcher | None:
+    """The matcher of ``identifiers`` (a record and its ledger entry are screened against
+    the same scan's identifiers: built once)."""
+    needles = _needles(identifiers)
+    return _IdentifierMatcher(needles) if needles else None
 
 
 def screen_text(text: str, identifiers: Iterable[str], placeholder: str = "<withheld>") -> str:
@@ -358,7 +420,7 @@ def find_phi(value: Any, identifiers: Iterable[str] = ()) -> list[str]:
     Returns:
         One message per finding, naming the location (e.g. ``input.uids.StudyInstanceUID``).
     """
-    pattern = identifier_pattern(identifiers)
+    matcher = _matcher(tuple(str(i) for i in identifiers if i is not None))
     found = []
     for loc, key, leaf in _walk(value, ""):
         if key is not None:
@@ -376,7 +438,7 @@ def find_phi(value: Any, identifiers: Iterable[str] = ()) -> list[str]:
             continue
         if text in _FORMAT_CONSTANTS:
             continue  # written by the tool itself, never from an input
-        if pattern is not None and pattern.search(text):
+        if matcher is not None and matcher.search(text):
             found.append(f"{loc}: contains a known patient identifier")
     return found
 

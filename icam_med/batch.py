@@ -380,7 +380,7 @@ def explain_task(task: WorkerTask, spec: ScanSpec) -> ScanOutcome:
             del image
             if task.seed is not None:
                 torch.manual_seed(task.seed)
-            explanation = explain_volume(handed.pop(), info, prepared, region=region)
+            explanation = explain_volume(handed, info, prepared, region=region)
             mask = _load_mask(spec, info, task.config.geometry) if spec.mask else None
             analysis = map_analysis(
                 explanation.fused, info.affine, mask=mask, expected_label=spec.expected_label,

@@ -265,7 +265,9 @@ def explain_volume(
     """Explain one loaded scan, in memory.
 
     Args:
-        image: the MetaTensor from :func:`icam_med.io.load_volume`.
+        image: the MetaTensor from :func:`icam_med.io.load_volume`, or a one-item list
+            holding it: the list is emptied (handed over), so that when the caller keeps
+            no other reference the volume is freed once its first preprocessed copy exists.
         scan_info: its :class:`~icam_med.io.ScanInfo`.
         prepared: from :func:`prepare`.
         method: CAM method (default: the config's); ``method_options`` override options.
@@ -289,7 +291,7 @@ def explain_volume(
             (a segmentation network without a target label, a region for a classifier, a
             mask off the scan's grid, an empty region).
     """
-    loaded = [image]
+    loaded = image if isinstance(image, list) else [image]
     del image  # held by the list only: freed once preprocessed, if the caller holds none
     return _explain_loaded(loaded, scan_info, prepared, method=method,
                            method_options=method_options, targets=targets, region=region,
@@ -300,9 +302,12 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
                     method: str | None, method_options: Mapping[str, Any] | None,
                     targets: Any, region: Any, layer_maps: bool) -> Explanation:
     """:func:`explain_volume` of the image in ``loaded`` (a one-item list, emptied here): the
-    loaded volume is released as soon as the model input exists, before the engine runs
-    (:func:`explain_scan` keeps no other reference: 157 MB for a 512x512x300 int16 CT)."""
-    image = loaded.pop()
+    list is handed on to the preprocessing, which frees the volume once its first copy exists,
+    before the engine runs (:func:`explain_scan` keeps no other reference: 157 MB for a
+    512x512x300 int16 CT)."""
+    if len(loaded) != 1:
+        raise ValueError(f"explain_volume expects one image in the list, got {len(loaded)}.")
+    image = loaded[0]
     prov = provenance(image, device=prepared.device, audit_config=prepared.config.audit,
                       config_path=prepared.config.path)  # for the audit record
     cfg_target = prepared.config.target
@@ -318,11 +323,11 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
     t0 = time.perf_counter()
     pre = prepared.preprocessor
     if mask is None:  # the preprocessing frees the volume once its first copy exists
-        holder = [image]
         del image
-        x = pre(holder)
+        x = pre(loaded)
         region_model = None
     else:  # the mask follows the image through the same steps: keep it until then
+        loaded.clear()
         x = pre(image)
         region_model = _region_on_model_grid(pre, image, mask)
         del image
@@ -367,8 +372,7 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
         _check_region_not_empty(region_model, spec, labels, region_k)
         target_region, region_info = _region_on_scan(
             spec, mask, region_model, pre, x, scan_info, k, region_k, labels)
-    fused = quantise_map_(pre.invert(result.fused[0], x, source_shape=scan_info.shape,
-                                     source_affine=scan_info.affine))
+    fused = _on_scan_grid(pre, result.fused[0], x, scan_info)
     back_layers = {}
     if layer_maps:
         size = tuple(x.shape[1:])
@@ -376,8 +380,7 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
             mode = "trilinear" if m.ndim == 5 else "bilinear"
             up = torch.nn.functional.interpolate(m.float(), size=size, mode=mode,
                                                  align_corners=False)[0]
-            back_layers[name] = quantise_map_(pre.invert(up, x, source_shape=scan_info.shape,
-                                                         source_affine=scan_info.affine))
+            back_layers[name] = _on_scan_grid(pre, up, x, scan_info)
     t3 = time.perf_counter()
     return Explanation(
         fused=fused,
@@ -396,6 +399,14 @@ def _explain_loaded(loaded: list[Any], scan_info: ScanInfo, prepared: Prepared, 
         region_info=region_info,
         parametric_map=prepared.config.parametric_map,
     )
+
+
+def _on_scan_grid(pre: Preprocessor, cam_map: torch.Tensor, x: Any,
+                  scan_info: ScanInfo) -> Any:
+    """A map on the model's grid carried back onto the scan's grid and quantised to the
+    values every output holds (:func:`~icam_med.io.writers.quantise_map_`)."""
+    return quantise_map_(pre.invert(cam_map, x, source_shape=scan_info.shape,
+                                    source_affine=scan_info.affine))
 
 
 # ---------------------------------------------------------------------------------------
@@ -654,8 +665,7 @@ def _explain_sliding(scan_info: ScanInfo, prepared: Prepared, x: Any, cam: Any,
                          target_class=k, predicted_class=None, logits=None, probabilities=None,
                          layer_weights=dict(res.layer_weights), layer_scores=dict(res.layer_scores))
     pre = prepared.preprocessor
-    fused = quantise_map_(pre.invert(res.fused, x, source_shape=scan_info.shape,
-                                     source_affine=scan_info.affine))
+    fused = _on_scan_grid(pre, res.fused, x, scan_info)
     target_region, region_info = _region_on_scan(spec, mask, res.region, pre, x, scan_info,
                                                  k, region_k, labels)
     t3 = time.perf_counter()
